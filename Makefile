@@ -1,0 +1,29 @@
+# The two entry points a newcomer needs; both set up first (idempotent, seconds when done).
+SHELL := /bin/bash
+VENV  := .venv
+NP    ?= 2
+PYTEST_ARGS ?=
+
+# OpenMPI refuses root without these; the others let 3 ranks share 2 cores and work in
+# containers that forbid cross-process memory access.
+export OMPI_ALLOW_RUN_AS_ROOT := 1
+export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
+export OMPI_MCA_rmaps_base_oversubscribe := 1
+export OMPI_MCA_btl_vader_single_copy_mechanism := none
+
+.PHONY: setup demo test doctor clean
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	mpirun -np $(NP) $(VENV)/bin/mpidl info
+
+test: setup
+	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+doctor: setup
+	$(VENV)/bin/mpidl doctor
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,100 @@
+"""`mpidl …` — thin: parses arguments, calls the library, maps errors to exit codes."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable, Optional
+
+from mpidl.errors import EXIT_BAD_INPUT, BadInput
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import mpidl
+
+    world = mpidl.init()
+    rows = world.comm.gather(world.as_dict(), root=0)
+    if world.rank == 0:
+        for row in rows:
+            if args.json:
+                print(json.dumps(row), flush=True)
+            else:
+                print("  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from mpidl import doctor
+
+    results = doctor.run_checks()
+    if args.json:
+        print(json.dumps(doctor.as_json(results), indent=2))
+    else:
+        print(doctor.render(results))
+    return 0 if doctor.healthy(results) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mpidl", description="Data-parallel PyTorch training on HPC clusters.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("info", help="each rank's World, printed by rank 0 in rank order")
+    s.add_argument("--json", action="store_true", help="one JSON object per rank")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("doctor", help="check the stack: torch, MPI, Horovod, h5py, submitit, SLURM")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_doctor)
+
+    for register in _extensions():
+        register(sub)
+    return p
+
+
+def _extensions() -> list[Callable]:
+    """Subcommands that live beside their concepts (data tools, training, SLURM, scaling)."""
+    found = []
+    for mod in ("mpidl.data.cli", "mpidl.train.cli", "mpidl.slurm.cli", "mpidl.scaling.cli"):
+        try:
+            module = __import__(mod, fromlist=["register"])
+        except ModuleNotFoundError as e:
+            if e.name and mod.startswith(e.name):
+                continue
+            raise
+        found.append(module.register)
+    return found
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except BadInput as e:
+        from mpidl.world import current, report_and_abort
+
+        world = current()
+        if world is None:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        report_and_abort(world, e)
+    except SystemExit as e:
+        # A rank leaving with an error while others may sit in a collective: end them all.
+        from mpidl.world import current
+
+        world = current()
+        code = e.code if isinstance(e.code, int) else (1 if e.code else 0)
+        if code and world is not None and world.size > 1:
+            world.abort(code)
+        raise
+    except BaseException as e:
+        from mpidl.world import current, report_and_abort
+
+        world = current()
+        if world is None:
+            raise
+        report_and_abort(world, e)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""The one error type for bad user input, and the exit code it maps to."""
+from __future__ import annotations
+
+from typing import Optional
+
+EXIT_BAD_INPUT = 2
+
+
+class BadInput(Exception):
+    """A problem with what the user gave us (a spec, a file, a flag).
+
+    The message is one line naming the file, key and value. The job exits with
+    status 2 on every rank and prints no traceback.
+    `collective` means every rank raised it together (see `World.agree`), so rank 0 alone
+    prints it; `origin` is the rank that found it.
+    """
+
+    def __init__(self, message: str, *, collective: bool = False, origin: Optional[int] = None):
+        super().__init__(message)
+        self.collective = collective
+        self.origin = origin

@@ -1,0 +1,249 @@
+"""Who am I: rank, size, local rank, device, and how the job was launched.
+
+One place decides this. MPI itself is the authority once initialised; the launcher's
+environment is only read to name the launcher and to guess before MPI starts. Under
+`mpirun` inside an sbatch allocation every rank inherits the batch script's stale
+`SLURM_PROCID=0`, so SLURM variables count only inside a job step (`SLURM_STEP_ID`).
+
+`init()` also arms fail-fast: an uncaught exception on any rank prints that rank's
+traceback once and aborts the whole job, so no other rank is left waiting in a collective.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Mapping, Optional, TypeVar
+
+from mpidl.errors import BadInput, EXIT_BAD_INPUT
+
+T = TypeVar("T")
+
+SINGLE, MPIRUN, SRUN = "single", "mpirun", "srun"
+
+
+def detect_launcher(env: Mapping[str, str]) -> str:
+    """Name the launcher from the environment alone (pure; testable without MPI)."""
+    if "OMPI_COMM_WORLD_RANK" in env or "PMI_RANK" in env and "SLURM_STEP_ID" not in env:
+        return MPIRUN
+    if "SLURM_STEP_ID" in env and ("PMIX_RANK" in env or "SLURM_PROCID" in env):
+        return SRUN
+    if "PMIX_RANK" in env:
+        return MPIRUN
+    return SINGLE
+
+
+def env_rank(env: Mapping[str, str]) -> tuple[int, int, int, int]:
+    """(rank, size, local_rank, local_size) as the launcher's environment tells them (pure).
+
+    Order of trust: OMPI_COMM_WORLD_* -> PMIX_RANK -> PMI_RANK -> SLURM_* (only inside a
+    job step). Missing pieces default to a single process.
+    """
+    def num(*keys: str, default: int) -> int:
+        for k in keys:
+            if k in env and env[k].strip().lstrip("-").isdigit():
+                return int(env[k])
+        return default
+
+    in_step = "SLURM_STEP_ID" in env
+    slurm = ("SLURM_PROCID",) if in_step else ()
+    slurm_size = ("SLURM_NTASKS", "SLURM_STEP_NUM_TASKS") if in_step else ()
+    slurm_local = ("SLURM_LOCALID",) if in_step else ()
+    rank = num("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", *slurm, default=0)
+    size = num("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", *slurm_size, default=1)
+    if "OMPI_COMM_WORLD_RANK" not in env and "PMIX_RANK" in env and in_step:
+        size = num("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "PMI_SIZE", default=size)
+    local_rank = num("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", *slurm_local, default=0)
+    local_size = num("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", default=1)
+    if in_step and "OMPI_COMM_WORLD_LOCAL_SIZE" not in env and "SLURM_TASKS_PER_NODE" in env:
+        # e.g. "2(x3)" or "2,1": the first node's count is the common case.
+        first = env["SLURM_TASKS_PER_NODE"].split(",")[0].split("(")[0]
+        local_size = int(first) if first.isdigit() else local_size
+    return rank, size, local_rank, local_size
+
+
+def pick_device(local_rank: int) -> str:
+    """`cuda:<local_rank mod visible GPUs>` when CUDA works, else `cpu`."""
+    try:
+        import torch
+    except ImportError:
+        return "cpu"
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        return f"cuda:{local_rank % torch.cuda.device_count()}"
+    return "cpu"
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the job. Get it from `mpidl.init()`."""
+
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    host: str
+    device: str
+    launcher: str
+    comm: Any = field(repr=False, compare=False, default=None)
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        """Block until every rank arrives (a collective)."""
+        if self.comm is not None:
+            self.comm.Barrier()
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("comm")
+        return d
+
+    def agree(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on every rank; if it raises BadInput anywhere, raise it everywhere.
+
+        For checks of user input that every rank performs: all ranks then exit 2 together
+        with the same one-line message instead of a mix of errors and a hang.
+        """
+        err: Optional[str] = None
+        result: Any = None
+        try:
+            result = fn()
+        except BadInput as e:
+            err = str(e)
+        if self.comm is None or self.size == 1:
+            if err is not None:
+                raise BadInput(err)
+            return result
+        errors = self.comm.allgather(err)
+        for r, e in enumerate(errors):
+            if e is not None:
+                raise BadInput(e, collective=True, origin=r)
+        return result
+
+    def abort(self, code: int = 1) -> None:
+        """End every rank of the job now."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if self.comm is not None and self.size > 1:
+            self.comm.Abort(code)
+        os._exit(code)
+
+
+_world: Optional[World] = None
+_lock = threading.Lock()
+
+
+def init(fail_fast: bool = True) -> World:
+    """Initialise MPI (once) and return this process's World.
+
+    Works as a lone process, under `mpirun -np N`, and under `srun --mpi=pmix`.
+    """
+    global _world
+    with _lock:
+        if _world is not None:
+            return _world
+        launcher = detect_launcher(os.environ)
+        comm = _mpi_comm()
+        rank, size = comm.Get_rank(), comm.Get_size()
+        node = comm.Split_type(_mpi().COMM_TYPE_SHARED, key=rank)
+        local_rank, local_size = node.Get_rank(), node.Get_size()
+        node.Free()
+        _world = World(
+            rank=rank,
+            size=size,
+            local_rank=local_rank,
+            local_size=local_size,
+            host=socket.gethostname(),
+            device=pick_device(local_rank),
+            launcher=launcher if size > 1 or launcher != SINGLE else SINGLE,
+            comm=comm,
+        )
+        if fail_fast:
+            _arm_fail_fast(_world)
+        return _world
+
+
+def current() -> Optional[World]:
+    """The World made by `init()`, or None before it."""
+    return _world
+
+
+def _mpi():
+    from mpi4py import MPI
+
+    return MPI
+
+
+def _mpi_comm():
+    import mpi4py
+
+    # Threads: the prefetcher and Horovod's background thread live beside MPI calls.
+    mpi4py.rc.thread_level = "multiple"
+    return _mpi().COMM_WORLD
+
+
+def _prefix(rank: int, text: str) -> str:
+    return "".join(f"[rank {rank}] {line}\n" for line in text.rstrip("\n").splitlines())
+
+
+def report_and_abort(world: World, exc: BaseException) -> None:
+    """Print `exc` once for this rank and end the whole job.
+
+    BadInput prints one line and exits 2 (on every rank when the error is collective);
+    anything else prints its traceback and aborts with 1.
+    """
+    if isinstance(exc, BadInput):
+        if not exc.collective or world.rank == 0:
+            who = exc.origin if exc.origin is not None else world.rank
+            where = f"[rank {who}] " if world.size > 1 else ""
+            sys.stderr.write(f"{where}error: {exc}\n")
+        sys.stderr.flush()
+        if exc.collective or world.size == 1:
+            _exit_together(world, EXIT_BAD_INPUT)
+        world.abort(EXIT_BAD_INPUT)
+    if isinstance(exc, KeyboardInterrupt):
+        sys.stderr.write(_prefix(world.rank, "interrupted"))
+        world.abort(130)
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    sys.stderr.write(_prefix(world.rank, tb))
+    world.abort(1)
+
+
+def _exit_together(world: World, code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        from mpi4py import MPI
+
+        if MPI.Is_initialized() and not MPI.Is_finalized():
+            MPI.Finalize()
+    finally:
+        os._exit(code)
+
+
+def _arm_fail_fast(world: World) -> None:
+    def hook(exc_type, exc, tb):
+        if issubclass(exc_type, SystemExit):
+            return
+        report_and_abort(world, exc)
+
+    def thread_hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is SystemExit or args.exc_value is None:
+            return
+        report_and_abort(world, args.exc_value)
+
+    sys.excepthook = hook
+    threading.excepthook = thread_hook
+
+    def on_signal(signum, frame):
+        sys.stderr.write(_prefix(world.rank, f"received {signal.Signals(signum).name}, ending the job"))
+        world.abort(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_signal)

@@ -1,0 +1,168 @@
+#!/usr/bin/env bash
+# One idempotent set-up path for mpidl: system packages (as root on Debian/Ubuntu),
+# the .venv at the repo root, the Python stack, and Horovod 0.28.1 built from its
+# source package. A second run with everything in place takes seconds.
+#
+# Environment knobs:
+#   MPIDL_CACHE            where built wheels and the Horovod source live
+#                          (default ${XDG_CACHE_HOME:-$HOME/.cache}/mpidl)
+#   MPIDL_HOROVOD_SDIST    a horovod-0.28.1.tar.gz to use instead of downloading one
+#   MPIDL_SKIP_HOROVOD=1   set up everything but Horovod
+#   PYTHON                 the interpreter the venv is made from (default python3)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PY="${PYTHON:-python3}"
+CACHE="${MPIDL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mpidl}"
+HOROVOD_VERSION=0.28.1
+TORCH_VERSION=2.13.0
+NPROC="$(nproc 2>/dev/null || echo 2)"
+
+say() { printf '[setup] %s\n' "$*"; }
+die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
+
+# ---------------------------------------------------------------- system packages
+missing=()
+command -v mpirun >/dev/null || missing+=(openmpi-bin)
+command -v mpicc >/dev/null || missing+=(libopenmpi-dev)
+command -v g++ >/dev/null || missing+=(g++)
+command -v make >/dev/null || missing+=(make)
+command -v cmake >/dev/null || missing+=(cmake)
+command -v "$PY" >/dev/null || missing+=(python3)
+if command -v "$PY" >/dev/null; then
+    "$PY" -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+    inc="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
+    [ -f "$inc/Python.h" ] || missing+=(python3-dev)
+fi
+
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        say "installing system packages: ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    else
+        {
+            echo "[setup] missing system packages: ${missing[*]}"
+            echo "[setup] on Debian/Ubuntu as root:  apt-get install ${missing[*]}"
+            echo "[setup] on a cluster:               module load openmpi cmake gcc python  (names vary by site)"
+        } >&2
+        exit 1
+    fi
+fi
+
+# ---------------------------------------------------------------- the venv
+STAMP="$VENV/.mpidl-setup"
+want_stamp="$(cat "$ROOT/setup.cfg" "$ROOT/scripts/setup.sh" | sha256sum | cut -c1-16)"
+
+# A system torch with CUDA (as on GPU machines) is used as is; elsewhere the CPU build.
+sys_cuda_torch=0
+if "$PY" -c 'import torch, sys; sys.exit(0 if torch.version.cuda else 1)' 2>/dev/null; then
+    sys_cuda_torch=1
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    say "creating $(basename "$VENV")"
+    if [ "$sys_cuda_torch" = 1 ]; then
+        "$PY" -m venv --system-site-packages "$VENV"
+    else
+        "$PY" -m venv "$VENV"
+    fi
+fi
+VPY="$VENV/bin/python"
+PIP=("$VPY" -m pip --disable-pip-version-check -q)
+
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want_stamp" ] \
+    && "$VPY" -c 'import mpidl, torch, mpi4py.MPI, h5py, submitit' 2>/dev/null \
+    && { [ "${MPIDL_SKIP_HOROVOD:-0}" = 1 ] || "$VPY" -c 'import horovod.torch' 2>/dev/null; }; then
+    say "environment up to date ($(basename "$VENV"))"
+    exit 0
+fi
+
+if ! "$VPY" -c 'import torch' 2>/dev/null; then
+    say "installing torch==$TORCH_VERSION (CPU)"
+    "${PIP[@]}" install "torch==$TORCH_VERSION"
+fi
+
+# mpi4py is built against the MPI found on PATH so that it and mpirun agree;
+# pip caches the built wheel, so this compiles once per machine.
+if ! "$VPY" -c 'import mpi4py.MPI' 2>/dev/null; then
+    say "building mpi4py against $(mpirun --version 2>/dev/null | head -1)"
+    "${PIP[@]}" install --no-binary mpi4py mpi4py
+fi
+
+say "installing mpidl and its Python dependencies"
+"${PIP[@]}" install -e "$ROOT[dev]"
+
+# ---------------------------------------------------------------- Horovod
+build_horovod() {
+    local torch_tag cuda_tag key wheel_dir wheel src work
+    torch_tag="$("$VPY" -c 'import torch; print(torch.__version__.replace("+", "_"))')"
+    cuda_tag=cpu
+    local use_nccl=0
+    if command -v nvcc >/dev/null && "$VPY" -c 'import torch, sys; sys.exit(0 if torch.version.cuda else 1)' 2>/dev/null \
+        && { [ -f /usr/include/nccl.h ] || [ -n "${NCCL_HOME:-}" ]; }; then
+        use_nccl=1
+        cuda_tag="cuda$("$VPY" -c 'import torch; print(torch.version.cuda)')"
+    fi
+    key="py$("$VPY" -c 'import sys; print("%d%d" % sys.version_info[:2])')-torch${torch_tag}-${cuda_tag}"
+    wheel_dir="$CACHE/wheels/horovod-$HOROVOD_VERSION-$key"
+    wheel="$(ls "$wheel_dir"/horovod-*.whl 2>/dev/null | head -1 || true)"
+
+    if [ -z "$wheel" ]; then
+        src="${MPIDL_HOROVOD_SDIST:-$CACHE/src/horovod-$HOROVOD_VERSION.tar.gz}"
+        if [ ! -f "$src" ]; then
+            say "downloading the Horovod $HOROVOD_VERSION source package"
+            mkdir -p "$CACHE/src"
+            "${PIP[@]}" download --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d "$CACHE/src" \
+                || die "could not download horovod==$HOROVOD_VERSION; set MPIDL_HOROVOD_SDIST to a local horovod-$HOROVOD_VERSION.tar.gz"
+        fi
+        work="$(mktemp -d)"
+        trap 'rm -rf "$work"' RETURN
+        tar -xzf "$src" -C "$work"
+        local tree="$work/horovod-$HOROVOD_VERSION"
+        # PyTorch >= 2.1 needs C++17; 0.28.1 hard-codes C++14 (fixed upstream, never released).
+        sed -i 's/CMAKE_CXX_STANDARD 14/CMAKE_CXX_STANDARD 17/' \
+            "$tree/CMakeLists.txt" "$tree/horovod/torch/CMakeLists.txt"
+        grep -q 'CMAKE_CXX_STANDARD 17' "$tree/CMakeLists.txt" || die "C++17 patch did not apply to Horovod's CMakeLists.txt"
+
+        local -a envs=(
+            HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
+            HOROVOD_WITH_MPI=1
+            CMAKE_POLICY_VERSION_MINIMUM=3.5       # bundled gloo asks for CMake 2.8
+            MAKEFLAGS="-j$NPROC"
+            # GCC 13 no longer pulls these in transitively; they are headers, so they survive CMake's -std.
+            CXXFLAGS="-include string -include cstdint -include stdexcept -include memory -include limits -include algorithm -include functional"
+        )
+        if [ "$use_nccl" = 1 ]; then
+            envs+=(HOROVOD_GPU_OPERATIONS=NCCL HOROVOD_NCCL_LINK=SHARED HOROVOD_WITHOUT_GLOO=1
+                   HOROVOD_BUILD_CUDA_CC_LIST="${HOROVOD_BUILD_CUDA_CC_LIST:-90}")
+        else
+            envs+=(HOROVOD_WITH_GLOO=1 HOROVOD_GPU_OPERATIONS= HOROVOD_GPU=)
+        fi
+        say "building Horovod $HOROVOD_VERSION ($cuda_tag, MPI) — a few minutes, once per machine"
+        mkdir -p "$work/dist"
+        ( cd "$tree" && env "${envs[@]}" "$VPY" -m pip --disable-pip-version-check wheel -q \
+            --no-build-isolation --no-deps -w "$work/dist" . ) > "$work/build.log" 2>&1 || {
+            tail -40 "$work/build.log" >&2
+            die "Horovod build failed (log above)"
+        }
+        mkdir -p "$wheel_dir"
+        cp "$work"/dist/horovod-*.whl "$wheel_dir/"
+        wheel="$(ls "$wheel_dir"/horovod-*.whl | head -1)"
+        say "cached $(basename "$wheel") under $wheel_dir"
+    fi
+    "${PIP[@]}" install --no-deps --force-reinstall "$wheel"
+    # Horovod's runtime needs: cloudpickle, psutil, pyyaml, packaging.
+    "${PIP[@]}" install cloudpickle psutil pyyaml packaging
+}
+
+if [ "${MPIDL_SKIP_HOROVOD:-0}" != 1 ] && ! "$VPY" -c 'import horovod.torch' 2>/dev/null; then
+    build_horovod
+fi
+
+"$VPY" -c 'import mpidl, torch, mpi4py.MPI, h5py, submitit' \
+    || die "the environment does not import (see above)"
+echo "$want_stamp" > "$STAMP"
+say "ready: $(basename "$VENV") with torch $("$VPY" -c 'import torch; print(torch.__version__)')"
