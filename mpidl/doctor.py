@@ -51,7 +51,7 @@ def _mpi() -> Check:
     from mpi4py import MPI
     import mpi4py
 
-    lib = MPI.Get_library_version().strip().splitlines()[0]
+    lib = MPI.Get_library_version().strip().splitlines()[0].split(",")[0]
     std = "%d.%d" % MPI.Get_version()
     info = {"mpi4py": mpi4py.__version__, "library": lib, "standard": std,
             "mpirun": shutil.which("mpirun")}

@@ -164,6 +164,9 @@ def init(fail_fast: bool = True) -> World:
             launcher=launcher if size > 1 or launcher != SINGLE else SINGLE,
             comm=comm,
         )
+        from mpidl import log
+
+        log.setup(rank, size)
         if fail_fast:
             _arm_fail_fast(_world)
         return _world

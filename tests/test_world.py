@@ -203,3 +203,21 @@ def test_doctor_json_reports_horovod_with_mpi():
     assert hvd["ok"] and hvd["info"]["mpi"] is True and hvd["info"]["version"] == "0.28.1"
     assert report["checks"]["mpi"]["info"]["library"].startswith(("Open MPI", "MPICH", "Intel"))
     assert report["ok"] is True and r.returncode == 0, r.output
+
+
+LOGS = """
+import mpidl
+from mpidl import log
+w = mpidl.init()
+log.get().info("info from %d", w.rank)
+log.get().warning("warning from %d", w.rank)
+"""
+
+
+def test_logging_rank0_info_others_warnings_prefixed():
+    r = mpirun(2, pycode(LOGS))
+    assert r.returncode == 0, r.output
+    assert "info from 0" in r.output and "info from 1" not in r.output
+    assert "warning from 0" in r.output
+    warn1 = [line for line in r.output.splitlines() if "warning from 1" in line]
+    assert len(warn1) == 1 and warn1[0].startswith("[rank 1] ")
