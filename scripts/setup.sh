@@ -36,8 +36,16 @@ if command -v "$PY" >/dev/null; then
     [ -f "$inc/Python.h" ] || missing+=(python3-dev)
 fi
 
+# SLURM and munge: only for the tests' local cluster (slurm/cluster.sh); installed when we
+# can, never required (a login node has its own SLURM; elsewhere those tests skip).
+can_apt=0
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then can_apt=1; fi
+if [ "$can_apt" = 1 ] && [ "${MPIDL_SKIP_SLURM:-0}" != 1 ]; then
+    command -v slurmctld >/dev/null || missing+=(slurmctld slurmd slurm-client munge)
+fi
+
 if [ ${#missing[@]} -gt 0 ]; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    if [ "$can_apt" = 1 ]; then
         say "installing system packages: ${missing[*]}"
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq

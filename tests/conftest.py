@@ -94,3 +94,30 @@ def has_cuda() -> bool:
 
 
 needs_cuda = pytest.mark.skipif(not has_cuda(), reason="no CUDA device")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real one-node SLURM cluster (slurm/cluster.sh) for this test session; yields its env.
+
+    Skips where SLURM is not installed and cannot be (not root); stops only what it started.
+    """
+    if shutil.which("slurmctld") is None or shutil.which("srun") is None:
+        pytest.skip("SLURM is not installed (as root: bash slurm/cluster.sh install)")
+    state = tmp_path_factory.mktemp("slurm")
+    env = {"MPIDL_SLURM_DIR": str(state), "MPIDL_SLURMCTLD_PORT": str(_free_port()),
+           "MPIDL_SLURMD_PORT": str(_free_port())}
+    script = str(ROOT / "slurm" / "cluster.sh")
+    started = run(["bash", script, "start"], env=env, timeout=90)
+    assert started.returncode == 0, started.output
+    cluster_env = {**env, "SLURM_CONF": str(state / "slurm.conf")}
+    yield cluster_env
+    run(["bash", script, "stop"], env=env, timeout=60)
