@@ -1,0 +1,38 @@
+"""The set-up path: without root it names what is missing and how to get it, then stops."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+
+def test_setup_without_root_names_missing_packages():
+    runuser = shutil.which("runuser")
+    if os.geteuid() != 0 or runuser is None:
+        pytest.skip("needs root to run the script as an unprivileged user")
+    tmp_path = Path(tempfile.mkdtemp(prefix="mpidl-setup-"))  # pytest's tmp is private to root
+    tmp_path.chmod(0o755)
+    # A PATH with the basics but no MPI, compilers or CMake: what a bare login node looks like.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "id", "cat", "sha256sum", "cut", "dirname", "nproc", "printf"):
+        found = shutil.which(tool)
+        if found:
+            (bin_dir / tool).symlink_to(found)
+    bin_dir.chmod(0o755)
+    p = subprocess.run([runuser, "-u", "nobody", "--", str(bin_dir / "bash"), str(ROOT / "scripts" / "setup.sh")],
+                       capture_output=True, text=True, timeout=60,
+                       env={"PATH": str(bin_dir), "HOME": str(tmp_path), "PYTHON": "python3"})
+    assert p.returncode != 0
+    err = p.stderr
+    assert "missing system packages:" in err
+    for pkg in ("openmpi-bin", "libopenmpi-dev", "g++", "cmake", "python3"):
+        assert pkg in err
+    assert "module load openmpi" in err
+    shutil.rmtree(tmp_path)
