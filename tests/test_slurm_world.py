@@ -42,3 +42,12 @@ def test_mpirun_inside_sbatch_sees_true_ranks(slurm_cluster, tmp_path):
     rows = _rows(out.read_text())
     assert [row["rank"] for row in rows] == [0, 1]
     assert all(row["launcher"] == "mpirun" and row["size"] == 2 for row in rows)
+
+
+def test_exception_in_one_rank_ends_srun_step(slurm_cluster):
+    from test_world import RAISE_IN_RANK1
+
+    r = run(["srun", "--mpi=pmix", "-n", "2", PYTHON, "-c", RAISE_IN_RANK1], env=slurm_cluster, timeout=60)
+    assert r.returncode != 0
+    assert "unreachable" not in r.stdout
+    assert "[rank 1] RuntimeError: boom from rank one" in r.stderr
