@@ -161,7 +161,7 @@ def init(fail_fast: bool = True) -> World:
             local_size=local_size,
             host=socket.gethostname(),
             device=pick_device(local_rank),
-            launcher=launcher if size > 1 or launcher != SINGLE else SINGLE,
+            launcher=launcher,
             comm=comm,
         )
         from mpidl import log
