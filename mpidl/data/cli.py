@@ -1,0 +1,75 @@
+"""`mpidl data synth|convert|inspect`."""
+from __future__ import annotations
+
+import argparse
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    import mpidl
+    from mpidl.data import synth
+
+    world = mpidl.init()
+    common = dict(seed=args.seed, chunk_rows=args.chunk_rows, compression=args.compression, world=world)
+    if args.kind == "images":
+        synth.synth_images(args.out, args.rows, classes=args.classes or 10, channels=args.channels, size=args.size,
+                           **common)
+    else:
+        synth.synth_tabular(args.out, args.rows, features=args.features, rule=args.rule, classes=args.classes,
+                            **common)
+    if world.rank == 0:
+        print(f"wrote {args.rows} {args.kind} rows to {args.out} ({world.size} writer{'s' * (world.size > 1)})")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from mpidl.data.tools import convert
+
+    written = convert(args.inputs, args.out, keys=args.keys, compression=args.compression,
+                      chunk_rows=args.chunk_rows)
+    for k, (shape, dtype) in written.items():
+        print(f"{args.out}: {k} {shape} {dtype}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from mpidl.data.source import expand_files
+    from mpidl.data.tools import inspect
+
+    for path in expand_files(args.files):
+        print(inspect(path))
+    return 0
+
+
+def _compression(value: str):
+    return None if value in ("none", "") else value
+
+
+def register(sub) -> None:
+    data = sub.add_parser("data", help="dataset tools: synth, convert, inspect")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+
+    s = dsub.add_parser("synth", help="write a learnable synthetic dataset (in parallel under MPI)")
+    s.add_argument("kind", choices=["images", "tabular"])
+    s.add_argument("--out", required=True)
+    s.add_argument("--rows", type=int, required=True)
+    s.add_argument("--classes", type=int, default=None, help="images: default 10; tabular: classify instead of regress")
+    s.add_argument("--channels", type=int, default=3)
+    s.add_argument("--size", type=int, default=16, help="image height and width")
+    s.add_argument("--features", type=int, default=16)
+    s.add_argument("--rule", choices=["linear", "nonlinear"], default="linear")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--chunk-rows", type=int, default=None, help="rows per chunk (default: contiguous)")
+    s.add_argument("--compression", type=_compression, default=None, choices=[None, "gzip", "lzf"])
+    s.set_defaults(func=cmd_synth)
+
+    s = dsub.add_parser("convert", help=".npy/.npz arrays into chunked HDF5")
+    s.add_argument("inputs", nargs="+")
+    s.add_argument("--out", required=True)
+    s.add_argument("--keys", nargs="*", default=None, help="dataset names (per .npy file, or arrays of an .npz)")
+    s.add_argument("--chunk-rows", type=int, default=None)
+    s.add_argument("--compression", type=_compression, default=None, choices=[None, "gzip", "lzf"])
+    s.set_defaults(func=cmd_convert)
+
+    s = dsub.add_parser("inspect", help="layout, chunking, compression, size, and advice")
+    s.add_argument("files", nargs="+")
+    s.set_defaults(func=cmd_inspect)
