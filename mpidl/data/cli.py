@@ -40,6 +40,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate a source for a job shape on every rank, as training would, before submitting."""
+    import mpidl
+    from mpidl.data import H5Source
+    from mpidl.data.shard import check_shape
+
+    world = mpidl.init()
+    src = H5Source(args.files, keys=args.keys)
+    world.agree(src.validate)
+    ranks = args.ranks or world.size
+    world.agree(lambda: check_shape(len(src), ranks, args.batch))
+    if world.rank == 0:
+        shapes = ", ".join(f"{k} {src.shapes[k]} {src.dtypes[k]}" for k in src.keys)
+        print(f"ok: {len(src.files)} file(s), {len(src)} rows ({shapes}); "
+              f"{len(src) // (ranks * args.batch)} steps per epoch at {ranks} ranks × batch {args.batch}")
+    return 0
+
+
 def _compression(value: str):
     return None if value in ("none", "") else value
 
@@ -69,6 +87,13 @@ def register(sub) -> None:
     s.add_argument("--chunk-rows", type=int, default=None)
     s.add_argument("--compression", type=_compression, default=None, choices=[None, "gzip", "lzf"])
     s.set_defaults(func=cmd_convert)
+
+    s = dsub.add_parser("check", help="validate files for a job shape (every rank checks, exit 2 on bad input)")
+    s.add_argument("files", nargs="+")
+    s.add_argument("--keys", nargs="+", default=["x", "y"])
+    s.add_argument("--batch", type=int, default=1, help="batch per rank")
+    s.add_argument("--ranks", type=int, default=None, help="default: the ranks of this launch")
+    s.set_defaults(func=cmd_check)
 
     s = dsub.add_parser("inspect", help="layout, chunking, compression, size, and advice")
     s.add_argument("files", nargs="+")

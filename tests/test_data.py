@@ -1,0 +1,343 @@
+"""Sharded HDF5 data: the pure plan, real multi-rank loading, validation, statistics, tools."""
+from __future__ import annotations
+
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import mpidl_cmd, mpirun, pycode, run
+from mpidl.data.shard import plan_epoch, steps_per_epoch
+from mpidl.errors import BadInput
+
+
+# ---------------------------------------------------------------- the pure plan
+@pytest.mark.parametrize("shuffle", ["block", "exact", "none"])
+@pytest.mark.parametrize("rows,ranks,batch", [(1000, 3, 7), (97, 3, 5), (4096 * 3 + 5, 2, 100), (64, 1, 64)])
+def test_plan_disjoint_equal_covering(shuffle, rows, ranks, batch):
+    plans = plan_epoch(rows, ranks, batch, seed=1, epoch=2, block=16, window=60, shuffle=shuffle)
+    idx = [p.indices() for p in plans]
+    steps = steps_per_epoch(rows, ranks, batch)
+    assert all(len(i) == steps * batch for i in idx)
+    allrows = np.concatenate(idx)
+    assert len(np.unique(allrows)) == len(allrows)  # disjoint
+    assert allrows.min() >= 0 and allrows.max() < rows
+    assert rows - len(allrows) < ranks * batch  # drop-last leaves less than one global batch
+
+
+@pytest.mark.parametrize("shuffle", ["block", "exact"])
+def test_plan_pad_covers_everything(shuffle):
+    plans = plan_epoch(1003, 3, 10, seed=0, epoch=0, block=32, window=100, drop_last=False, shuffle=shuffle)
+    allrows = np.concatenate([p.indices() for p in plans])
+    assert len(allrows) == 3 * 10 * 34
+    assert set(allrows.tolist()) == set(range(1003))
+
+
+def test_plan_deterministic_and_changes_per_epoch():
+    a = [p.indices() for p in plan_epoch(5000, 2, 32, seed=7, epoch=3, block=64)]
+    b = [p.indices() for p in plan_epoch(5000, 2, 32, seed=7, epoch=3, block=64)]
+    c = [p.indices() for p in plan_epoch(5000, 2, 32, seed=7, epoch=4, block=64)]
+    d = [p.indices() for p in plan_epoch(5000, 2, 32, seed=8, epoch=3, block=64)]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not np.array_equal(a[0], c[0]) and not np.array_equal(a[0], d[0])
+    # the shard itself (the set of rows) changes, not only the order
+    assert set(a[0].tolist()) != set(c[0].tolist())
+
+
+def test_plan_reads_are_large():
+    plan = plan_epoch(100_000, 2, 64, seed=0, epoch=0, block=4096, window=16384)[0]
+    runs = [b - a for w in plan.windows for a, b in w.ranges]
+    assert np.median(runs) >= 2048  # block-sized reads, not rows
+
+
+def test_plan_rejects_too_few_rows():
+    with pytest.raises(BadInput, match="fewer than ranks × batch"):
+        plan_epoch(10, 3, 4, seed=0, epoch=0)
+
+
+# ---------------------------------------------------------------- real files, real ranks
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    n = 1500
+    with h5py.File(d / "float.h5", "w") as f:  # contiguous float32, row i holds i
+        f["x"] = np.repeat(np.arange(n, dtype=np.float32)[:, None], 4, axis=1)
+        f["y"] = np.arange(n, dtype=np.int64)
+    sizes, start = [700, 500, 333], 0
+    for i, m in enumerate(sizes):  # uint8 images over three files of different lengths
+        with h5py.File(d / f"img-{i}.h5", "w") as f:
+            ids = np.arange(start, start + m)
+            f.create_dataset("images", data=np.broadcast_to((ids % 251).astype(np.uint8)[:, None, None, None],
+                                                            (m, 1, 4, 4)).copy(), chunks=(64, 1, 4, 4))
+            f["labels"] = ids.astype(np.int64)
+            start += m
+    with h5py.File(d / "gzip.h5", "w") as f:
+        f.create_dataset("x", data=np.arange(n * 3, dtype=np.float64).reshape(n, 3), chunks=(100, 3),
+                         compression="gzip")
+        f.create_dataset("y", data=np.arange(n, dtype=np.int32), chunks=(100,), compression="gzip")
+    with h5py.File(d / "lzf.h5", "w") as f:
+        f.create_dataset("x", data=np.arange(n * 3, dtype=np.float64).reshape(n, 3), chunks=(128, 3),
+                         compression="lzf")
+        f.create_dataset("y", data=np.arange(n, dtype=np.int32), chunks=(128,), compression="lzf")
+    return d
+
+
+LOAD = """
+import json, sys, numpy as np, mpidl
+from mpidl.data import H5Source, ShardedLoader
+cfg = json.loads(sys.argv[1])
+w = mpidl.init()
+src = H5Source(cfg["files"], keys=cfg["keys"])
+ld = ShardedLoader(src, w, batch_size=cfg["batch"], seed=cfg["seed"], shuffle=cfg["shuffle"],
+                   drop_last=cfg["drop_last"], prefetch=2, block=cfg.get("block"), window=cfg.get("window"),
+                   stage_dir=cfg.get("stage_dir"))
+epochs = []
+for e in range(cfg["epochs"]):
+    ld.set_epoch(e)
+    ys = []
+    for x, y in ld:
+        assert x.shape[0] == cfg["batch"] and y.shape[0] == cfg["batch"]
+        xv = x.reshape(x.shape[0], -1)[:, 0].double().numpy()
+        yv = y.reshape(-1).numpy().astype(np.int64)
+        assert np.array_equal(xv, cfg["x_of_y"][0] * (yv % cfg["x_of_y"][1] if cfg["x_of_y"][1] else yv)), "x/y misaligned"
+        ys.extend(yv.tolist())
+    epochs.append(ys)
+out = w.comm.gather({"steps": len(ld), "dtype": str(x.dtype), "epochs": epochs}, root=0)
+if w.rank == 0:
+    print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+def load(np_, files, keys, *, batch=16, seed=0, shuffle="block", drop_last=True, epochs=2, x_of_y=(1, 0), **kw):
+    cfg = dict(files=files, keys=keys, batch=batch, seed=seed, shuffle=shuffle, drop_last=drop_last,
+               epochs=epochs, x_of_y=x_of_y, **kw)
+    r = mpirun(np_, pycode(LOAD) + [json.dumps(cfg)], timeout=120)
+    assert r.returncode == 0, r.output
+    line = next(line for line in r.stdout.splitlines() if line.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def check_epochs(result, rows, np_, batch):
+    per_rank = steps_per_epoch(rows, np_, batch) * batch
+    for e in range(len(result[0]["epochs"])):
+        shards = [r["epochs"][e] for r in result]
+        assert all(len(s) == per_rank for s in shards)  # equal
+        flat = [y for s in shards for y in s]
+        assert len(set(flat)) == len(flat)  # disjoint
+        assert set(flat) <= set(range(rows)) and rows - len(flat) < np_ * batch  # cover modulo drop-last
+    if len(result[0]["epochs"]) > 1:
+        assert result[0]["epochs"][0] != result[0]["epochs"][1]  # reshuffled
+        assert set(result[0]["epochs"][0]) != set(result[0]["epochs"][1])  # and re-sharded
+
+
+@pytest.mark.parametrize("np_", [2, 3])
+def test_float_file_shards(files, np_):
+    res = load(np_, [str(files / "float.h5")], ["x", "y"], batch=16, block=32, window=128)
+    check_epochs(res, 1500, np_, 16)
+    assert res[0]["dtype"] == "torch.float32"
+    again = load(np_, [str(files / "float.h5")], ["x", "y"], batch=16, block=32, window=128)
+    assert again == res  # reproducible for a seed
+    other = load(np_, [str(files / "float.h5")], ["x", "y"], batch=16, seed=1, block=32, window=128, epochs=1)
+    assert other[0]["epochs"][0] != res[0]["epochs"][0]
+
+
+@pytest.mark.parametrize("np_", [2, 3])
+def test_multi_file_uint8_glob(files, np_):
+    res = load(np_, str(files / "img-*.h5"), ["images", "labels"], batch=10, x_of_y=(1, 251))
+    check_epochs(res, 1533, np_, 10)
+    assert res[0]["dtype"] == "torch.uint8"
+
+
+@pytest.mark.parametrize("name", ["gzip.h5", "lzf.h5"])
+def test_compressed_sources(files, name):
+    res = load(3, [str(files / name)], ["x", "y"], batch=20, shuffle="exact", x_of_y=(3, 0))
+    check_epochs(res, 1500, 3, 20)
+
+
+def test_pad_mode_covers_all_rows(files):
+    res = load(3, [str(files / "float.h5")], ["x", "y"], batch=16, drop_last=False, epochs=1)
+    flat = [y for r in res for y in r["epochs"][0]]
+    assert len(flat) == 3 * 16 * 32 and set(flat) == set(range(1500))
+
+
+def test_staging_reads_a_fixed_share(files, tmp_path):
+    res = load(2, [str(files / "float.h5")], ["x", "y"], batch=16, stage_dir=str(tmp_path / "stage"))
+    for r in res:
+        assert set(r["epochs"][0]) == set(r["epochs"][1]) and r["epochs"][0] != r["epochs"][1]
+    assert not set(res[0]["epochs"][0]) & set(res[1]["epochs"][0])
+    assert len(list((tmp_path / "stage").glob("mpidl-stage-*.h5"))) == 2
+
+
+def test_resume_mid_epoch_yields_the_rest():
+    import mpidl
+    from mpidl.data import H5Source, ShardedLoader
+
+    world = mpidl.init()
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"mpidl-resume-{os.getpid()}.h5")
+    with h5py.File(path, "w") as f:
+        f["x"] = np.arange(800, dtype=np.float32)[:, None]
+        f["y"] = np.arange(800)
+    try:
+        ld = ShardedLoader(H5Source(path), world, batch_size=8, seed=5, block=16, window=64)
+        ld.set_epoch(1)
+        full = torch.cat([y for _, y in ld])
+        ld.set_epoch(1, start_step=13)
+        rest = torch.cat([y for _, y in ld])
+        assert torch.equal(rest, full[13 * 8:])
+        ld.set_epoch(1)
+        for i, _ in enumerate(ld):  # breaking out early stops the reader threads cleanly
+            if i == 2:
+                break
+        assert torch.equal(torch.cat([y for _, y in ld]), full)
+    finally:
+        os.remove(path)
+
+
+# ---------------------------------------------------------------- validation, on every rank
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    with h5py.File(d / "good.h5", "w") as f:
+        f["x"] = np.zeros((100, 3), np.float32)
+        f["y"] = np.zeros(100, np.int64)
+    with h5py.File(d / "nokey.h5", "w") as f:
+        f["inputs"] = np.zeros((100, 3), np.float32)
+        f["y"] = np.zeros(100, np.int64)
+    with h5py.File(d / "lengths.h5", "w") as f:
+        f["x"] = np.zeros((100, 3), np.float32)
+        f["y"] = np.zeros(99, np.int64)
+    with h5py.File(d / "shape.h5", "w") as f:
+        f["x"] = np.zeros((100, 4), np.float32)
+        f["y"] = np.zeros(100, np.int64)
+    with h5py.File(d / "empty.h5", "w") as f:
+        f["x"] = np.zeros((0, 3), np.float32)
+        f["y"] = np.zeros(0, np.int64)
+    with h5py.File(d / "strings.h5", "w") as f:
+        f["x"] = np.array([b"a"] * 100)
+        f["y"] = np.zeros(100, np.int64)
+    (d / "garbage.h5").write_bytes(b"this is not an HDF5 file\n" * 100)
+    with h5py.File(d / "big.h5", "w") as f:
+        f["x"] = np.random.default_rng(0).random((20000, 16), dtype=np.float32)
+        f["y"] = np.zeros(20000, np.int64)
+    raw = (d / "big.h5").read_bytes()
+    (d / "truncated.h5").write_bytes(raw[: len(raw) // 2])
+    (d / "big.h5").unlink()
+    return d
+
+
+@pytest.mark.parametrize("np_", [2, 3])
+@pytest.mark.parametrize("case,args,expect", [
+    ("missing file", ["missing.h5"], ["missing.h5", "file not found"]),
+    ("unreadable", ["garbage.h5"], ["garbage.h5", "cannot open as HDF5"]),
+    ("truncated", ["truncated.h5"], ["truncated.h5", "truncated"]),
+    ("missing dataset", ["nokey.h5"], ["nokey.h5", "dataset 'x' not found", "inputs"]),
+    ("different lengths", ["lengths.h5"], ["lengths.h5", "'x' has 100 rows", "'y' has 99"]),
+    ("trailing shapes", ["good.h5", "shape.h5"], ["shape.h5", "(4,)", "(3,)", "good.h5"]),
+    ("zero rows", ["empty.h5"], ["empty.h5", "zero rows"]),
+    ("non-numeric", ["strings.h5"], ["strings.h5", "'x'", "non-numeric dtype"]),
+    ("too few rows", ["good.h5", "--batch", "40"], ["100 rows are fewer than ranks × batch"]),
+])
+def test_validation_error_exit_2_everywhere(bad, np_, case, args, expect):
+    if case == "too few rows" and np_ == 2:
+        args = ["good.h5", "--batch", "60"]
+    r = mpirun(np_, mpidl_cmd("data", "check", *args), cwd=bad, timeout=60)
+    assert r.returncode == 2, (case, r.output)
+    lines = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1, r.stderr  # one line, printed once, no traceback
+    assert "Traceback" not in r.stderr
+    for part in expect:
+        assert part in lines[0], (part, lines[0])
+
+
+def test_check_accepts_good_source(bad):
+    r = mpirun(2, mpidl_cmd("data", "check", "good.h5", "--batch", "10"), cwd=bad)
+    assert r.returncode == 0, r.output
+    assert "ok: 1 file(s), 100 rows" in r.stdout and "5 steps per epoch" in r.stdout
+
+
+# ---------------------------------------------------------------- statistics
+STATS = """
+import sys, json, mpidl
+from mpidl.data import H5Source
+from mpidl.data.preprocess import Standardizer
+w = mpidl.init()
+s = Standardizer.fit(H5Source(sys.argv[1]), w, per=sys.argv[2], cache_dir=sys.argv[3])
+if w.rank == 0:
+    print("STATS " + json.dumps({"mean": s.mean.tolist(), "std": s.std.tolist()}), flush=True)
+"""
+
+
+@pytest.mark.parametrize("per", ["feature", "channel"])
+def test_standardization_matches_numpy(tmp_path, per):
+    rng = np.random.default_rng(3)
+    x = (rng.normal(5, 3, (1001, 3, 4, 4)) * np.array([1, 10, 100])[None, :, None, None]).astype(np.float32)
+    with h5py.File(tmp_path / "s.h5", "w") as f:
+        f.create_dataset("x", data=x, chunks=(50, 3, 4, 4))
+        f["y"] = np.zeros(1001, np.int64)
+    r = mpirun(3, pycode(STATS) + [str(tmp_path / "s.h5"), per, str(tmp_path / "cache")])
+    assert r.returncode == 0, r.output
+    got = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("STATS "))[6:])
+    axes = (0,) if per == "feature" else (0, 2, 3)
+    np.testing.assert_allclose(got["mean"], x.astype(np.float64).mean(axis=axes), rtol=1e-9)
+    np.testing.assert_allclose(got["std"], x.astype(np.float64).std(axis=axes), rtol=1e-7)
+    assert len(list((tmp_path / "cache").glob(".mpidl-stats-*.npz"))) == 1
+    again = mpirun(2, pycode(STATS) + [str(tmp_path / "s.h5"), per, str(tmp_path / "cache")])  # from the cache
+    assert json.loads(next(line for line in again.stdout.splitlines() if line.startswith("STATS "))[6:]) == got
+
+
+def test_crop_and_flip_are_seeded_and_shape_preserving():
+    from mpidl.data.preprocess import Pipeline
+
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.uint8).reshape(2, 3, 8, 8)
+    a = Pipeline(scale_uint8=True, crop=6, padding=1, flip=True, seed=4)((x, torch.zeros(2)))[0]
+    b = Pipeline(scale_uint8=True, crop=6, padding=1, flip=True, seed=4)((x, torch.zeros(2)))[0]
+    assert a.shape == (2, 3, 6, 6) and a.dtype == torch.float32 and torch.equal(a, b)
+    assert float(a.max()) <= 1.0
+    ev = Pipeline(scale_uint8=True, crop=6, train=False)((x, torch.zeros(2)))[0]
+    torch.testing.assert_close(ev, x[:, :, 1:7, 1:7].float() / 255)
+
+
+# ---------------------------------------------------------------- tools
+def test_synth_is_identical_for_any_rank_count(tmp_path):
+    one = run(mpidl_cmd("data", "synth", "images", "--out", str(tmp_path / "a.h5"), "--rows", "9000"))
+    three = mpirun(3, mpidl_cmd("data", "synth", "images", "--out", str(tmp_path / "b.h5"), "--rows", "9000"))
+    assert one.returncode == 0 and three.returncode == 0, one.output + three.output
+    with h5py.File(tmp_path / "a.h5") as a, h5py.File(tmp_path / "b.h5") as b:
+        assert a["x"].shape == (9000, 3, 16, 16) and a["x"].dtype == np.uint8
+        assert np.array_equal(a["x"][:], b["x"][:]) and np.array_equal(a["y"][:], b["y"][:])
+        assert len(np.unique(a["y"][:])) == 10
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_synth_tabular_chunked_compressed(tmp_path):
+    r = mpirun(2, mpidl_cmd("data", "synth", "tabular", "--out", str(tmp_path / "t.h5"), "--rows", "10000",
+                            "--classes", "3", "--chunk-rows", "1000", "--compression", "lzf"))
+    assert r.returncode == 0, r.output
+    with h5py.File(tmp_path / "t.h5") as f:
+        assert f["x"].chunks == (1000, 16) and f["x"].compression == "lzf"
+        x, y = f["x"][:], f["y"][:]
+    # the rule is learnable: least squares on one-hot targets beats chance by far
+    onehot = np.eye(3)[y]
+    w, *_ = np.linalg.lstsq(np.c_[x, np.ones(len(x))], onehot, rcond=None)
+    acc = (np.c_[x, np.ones(len(x))] @ w).argmax(1) == y
+    assert acc.mean() > 0.8
+
+
+def test_convert_and_inspect(tmp_path):
+    np.savez(tmp_path / "arr.npz", images=np.zeros((300, 3, 8, 8), np.uint8), labels=np.arange(300))
+    r = run(mpidl_cmd("data", "convert", str(tmp_path / "arr.npz"), "--out", str(tmp_path / "c.h5"),
+                      "--keys", "images", "labels"))
+    assert r.returncode == 0, r.output
+    with h5py.File(tmp_path / "c.h5") as f:
+        assert f["images"].shape == (300, 3, 8, 8) and f["images"].chunks[1:] == (3, 8, 8)
+        assert np.array_equal(f["labels"][:], np.arange(300))
+    r = run(mpidl_cmd("data", "inspect", str(tmp_path / "c.h5")))
+    assert r.returncode == 0 and "images: shape (300, 3, 8, 8) uint8" in r.stdout and "advice:" in r.stdout
+    np.save(tmp_path / "a.npy", np.zeros(10))
+    np.save(tmp_path / "b.npy", np.zeros(11))
+    r = run(mpidl_cmd("data", "convert", str(tmp_path / "a.npy"), str(tmp_path / "b.npy"), "--out",
+                      str(tmp_path / "bad.h5")))
+    assert r.returncode == 2 and "different lengths" in r.stderr and not (tmp_path / "bad.h5").exists()
