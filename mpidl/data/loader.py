@@ -1,14 +1,18 @@
 """ShardedLoader: this rank's rows of an HDF5 source, reshuffled per epoch, prefetched.
 
-Two background threads form the pipeline, so reading and shuffling overlap each other
-and the model's compute:
+One background reader thread fills a ring of reused batch buffers, `prefetch` batches
+ahead of the consumer, so reading overlaps the model's compute. Per dataset key it takes
+the cheaper of two paths:
 
-    reader   window ranges --read_direct--> window buffer (2 buffers, reused)
-    batcher  window buffer --np.take(order)--> batch arrays --queue(prefetch)--> consumer
+    large rows (>= 4 KiB) of contiguous datasets: each batch's rows are read straight from
+        the file into the batch buffer, one `pread` per run of consecutive rows (the plan
+        moves rows in runs of a few, ~64 KiB each) — one copy, no HDF5 call per read;
+    everything else (small rows, chunked or compressed data): the window's rows are read
+        with a few large `read_direct` calls, then gathered into batches with np.take.
 
-Memory is bounded by two windows plus `prefetch` batches, whatever the dataset's size.
-On CUDA the batcher writes into a ring of pinned buffers and the consumer copies them to
-the device with non_blocking=True; a buffer is reused only after its copy has finished.
+Memory is bounded by one window of small-row keys plus `prefetch + 2` batches, whatever the
+dataset's size. On CUDA the ring is pinned and the consumer copies each batch to the device
+with non_blocking=True; a buffer is reused only after its copy has finished.
 """
 from __future__ import annotations
 
@@ -54,8 +58,12 @@ def _get(q: queue.Queue, stop: threading.Event) -> Any:
     return _DONE
 
 
+DIRECT_ROW_BYTES = 4096  # rows at least this large are read straight into their batch slot
+RUN_BYTES = 64 << 10     # target bytes per direct read: amortises the call, keeps batches mixed
+
+
 class _Pipeline:
-    """The reader and batcher threads of one pass over a RankPlan."""
+    """The reader thread of one pass over a RankPlan, and the ring of batch buffers it fills."""
 
     def __init__(self, source: H5Source, plan: RankPlan, start_step: int, prefetch: int, pinned: bool):
         self.source, self.plan = source, plan
@@ -63,82 +71,76 @@ class _Pipeline:
         self.shapes, self.dtypes = source.shapes, source.dtypes
         self.batch = plan.batch
         self.stop = threading.Event()
-        self.windows: queue.Queue = queue.Queue()
-        self.free: queue.Queue = queue.Queue()
         self.batches: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
-        max_rows = max((w.rows for w in plan.windows), default=0)
-        for _ in range(2):
-            self.free.put({k: np.empty((max_rows, *self.shapes[k]), self.dtypes[k]) for k in self.keys})
+        # Batches are written into a ring of reused buffers: fresh arrays per batch would cost
+        # a page fault per 4 KiB and halve throughput. A slot is free again once the consumer
+        # has asked for the batch after it (and, on CUDA, once its copy to the device is done).
         self.pinned = pinned
-        self.ring: list[dict[str, torch.Tensor]] = []
-        self.ring_events: list[Optional[torch.cuda.Event]] = []
-        if pinned:
-            for _ in range(prefetch + 2):
-                self.ring.append({k: torch.empty((self.batch, *self.shapes[k]),
-                                                 dtype=torch.from_numpy(np.empty(0, self.dtypes[k])).dtype,
+        self.ring: list[dict[str, Any]] = []
+        for _ in range(prefetch + 2):
+            if pinned:
+                self.ring.append({k: torch.empty((self.batch, *self.shapes[k]), dtype=_torch_dtype(self.dtypes[k]),
                                                  pin_memory=True) for k in self.keys})
-                self.ring_events.append(None)
-        # Skip whole windows before start_step; the batcher skips the rest inside the first one.
+            else:
+                self.ring.append({k: torch.from_numpy(np.empty((self.batch, *self.shapes[k]), self.dtypes[k]))
+                                  for k in self.keys})
+        self.ring_events: list[Optional[torch.cuda.Event]] = [None] * len(self.ring)
+        self.free_slots: queue.Queue = queue.Queue()
+        for i in range(len(self.ring)):
+            self.free_slots.put(i)
+        # Skip whole windows before start_step; the rest is skipped inside the first one.
         first, skip = 0, start_step * self.batch
         while first < len(plan.windows) and skip >= plan.windows[first].rows:
             skip -= plan.windows[first].rows
             first += 1
         self.first_window, self.skip_rows = first, skip
-        self.threads = [threading.Thread(target=self._guard, args=(self._read,), daemon=True, name="mpidl-reader"),
-                        threading.Thread(target=self._guard, args=(self._gather,), daemon=True, name="mpidl-batcher")]
-        for t in self.threads:
-            t.start()
+        self.thread = threading.Thread(target=self._guard, daemon=True, name="mpidl-reader")
+        self.thread.start()
 
-    def _guard(self, fn: Callable[[], None]) -> None:
+    def _guard(self) -> None:
         try:
-            fn()
+            self._read()
         except BaseException as e:  # handed to the consumer, which raises it in its own thread
             _put(self.batches, _Failed(e), self.stop)
-            self.stop.set()
 
     def _read(self) -> None:
-        with self.source.open() as reader:
+        src = self.source
+        with src.open() as reader:
+            direct = [k for k in self.keys if src.row_bytes_of(k) >= DIRECT_ROW_BYTES and reader.byte_addressable(k)]
+            windowed = [k for k in self.keys if k not in direct]
+            max_rows = max((w.rows for w in self.plan.windows), default=0)
+            buf = {k: np.empty((max_rows, *self.shapes[k]), self.dtypes[k]) for k in windowed}
+            skip = self.skip_rows
             for w in self.plan.windows[self.first_window:]:
-                buf = _get(self.free, self.stop)
-                if buf is _DONE:
-                    return
                 pos = 0
+                starts = []
                 for a, b in _coalesce(w.ranges):
-                    for k in self.keys:
+                    for k in windowed:
                         reader.read(k, a, b, buf[k][pos:pos + b - a])
+                    starts.append((pos, a))
                     pos += b - a
-                if not _put(self.windows, (w, buf), self.stop):
-                    return
-        _put(self.windows, _DONE, self.stop)
-
-    def _gather(self) -> None:
-        skip, slot = self.skip_rows, 0
-        while True:
-            item = _get(self.windows, self.stop)
-            if item is _DONE:
-                break
-            w, buf = item
-            order = w.order
-            for s in range(skip, w.rows, self.batch):
-                idx = order[s:s + self.batch]
-                if self.pinned:
+                if direct:  # window position -> source row
+                    rows_at = np.concatenate([np.arange(a, a + n) for (p, a), n in
+                                              zip(starts, np.diff([p for p, _ in starts] + [pos]))])
+                for s in range(skip, w.rows, self.batch):
+                    idx = w.order[s:s + self.batch]
+                    slot = _get(self.free_slots, self.stop)
+                    if slot is _DONE:
+                        return
                     ev = self.ring_events[slot]
                     if ev is not None:
                         ev.synchronize()  # its last copy to the device has finished
                     out = self.ring[slot]
-                    for k in self.keys:
+                    for k in windowed:
                         np.take(buf[k], idx, axis=0, out=out[k].numpy())
-                    item_out: Any = (slot, out)
-                    slot = (slot + 1) % len(self.ring)
-                else:
-                    item_out = (None, {k: np.take(buf[k], idx, axis=0) for k in self.keys})
-                if not _put(self.batches, item_out, self.stop):
-                    return
-            skip = 0
-            self.free.put(buf)
+                    for k in direct:
+                        reader.read_rows(k, rows_at[idx], out[k].numpy())
+                    if not _put(self.batches, (slot, out), self.stop):
+                        return
+                skip = 0
         _put(self.batches, _DONE, self.stop)
 
-    def __iter__(self) -> Iterator[tuple[Optional[int], dict]]:
+    def __iter__(self) -> Iterator[tuple[int, dict]]:
         while True:
             item = _get(self.batches, self.stop)
             if item is _DONE:
@@ -147,10 +149,17 @@ class _Pipeline:
                 raise item.exc
             yield item
 
+    def release(self, slot: int) -> None:
+        """The consumer is done with this slot's batch (on CUDA: once its copy completes)."""
+        self.free_slots.put(slot)
+
     def close(self) -> None:
         self.stop.set()
-        for t in self.threads:
-            t.join(timeout=10)
+        self.thread.join(timeout=10)
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype)).dtype
 
 
 def _coalesce(ranges) -> list[tuple[int, int]]:
@@ -176,7 +185,9 @@ class ShardedLoader:
     window — reads stay large), "exact" (one global per-row permutation, reads scattered),
     or "none". drop_last=False pads the last batches by repeating rows instead.
     A batch is a tuple of tensors in `source.keys` order, on `device` (default world.device),
-    passed through `transform` when given. stage_dir: copy this rank's rows there once and
+    passed through `transform` when given. On CPU, a batch's tensors share memory with the
+    loader's buffers and stay valid until the next batch is requested: `.clone()` one to keep
+    it longer (on CUDA each batch is a fresh device tensor). stage_dir: copy this rank's rows there once and
     read them from there in later epochs (the rank then keeps its rows across epochs and
     reshuffles them locally).
     """
@@ -199,6 +210,9 @@ class ShardedLoader:
         # At least ~256 blocks, so that shards change from epoch to epoch even on small data.
         self.block = block or max(1, min(source.suggested_block(), -(-rows // 256)))
         self.window = window or max(4 * self.block, 4 * batch_size)
+        # Large rows are read straight into batches in runs of `group` rows (see the module doc).
+        big = max(source.row_bytes_of(k) for k in source.keys)
+        self.group = max(1, min(batch_size // 16, -(-RUN_BYTES // big))) if big >= DIRECT_ROW_BYTES else 1
         self.stage_dir = stage_dir
         self._staged: Optional[H5Source] = None
         self.epoch, self.start_step = 0, 0
@@ -219,9 +233,10 @@ class ShardedLoader:
         if self.stage_dir is not None:
             staged = self._stage()
             return plan_rank(len(staged), 1, 0, self.batch_size, self.seed, epoch, block=self.block,
-                             window=self.window, drop_last=True, shuffle=self.shuffle)
+                             window=self.window, drop_last=True, shuffle=self.shuffle, group=self.group)
         return plan_rank(len(self.source), self.world.size, self.world.rank, self.batch_size, self.seed, epoch,
-                         block=self.block, window=self.window, drop_last=self.drop_last, shuffle=self.shuffle)
+                         block=self.block, window=self.window, drop_last=self.drop_last, shuffle=self.shuffle,
+                         group=self.group)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         plan = self.plan()
@@ -231,15 +246,20 @@ class ShardedLoader:
         pipe = _Pipeline(source, plan, self.start_step, self.prefetch, pinned=cuda)
         self._pipe = pipe
         stream = torch.cuda.current_stream(self.device) if cuda else None
+        held: Optional[int] = None
         try:
             for slot, arrays in pipe:
+                if held is not None:
+                    pipe.release(held)
                 if cuda:
                     batch = tuple(arrays[k].to(self.device, non_blocking=True) for k in source.keys)
                     ev = torch.cuda.Event()
                     ev.record(stream)
                     pipe.ring_events[slot] = ev
+                    pipe.release(slot)  # reusable once the event has passed; the batcher waits on it
                 else:
-                    batch = tuple(torch.from_numpy(arrays[k]) for k in source.keys)
+                    batch = tuple(arrays[k] for k in source.keys)
+                    held = slot
                 if self.transform is not None:
                     batch = self.transform(batch)
                 yield batch

@@ -136,11 +136,13 @@ def _split_ranges(ranges: Sequence[tuple[int, int]], counts: Sequence[int]) -> l
 
 def plan_rank(rows: int, ranks: int, rank: int, batch: int, seed: int, epoch: int, *,
               block: int = 4096, window: int = 16384, drop_last: bool = True,
-              shuffle: str = "block") -> RankPlan:
+              shuffle: str = "block", group: int = 1) -> RankPlan:
     """Rank `rank`'s rows for `epoch`, deterministic from the arguments alone.
 
     block: rows per contiguous read unit (align to the dataset's chunking);
-    window: rows shuffled together in memory (rounded up to whole batches).
+    window: rows shuffled together in memory (rounded up to whole batches);
+    group: block shuffle moves rows within a window in runs of `group` consecutive rows, so a
+    loader can read large rows straight into their batch slot (1: every row on its own).
     """
     check_shape(rows, ranks, batch, shuffle)
     if not 0 <= rank < ranks:
@@ -173,7 +175,13 @@ def plan_rank(rows: int, ranks: int, rank: int, batch: int, seed: int, epoch: in
     for w, piece in enumerate(_split_ranges(ranges, counts)):
         n = sum(b - a for a, b in piece)
         if shuffle == "block":
-            emit = np.random.default_rng([seed, epoch, rank, w]).permutation(n)
+            rng = np.random.default_rng([seed, epoch, rank, w])
+            if group > 1:
+                runs = rng.permutation(-(-n // group))
+                emit = (runs[:, None] * group + np.arange(group)).ravel()
+                emit = emit[emit < n]
+            else:
+                emit = rng.permutation(n)
         else:
             emit = np.arange(n)
         windows.append(Window(tuple(piece), emit))

@@ -69,9 +69,14 @@ class H5Source:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> "H5Source":
-        """Check files, datasets, dtypes, lengths and shapes; BadInput names file, key, values."""
+        """Check files, datasets, dtypes, lengths and shapes; BadInput names file, key, values.
+
+        Metadata only, and done once per source object.
+        """
         import h5py
 
+        if self._layouts is not None:
+            return self
         layouts = []
         for path in self.files:
             if not os.path.exists(path):
@@ -160,6 +165,9 @@ class H5Source:
         """Bytes of one row across all keys."""
         return sum(int(np.prod(s, dtype=np.int64)) * self._dtypes[k].itemsize for k, s in self.shapes.items())
 
+    def row_bytes_of(self, key: str) -> int:
+        return int(np.prod(self.shapes[key], dtype=np.int64)) * self._dtypes[key].itemsize
+
     def suggested_block(self, target_bytes: int = 8 << 20) -> int:
         """Rows per read: about `target_bytes`, a whole number of chunks when chunked."""
         rows = max(1, target_bytes // max(1, self.row_bytes))
@@ -182,7 +190,12 @@ class H5Source:
 
 
 class Reader:
-    """Open file handles of one source, for one thread or process. Use as a context manager."""
+    """Open file handles of one source, for one thread or process. Use as a context manager.
+
+    Contiguous, uncompressed datasets are read as plain bytes at their offset in the file
+    (`pread` into the caller's buffer, no HDF5 call per read, the GIL released); chunked or
+    compressed ones go through h5py's `read_direct`.
+    """
 
     def __init__(self, source: H5Source):
         import h5py
@@ -194,6 +207,14 @@ class Reader:
         self._files = [h5py.File(lay.path, "r", locking=False, rdcc_nbytes=64 << 20, rdcc_nslots=10007)
                        for lay in layouts]
         self._dsets = [{k: f[k] for k in source.keys} for f in self._files]
+        self._fds: list[Optional[int]] = []
+        self._offsets: list[dict[str, Optional[int]]] = []
+        for lay, dsets in zip(layouts, self._dsets):
+            offs = {k: _byte_offset(d) for k, d in dsets.items()}
+            self._offsets.append(offs)
+            self._fds.append(os.open(lay.path, os.O_RDONLY) if any(o is not None for o in offs.values()) else None)
+        self._row_bytes = {k: int(np.prod(source.shapes[k], dtype=np.int64)) * source.dtypes[k].itemsize
+                           for k in source.keys}
         self._starts = np.cumsum([0] + [lay.rows for lay in layouts])
         self._base = source.row_range[0] if source.row_range else 0
 
@@ -206,18 +227,69 @@ class Reader:
             file_stop = int(self._starts[i + 1])
             n = min(b, file_stop) - a
             local = a - int(self._starts[i])
-            self._dsets[i][key].read_direct(out, np.s_[local:local + n], np.s_[pos:pos + n])
+            offset = self._offsets[i][key]
+            if offset is not None and out.flags.c_contiguous:
+                rb = self._row_bytes[key]
+                view = memoryview(out[pos:pos + n]).cast("B")
+                got = os.preadv(self._fds[i], [view], offset + local * rb)
+                if got != n * rb:
+                    raise OSError(f"{self.source.files[i]}: short read of '{key}' rows {local}..{local + n} "
+                                  f"({got} of {n * rb} bytes): the file is truncated")
+            else:
+                self._dsets[i][key].read_direct(out, np.s_[local:local + n], np.s_[pos:pos + n])
             pos += n
             a += n
             i += 1
 
+    def byte_addressable(self, key: str) -> bool:
+        """True when every file holds `key` contiguously, so rows can be read as bytes."""
+        return all(offs[key] is not None for offs in self._offsets)
+
+    def read_rows(self, key: str, rows: np.ndarray, out: np.ndarray) -> None:
+        """Source rows `rows` (any order) into out[0:len(rows)], one read per consecutive run.
+
+        For byte-addressable keys (see above); the caller groups rows so runs are long.
+        """
+        rows = rows + self._base
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        starts = np.concatenate(([0], breaks))
+        lengths = np.diff(np.concatenate((starts, [rows.size])))
+        first = rows[starts]
+        files = np.searchsorted(self._starts, first, side="right") - 1
+        rb = self._row_bytes[key]
+        flat = memoryview(out.reshape(out.shape[0], -1)).cast("B")
+        for dst, src, n, i in zip(starts.tolist(), first.tolist(), lengths.tolist(), files.tolist()):
+            local = src - int(self._starts[i])
+            if src + n > self._starts[i + 1]:  # a run across a file boundary: the general path
+                self.read(key, src - self._base, src - self._base + n, out[dst:dst + n])
+                continue
+            got = os.preadv(self._fds[i], [flat[dst * rb:(dst + n) * rb]], self._offsets[i][key] + local * rb)
+            if got != n * rb:
+                raise OSError(f"{self.source.files[i]}: short read of '{key}' at row {local} "
+                              f"({got} of {n * rb} bytes): the file is truncated")
+
     def close(self) -> None:
         for f in self._files:
             f.close()
-        self._files = []
+        for fd in self._fds:
+            if fd is not None:
+                os.close(fd)
+        self._files, self._fds = [], []
 
     def __enter__(self) -> "Reader":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _byte_offset(d) -> Optional[int]:
+    """The file offset of a contiguous, unfiltered, native-order dataset; else None."""
+    if d.chunks is not None or d.compression is not None or d.dtype.byteorder not in ("=", "|", "<"):
+        return None
+    if d.dtype.byteorder == "<" and np.little_endian is False:
+        return None
+    try:
+        return d.id.get_offset()
+    except Exception:  # external storage or not yet allocated
+        return None
