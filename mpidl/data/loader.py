@@ -208,7 +208,11 @@ class ShardedLoader:
         self.device = torch.device(device or world.device)
         self.transform = transform
         # At least ~256 blocks, so that shards change from epoch to epoch even on small data.
-        self.block = block or max(1, min(source.suggested_block(), -(-rows // 256)))
+        if block is None:
+            chunk = max((lay.chunk_rows or 1) for lay in source.layouts)
+            block = min(source.suggested_block(), -(-rows // 256))
+            block = max(chunk, block // chunk * chunk)  # whole chunks: each is decompressed once
+        self.block = block
         self.window = window or max(4 * self.block, 4 * batch_size)
         # Large rows are read straight into batches in runs of `group` rows (see the module doc).
         big = max(source.row_bytes_of(k) for k in source.keys)
