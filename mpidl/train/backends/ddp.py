@@ -1,0 +1,71 @@
+"""PyTorch DDP bootstrapped from the MPI world: no torchrun.
+
+Rank 0 picks its address and a free port and broadcasts them over MPI; every rank then
+joins a torch.distributed group (NCCL on CUDA, Gloo on CPU) with MPI's rank and size.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import socket
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from mpidl.train.backends import Backend, broadcast_module
+
+
+def _address() -> str:
+    host = socket.gethostname()
+    try:
+        return socket.gethostbyname(host)
+    except OSError:
+        return "127.0.0.1"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class DDPBackend(Backend):
+    name = "ddp"
+
+    def __init__(self, world, options: dict):
+        super().__init__(world, options)
+        self.device = torch.device(world.device)
+        addr = (_address(), _free_port()) if world.rank == 0 else None
+        if world.size > 1:
+            addr = world.comm.bcast(addr, root=0)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                    init_method=f"tcp://{addr[0]}:{addr[1]}", rank=world.rank,
+                                    world_size=world.size, timeout=datetime.timedelta(minutes=5))
+
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        broadcast_module(self.world, model)  # DDP broadcasts too; this keeps the three backends alike
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        # Buffers (BatchNorm statistics) stay per rank, as with the other backends; the trainer
+        # averages them before evaluation and checkpoints.
+        wrapped = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False,
+                                          bucket_cap_mb=float(self.options.get("bucket_cap_mb", 25)))
+        return wrapped, optimizer
+
+    def sync_gradients(self, model: nn.Module, optimizer) -> None:
+        pass  # done inside backward
+
+    @contextlib.contextmanager
+    def no_sync(self, model: nn.Module, optimizer) -> Iterator[None]:
+        with model.no_sync():
+            yield
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return model.module if isinstance(model, DistributedDataParallel) else model
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

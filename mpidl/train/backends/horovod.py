@@ -1,0 +1,68 @@
+"""Horovod: hvd.DistributedOptimizer with named parameters; allreduces overlap backward.
+
+Options (the job's `horovod:` section): compression none|fp16, op average|adasum,
+fusion_threshold_mb and cycle_time_ms (set before hvd.init, as Horovod reads them then),
+backward_passes_per_step (gradient accumulation, from the job's `accumulate`).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from mpidl.train.backends import Backend
+
+
+class HorovodBackend(Backend):
+    name = "horovod"
+
+    def __init__(self, world, options: dict):
+        super().__init__(world, options)
+        if options.get("fusion_threshold_mb") is not None:
+            os.environ["HOROVOD_FUSION_THRESHOLD"] = str(int(float(options["fusion_threshold_mb"]) * 2**20))
+        if options.get("cycle_time_ms") is not None:
+            os.environ["HOROVOD_CYCLE_TIME"] = str(options["cycle_time_ms"])
+        import horovod.torch as hvd
+
+        self.hvd = hvd
+        hvd.init()  # joins the MPI world mpidl.init() started
+        if hvd.rank() != world.rank or hvd.size() != world.size:
+            raise RuntimeError(f"Horovod sees rank {hvd.rank()}/{hvd.size()}, MPI {world.rank}/{world.size}")
+
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        hvd = self.hvd
+        compression = hvd.Compression.fp16 if self.options.get("compression") == "fp16" else hvd.Compression.none
+        op = hvd.Adasum if self.options.get("op") == "adasum" else hvd.Average
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        # A fresh optimizer has no state to share, and Horovod would create it by taking a
+        # zero-gradient step (which moves weights under weight decay and counts an Adam step).
+        if optimizer.state_dict()["state"]:
+            hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+        dist = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
+                                        compression=compression, op=op,
+                                        backward_passes_per_step=int(self.options.get("backward_passes_per_step", 1)))
+        return model, dist
+
+    def sync_gradients(self, model: nn.Module, optimizer) -> None:
+        optimizer.synchronize()
+
+    def step(self, optimizer) -> None:
+        with optimizer.skip_synchronize():
+            optimizer.step()
+
+    def zero_grad(self, optimizer) -> None:
+        optimizer.zero_grad()  # Horovod 0.28's wrapper takes no set_to_none (torch's default is True)
+
+    @contextlib.contextmanager
+    def no_sync(self, model: nn.Module, optimizer) -> Iterator[None]:
+        # backward_passes_per_step counts the passes itself: the last one triggers the allreduce.
+        yield
+
+    def allreduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        return self.hvd.allreduce(t.detach(), op=self.hvd.Average, name=None)
+
+    def close(self) -> None:
+        self.hvd.shutdown()

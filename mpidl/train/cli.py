@@ -1,0 +1,30 @@
+"""`mpidl train JOB.yaml [--set key.path=value ...] [--resume]`."""
+from __future__ import annotations
+
+import argparse
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import mpidl
+    from mpidl.spec import load_spec
+    from mpidl.train.trainer import train
+
+    world = mpidl.init()
+    spec = world.agree(lambda: load_spec(args.job, args.set))  # the same one-line error on every rank
+    summary = train(spec, resume=args.resume)
+    if args.require_target and summary["reached_target"] is False:
+        if world.rank == 0:
+            print(f"target accuracy {spec.target_accuracy} not reached: {summary['final']}")
+        return 1
+    return 0
+
+
+def register(sub) -> None:
+    s = sub.add_parser("train", help="train a job spec (under mpirun, srun, or alone)")
+    s.add_argument("job", help="YAML job spec, e.g. jobs/demo.yaml")
+    s.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a field, e.g. --set optimizer.lr=0.05 --set backend=mpi")
+    s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint (error if none)")
+    s.add_argument("--require-target", action="store_true",
+                   help="exit 1 when the spec's target_accuracy is not reached")
+    s.set_defaults(func=cmd_train)
