@@ -175,8 +175,12 @@ def _versions() -> dict:
     return out
 
 
-def train(spec: JobSpec, resume: bool = False) -> dict:
-    """Run the job; returns the summary (on every rank; rank 0 also writes it)."""
+def train(spec: JobSpec, resume: bool = False, stop_at: Optional[int] = None) -> dict:
+    """Run the job; returns the summary (on every rank; rank 0 also writes it).
+
+    stop_at: leave after this optimizer step with a checkpoint, as a preempted job would;
+    the schedule still spans the whole job, so `resume` continues exactly.
+    """
     world = mpidl.init()
     logger = log.get()
     device = torch.device(world.device)
@@ -204,13 +208,16 @@ def train(spec: JobSpec, resume: bool = False) -> dict:
                                        prefetch=2, transform=eval_tf)
 
     steps_per_epoch = len(loader) // spec.accumulate
-    if steps_per_epoch < 1:
-        raise BadInput(f"data.batch × accumulate = {d.batch} × {spec.accumulate} leaves no full step per epoch "
-                       f"on {world.size} ranks ({len(train_src)} training rows)")
+
+    def check_length() -> None:
+        if steps_per_epoch < 1:
+            raise BadInput(f"data.batch × accumulate = {d.batch} × {spec.accumulate} leaves no full step per "
+                           f"epoch on {world.size} ranks ({len(train_src)} training rows)")
+    world.agree(check_length)  # every rank finds the same problem: say it once, exit 2 together
     total_steps = spec.steps or spec.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
 
-    model = _model(spec, train_src).to(device)
+    model = world.agree(lambda: _model(spec, train_src)).to(device)
     if spec.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     scale = world.size if spec.schedule.scale_lr else 1
@@ -255,8 +262,8 @@ def train(spec: JobSpec, resume: bool = False) -> dict:
         logger.info("resumed from %s at epoch %d, step %d (global %d)", resumed_from, epoch, step_in_epoch,
                     global_step)
 
-    backend = make_backend(spec.backend, world, {
-        **spec.model_dump().get(spec.backend, {}), "backward_passes_per_step": spec.accumulate})
+    backend = world.agree(lambda: make_backend(spec.backend, world, {
+        **spec.model_dump().get(spec.backend, {}), "backward_passes_per_step": spec.accumulate}))
     model, optimizer = backend.prepare(model, optimizer)
     if spec.model.compile:
         model = torch.compile(model)
@@ -265,10 +272,10 @@ def train(spec: JobSpec, resume: bool = False) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(spec, world.size, steps_per_epoch, total_steps))
     if sched_state is not None:
         scheduler.load_state_dict(sched_state)
-    elif global_step:
-        for g in optimizer.param_groups:
-            g["lr"] = g["initial_lr"] * scheduler.lr_lambdas[0](global_step)
-        scheduler.last_epoch = global_step
+    scheduler.last_epoch = global_step
+    # LambdaLR's constructor set the step-0 rate; a resumed job continues at its own step.
+    for g, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        g["lr"] = base * scheduler.lr_lambdas[0](global_step)
 
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if spec.precision == "bf16"
                 else contextlib.nullcontext())
@@ -330,10 +337,11 @@ def train(spec: JobSpec, resume: bool = False) -> dict:
     last_eval: dict = {}
     t_run = time.perf_counter()
     model.train()
-    while epoch < epochs and global_step < total_steps:
+    end = min(total_steps, stop_at) if stop_at is not None else total_steps
+    while epoch < epochs and global_step < end:
         loader.set_epoch(epoch, start_step=step_in_epoch * spec.accumulate)
         batches = iter(loader)
-        while step_in_epoch < steps_per_epoch and global_step < total_steps:
+        while step_in_epoch < steps_per_epoch and global_step < end:
             torch.manual_seed(_step_seed(spec.seed, global_step, world.rank))
             train_tf.generator.manual_seed(_step_seed(spec.seed + 1, global_step, world.rank))
             t0 = time.perf_counter()
@@ -379,7 +387,7 @@ def train(spec: JobSpec, resume: bool = False) -> dict:
             step_in_epoch += 1
             global_step += 1
 
-            if global_step % spec.log_every == 0 or step_in_epoch == steps_per_epoch or global_step == total_steps:
+            if global_step % spec.log_every == 0 or step_in_epoch == steps_per_epoch or global_step == end:
                 avg = backend.average({k: window[k] for k in ("loss", "correct", "count", "time")})
                 rec = {"step": global_step, "epoch": epoch + step_in_epoch / steps_per_epoch,
                        "loss": avg["loss"] / avg["count"], "lr": optimizer.param_groups[0]["lr"],

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import socket
+import sys
 from typing import Iterator
 
 import torch
@@ -42,17 +44,24 @@ class DDPBackend(Backend):
         if world.size > 1:
             addr = world.comm.bcast(addr, root=0)
         if not dist.is_initialized():
+            hook = sys.excepthook
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
                                     init_method=f"tcp://{addr[0]}:{addr[1]}", rank=world.rank,
                                     world_size=world.size, timeout=datetime.timedelta(minutes=5))
+            # init_process_group wraps sys.excepthook to buffer stderr, and our hook aborts the
+            # job from inside it, so the buffered traceback would be lost: keep ours.
+            sys.excepthook = hook
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         broadcast_module(self.world, model)  # DDP broadcasts too; this keeps the three backends alike
         ids = [self.device.index] if self.device.type == "cuda" else None
         # Buffers (BatchNorm statistics) stay per rank, as with the other backends; the trainer
         # averages them before evaluation and checkpoints.
-        wrapped = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False,
-                                          bucket_cap_mb=float(self.options.get("bucket_cap_mb", 25)))
+        no_buffer_sync = ({"forward_sync_buffers": False}  # torch >= 2.13 renamed broadcast_buffers
+                          if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                          else {"broadcast_buffers": False})
+        wrapped = DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=float(self.options.get("bucket_cap_mb", 25)),
+                                          **no_buffer_sync)
         return wrapped, optimizer
 
     def sync_gradients(self, model: nn.Module, optimizer) -> None:

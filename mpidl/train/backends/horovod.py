@@ -13,6 +13,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+import horovod.torch as hvd  # at import time, so make_backend can report a missing Horovod
+
 from mpidl.train.backends import Backend
 
 
@@ -25,8 +27,6 @@ class HorovodBackend(Backend):
             os.environ["HOROVOD_FUSION_THRESHOLD"] = str(int(float(options["fusion_threshold_mb"]) * 2**20))
         if options.get("cycle_time_ms") is not None:
             os.environ["HOROVOD_CYCLE_TIME"] = str(options["cycle_time_ms"])
-        import horovod.torch as hvd
-
         self.hvd = hvd
         hvd.init()  # joins the MPI world mpidl.init() started
         if hvd.rank() != world.rank or hvd.size() != world.size:

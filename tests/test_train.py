@@ -1,0 +1,240 @@
+"""Training under real mpirun: the demo, backends agreeing, checkpoints, resume, bad specs, faults."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT, has_horovod, mpidl_cmd, mpirun, needs_cuda, pycode, run
+
+BACKENDS = ["horovod", "ddp", "mpi"] if has_horovod() else ["ddp", "mpi"]
+
+
+def write_job(tmp: Path, **over) -> Path:
+    """A small tabular classification job (MLP, no BatchNorm) writing under `tmp`."""
+    job = {
+        "name": "t", "seed": 3, "epochs": 2, "backend": "mpi",
+        "data": {"files": str(tmp / "tab.h5"), "batch": 16, "val_fraction": 0.1,
+                 "synth": {"kind": "tabular", "rows": 2000, "features": 8, "classes": 3, "rule": "nonlinear"}},
+        "model": {"name": "mlp", "args": {"hidden": [32], "num_classes": 3}},
+        "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4},
+        "schedule": {"kind": "cosine", "warmup_epochs": 0.2},
+        "checkpoint": {"every_epochs": 1},
+        "output": str(tmp / "run"), "log_every": 1,
+    }
+    for key, value in over.items():
+        node = job
+        *path, last = key.split("__")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = value
+    path = tmp / f"job-{len(list(tmp.glob('job-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def losses(run_dir: Path) -> list[float]:
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in recs if "loss" in r]
+
+
+def final_weights(ckpt_dir: Path) -> dict:
+    last = sorted(ckpt_dir.glob("ckpt-*.pt"))[-1]
+    return torch.load(last, map_location="cpu", weights_only=False)["model"]
+
+
+def test_demo_job_reaches_its_accuracy(tmp_path):
+    r = mpirun(2, mpidl_cmd("train", str(ROOT / "jobs" / "demo.yaml"), "--require-target",
+                            "--set", f"data.files={tmp_path}/demo.h5", "--set", f"output={tmp_path}/run"),
+               timeout=600, env={"CI": "1"})
+    assert r.returncode == 0, r.output[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["reached_target"] is True and summary["final"]["val_accuracy"] >= 0.8
+    assert summary["world"]["size"] == 2
+    assert summary["backend"] == ("horovod" if has_horovod() else summary["backend"])
+    assert set(summary["step_time_breakdown_s"]) == {"data", "compute", "sync", "optimizer"}
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert all(json.loads(line)["step"] > 0 for line in lines)
+
+
+def test_three_backends_agree(tmp_path):
+    curves = {}
+    for b in BACKENDS:
+        job = write_job(tmp_path, backend=b, output=str(tmp_path / f"run-{b}"), epochs=1, accumulate=2)
+        r = mpirun(2, mpidl_cmd("train", str(job)), timeout=300)
+        assert r.returncode == 0, (b, r.output[-3000:])
+        curves[b] = losses(tmp_path / f"run-{b}")
+    ref = curves["mpi"]
+    assert len(ref) > 20
+    for b, c in curves.items():
+        assert len(c) == len(ref)
+        for a, e in zip(c, ref):
+            assert abs(a - e) <= 1e-4 * max(1.0, abs(e)), (b, a, e)
+    w = {b: final_weights(tmp_path / f"run-{b}" / "checkpoints") for b in BACKENDS}
+    for b in BACKENDS:
+        for k in w["mpi"]:
+            torch.testing.assert_close(w[b][k], w["mpi"][k], rtol=1e-4, atol=1e-5)
+
+
+SAME_PARAMS = """
+import sys, hashlib, mpidl
+from mpidl.spec import load_spec
+from mpidl.train import trainer
+
+captured = {}
+w = mpidl.init()
+spec = load_spec(sys.argv[1])
+orig = trainer.build_model
+def build(name, **kw):
+    m = orig(name, **kw)
+    captured["model"] = m
+    return m
+trainer.build_model = build
+trainer.train(spec)
+h = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in captured["model"].parameters())).hexdigest()
+hs = w.comm.gather(h, root=0)
+if w.rank == 0:
+    print("HASHES", " ".join(hs), flush=True)
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parameters_identical_across_ranks(tmp_path, backend):
+    job = write_job(tmp_path, backend=backend, epochs=1)
+    r = mpirun(3, pycode(SAME_PARAMS) + [str(job)], timeout=300)
+    assert r.returncode == 0, r.output[-3000:]
+    hashes = next(line for line in r.stdout.splitlines() if line.startswith("HASHES")).split()[1:]
+    assert len(hashes) == 3 and len(set(hashes)) == 1
+
+
+def test_resume_is_bit_exact(tmp_path):
+    full = write_job(tmp_path, output=str(tmp_path / "full"), checkpoint={"every_steps": 25, "every_epochs": 1})
+    r = mpirun(2, mpidl_cmd("train", str(full)), timeout=300)
+    assert r.returncode == 0, r.output[-3000:]
+    part = write_job(tmp_path, output=str(tmp_path / "part"), checkpoint={"every_steps": 25, "every_epochs": 1})
+    r = mpirun(2, mpidl_cmd("train", str(part), "--stop-at", "75"), timeout=300)  # preempted mid-epoch
+    assert r.returncode == 0, r.output[-3000:]
+    assert json.loads((tmp_path / "part" / "summary.json").read_text())["global_step"] == 75
+    r = mpirun(2, mpidl_cmd("train", str(part), "--resume"), timeout=300)
+    assert r.returncode == 0, r.output[-3000:]
+    summary = json.loads((tmp_path / "part" / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("ckpt-000000075.pt")
+    a, b = final_weights(tmp_path / "full" / "checkpoints"), final_weights(tmp_path / "part" / "checkpoints")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_on_another_world_size(tmp_path):
+    job = write_job(tmp_path, checkpoint={"every_steps": 20})
+    r = mpirun(2, mpidl_cmd("train", str(job), "--stop-at", "40"), timeout=300)
+    assert r.returncode == 0, r.output[-3000:]
+    r = mpirun(3, mpidl_cmd("train", str(job), "--resume"), timeout=300)
+    assert r.returncode == 0, r.output[-3000:]
+    assert "resuming a 2-rank checkpoint on 3 ranks" in r.output
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    steps3 = (1800 // (3 * 16))  # training rows // (ranks × batch)
+    assert summary["world"]["size"] == 3 and summary["global_step"] == 2 * steps3
+    assert summary["final"]["val_accuracy"] > 0.5
+
+
+@pytest.mark.parametrize("setting,expect", [
+    (["--set", "optimizer.lr=-1"], "optimizer.lr = -1: Input should be greater than 0"),
+    (["--set", "optimizer.lrr=0.1"], "unknown key 'optimizer.lrr'"),
+    (["--set", "data.batch=many"], 'data.batch = "many": Input should be a valid integer'),
+    (["--set", "backend=nccl"], "backend = \"nccl\""),
+    (["--set", "model.name=vgg"], "model.name = \"vgg\""),
+    (["--set", "model.args.depth=3"], "model.args: mlp takes no argument 'depth'"),
+    (["--set", "data.files=nowhere.h5", "--set", "data.synth=null"], "nowhere.h5: file not found"),
+    (["--set", "data.batch=5000"], "fewer than ranks × batch"),
+    (["--set", "epochs=null"], "give epochs or steps"),
+    (["--resume"], "no checkpoint (ckpt-*.pt) is there"),
+])
+def test_bad_spec_exits_2_with_one_line(tmp_path, setting, expect):
+    job = write_job(tmp_path)
+    r = mpirun(2, mpidl_cmd("train", str(job), *setting), timeout=120)
+    assert r.returncode == 2, r.output[-3000:]
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert expect in errors[0], errors[0]
+
+
+def test_missing_or_broken_spec_file(tmp_path):
+    r = mpirun(2, mpidl_cmd("train", str(tmp_path / "nope.yaml")), timeout=60)
+    assert r.returncode == 2 and r.stderr.count("job spec not found") == 1
+    (tmp_path / "bad.yaml").write_text("name: [unclosed\n")
+    r = mpirun(2, mpidl_cmd("train", str(tmp_path / "bad.yaml")), timeout=60)
+    assert r.returncode == 2 and "not valid YAML at line" in r.stderr
+
+
+def test_corrupt_and_mismatched_checkpoints(tmp_path):
+    job = write_job(tmp_path)
+    r = mpirun(2, mpidl_cmd("train", str(job), "--stop-at", "10"), timeout=300)
+    assert r.returncode == 0, r.output[-3000:]
+    r = mpirun(2, mpidl_cmd("train", str(job), "--resume", "--set", "model.args.hidden=[64]"), timeout=120)
+    assert r.returncode == 2 and "written by a different job" in r.stderr, r.output[-2000:]
+    last = sorted((tmp_path / "run" / "checkpoints").glob("ckpt-*.pt"))[-1]
+    last.write_bytes(last.read_bytes()[:200])
+    r = mpirun(2, mpidl_cmd("train", str(job), "--resume"), timeout=120)
+    assert r.returncode == 2 and "corrupt checkpoint" in r.stderr and str(last) in r.stderr, r.output[-2000:]
+    assert not list((tmp_path / "run" / "checkpoints").glob(".*tmp*"))
+
+
+FAULT = """
+import sys, mpidl, torch
+from mpidl.spec import load_spec
+from mpidl.train import trainer
+w = mpidl.init()
+orig = trainer.build_model
+def build(name, **kw):
+    m = orig(name, **kw)
+    calls = [0]
+    def hook(module, args):
+        calls[0] += 1
+        if w.rank == 1 and calls[0] == 7:
+            raise RuntimeError("injected fault in rank 1 at step 7")
+    m.register_forward_pre_hook(hook)
+    return m
+trainer.build_model = build
+trainer.train(load_spec(sys.argv[1]))
+print("finished", w.rank, flush=True)
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rank_failure_mid_training_ends_job(tmp_path, backend):
+    job = write_job(tmp_path, backend=backend)
+    r = mpirun(2, pycode(FAULT) + [str(job)], timeout=120)  # a hang would hit the timeout
+    assert r.returncode != 0
+    assert "[rank 1] RuntimeError: injected fault in rank 1 at step 7" in r.stderr
+    assert "finished" not in r.stdout
+
+
+NO_HOROVOD = """
+import sys
+sys.modules["horovod"] = None          # as on a machine without Horovod
+sys.modules["horovod.torch"] = None
+from mpidl.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_mpi_backend_needs_no_horovod(tmp_path):
+    job = write_job(tmp_path, epochs=1)
+    r = mpirun(2, pycode(NO_HOROVOD) + ["train", str(job), "--set", "backend=mpi"], timeout=300)
+    assert r.returncode == 0, r.output[-3000:]
+    r = mpirun(2, pycode(NO_HOROVOD) + ["train", str(job), "--set", "backend=horovod"], timeout=120)
+    assert r.returncode == 2 and "horovod is not importable" in r.stderr
+
+
+@needs_cuda
+def test_gpu_bf16_single_rank(tmp_path):
+    job = write_job(tmp_path, precision="bf16", backend="mpi", epochs=1)
+    r = run(mpidl_cmd("train", str(job)), timeout=300)
+    assert r.returncode == 0, r.output[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world"]["device"].startswith("cuda")
+
