@@ -16,8 +16,9 @@ export OMPI_MCA_btl_vader_single_copy_mechanism := none
 setup:
 	bash scripts/setup.sh
 
+# The main job on its embedded default: synthetic images generated on first use.
 demo: setup
-	mpirun -np $(NP) $(VENV)/bin/mpidl info
+	mpirun -np $(NP) $(VENV)/bin/mpidl train jobs/demo.yaml --require-target
 
 test: setup
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)

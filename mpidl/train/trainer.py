@@ -18,6 +18,7 @@ checkpoint continues bit for bit on CPU, and at another world size it re-shards 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -439,5 +440,7 @@ def train(spec: JobSpec, resume: bool = False, stop_at: Optional[int] = None) ->
         os.replace(tmp, run_dir / "summary.json")
         logger.info("done: %d steps in %.1f s, %.0f samples/s; %s", totals["steps"], wall, summary["samples_per_s"],
                     " ".join(f"{k} {v:.4f}" for k, v in last_eval.items()) or "no held-out split")
+    del model, optimizer, scheduler  # a DDP model must go before its process group (Gloo threads)
+    gc.collect()
     backend.close()
     return summary

@@ -77,4 +77,7 @@ class DDPBackend(Backend):
 
     def close(self) -> None:
         if dist.is_initialized():
+            # Tearing down while a peer still talks to us aborts Gloo's threads: meet first.
+            # Drop DDP-wrapped models before this, or their process group outlives it.
+            self.world.barrier()
             dist.destroy_process_group()
