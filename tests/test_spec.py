@@ -1,0 +1,116 @@
+"""The job spec: strict validation with one-line errors, --set overrides, the fingerprint."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from mpidl.errors import BadInput
+from mpidl.spec import JobSpec, load_spec
+
+BASE = {
+    "name": "s", "epochs": 1,
+    "data": {"files": "d.h5", "batch": 8},
+    "model": {"name": "mlp", "args": {"hidden": [16]}},
+    "optimizer": {"lr": 0.1},
+}
+
+
+def spec_file(tmp_path: Path, tree: dict | None = None) -> Path:
+    p = tmp_path / "job.yaml"
+    p.write_text(yaml.safe_dump(tree if tree is not None else BASE))
+    return p
+
+
+def error(path: Path, overrides: list[str] | None = None) -> str:
+    with pytest.raises(BadInput) as e:
+        load_spec(path, overrides)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(str(path) + ": "), msg
+    return msg
+
+
+@pytest.mark.parametrize("job", sorted((ROOT / "jobs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_jobs_are_valid(job):
+    spec = load_spec(job)
+    assert spec.epochs or spec.steps
+    assert spec.data.synth is not None  # every shipped job runs on its own data out of the box
+
+
+def test_defaults(tmp_path):
+    s = load_spec(spec_file(tmp_path))
+    assert (s.backend, s.precision, s.accumulate, s.optimizer.name) == ("horovod", "fp32", 1, "sgd")
+    assert s.data.keys == ["x", "y"] and s.data.shuffle == "block" and s.data.prefetch == 4
+    assert s.run_dir == Path("runs/s") and s.checkpoint_dir == Path("runs/s/checkpoints")
+    assert s.schedule.scale_lr is True
+
+
+def test_overrides_are_read_as_yaml(tmp_path):
+    s = load_spec(spec_file(tmp_path), ["optimizer.lr=0.5", "backend=mpi", "model.args.hidden=[4, 4]",
+                                        "data.preprocess.flip=true", "checkpoint.dir=/x/ck", "steps=7"])
+    assert s.optimizer.lr == 0.5 and s.backend == "mpi" and s.model.args["hidden"] == [4, 4]
+    assert s.data.preprocess.flip is True and s.checkpoint_dir == Path("/x/ck") and s.steps == 7
+    s = load_spec(spec_file(tmp_path), ["name=a=b"])  # only the first '=' splits
+    assert s.name == "a=b"
+
+
+@pytest.mark.parametrize("overrides,expect", [
+    (["optimizer.lr=0"], "optimizer.lr = 0: Input should be greater than 0"),
+    (["optimizer.momentum=1.5"], "optimizer.momentum = 1.5: Input should be less than 1"),
+    (["optimizer.name=rmsprop"], 'optimizer.name = "rmsprop"'),
+    (["data.batch=abc"], 'data.batch = "abc": Input should be a valid integer'),
+    (["data.batch=-4"], "data.batch = -4: Input should be greater than 0"),
+    (["data.val_fraction=1"], "data.val_fraction = 1: Input should be less than 1"),
+    (["data.shuffle=random"], 'data.shuffle = "random"'),
+    (["precision=fp16"], 'precision = "fp16"'),
+    (["backend=gloo"], 'backend = "gloo"'),
+    (["epochs=0"], "epochs = 0: Input should be greater than 0"),
+    (["epochs=null"], "give epochs or steps"),
+    (["modell.name=mlp"], "unknown key 'modell'"),
+    (["data.synth.kind=video", "data.synth.rows=5"], 'data.synth.kind = "video"'),
+    (["data.synth.kind=images"], "missing key 'data.synth.rows'"),
+    (["horovod.compression=int8"], 'horovod.compression = "int8"'),
+    (["schedule.kind=linear"], 'schedule.kind = "linear"'),
+    (["target_accuracy=2"], "target_accuracy = 2: Input should be less than or equal to 1"),
+    (["optimizer.lr"], "--set expects key.path=value, got 'optimizer.lr'"),
+    (["optimizer..lr=1"], "empty key in path"),
+    (["name.first=x"], "'name' is a value, not a section"),
+])
+def test_bad_values_give_one_line_naming_the_key(tmp_path, overrides, expect):
+    assert expect in error(spec_file(tmp_path), overrides)
+
+
+def test_several_errors_are_counted_not_listed(tmp_path):
+    msg = error(spec_file(tmp_path), ["optimizer.lr=-1", "data.batch=0"])
+    assert "(and 1 more)" in msg
+
+
+def test_file_problems(tmp_path):
+    assert error(tmp_path / "missing.yaml").endswith("job spec not found")
+    bad = tmp_path / "job.yaml"
+    bad.write_text("name: demo\ndata: {files: [a, b\n")
+    assert "not valid YAML at line" in error(bad)
+    bad.write_text("- just\n- a list\n")
+    assert "a job spec is a mapping of keys, got list" in error(bad)
+    bad.write_text("")
+    assert "missing key" in error(bad)
+
+
+def test_fingerprint_tracks_what_a_checkpoint_depends_on(tmp_path):
+    path = spec_file(tmp_path)
+    base = load_spec(path).fingerprint()
+    # length, backend, output, logging and checkpoint cadence may change across a resume
+    for same in (["epochs=5"], ["backend=mpi"], ["output=elsewhere"], ["log_every=3"], ["checkpoint.every_steps=9"],
+                 ["data.files=other.h5"], ["data.prefetch=1"]):
+        assert load_spec(path, same).fingerprint() == base, same
+    # model, optimizer, schedule, batch, preprocessing and seed may not
+    for changed in (["model.args.hidden=[32]"], ["optimizer.lr=0.2"], ["schedule.kind=cosine"], ["data.batch=4"],
+                    ["data.preprocess.flip=true"], ["seed=1"], ["accumulate=2"], ["precision=bf16"]):
+        assert load_spec(path, changed).fingerprint() != base, changed
+
+
+def test_schema_is_strict_in_python_too():
+    with pytest.raises(Exception):
+        JobSpec.model_validate({**BASE, "extra": 1})
