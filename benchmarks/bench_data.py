@@ -106,7 +106,31 @@ def work_mpidl(path: str, batch: int, shuffle: str, keys: str = "x,y", **_) -> d
     return out if world.rank == 0 else {}
 
 
-WORKERS = {"raw": work_raw, "naive": work_naive, "mpidl": work_mpidl}
+def work_gpu(path: str, batch: int, **_) -> dict:
+    """HDF5 uint8 224×224 images -> CUDA float batches (scaled on the device), images/s."""
+    import torch
+
+    import mpidl
+    from mpidl.data import H5Source, ShardedLoader
+    from mpidl.data.preprocess import Pipeline
+
+    world = mpidl.init()
+    loader = ShardedLoader(H5Source(path), world, batch_size=batch, prefetch=4, device="cuda",
+                           transform=Pipeline(scale_uint8=True, flip=True))
+    for epoch in range(2):  # the first pass warms CUDA and the page cache
+        loader.set_epoch(epoch)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        n = 0
+        for x, _ in loader:
+            n += x.shape[0]
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    return {"images_per_s": n / seconds, "batches_per_s": n / batch / seconds, "device": torch.cuda.get_device_name(0)}
+
+
+WORKERS = {"raw": work_raw, "naive": work_naive, "mpidl": work_mpidl, "gpu": work_gpu}
+RESNET50_H100_BF16_IMG_S = 3981  # plain PyTorch, batch 256, bf16 autocast (shared anchors)
 
 
 def run_worker(mode: str, np_: int = 1, **kw) -> dict:
@@ -225,7 +249,30 @@ def main() -> None:
         print(f"peak RSS of mpidl: {mp_run['peak_rss_mb']:.0f} MB on {size_gb:.2f} GB, "
               f"{small_run['peak_rss_mb']:.0f} MB on {size_gb / 4:.2f} GB")
 
+        gpu = None
+        try:
+            import torch
+
+            has_cuda = torch.cuda.is_available()
+        except ImportError:
+            has_cuda = False
+        if has_cuda:
+            from mpidl.data.synth import synth_images
+
+            imgs = work / "images224.h5"
+            synth_images(str(imgs), 4096, classes=100, channels=3, size=224)
+            run_worker("raw", path=str(imgs))
+            gpu = run_worker("gpu", path=str(imgs), batch=256)
+            gpu["resnet50_bf16_img_s_anchor"] = RESNET50_H100_BF16_IMG_S
+            gpu["ratio_to_resnet50_demand"] = gpu["images_per_s"] / RESNET50_H100_BF16_IMG_S
+            print(f"HDF5 uint8 224x224 -> {gpu['device']}: {gpu['images_per_s']:.0f} images/s "
+                  f"({gpu['batches_per_s']:.1f} batches of 256/s), {gpu['ratio_to_resnet50_demand']:.1f}x what "
+                  f"ResNet-50 bf16 consumes on an H100 ({RESNET50_H100_BF16_IMG_S} img/s)")
+        else:
+            print("no CUDA device: HDF5 -> GPU batches/s not measured")
+
         path = write_result("data", {
+            "gpu_images_224": gpu,
             "dataset": {"rows": a.rows, "row_bytes": FEATURES * 4 + 8, "gb": size_gb, "layout": "contiguous float32",
                         "batch": a.batch, "repeats": a.repeats, "page_cache": "warm"},
             "raw_gbps": raw, "raw_gbps_runs": raw_rates, "mpidl_gbps_runs": mp_rates, "naive_gbps": naive, "naive_rows_measured": naive_r["rows"],
