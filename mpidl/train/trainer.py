@@ -134,17 +134,28 @@ def lr_factor(spec: JobSpec, world_size: int, steps_per_epoch: int, total_steps:
     return f
 
 
-def sync_buffers(world, model: nn.Module) -> None:
-    """Average float buffers (BatchNorm statistics) over ranks: eval and checkpoints see one model."""
-    if world.size == 1:
-        return
-    from mpi4py import MPI
+def _float_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: b for k, b in model.named_buffers() if b.is_floating_point() and b.numel()}
 
-    for b in model.buffers():
-        if b.is_floating_point() and b.numel():
-            arr = b.detach().to("cpu", torch.float64).numpy().copy()
+
+def averaged_buffers(world, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Float buffers (BatchNorm statistics, kept per rank while training) averaged over ranks."""
+    out = {}
+    for k, b in _float_buffers(model).items():
+        arr = b.detach().to("cpu", torch.float64).numpy().copy()
+        if world.size > 1:
+            from mpi4py import MPI
+
             world.comm.Allreduce(MPI.IN_PLACE, arr, op=MPI.SUM)
-            b.copy_(torch.from_numpy(arr / world.size).to(b.dtype))
+        out[k] = torch.from_numpy(arr / world.size).to(b.dtype)
+    return out
+
+
+def sync_buffers(world, model: nn.Module) -> None:
+    """Make every rank's buffers the average: evaluation sees one model."""
+    if world.size > 1:
+        for k, avg in averaged_buffers(world, model).items():
+            _float_buffers(model)[k].copy_(avg)
 
 
 class _Progress:
@@ -228,7 +239,7 @@ def train(spec: JobSpec, resume: bool = False, stop_at: Optional[int] = None) ->
 
     # ---------------------------------------------------------------- resume
     epoch, step_in_epoch, global_step, resumed_from = 0, 0, 0, None
-    sched_state = None
+    sched_state, own_buffers = None, None
     if resume:
         folder = spec.checkpoint_dir
 
@@ -244,6 +255,8 @@ def train(spec: JobSpec, resume: bool = False, stop_at: Optional[int] = None) ->
         if world.size > 1:
             state = world.comm.bcast(state, root=0)
         model.load_state_dict(state["model"])
+        if state["world_size"] == world.size:
+            own_buffers = state["rank_buffers"][world.rank]
         optimizer.load_state_dict(state["optimizer"])
         resumed_from = state["path"]
         epoch = state["epoch"]
@@ -265,7 +278,10 @@ def train(spec: JobSpec, resume: bool = False, stop_at: Optional[int] = None) ->
 
     backend = world.agree(lambda: make_backend(spec.backend, world, {
         **spec.model_dump().get(spec.backend, {}), "backward_passes_per_step": spec.accumulate}))
-    model, optimizer = backend.prepare(model, optimizer)
+    model, optimizer = backend.prepare(model, optimizer)  # broadcasts rank 0's weights and buffers
+    if own_buffers is not None:  # then each rank takes back its own BatchNorm statistics
+        for k, b in _float_buffers(backend.unwrap(model)).items():
+            b.copy_(own_buffers[k])
     if spec.model.compile:
         model = torch.compile(model)
     for g in optimizer.param_groups:
@@ -298,9 +314,16 @@ def train(spec: JobSpec, resume: bool = False, stop_at: Optional[int] = None) ->
             metrics_file.flush()
 
     def save_checkpoint() -> None:
-        sync_buffers(world, backend.unwrap(model))
+        # The saved model has the averaged buffers; each rank's own are kept beside it so a
+        # resume on as many ranks continues exactly (saving must not change the training).
+        net = backend.unwrap(model)
+        avg = averaged_buffers(world, net)
+        mine = {k: b.detach().cpu().clone() for k, b in _float_buffers(net).items()}
+        per_rank = world.comm.gather(mine, root=0) if world.size > 1 else [mine]
         if world.rank == 0:
-            state = {"model": backend.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+            weights = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+            weights.update(avg)
+            state = {"model": weights, "rank_buffers": per_rank, "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
                      "global_step": global_step, "world_size": world.size, "fingerprint": fingerprint,
                      "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),

@@ -1,0 +1,116 @@
+"""Checkpoints: atomic files, clear errors, and resume that continues exactly (real mpirun)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import mpidl_cmd, mpirun
+from mpidl.errors import BadInput
+from mpidl.train import checkpoint
+from test_train import final_weights, write_job
+
+
+# ------------------------------------------------------------------ the file format, one process
+def test_save_is_atomic_and_keeps_the_newest(tmp_path):
+    for step in (5, 10, 15):
+        checkpoint.save(tmp_path, step, {"model": {"w": torch.full((3,), float(step))}, "fingerprint": "f"}, keep=2)
+    names = [p.name for p in checkpoint.all_checkpoints(tmp_path)]
+    assert names == ["ckpt-000000010.pt", "ckpt-000000015.pt"]
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+    assert checkpoint.latest(tmp_path).name == "ckpt-000000015.pt"
+    assert torch.equal(checkpoint.load(checkpoint.latest(tmp_path), "f")["model"]["w"], torch.full((3,), 15.0))
+    assert checkpoint.latest(tmp_path / "none") is None
+
+
+def test_a_failed_write_leaves_no_file(tmp_path):
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle")
+
+    with pytest.raises(RuntimeError):
+        checkpoint.save(tmp_path, 1, {"model": {}, "fingerprint": "f", "bad": Unpicklable()}, keep=2)
+    assert checkpoint.latest(tmp_path) is None
+
+
+def test_load_errors_name_the_file(tmp_path):
+    good = checkpoint.save(tmp_path, 1, {"model": {}, "fingerprint": "aaa"}, keep=5)
+    with pytest.raises(BadInput, match="written by a different job .*fingerprint aaa, this job bbb"):
+        checkpoint.load(good, "bbb")
+    torn = tmp_path / "ckpt-000000002.pt"
+    torn.write_bytes(good.read_bytes()[: os.path.getsize(good) // 2])
+    with pytest.raises(BadInput, match=f"^{torn}: corrupt checkpoint"):
+        checkpoint.load(torn, "aaa")
+    other = tmp_path / "ckpt-000000003.pt"
+    torch.save([1, 2, 3], other)
+    with pytest.raises(BadInput, match="not an mpidl checkpoint"):
+        checkpoint.load(other, "aaa")
+
+
+# ------------------------------------------------------------------ resume under mpirun
+def image_job(tmp_path: Path, out: str, **over) -> Path:
+    """Small CNN with BatchNorm and random flips on 8×8 images: every kind of state a resume must restore."""
+    return write_job(tmp_path, output=str(tmp_path / out), epochs=2, seed=5,
+                     data={"files": str(tmp_path / "img.h5"), "batch": 16, "val_fraction": 0.1,
+                           "synth": {"kind": "images", "rows": 1600, "classes": 4, "channels": 2, "size": 8,
+                                     "noise": 60},
+                           "preprocess": {"flip": True}},
+                     model={"name": "small_cnn", "args": {"width": 8}},
+                     checkpoint={"every_steps": 20, "every_epochs": 1}, **over)
+
+
+def test_resume_mid_epoch_is_bit_exact(tmp_path):
+    # 1440 training rows / (2 ranks × 16) = 45 steps an epoch: step 52 is mid-epoch and between checkpoints
+    full = image_job(tmp_path, "full", accumulate=1)
+    r = mpirun(2, mpidl_cmd("train", str(full)), timeout=300)
+    assert r.returncode == 0, r.output[-3000:]
+    part = image_job(tmp_path, "part", accumulate=1)
+    r = mpirun(2, mpidl_cmd("train", str(part), "--stop-at", "52"), timeout=300)  # as if preempted
+    assert r.returncode == 0, r.output[-3000:]
+    assert json.loads((tmp_path / "part" / "summary.json").read_text())["global_step"] == 52
+    r = mpirun(2, mpidl_cmd("train", str(part), "--resume"), timeout=300)
+    assert r.returncode == 0, r.output[-3000:]
+    summary = json.loads((tmp_path / "part" / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("ckpt-000000052.pt") and summary["global_step"] == 90
+    a, b = final_weights(tmp_path / "full" / "checkpoints"), final_weights(tmp_path / "part" / "checkpoints")
+    assert a.keys() == b.keys() and any("running_mean" in k for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the metrics of the resumed steps are the uninterrupted run's too
+    recs = lambda d: [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    full_steps = {r_["step"]: r_.get("loss") for r_ in recs("full") if "loss" in r_}
+    for r_ in recs("part"):
+        if "loss" in r_ and r_["step"] > 60:
+            assert r_["loss"] == full_steps[r_["step"]]
+
+
+def test_resume_on_another_world_size(tmp_path):
+    job = write_job(tmp_path, checkpoint={"every_steps": 20})
+    r = mpirun(2, mpidl_cmd("train", str(job), "--stop-at", "40"), timeout=300)
+    assert r.returncode == 0, r.output[-3000:]
+    r = mpirun(3, mpidl_cmd("train", str(job), "--resume"), timeout=300)
+    assert r.returncode == 0, r.output[-3000:]
+    assert "resuming a 2-rank checkpoint on 3 ranks" in r.output
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    steps3 = (1800 // (3 * 16))  # training rows // (ranks × batch)
+    # 40 steps × 2 ranks × 16 = 1280 samples of epoch 0 seen: 26 steps of 3 ranks, then the rest
+    assert summary["world"]["size"] == 3 and summary["global_step"] == 2 * steps3
+    assert summary["steps_this_run"] == 2 * steps3 - 1280 // (3 * 16)
+    assert summary["final"]["val_accuracy"] > 0.5
+
+
+def test_corrupt_and_mismatched_checkpoints(tmp_path):
+    job = write_job(tmp_path)
+    r = mpirun(2, mpidl_cmd("train", str(job), "--stop-at", "10"), timeout=300)
+    assert r.returncode == 0, r.output[-3000:]
+    r = mpirun(2, mpidl_cmd("train", str(job), "--resume", "--set", "model.args.hidden=[64]"), timeout=120)
+    assert r.returncode == 2 and r.stderr.count("written by a different job") == 1, r.output[-2000:]
+    last = sorted((tmp_path / "run" / "checkpoints").glob("ckpt-*.pt"))[-1]
+    last.write_bytes(last.read_bytes()[:200])
+    r = mpirun(2, mpidl_cmd("train", str(job), "--resume"), timeout=120)
+    assert r.returncode == 2 and r.stderr.count("corrupt checkpoint") == 1 and str(last) in r.stderr, r.output[-2000:]
+    assert "Traceback" not in r.stderr
+    assert not list((tmp_path / "run" / "checkpoints").glob(".*tmp*"))
