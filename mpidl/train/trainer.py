@@ -42,6 +42,7 @@ from mpidl.spec import JobSpec
 from mpidl.train import checkpoint
 from mpidl.train.backends import make_backend
 from mpidl.train.models import build_model
+from mpidl.world import SINGLE
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
@@ -159,12 +160,18 @@ def sync_buffers(world, model: nn.Module) -> None:
 
 
 class _Progress:
-    """A live line on a terminal; a line per log interval in a log file."""
+    """A live, rewritten line on a terminal; otherwise a plain line per log interval.
 
-    def __init__(self, enabled: bool):
-        # mpirun gives ranks a pty even when its own output goes to a file; CI says so itself.
+    OpenMPI gives ranks a pty even when mpirun's own output goes to a file or a pipe, so under
+    a launcher a rank cannot tell a terminal from a CI log: there it writes plain lines, unless
+    MPIDL_PROGRESS=bar asks for the live line (MPIDL_PROGRESS=lines forces plain lines anywhere).
+    """
+
+    def __init__(self, enabled: bool, launcher: str):
         self.enabled = enabled
-        self.tty = sys.stdout.isatty() and not os.environ.get("CI") and os.environ.get("TERM", "dumb") != "dumb"
+        choice = os.environ.get("MPIDL_PROGRESS", "")
+        self.tty = choice == "bar" or (choice != "lines" and launcher == SINGLE and sys.stdout.isatty()
+                                       and not os.environ.get("CI") and os.environ.get("TERM", "dumb") != "dumb")
 
     def show(self, text: str, final: bool = False) -> None:
         if not self.enabled:
@@ -305,7 +312,7 @@ def train(spec: JobSpec, resume: bool = False, stop_at: Optional[int] = None) ->
         logger.info("%s: %s on %d rank(s) (%s), backend %s, %d steps/epoch × %d epochs, batch %d/rank",
                     spec.name, spec.model.name, world.size, world.launcher, backend.name, steps_per_epoch, epochs,
                     d.batch)
-    progress = _Progress(world.rank == 0)
+    progress = _Progress(world.rank == 0, world.launcher)
     cuda_sync = (torch.cuda.synchronize if device.type == "cuda" and spec.timing == "sync" else (lambda: None))
 
     def write(record: dict) -> None:
