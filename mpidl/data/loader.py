@@ -6,7 +6,7 @@ the cheaper of two paths:
 
     large rows (>= 4 KiB) of contiguous datasets: each batch's rows are read straight from
         the file into the batch buffer, one `pread` per run of consecutive rows (the plan
-        moves rows in runs of a few, ~64 KiB each) — one copy, no HDF5 call per read;
+        moves rows in runs of a few, ~128 KiB each) — one copy, no HDF5 call per read;
     everything else (small rows, chunked or compressed data): the window's rows are read
         with a few large `read_direct` calls, then gathered into batches with np.take.
 
@@ -59,7 +59,7 @@ def _get(q: queue.Queue, stop: threading.Event) -> Any:
 
 
 DIRECT_ROW_BYTES = 4096  # rows at least this large are read straight into their batch slot
-RUN_BYTES = 64 << 10     # target bytes per direct read: amortises the call, keeps batches mixed
+RUN_BYTES = 128 << 10    # target bytes per direct read: amortises the call, keeps batches mixed
 
 
 class _Pipeline:
