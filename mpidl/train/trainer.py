@@ -286,8 +286,9 @@ def train(spec: JobSpec, resume: bool = False, stop_at: Optional[int] = None) ->
     backend = world.agree(lambda: make_backend(spec.backend, world, {
         **spec.model_dump().get(spec.backend, {}), "backward_passes_per_step": spec.accumulate}))
     model, optimizer = backend.prepare(model, optimizer)  # broadcasts rank 0's weights and buffers
+    net = backend.unwrap(model)  # the plain module: its state_dict is what checkpoints hold
     if own_buffers is not None:  # then each rank takes back its own BatchNorm statistics
-        for k, b in _float_buffers(backend.unwrap(model)).items():
+        for k, b in _float_buffers(net).items():
             b.copy_(own_buffers[k])
     if spec.model.compile:
         model = torch.compile(model)
@@ -323,7 +324,6 @@ def train(spec: JobSpec, resume: bool = False, stop_at: Optional[int] = None) ->
     def save_checkpoint() -> None:
         # The saved model has the averaged buffers; each rank's own are kept beside it so a
         # resume on as many ranks continues exactly (saving must not change the training).
-        net = backend.unwrap(model)
         avg = averaged_buffers(world, net)
         mine = {k: b.detach().cpu().clone() for k, b in _float_buffers(net).items()}
         per_rank = world.comm.gather(mine, root=0) if world.size > 1 else [mine]
@@ -343,7 +343,7 @@ def train(spec: JobSpec, resume: bool = False, stop_at: Optional[int] = None) ->
     def evaluate() -> dict:
         if val_loader is None:
             return {}
-        sync_buffers(world, backend.unwrap(model))
+        sync_buffers(world, net)
         model.eval()
         loss_sum, correct, count = 0.0, 0.0, 0.0
         with torch.no_grad(), autocast:
@@ -361,6 +361,14 @@ def train(spec: JobSpec, resume: bool = False, stop_at: Optional[int] = None) ->
         res = {"val_loss": avg["loss"] / avg["count"]}
         if classify:
             res["val_accuracy"] = avg["correct"] / avg["count"]
+        return res
+
+    def evaluate_and_log() -> dict:
+        res = evaluate()
+        if res:
+            at = epoch + step_in_epoch / steps_per_epoch
+            write({"step": global_step, "epoch": at, **res})
+            progress.show(f"epoch {at:.2f}/{epochs} " + " ".join(f"{k} {v:.4f}" for k, v in res.items()), final=True)
         return res
 
     totals = {"data": 0.0, "compute": 0.0, "sync": 0.0, "optimizer": 0.0, "steps": 0, "samples": 0}
@@ -436,15 +444,13 @@ def train(spec: JobSpec, resume: bool = False, stop_at: Optional[int] = None) ->
                 save_checkpoint()
         batches.close()
         if step_in_epoch == steps_per_epoch:
-            last_eval = evaluate()
-            if last_eval:
-                write({"step": global_step, "epoch": epoch + 1, **last_eval})
-                progress.show(f"epoch {epoch + 1}/{epochs} " + " ".join(f"{k} {v:.4f}" for k, v in last_eval.items()),
-                              final=True)
+            last_eval = evaluate_and_log()
             epoch, step_in_epoch = epoch + 1, 0
             if spec.checkpoint.every_epochs and epoch % spec.checkpoint.every_epochs == 0:
                 if not (spec.checkpoint.every_steps and global_step % spec.checkpoint.every_steps == 0):
                     save_checkpoint()
+    if global_step == total_steps and step_in_epoch:  # a job of `steps` that ends mid-epoch
+        last_eval = evaluate_and_log()
     wall = time.perf_counter() - t_run
     have_final = checkpoint.path_for(spec.checkpoint_dir, global_step).exists() if world.rank == 0 else None
     if world.size > 1:
@@ -471,7 +477,7 @@ def train(spec: JobSpec, resume: bool = False, stop_at: Optional[int] = None) ->
         os.replace(tmp, run_dir / "summary.json")
         logger.info("done: %d steps in %.1f s, %.0f samples/s; %s", totals["steps"], wall, summary["samples_per_s"],
                     " ".join(f"{k} {v:.4f}" for k, v in last_eval.items()) or "no held-out split")
-    del model, optimizer, scheduler  # a DDP model must go before its process group (Gloo threads)
+    del model, net, optimizer, scheduler  # a DDP model must go before its process group (Gloo threads)
     gc.collect()
     backend.close()
     return summary
