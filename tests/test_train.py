@@ -196,3 +196,15 @@ def test_gpu_bf16_single_rank(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["world"]["device"].startswith("cuda")
 
+
+
+def test_steps_limited_job_evaluates_at_its_end(tmp_path):
+    job = write_job(tmp_path, epochs=None, steps=30, log_every=10)
+    r = run(mpidl_cmd("train", str(job)), timeout=120)  # one process, no launcher
+    assert r.returncode == 0, r.output[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["global_step"] == 30 and summary["world"]["launcher"] == "single"
+    assert 0 < summary["final"]["val_loss"] and 0 <= summary["final"]["val_accuracy"] <= 1
+    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r_["step"] for r_ in recs if "loss" in r_] == [10, 20, 30]
+    assert recs[-1]["step"] == 30 and "val_loss" in recs[-1]
