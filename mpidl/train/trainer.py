@@ -26,7 +26,6 @@ import platform
 import random
 import sys
 import time
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -265,6 +264,10 @@ def train(spec: JobSpec, resume: bool = False, stop_at: Optional[int] = None) ->
         if state["world_size"] == world.size:
             own_buffers = state["rank_buffers"][world.rank]
         optimizer.load_state_dict(state["optimizer"])
+        # For code that draws from the global generators; the loop itself reseeds torch each step.
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
         resumed_from = state["path"]
         epoch = state["epoch"]
         if state["world_size"] == world.size:
