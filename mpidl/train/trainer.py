@@ -2,14 +2,21 @@
 
 Per optimizer step the time splits into four buckets (seconds, averaged over ranks):
 
-  data      waiting for the next batch from the prefetching loader
-  compute   forward + backward (for ddp this includes its overlapped allreduces)
-  sync      backend.sync_gradients: horovod waits for its outstanding allreduces, mpi runs
-            them (nothing overlaps), ddp has nothing left to do (0)
-  optimizer the parameter update and the learning-rate schedule
+  data      waiting for the next batch from the prefetching loader, plus its transform (uint8
+            scaling, crop, flip) and, on CUDA, its copy to the device
+  compute   forward + backward. ddp: includes its bucketed allreduces, which run inside
+            backward (the part not hidden behind the gradient computation lands here).
+            horovod: backward hooks only enqueue allreduces for Horovod's background thread.
+            mpi: nothing is sent yet.
+  sync      backend.sync_gradients, until this step's gradients are averaged. horovod:
+            optimizer.synchronize(), waiting for the allreduces still in flight when backward
+            ended; mpi: all the communication (flatten, Allreduce per bucket, unflatten);
+            ddp: nothing left to do, so 0.
+  optimizer the parameter update, zeroing gradients and the learning-rate schedule
 
 With `timing: sync` on CUDA, the device is synchronised at each boundary so the buckets are
-real (costs a little throughput); on CPU the work is synchronous anyway.
+real (costs a little throughput); with `timing: off` they are host time only (kernels still
+queued show up in a later bucket). On CPU the work is synchronous anyway.
 
 Determinism: the loader's order depends on (seed, epoch) only, and the torch RNG (dropout,
 crop, flip) is reseeded at every step from (seed, step, rank). So a run resumed from a
