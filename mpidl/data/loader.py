@@ -6,7 +6,7 @@ the cheaper of two paths:
 
     large rows (>= 4 KiB) of contiguous datasets: each batch's rows are read straight from
         the file into the batch buffer, one `pread` per run of consecutive rows (the plan
-        moves rows in runs of a few, ~128 KiB each) — one copy, no HDF5 call per read;
+        moves rows in runs of a few, ~192 KiB each) — one copy, no HDF5 call per read;
     everything else (small rows, chunked or compressed data): the window's rows are read
         with a few large `read_direct` calls, then gathered into batches with np.take.
 
@@ -59,7 +59,7 @@ def _get(q: queue.Queue, stop: threading.Event) -> Any:
 
 
 DIRECT_ROW_BYTES = 4096  # rows at least this large are read straight into their batch slot
-RUN_BYTES = 128 << 10    # target bytes per direct read: amortises the call, keeps batches mixed
+RUN_BYTES = 192 << 10    # target bytes per direct read: amortises the call, keeps batches mixed
 
 
 class _Pipeline:
@@ -213,10 +213,14 @@ class ShardedLoader:
             block = min(source.suggested_block(), -(-rows // 256))
             block = max(chunk, block // chunk * chunk)  # whole chunks: each is decompressed once
         self.block = block
-        self.window = window or max(4 * self.block, 4 * batch_size)
         # Large rows are read straight into batches in runs of `group` rows (see the module doc).
         big = max(source.row_bytes_of(k) for k in source.keys)
-        self.group = max(1, min(batch_size // 16, -(-RUN_BYTES // big))) if big >= DIRECT_ROW_BYTES else 1
+        direct = big >= DIRECT_ROW_BYTES and all(lay.chunk_rows is None and lay.compression is None
+                                                 for lay in source.layouts)
+        self.group = max(1, min(batch_size // 16, -(-RUN_BYTES // big))) if direct else 1
+        # The window is the shuffle buffer. Rows read directly never sit in it, so it can span
+        # more blocks for free; otherwise it holds whole rows and stays a few blocks large.
+        self.window = window or max((16 if direct else 4) * self.block, 4 * batch_size)
         self.stage_dir = stage_dir
         self._staged: Optional[H5Source] = None
         self.epoch, self.start_step = 0, 0
