@@ -74,6 +74,9 @@ start_munge() {
     mkdir -p /run/munge /var/lib/munge /var/log/munge
     chown munge:munge /run/munge /var/lib/munge /var/log/munge
     runuser -u munge -- /usr/sbin/munged
+    # Remember that we started it, so `stop` ends it (and only then).
+    for _ in $(seq 1 20); do [ -s /run/munge/munged.pid ] && break; sleep 0.1; done
+    cp /run/munge/munged.pid "$DIR/run/munged.pid" 2>/dev/null || true
 }
 
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
@@ -97,7 +100,7 @@ start() {
 }
 
 stop() {
-    for d in slurmd slurmctld; do
+    for d in slurmd slurmctld munged; do
         if alive "$DIR/run/$d.pid"; then
             kill "$(cat "$DIR/run/$d.pid")"
         fi
