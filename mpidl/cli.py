@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Callable, Optional
+from typing import Optional
 
 from mpidl.errors import EXIT_BAD_INPUT, BadInput
 
@@ -46,23 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_doctor)
 
-    for register in _extensions():
-        register(sub)
+    from mpidl.data.cli import register as register_data
+    from mpidl.train.cli import register as register_train
+
+    register_data(sub)
+    register_train(sub)
     return p
-
-
-def _extensions() -> list[Callable]:
-    """Subcommands that live beside their concepts (data tools, training, SLURM, scaling)."""
-    found = []
-    for mod in ("mpidl.data.cli", "mpidl.train.cli", "mpidl.slurm.cli", "mpidl.scaling.cli"):
-        try:
-            module = __import__(mod, fromlist=["register"])
-        except ModuleNotFoundError as e:
-            if e.name and mod.startswith(e.name):
-                continue
-            raise
-        found.append(module.register)
-    return found
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -487,7 +487,7 @@ def train(spec: JobSpec, resume: bool = False, stop_at: Optional[int] = None) ->
         os.replace(tmp, run_dir / "summary.json")
         logger.info("done: %d steps in %.1f s, %.0f samples/s; %s", totals["steps"], wall, summary["samples_per_s"],
                     " ".join(f"{k} {v:.4f}" for k, v in last_eval.items()) or "no held-out split")
-    del model, net, optimizer, scheduler  # a DDP model must go before its process group (Gloo threads)
+    model = net = optimizer = scheduler = None  # a DDP model must go before its process group (Gloo threads)
     gc.collect()
     backend.close()
     return summary
