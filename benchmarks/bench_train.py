@@ -1,6 +1,6 @@
 """Training throughput: a plain PyTorch loop vs mpidl with each backend, one run, same work.
 
-    .venv/bin/python benchmarks/bench_train.py [--steps 300] [--repeats 3]
+    .venv/bin/python benchmarks/bench_train.py [--steps 600] [--log-every 50] [--repeats 5]
 
 Same model (small CNN, width 32), batch (64 per rank), data (synthetic 16×16 RGB uint8
 images) and optimizer (SGD + momentum) everywhere, one thread per rank:
@@ -103,9 +103,9 @@ def steady(rates: list[float]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--log-every", type=int, default=25)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--worker-plain", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker_plain:
