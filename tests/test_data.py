@@ -224,24 +224,19 @@ def test_resume_mid_epoch_yields_the_rest():
 @pytest.fixture(scope="module")
 def bad(tmp_path_factory):
     d = tmp_path_factory.mktemp("bad")
-    with h5py.File(d / "good.h5", "w") as f:
-        f["x"] = np.zeros((100, 3), np.float32)
-        f["y"] = np.zeros(100, np.int64)
-    with h5py.File(d / "nokey.h5", "w") as f:
-        f["inputs"] = np.zeros((100, 3), np.float32)
-        f["y"] = np.zeros(100, np.int64)
-    with h5py.File(d / "lengths.h5", "w") as f:
-        f["x"] = np.zeros((100, 3), np.float32)
-        f["y"] = np.zeros(99, np.int64)
-    with h5py.File(d / "shape.h5", "w") as f:
-        f["x"] = np.zeros((100, 4), np.float32)
-        f["y"] = np.zeros(100, np.int64)
-    with h5py.File(d / "empty.h5", "w") as f:
-        f["x"] = np.zeros((0, 3), np.float32)
-        f["y"] = np.zeros(0, np.int64)
-    with h5py.File(d / "strings.h5", "w") as f:
-        f["x"] = np.array([b"a"] * 100)
-        f["y"] = np.zeros(100, np.int64)
+    f32, i64 = np.float32, np.int64
+    layouts = {  # file -> its datasets, each broken in one way
+        "good.h5": {"x": np.zeros((100, 3), f32), "y": np.zeros(100, i64)},
+        "nokey.h5": {"inputs": np.zeros((100, 3), f32), "y": np.zeros(100, i64)},
+        "lengths.h5": {"x": np.zeros((100, 3), f32), "y": np.zeros(99, i64)},
+        "shape.h5": {"x": np.zeros((100, 4), f32), "y": np.zeros(100, i64)},
+        "empty.h5": {"x": np.zeros((0, 3), f32), "y": np.zeros(0, i64)},
+        "strings.h5": {"x": np.array([b"a"] * 100), "y": np.zeros(100, i64)},
+    }
+    for name, datasets in layouts.items():
+        with h5py.File(d / name, "w") as f:
+            for key, value in datasets.items():
+                f[key] = value
     (d / "garbage.h5").write_bytes(b"this is not an HDF5 file\n" * 100)
     with h5py.File(d / "big.h5", "w") as f:
         f["x"] = np.random.default_rng(0).random((20000, 16), dtype=np.float32)
