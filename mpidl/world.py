@@ -28,7 +28,7 @@ SINGLE, MPIRUN, SRUN = "single", "mpirun", "srun"
 
 def detect_launcher(env: Mapping[str, str]) -> str:
     """Name the launcher from the environment alone (pure; testable without MPI)."""
-    if "OMPI_COMM_WORLD_RANK" in env or "PMI_RANK" in env and "SLURM_STEP_ID" not in env:
+    if "OMPI_COMM_WORLD_RANK" in env or ("PMI_RANK" in env and "SLURM_STEP_ID" not in env):
         return MPIRUN
     if "SLURM_STEP_ID" in env and ("PMIX_RANK" in env or "SLURM_PROCID" in env):
         return SRUN
