@@ -60,7 +60,7 @@ def plain(path: str, steps: int, log_every: int) -> list[float]:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        float(loss)
+        float(loss.detach())
         if step % log_every == 0:
             now = time.perf_counter()
             rates.append(log_every * BATCH / (now - t0))
