@@ -1,21 +1,32 @@
 """Training throughput: a plain PyTorch loop vs mpidl with each backend, one run, same work.
 
-    .venv/bin/python benchmarks/bench_train.py [--steps 600] [--log-every 50] [--repeats 5]
+    .venv/bin/python benchmarks/bench_train.py                      # small CNN on CPU
+    .venv/bin/python benchmarks/bench_train.py --workload resnet50  # the GPU goal (on CUDA)
+    options: [--steps N] [--log-every N] [--repeats N] [--backends horovod,ddp,mpi]
+             [--model M --size S --batch B --rows R]  (override the workload, e.g. for a smoke run)
 
-Same model (small CNN, width 32), batch (64 per rank), data (synthetic 16×16 RGB uint8
-images) and optimizer (SGD + momentum) everywhere, one thread per rank:
+Workloads (same model, batch, optimizer and precision on both sides):
 
-  plain        the loop users write: batches drawn from the dataset held in memory as a
-               tensor, forward, backward, step (no framework, no communication)
+  small     small CNN (width 32), batch 64/rank, 16×16 RGB uint8, fp32, one thread per rank.
+            plain: the dataset held in memory as a tensor, random batches gathered per step.
+  resnet50  ResNet-50, batch 256/GPU, 224×224 RGB, bf16 autocast, channels_last, SGD+Nesterov.
+            plain: one fixed batch of synthetic float tensors already on the device (no data
+            path at all); mpidl reads uint8 images from HDF5 through its loader, so the ratio
+            shows whether the data path costs the GPU anything.
+
+  plain        the loop users write: forward, backward, step (no framework, no communication)
   mpidl/<b>    `mpidl train` with backend <b> reading the same data from HDF5, 1 rank
-  mpidl/<b> ×2 the same under `mpirun -np 2` (aggregate samples/s; weak scaling)
+  mpidl/<b> ×2 the same under `mpirun -np 2` (aggregate samples/s; weak scaling), where there
+               are two devices (CPU cores count as two)
 
 Throughput is the median over log windows of `--log-every` steps after the first window
 (warm-up), so evaluation and checkpoints are not counted; runs alternate so drift hits all.
+Results go to benchmarks/results/train-<machine>.json (resnet50: train-resnet50-<machine>.json).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -34,61 +45,112 @@ sys.path.insert(0, str(HERE.parent))
 MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
            "OMPI_MCA_rmaps_base_oversubscribe": "1", "OMPI_MCA_btl_vader_single_copy_mechanism": "none",
            "OMP_NUM_THREADS": "1", "CI": "1"}
-BATCH, SIZE, CLASSES, WIDTH = 64, 16, 10, 32
 
 
-def plain(path: str, steps: int, log_every: int) -> list[float]:
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    name: str
+    model: str
+    model_args: dict
+    batch: int
+    size: int
+    classes: int
+    rows: int
+    precision: str       # fp32 | bf16 (autocast)
+    channels_last: bool
+    plain_data: str      # "memory": batches gathered from the dataset tensor; "synthetic": one device tensor
+    optimizer: dict
+    threads: int         # torch threads per rank (0: torch's default)
+
+
+WORKLOADS = {
+    "small": Workload("small", "small_cnn", {"width": 32}, 64, 16, 10, 20000, "fp32", False, "memory",
+                      {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}, 1),
+    "resnet50": Workload("resnet50", "resnet50", {}, 256, 224, 100, 6400, "bf16", True, "synthetic",
+                         {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-5}, 0),
+}
+
+
+def plain(w: Workload, path: str, steps: int, log_every: int) -> list[float]:
     """The reference loop: returns samples/s per window of log_every steps."""
+    import contextlib
+
     import h5py
     import torch
 
-    from mpidl.train.models import small_cnn
+    from mpidl.train.models import build_model
 
-    torch.set_num_threads(1)
+    if w.threads:
+        torch.set_num_threads(w.threads)
     torch.manual_seed(0)
-    with h5py.File(path, "r") as f:
-        x_all, y_all = torch.from_numpy(f["x"][:]), torch.from_numpy(f["y"][:])
-    model = small_cnn(3, CLASSES, WIDTH)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(w.model, num_classes=w.classes, **w.model_args).to(device)
+    fmt = torch.channels_last if w.channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    o = w.optimizer
+    opt = torch.optim.SGD(model.parameters(), lr=o["lr"], momentum=o["momentum"], nesterov=o.get("nesterov", False),
+                          weight_decay=o["weight_decay"])
     loss_fn = torch.nn.CrossEntropyLoss()
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if w.precision == "bf16"
+                else contextlib.nullcontext())
     g = torch.Generator().manual_seed(0)
-    rates, t0 = [], time.perf_counter()
+    if w.plain_data == "memory":
+        with h5py.File(path, "r") as f:
+            x_all, y_all = torch.from_numpy(f["x"][:]), torch.from_numpy(f["y"][:])
+    else:
+        x_fixed = torch.rand((w.batch, 3, w.size, w.size), generator=g).to(device).contiguous(memory_format=fmt)
+        y_fixed = torch.randint(0, w.classes, (w.batch,), generator=g).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rates = []
+    sync()
+    t0 = time.perf_counter()
     for step in range(1, steps + 1):
-        idx = torch.randint(0, len(y_all), (BATCH,), generator=g)
-        x, y = x_all[idx].float().div_(255), y_all[idx]
-        loss = loss_fn(model(x), y)
+        if w.plain_data == "memory":
+            idx = torch.randint(0, len(y_all), (w.batch,), generator=g)
+            x, y = x_all[idx].to(device).float().div_(255).contiguous(memory_format=fmt), y_all[idx].to(device)
+        else:
+            x, y = x_fixed, y_fixed
+        with autocast:
+            loss = loss_fn(model(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        float(loss.detach())
+        if device.type == "cpu":
+            float(loss.detach())  # what a loop that logs does; on a GPU it would stall the queue
         if step % log_every == 0:
+            sync()
             now = time.perf_counter()
-            rates.append(log_every * BATCH / (now - t0))
+            rates.append(log_every * w.batch / (now - t0))
             t0 = now
     return rates
 
 
-def mpidl_job(work: Path, backend: str, steps: int, log_every: int, data: str) -> Path:
+def mpidl_job(work: Path, w: Workload, backend: str, steps: int, log_every: int, data: str) -> Path:
     job = {
-        "name": f"bench-{backend}", "seed": 0, "steps": steps, "backend": backend,
-        "data": {"files": data, "batch": BATCH, "val_fraction": 0.0, "prefetch": 4},
-        "model": {"name": "small_cnn", "args": {"width": WIDTH, "num_classes": CLASSES}},
-        "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
+        "name": f"bench-{backend}", "seed": 0, "steps": steps, "backend": backend, "precision": w.precision,
+        "data": {"files": data, "batch": w.batch, "val_fraction": 0.0, "prefetch": 4,
+                 "preprocess": {"scale_uint8": True}},
+        "model": {"name": w.model, "args": {**w.model_args, "num_classes": w.classes},
+                  "channels_last": w.channels_last},
+        "optimizer": w.optimizer,
         "schedule": {"scale_lr": False},
         "checkpoint": {"every_epochs": None, "dir": str(work / "ckpt")},
         "output": str(work / "run-{name}"), "log_every": log_every,
+        "timing": "off",  # no device synchronisation per step: the plain loop has none either
     }
     path = work / f"job-{backend}.json"
     path.write_text(json.dumps(job))  # YAML is a superset of JSON
     return path
 
 
-def run_mpidl(job: Path, np_: int, log_every: int) -> list[float]:
+def run_mpidl(job: Path, np_: int, w: Workload) -> list[float]:
     cmd = [sys.executable, "-m", "mpidl.cli", "train", str(job)]
     if np_ > 1:
         cmd = ["mpirun", "-np", str(np_), *cmd]
-    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **MPI_ENV}, timeout=1800,
-                       cwd=HERE.parent)
+    env = {**os.environ, **MPI_ENV}
+    if not w.threads:
+        env.pop("OMP_NUM_THREADS")
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, cwd=HERE.parent)
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
     spec = json.loads(job.read_text())
@@ -103,42 +165,68 @@ def steady(rates: list[float]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--workload", choices=sorted(WORKLOADS), default="small")
+    ap.add_argument("--steps", type=int, default=None, help="per run (default: small 600, resnet50 300)")
+    ap.add_argument("--log-every", type=int, default=None, help="window (default: small 50, resnet50 20)")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--backends", default=None, help="comma-separated (default: all that import)")
+    for name in ("model", "size", "batch", "rows"):
+        ap.add_argument(f"--{name}", type=str if name == "model" else int, default=None,
+                        help="override the workload's (smoke runs)")
+    ap.add_argument("--no-write", action="store_true", help="print the table only")
     ap.add_argument("--worker-plain", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--worker-workload", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker_plain:
-        print("RESULT " + json.dumps(plain(a.worker_plain, a.steps, a.log_every)), flush=True)
+        w = Workload(**json.loads(a.worker_workload))
+        print("RESULT " + json.dumps(plain(w, a.worker_plain, a.steps, a.log_every)), flush=True)
         return
+
+    import torch
 
     from common import write_result
 
-    try:
-        import horovod  # noqa: F401
-        backends = ["horovod", "ddp", "mpi"]
-    except ImportError:
-        backends = ["ddp", "mpi"]
+    w = WORKLOADS[a.workload]
+    w = dataclasses.replace(w, **{k: getattr(a, k) for k in ("model", "size", "batch", "rows")
+                                  if getattr(a, k) is not None})
+    steps = a.steps or (300 if w.name == "resnet50" else 600)
+    log_every = a.log_every or (20 if w.name == "resnet50" else 50)
+    if a.backends:
+        backends = a.backends.split(",")
+    else:
+        try:
+            import horovod  # noqa: F401
+            backends = ["horovod", "ddp", "mpi"]
+        except ImportError:
+            backends = ["ddp", "mpi"]
+    cuda = torch.cuda.is_available()
+    two_ranks = not cuda or torch.cuda.device_count() >= 2
+    env = {**os.environ, **MPI_ENV}
+    if not w.threads:
+        env.pop("OMP_NUM_THREADS")
     work = Path(tempfile.mkdtemp(prefix="mpidl-bench-train-"))
     try:
         data = str(work / "images.h5")
         from mpidl.data.synth import synth_images
 
-        synth_images(data, 20000, classes=CLASSES, channels=3, size=SIZE, noise=200)
-        jobs = {b: mpidl_job(work, b, a.steps, a.log_every, data) for b in backends}
+        synth_images(data, w.rows, classes=w.classes, channels=3, size=w.size, noise=200)
+        jobs = {b: mpidl_job(work, w, b, steps, log_every, data) for b in backends}
         runs: dict[str, list[float]] = {"plain": []}
         for b in backends:
-            runs[f"{b}_1"], runs[f"{b}_2"] = [], []
+            runs[f"{b}_1"] = []
+            if two_ranks:
+                runs[f"{b}_2"] = []
         for rep in range(a.repeats):
-            p = subprocess.run([sys.executable, __file__, "--worker-plain", data, "--steps", str(a.steps),
-                                "--log-every", str(a.log_every)], capture_output=True, text=True,
-                               env={**os.environ, **MPI_ENV}, timeout=1800)
+            p = subprocess.run([sys.executable, __file__, "--worker-plain", data, "--worker-workload",
+                                json.dumps(dataclasses.asdict(w)), "--steps", str(steps), "--log-every",
+                                str(log_every)], capture_output=True, text=True, env=env, timeout=1800)
             if p.returncode != 0:
                 raise RuntimeError(p.stderr[-3000:])
             runs["plain"].append(steady(json.loads(p.stdout.split("RESULT ", 1)[1])))
             for b in backends:
-                runs[f"{b}_1"].append(steady(run_mpidl(jobs[b], 1, a.log_every)))
-                runs[f"{b}_2"].append(steady(run_mpidl(jobs[b], 2, a.log_every)))
+                runs[f"{b}_1"].append(steady(run_mpidl(jobs[b], 1, w)))
+                if two_ranks:
+                    runs[f"{b}_2"].append(steady(run_mpidl(jobs[b], 2, w)))
             print(f"repeat {rep + 1}/{a.repeats}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in runs.items()), flush=True)
 
         med = {k: float(np.median(v)) for k, v in runs.items()}
@@ -147,20 +235,27 @@ def main() -> None:
         print(f"{'plain PyTorch, 1 rank':<22}{base:>12.0f}{1.0:>9.3f}")
         figures: dict = {"plain_samples_per_s": base, "backends": {}}
         for b in backends:
-            one, two = med[f"{b}_1"], med[f"{b}_2"]
-            figures["backends"][b] = {
-                "samples_per_s_1_rank": one, "ratio_to_plain": one / base,
-                "samples_per_s_2_ranks": two, "scaling_2_ranks": two / (2 * one),
-                "ratio_2_ranks_to_plain": two / base, "runs_1_rank": runs[f"{b}_1"], "runs_2_ranks": runs[f"{b}_2"]}
+            one = med[f"{b}_1"]
+            fig = {"samples_per_s_1_rank": one, "ratio_to_plain": one / base, "runs_1_rank": runs[f"{b}_1"]}
             print(f"{'mpidl ' + b + ', 1 rank':<22}{one:>12.0f}{one / base:>9.3f}")
-            print(f"{'mpidl ' + b + ', 2 ranks':<22}{two:>12.0f}{two / base:>9.3f}{two / (2 * one):>17.3f}")
-        path = write_result("train", {
-            "setup": {"model": f"small_cnn(width={WIDTH})", "batch_per_rank": BATCH, "image": f"3x{SIZE}x{SIZE} uint8",
-                      "steps": a.steps, "log_every": a.log_every, "repeats": a.repeats, "threads_per_rank": 1,
-                      "mpidl_path": "mpidl train (full trainer: HDF5 loader, backend, metrics)",
-                      "plain_path": "in-memory tensor, random batches, no framework"},
-            **figures, "plain_runs": runs["plain"], "goals": {"ratio_to_plain": 0.97},
-        })
+            if two_ranks:
+                two = med[f"{b}_2"]
+                fig.update({"samples_per_s_2_ranks": two, "scaling_2_ranks": two / (2 * one),
+                            "ratio_2_ranks_to_plain": two / base, "runs_2_ranks": runs[f"{b}_2"]})
+                print(f"{'mpidl ' + b + ', 2 ranks':<22}{two:>12.0f}{two / base:>9.3f}{two / (2 * one):>17.3f}")
+            figures["backends"][b] = fig
+        if a.no_write:
+            return
+        goal = 0.95 if w.name == "resnet50" else 0.97
+        setup = {"workload": w.name, "model": w.model, "model_args": w.model_args, "batch_per_rank": w.batch,
+                 "image": f"3x{w.size}x{w.size} uint8", "rows": w.rows, "precision": w.precision,
+                 "channels_last": w.channels_last, "steps": steps, "log_every": log_every, "repeats": a.repeats,
+                 "threads_per_rank": w.threads or "torch default",
+                 "mpidl_path": "mpidl train (full trainer: HDF5 loader, backend, metrics), timing off",
+                 "plain_path": ("one synthetic float batch on the device, no data path" if w.plain_data == "synthetic"
+                                else "in-memory tensor, random batches, no framework")}
+        path = write_result("train" if w.name == "small" else f"train-{w.name}", {
+            "setup": setup, **figures, "plain_runs": runs["plain"], "goals": {"ratio_to_plain": goal}})
         print(f"wrote {path.relative_to(HERE.parent)}")
     finally:
         shutil.rmtree(work, ignore_errors=True)

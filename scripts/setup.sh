@@ -162,8 +162,8 @@ build_horovod() {
         say "cached $(basename "$wheel") under $wheel_dir"
     fi
     "${PIP[@]}" install --no-deps --force-reinstall "$wheel"
-    # Horovod's runtime needs: cloudpickle, psutil, pyyaml, packaging.
-    "${PIP[@]}" install cloudpickle psutil pyyaml packaging
+    # The rest of what Horovod declares (pip would warn of each one missing).
+    "${PIP[@]}" install cffi cloudpickle psutil pyyaml packaging
 }
 
 if [ "${MPIDL_SKIP_HOROVOD:-0}" != 1 ] && ! "$VPY" -c 'import horovod.torch' 2>/dev/null; then

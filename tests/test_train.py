@@ -188,14 +188,30 @@ def test_mpi_backend_needs_no_horovod(tmp_path):
     assert r.returncode == 2 and "horovod is not importable" in r.stderr
 
 
-@needs_cuda
-def test_gpu_bf16_single_rank(tmp_path):
-    job = write_job(tmp_path, precision="bf16", backend="mpi", epochs=1)
-    r = run(mpidl_cmd("train", str(job)), timeout=300)
+def image_job(tmp: Path, **over) -> Path:
+    """A small CNN on synthetic 16×16 images, bf16 autocast and channels_last: the GPU job's path."""
+    return write_job(tmp, precision="bf16", epochs=3, data__files=str(tmp / "img.h5"),
+                     data__synth={"kind": "images", "rows": 4000, "classes": 4, "channels": 3, "size": 16, "noise": 120},
+                     data__preprocess={"scale_uint8": True, "flip": True}, data__batch=32,
+                     model={"name": "small_cnn", "args": {"width": 16}, "channels_last": True}, **over)
+
+
+def test_bf16_autocast_channels_last_on_cpu(tmp_path):
+    r = run(mpidl_cmd("train", str(image_job(tmp_path))), timeout=300)
     assert r.returncode == 0, r.output[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["world"]["device"].startswith("cuda")
+    assert summary["precision"] == "bf16" and summary["world"]["device"] == "cpu"
+    assert summary["final"]["val_accuracy"] > 0.6  # 4 classes: chance is 0.25
 
+
+@needs_cuda
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gpu_bf16_single_rank(tmp_path, backend):
+    r = run(mpidl_cmd("train", str(image_job(tmp_path, backend=backend))), timeout=300)
+    assert r.returncode == 0, r.output[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world"]["device"].startswith("cuda") and summary["backend"] == backend
+    assert summary["final"]["val_accuracy"] > 0.6
 
 
 def test_steps_limited_job_evaluates_at_its_end(tmp_path):
