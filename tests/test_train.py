@@ -196,8 +196,9 @@ def image_job(tmp: Path, **over) -> Path:
                      model={"name": "small_cnn", "args": {"width": 16}, "channels_last": True}, **over)
 
 
-def test_bf16_autocast_channels_last_on_cpu(tmp_path):
-    r = run(mpidl_cmd("train", str(image_job(tmp_path))), timeout=300)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_autocast_channels_last_on_cpu(tmp_path, backend):
+    r = run(mpidl_cmd("train", str(image_job(tmp_path, backend=backend))), timeout=300)
     assert r.returncode == 0, r.output[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["precision"] == "bf16" and summary["world"]["device"] == "cpu"

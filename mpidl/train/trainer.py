@@ -243,7 +243,9 @@ def train(spec: JobSpec, resume: bool = False, stop_at: Optional[int] = None) ->
     epochs = math.ceil(total_steps / steps_per_epoch)
 
     model = world.agree(lambda: _model(spec, train_src)).to(device)
-    if spec.model.channels_last:
+    if spec.model.channels_last and spec.backend != "horovod":
+        # Horovod 0.28 rejects non-contiguous (channels_last) weights and gradients; there the
+        # inputs alone are channels_last, which still selects NHWC convolution kernels.
         model = model.to(memory_format=torch.channels_last)
     scale = world.size if spec.schedule.scale_lr else 1
     optimizer = _optimizer(spec, model, spec.optimizer.lr * scale)
