@@ -11,7 +11,7 @@ import torch
 from conftest import mpidl_cmd, mpirun
 from mpidl.errors import BadInput
 from mpidl.train import checkpoint
-from test_train import final_weights, write_job
+from test_train import BACKENDS, final_weights, write_job
 
 
 # ------------------------------------------------------------------ the file format, one process
@@ -62,13 +62,22 @@ def image_job(tmp_path: Path, out: str, **over) -> Path:
                      checkpoint={"every_steps": 20, "every_epochs": 1}, **over)
 
 
-def test_resume_mid_epoch_is_bit_exact(tmp_path):
-    # 1440 training rows / (2 ranks × 16) = 45 steps an epoch: step 52 is mid-epoch and between checkpoints
-    full = image_job(tmp_path, "full", accumulate=1)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_mid_epoch_is_bit_exact(tmp_path, backend):
+    # 1440 training rows / (2 ranks × 16) = 45 steps an epoch: step 52 is mid-epoch and between
+    # checkpoints. SGD with momentum and weight decay, cosine schedule with warm-up: every piece of
+    # optimizer state and every hyperparameter must come back exactly.
+    over = dict(accumulate=1, backend=backend, optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9,
+                                                          "weight_decay": 5e-4},
+                schedule={"kind": "cosine", "warmup_epochs": 0.3})
+    full = image_job(tmp_path, "full", **over)
     r = mpirun(2, mpidl_cmd("train", str(full)), timeout=300)
     assert r.returncode == 0, r.output[-3000:]
-    part = image_job(tmp_path, "part", accumulate=1)
-    r = mpirun(2, mpidl_cmd("train", str(part), "--stop-at", "52"), timeout=300)  # as if preempted
+    part = image_job(tmp_path, "part", **over)
+    # as if preempted twice: at the epoch boundary (step 45), then mid-epoch (step 52)
+    r = mpirun(2, mpidl_cmd("train", str(part), "--stop-at", "45"), timeout=300)
+    assert r.returncode == 0, r.output[-3000:]
+    r = mpirun(2, mpidl_cmd("train", str(part), "--resume", "--stop-at", "52"), timeout=300)
     assert r.returncode == 0, r.output[-3000:]
     assert json.loads((tmp_path / "part" / "summary.json").read_text())["global_step"] == 52
     r = mpirun(2, mpidl_cmd("train", str(part), "--resume"), timeout=300)
@@ -87,8 +96,9 @@ def test_resume_mid_epoch_is_bit_exact(tmp_path):
             assert r_["loss"] == full_steps[r_["step"]]
 
 
-def test_resume_on_another_world_size(tmp_path):
-    job = write_job(tmp_path, checkpoint={"every_steps": 20})
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_on_another_world_size(tmp_path, backend):
+    job = write_job(tmp_path, backend=backend, checkpoint={"every_steps": 20})
     r = mpirun(2, mpidl_cmd("train", str(job), "--stop-at", "40"), timeout=300)
     assert r.returncode == 0, r.output[-3000:]
     r = mpirun(3, mpidl_cmd("train", str(job), "--resume"), timeout=300)
@@ -102,8 +112,9 @@ def test_resume_on_another_world_size(tmp_path):
     assert summary["final"]["val_accuracy"] > 0.5
 
 
-def test_corrupt_and_mismatched_checkpoints(tmp_path):
-    job = write_job(tmp_path)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_corrupt_and_mismatched_checkpoints(tmp_path, backend):
+    job = write_job(tmp_path, backend=backend)
     r = mpirun(2, mpidl_cmd("train", str(job), "--stop-at", "10"), timeout=300)
     assert r.returncode == 0, r.output[-3000:]
     r = mpirun(2, mpidl_cmd("train", str(job), "--resume", "--set", "model.args.hidden=[64]"), timeout=120)

@@ -254,7 +254,7 @@ def train(spec: JobSpec, resume: bool = False, stop_at: Optional[int] = None) ->
 
     # ---------------------------------------------------------------- resume
     epoch, step_in_epoch, global_step, resumed_from = 0, 0, 0, None
-    sched_state, own_buffers = None, None
+    sched_state, own_buffers, state = None, None, None
     if resume:
         folder = spec.checkpoint_dir
 
@@ -272,7 +272,6 @@ def train(spec: JobSpec, resume: bool = False, stop_at: Optional[int] = None) ->
         model.load_state_dict(state["model"])
         if state["world_size"] == world.size:
             own_buffers = state["rank_buffers"][world.rank]
-        optimizer.load_state_dict(state["optimizer"])
         # For code that draws from the global generators; the loop itself reseeds torch each step.
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
@@ -286,8 +285,6 @@ def train(spec: JobSpec, resume: bool = False, stop_at: Optional[int] = None) ->
             seen = state["step_in_epoch"] * state["world_size"] * d.batch * spec.accumulate
             step_in_epoch = min(seen // (world.size * d.batch * spec.accumulate), steps_per_epoch)
             global_step = epoch * steps_per_epoch + step_in_epoch
-            for g in optimizer.param_groups:  # the scaled lr follows the new world size
-                g["initial_lr"] = spec.optimizer.lr * scale
             logger.warning("resuming a %d-rank checkpoint on %d ranks: epoch %d continues at step %d of %d",
                            state["world_size"], world.size, epoch, step_in_epoch, steps_per_epoch)
         if step_in_epoch >= steps_per_epoch:
@@ -298,6 +295,13 @@ def train(spec: JobSpec, resume: bool = False, stop_at: Optional[int] = None) ->
     backend = world.agree(lambda: make_backend(spec.backend, world, {
         **spec.model_dump().get(spec.backend, {}), "backward_passes_per_step": spec.accumulate}))
     model, optimizer = backend.prepare(model, optimizer)  # broadcasts rank 0's weights and buffers
+    if state is not None:
+        # Into the optimizer the backend returned: Horovod's wrapper is a new optimizer that
+        # starts with empty state. Every rank holds rank 0's checkpoint, so no broadcast is needed.
+        optimizer.load_state_dict(state["optimizer"])
+        if state["world_size"] != world.size:
+            for g in optimizer.param_groups:  # the scaled lr follows the new world size
+                g["initial_lr"] = spec.optimizer.lr * scale
     net = backend.unwrap(model)  # the plain module: its state_dict is what checkpoints hold
     if own_buffers is not None:  # then each rank takes back its own BatchNorm statistics
         for k, b in _float_buffers(net).items():

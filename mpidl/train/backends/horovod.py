@@ -37,10 +37,11 @@ class HorovodBackend(Backend):
         compression = hvd.Compression.fp16 if self.options.get("compression") == "fp16" else hvd.Compression.none
         op = hvd.Adasum if self.options.get("op") == "adasum" else hvd.Average
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-        # A fresh optimizer has no state to share, and Horovod would create it by taking a
-        # zero-gradient step (which moves weights under weight decay and counts an Adam step).
-        if optimizer.state_dict()["state"]:
-            hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+        # No hvd.broadcast_optimizer_state: DistributedOptimizer builds a new optimizer from the
+        # param groups with empty state, so state loaded or broadcast before wrapping is lost
+        # (momentum buffers, Adam moments: the cause of inexact resumes). The trainer loads the
+        # checkpoint, which every rank already holds, into the wrapper returned here; and on an
+        # empty state Horovod's broadcast would take a zero-gradient step that moves the weights.
         dist = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
                                         compression=compression, op=op,
                                         backward_passes_per_step=int(self.options.get("backward_passes_per_step", 1)))
