@@ -88,19 +88,17 @@ def test_three_backends_agree(tmp_path):
 SAME_PARAMS = """
 import sys, hashlib, mpidl
 from mpidl.spec import load_spec
-from mpidl.train import trainer
+from mpidl.train.callbacks import Callback
+from mpidl.train.trainer import train
 
-captured = {}
+class Capture(Callback):
+    def on_end(self, trainer, summary):
+        self.net = trainer.net
+
 w = mpidl.init()
-spec = load_spec(sys.argv[1])
-orig = trainer.build_model
-def build(name, **kw):
-    m = orig(name, **kw)
-    captured["model"] = m
-    return m
-trainer.build_model = build
-trainer.train(spec)
-h = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in captured["model"].parameters())).hexdigest()
+cap = Capture()
+train(load_spec(sys.argv[1]), callbacks=[cap])
+h = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in cap.net.parameters())).hexdigest()
 hs = w.comm.gather(h, root=0)
 if w.rank == 0:
     print("HASHES", " ".join(hs), flush=True)
@@ -142,22 +140,23 @@ def test_missing_or_broken_spec_file(tmp_path):
 
 
 FAULT = """
-import sys, mpidl, torch
+import sys, mpidl
 from mpidl.spec import load_spec
-from mpidl.train import trainer
+from mpidl.train.callbacks import Callback
+from mpidl.train.trainer import train
+
 w = mpidl.init()
-orig = trainer.build_model
-def build(name, **kw):
-    m = orig(name, **kw)
-    calls = [0]
-    def hook(module, args):
-        calls[0] += 1
-        if w.rank == 1 and calls[0] == 7:
-            raise RuntimeError("injected fault in rank 1 at step 7")
-    m.register_forward_pre_hook(hook)
-    return m
-trainer.build_model = build
-trainer.train(load_spec(sys.argv[1]))
+
+class Fault(Callback):
+    def on_start(self, trainer):
+        calls = [0]
+        def hook(module, args):
+            calls[0] += 1
+            if w.rank == 1 and calls[0] == 7:
+                raise RuntimeError("injected fault in rank 1 at step 7")
+        trainer.net.register_forward_pre_hook(hook)
+
+train(load_spec(sys.argv[1]), callbacks=[Fault()])
 print("finished", w.rank, flush=True)
 """
 
@@ -224,4 +223,7 @@ def test_steps_limited_job_evaluates_at_its_end(tmp_path):
     assert 0 < summary["final"]["val_loss"] and 0 <= summary["final"]["val_accuracy"] <= 1
     recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r_["step"] for r_ in recs if "loss" in r_] == [10, 20, 30]
+    for r_ in recs[:3]:  # each window's step time, split into its buckets
+        assert set(r_["time"]) == {"data", "compute", "sync", "optimizer"}
+        assert 0 < sum(r_["time"].values()) <= r_["step_time"] * (1 + 1e-9)
     assert recs[-1]["step"] == 30 and "val_loss" in recs[-1]

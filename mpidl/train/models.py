@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -188,3 +189,20 @@ def build_model(name: str, **kwargs) -> nn.Module:
     if missing:
         raise BadInput(f"model.args: {name} needs {missing[0]!r}")
     return fn(**kwargs)
+
+
+def model_for(spec, source) -> nn.Module:
+    """The spec's model, with the sizes it can take from the data filled in."""
+    args = dict(spec.model.args)
+    x_shape, y_key = source.shapes[source.keys[0]], source.keys[1]
+    classify = source.dtypes[y_key].kind in "iu"
+    name = spec.model.name
+    if name in ("linear", "mlp"):
+        args.setdefault("in_features", int(np.prod(x_shape)))
+    elif len(x_shape) == 3:
+        args.setdefault("in_channels", x_shape[0])
+    if classify and spec.data.synth is not None and spec.data.synth.classes and name != "linear":
+        args.setdefault("num_classes", spec.data.synth.classes)
+    if name == "linear" and not classify:
+        args.setdefault("out_features", int(np.prod(source.shapes[y_key] or (1,))))
+    return build_model(name, **args)

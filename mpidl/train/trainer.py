@@ -1,5 +1,14 @@
 """The training loop: one JobSpec, any launcher, any backend.
 
+    trainer = Trainer(spec, resume=False, objective=None, callbacks=())   # set up (collective)
+    summary = trainer.fit(stop_at=None)                                   # run; rank 0 writes the record
+
+or `train(spec, ...)`, which does both and releases the backend. The pieces are separate
+modules: `inputs` (data, loaders), `models`, `optim` (optimizer, schedule), `objectives` (the
+loss of a step), `evaluate`, `state` (what a checkpoint holds, where a resume continues),
+`record` (metrics, progress, summary), `preemption` (signals), `callbacks` (what a workload
+adds to the loop).
+
 Per optimizer step the time splits into four buckets (seconds, averaged over ranks):
 
   data      waiting for the next batch from the prefetching loader, plus its transform (uint8
@@ -12,7 +21,8 @@ Per optimizer step the time splits into four buckets (seconds, averaged over ran
             optimizer.synchronize(), waiting for the allreduces still in flight when backward
             ended; mpi: all the communication (flatten, Allreduce per bucket, unflatten);
             ddp: nothing left to do, so 0.
-  optimizer the parameter update, zeroing gradients and the learning-rate schedule
+  optimizer the parameter update, zeroing gradients and the learning-rate schedule (and the
+            after_sync / after_step callbacks)
 
 With `timing: sync` on CUDA, the device is synchronised at each boundary so the buckets are
 real (costs a little throughput); with `timing: off` they are host time only (kernels still
@@ -26,474 +36,304 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import math
-import os
-import platform
-import random
-import sys
 import time
-from typing import Optional
+from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from torch import nn
 
 import mpidl
 from mpidl import log
-from mpidl.data import H5Source, ShardedLoader
-from mpidl.data.preprocess import Pipeline, Standardizer
-from mpidl.errors import BadInput
 from mpidl.spec import JobSpec
 from mpidl.train import checkpoint
 from mpidl.train.backends import make_backend
-from mpidl.train.models import build_model
-from mpidl.world import SINGLE
+from mpidl.train.callbacks import Callback
+from mpidl.train.evaluate import evaluate
+from mpidl.train.inputs import build_inputs, steps_per_epoch
+from mpidl.train.models import model_for
+from mpidl.train.objectives import Objective, default_for
+from mpidl.train.optim import build_optimizer, build_scheduler, lr_scale
+from mpidl.train.preemption import Preemption
+from mpidl.train.record import Recorder, versions
+from mpidl.train.state import (Position, float_buffers, read_latest, restore_rng, resume_position,
+                               snapshot)
+
+BUCKETS = ("data", "compute", "sync", "optimizer")
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 
-def ensure_data(spec: JobSpec, world) -> None:
-    """Write the synthetic dataset the spec describes if its file is missing (all ranks help)."""
-    syn = spec.data.synth
-    if syn is None or not isinstance(spec.data.files, str) or any(c in spec.data.files for c in "*?["):
-        return
-    path = spec.data.files
-    missing = not os.path.exists(path) if world.rank == 0 else None
-    if world.size > 1:
-        missing = world.comm.bcast(missing, root=0)
-    if not missing:
-        return
-    from mpidl.data import synth
+class Trainer:
+    """One job on this rank. The constructor sets everything up (a collective); `fit` runs it."""
 
-    common = dict(seed=syn.seed, world=world)
-    if syn.noise is not None:
-        common["noise"] = syn.noise
-    if syn.kind == "images":
-        synth.synth_images(path, syn.rows, classes=syn.classes or 10, channels=syn.channels, size=syn.size, **common)
-    else:
-        synth.synth_tabular(path, syn.rows, features=syn.features, rule=syn.rule, classes=syn.classes, **common)
-    log.get().info("wrote synthetic %s data: %s (%d rows)", syn.kind, path, syn.rows)
+    def __init__(self, spec: JobSpec, resume: Union[bool, str] = False, objective: Optional[Objective] = None,
+                 callbacks: Sequence[Callback] = ()):
+        self.spec = spec
+        self.world = world = mpidl.init()
+        self.log = log.get()
+        self.device = torch.device(world.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        torch.manual_seed(spec.seed)
+
+        self.inputs = build_inputs(spec, world)
+        self.steps_per_epoch = steps_per_epoch(spec, world, self.inputs)
+        self.total_steps = spec.steps or spec.epochs * self.steps_per_epoch
+        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        self.objective = objective or default_for(self.inputs.classify)
+        self.callbacks = list(callbacks)
+
+        model = world.agree(lambda: model_for(spec, self.inputs.train_source)).to(self.device)
+        self.channels_last = spec.model.channels_last
+        if self.channels_last and spec.backend != "horovod":
+            # Horovod 0.28 rejects non-contiguous (channels_last) weights and gradients; there the
+            # inputs alone are channels_last, which still selects NHWC convolution kernels.
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = build_optimizer(spec, model, spec.optimizer.lr * lr_scale(spec, world.size))
+
+        # Resume: rank 0 reads the newest checkpoint, every rank gets it.
+        state = read_latest(spec, world, resume) if resume else None
+        self.position = Position()
+        self.resumed_from = None
+        if state is not None:
+            model.load_state_dict(state["model"])
+            restore_rng(state)
+            self.position = resume_position(state, spec, world, self.steps_per_epoch)
+            self.resumed_from = state["path"]
+            p = self.position
+            self.log.info("resumed from %s at epoch %d, step %d (global %d)", self.resumed_from, p.epoch,
+                          p.step_in_epoch, p.global_step)
+        same_world = state is not None and state["world_size"] == world.size
+
+        self.backend = backend = world.agree(lambda: make_backend(spec.backend, world, {
+            **spec.model_dump().get(spec.backend, {}), "backward_passes_per_step": spec.accumulate}))
+        self.model, self.optimizer = backend.prepare(model, optimizer)  # rank 0's weights and buffers everywhere
+        if state is not None:
+            # Into the optimizer the backend returned: Horovod's wrapper is a new optimizer that
+            # starts with empty state. Every rank holds rank 0's checkpoint: nothing to broadcast.
+            self.optimizer.load_state_dict(state["optimizer"])
+            if not same_world:
+                for g in self.optimizer.param_groups:  # the scaled lr follows the new world size
+                    g["initial_lr"] = spec.optimizer.lr * lr_scale(spec, world.size)
+        self.net = backend.unwrap(self.model)  # the plain module: its state_dict is what checkpoints hold
+        if same_world:  # each rank takes back its own BatchNorm statistics
+            for k, b in float_buffers(self.net).items():
+                b.copy_(state["rank_buffers"][world.rank][k])
+        if spec.model.compile:
+            self.model = torch.compile(self.model)
+        self.scheduler = build_scheduler(spec, self.optimizer, world.size, self.steps_per_epoch, self.total_steps,
+                                         self.position.global_step, state["scheduler"] if same_world else None)
+        state = None
+
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if spec.precision == "bf16"
+                         else contextlib.nullcontext())
+        self.recorder = Recorder(world, spec.run_dir, append=self.resumed_from is not None)
+        self._sync_device = (torch.cuda.synchronize if self.device.type == "cuda" and spec.timing == "sync"
+                             else (lambda: None))
+        self.preempted: Optional[str] = None
+        self.last_eval: dict = {}
+        self.log.info("%s: %s on %d rank(s) (%s), backend %s, %d steps/epoch × %d epochs, batch %d/rank",
+                      spec.name, spec.model.name, world.size, world.launcher, backend.name, self.steps_per_epoch,
+                      self.epochs, spec.data.batch)
+
+    # ------------------------------------------------------------------ pieces
+    def _new_window(self) -> dict:
+        return {"loss": 0.0, "count": 0.0, "time": 0.0, "steps": 0,
+                **{k: 0.0 for k in self.objective.counts_keys()}, **{k: 0.0 for k in BUCKETS}}
+
+    def train_step(self, batches: Iterator, window: dict) -> dict[str, float]:
+        """One optimizer step (accumulating `spec.accumulate` batches); its time per bucket."""
+        spec, world, backend, model, optimizer = self.spec, self.world, self.backend, self.model, self.optimizer
+        step = self.position.global_step
+        torch.manual_seed(_step_seed(spec.seed, step, world.rank))
+        self.inputs.train_transform.generator.manual_seed(_step_seed(spec.seed + 1, step, world.rank))
+        t0 = time.perf_counter()
+        t_data = t_compute = 0.0
+        for micro in range(spec.accumulate):
+            ta = time.perf_counter()
+            x, y = next(batches)
+            if self.channels_last and x.ndim == 4:
+                x = x.to(memory_format=torch.channels_last)
+            self._sync_device()
+            tb = time.perf_counter()
+            last = micro == spec.accumulate - 1
+            with (contextlib.nullcontext() if last else backend.no_sync(model, optimizer)):
+                with self.autocast:
+                    loss, out = self.objective(model, x, y)
+                (loss / spec.accumulate).backward()
+            self._sync_device()
+            t_data += tb - ta
+            t_compute += time.perf_counter() - tb
+            # summed on the device and read at log time: no host sync per step on a GPU
+            window["loss"] += loss.detach().double() * x.shape[0]
+            for k, v in self.objective.counts(out, y).items():
+                window[k] += v
+            window["count"] += x.shape[0]
+        t1 = time.perf_counter()
+        backend.sync_gradients(model, optimizer)
+        self._sync_device()
+        t2 = time.perf_counter()
+        for cb in self.callbacks:
+            cb.after_sync(self)
+        backend.step(optimizer)
+        for cb in self.callbacks:
+            cb.after_step(self)
+        backend.zero_grad(optimizer)
+        self.scheduler.step()
+        self._sync_device()
+        t3 = time.perf_counter()
+        times = {"data": t_data, "compute": t_compute, "sync": t2 - t1, "optimizer": t3 - t2}
+        for k, v in times.items():
+            window[k] += v
+        window["time"] += t3 - t0
+        window["steps"] += 1
+        return times
+
+    def log_window(self, window: dict) -> None:
+        """The training record of the steps since the last one (a collective)."""
+        spec, pos = self.spec, self.position
+        keys = ["loss", "count", "time", *self.objective.counts_keys(), *BUCKETS]
+        avg = self.backend.average({k: window[k] for k in keys})
+        n = window["steps"]
+        rec = {"step": pos.global_step, "epoch": pos.epoch + pos.step_in_epoch / self.steps_per_epoch,
+               "loss": avg["loss"] / avg["count"], "lr": self.optimizer.param_groups[0]["lr"],
+               "step_time": avg["time"] / n,
+               "samples_per_s": n * spec.data.batch * spec.accumulate * self.world.size / avg["time"]}
+        for name, key in self.objective.ratios.items():
+            rec[name] = avg[key] / avg["count"]
+        rec["time"] = {k: avg[k] / n for k in BUCKETS}
+        for cb in self.callbacks:
+            cb.on_record(self, rec)
+        self.recorder.write(rec)
+        shown = " ".join(f"{name} {rec[name]:.3f}" for name in self.objective.ratios)
+        self.recorder.show(f"epoch {pos.epoch + 1}/{self.epochs} step {pos.step_in_epoch}/{self.steps_per_epoch} "
+                           f"loss {rec['loss']:.4f}" + (f" {shown}" if shown else "")
+                           + f" {rec['samples_per_s']:.0f} samples/s")
+
+    def evaluate(self) -> dict:
+        """Held-out metrics of the current model (a collective)."""
+        return evaluate(self.world, self.backend, self.model, self.net, self.inputs.val_loader, self.objective,
+                        self.autocast, self.channels_last)
+
+    def evaluate_and_log(self) -> dict:
+        res = self.evaluate()
+        if res:
+            pos = self.position
+            rec = {"step": pos.global_step, "epoch": pos.epoch + pos.step_in_epoch / self.steps_per_epoch, **res}
+            for cb in self.callbacks:
+                cb.on_record(self, rec)
+            self.recorder.write(rec)
+            self.recorder.show(f"epoch {rec['epoch']:.2f}/{self.epochs} "
+                               + " ".join(f"{k} {v:.4f}" for k, v in res.items()), final=True)
+        self.last_eval = res
+        return res
+
+    def save_checkpoint(self) -> None:
+        """Rank 0 writes the checkpoint of the current step atomically (a collective)."""
+        state = snapshot(self.world, self.spec, self.net, self.optimizer, self.scheduler, self.position)
+        if state is not None:
+            path = checkpoint.save(self.spec.checkpoint_dir, self.position.global_step, state, self.spec.checkpoint.keep)
+            self.log.info("checkpoint %s", path)
+        self.world.barrier()
+
+    def _has_final_checkpoint(self) -> bool:
+        have = checkpoint.path_for(self.spec.checkpoint_dir, self.position.global_step).exists() \
+            if self.world.rank == 0 else None
+        return self.world.comm.bcast(have, root=0) if self.world.size > 1 else have
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, stop_at: Optional[int] = None) -> dict:
+        """Train to the end of the job (or `stop_at`, or a preemption signal); the summary.
+
+        stop_at: leave after this optimizer step with a checkpoint, as a preempted job would;
+        the schedule still spans the whole job, so a resume continues exactly.
+        """
+        spec, pos, ck = self.spec, self.position, self.spec.checkpoint
+        spe = self.steps_per_epoch
+        totals = {**{k: 0.0 for k in BUCKETS}, "steps": 0, "samples": 0}
+        window = self._new_window()
+        end = min(self.total_steps, stop_at) if stop_at is not None else self.total_steps
+        for cb in self.callbacks:
+            cb.on_start(self)
+        t_run = time.perf_counter()
+        self.model.train()
+        with Preemption(self.world) as preemption:
+            while pos.epoch < self.epochs and pos.global_step < end and not self.preempted:
+                self.inputs.loader.set_epoch(pos.epoch, start_step=pos.step_in_epoch * spec.accumulate)
+                batches = iter(self.inputs.loader)
+                while pos.step_in_epoch < spe and pos.global_step < end and not self.preempted:
+                    times = self.train_step(batches, window)
+                    for k in BUCKETS:
+                        totals[k] += times[k]
+                    totals["steps"] += 1
+                    totals["samples"] += spec.data.batch * spec.accumulate * self.world.size
+                    pos.step_in_epoch += 1
+                    pos.global_step += 1
+                    self.preempted = preemption.requested()
+                    if (pos.global_step % spec.log_every == 0 or pos.step_in_epoch == spe
+                            or pos.global_step == end or self.preempted):
+                        self.log_window(window)
+                        window = self._new_window()
+                    if ck.every_steps and pos.global_step % ck.every_steps == 0:
+                        self.save_checkpoint()
+                batches.close()
+                if pos.step_in_epoch == spe:
+                    self.evaluate_and_log()
+                    pos.epoch, pos.step_in_epoch = pos.epoch + 1, 0
+                    if ck.every_epochs and pos.epoch % ck.every_epochs == 0:
+                        if not (ck.every_steps and pos.global_step % ck.every_steps == 0):
+                            self.save_checkpoint()
+        if self.preempted:
+            self.log.warning("%s received: stopping after step %d with a checkpoint", self.preempted, pos.global_step)
+        elif pos.global_step == self.total_steps and pos.step_in_epoch:  # a job of `steps` that ends mid-epoch
+            self.evaluate_and_log()
+        wall = time.perf_counter() - t_run
+        if not self._has_final_checkpoint():
+            self.save_checkpoint()  # the final state is always on disk
+        return self._summary(totals, wall)
+
+    def _summary(self, totals: dict, wall: float) -> dict:
+        spec, world, pos = self.spec, self.world, self.position
+        steps = max(1, totals["steps"])
+        timing = self.backend.average({k: totals[k] / steps for k in BUCKETS})
+        summary = {
+            "name": spec.name, "backend": self.backend.name, "model": spec.model.name, "precision": spec.precision,
+            "world": {**world.as_dict(), "size": world.size}, "epochs": pos.epoch, "global_step": pos.global_step,
+            "steps_this_run": totals["steps"], "resumed_from": self.resumed_from, "preempted": self.preempted,
+            "wall_seconds": wall, "samples_per_s": totals["samples"] / wall if wall > 0 else 0.0,
+            "step_time_breakdown_s": timing, "final": self.last_eval,
+            "target_accuracy": spec.target_accuracy,
+            "reached_target": (self.last_eval.get("val_accuracy", 0) >= spec.target_accuracy)
+            if spec.target_accuracy else None,
+            "versions": versions(), "fingerprint": spec.fingerprint(),
+        }
+        for cb in self.callbacks:
+            cb.on_end(self, summary)
+        self.recorder.finish(summary)
+        if world.rank == 0:
+            self.log.info("done: %d steps in %.1f s, %.0f samples/s; %s", totals["steps"], wall,
+                          summary["samples_per_s"],
+                          " ".join(f"{k} {v:.4f}" for k, v in self.last_eval.items()) or "no held-out split")
+        return summary
+
+    def close(self) -> None:
+        """Release the model before the backend: a DDP model must go before its process group."""
+        self.model = self.net = self.optimizer = self.scheduler = None
+        gc.collect()
+        self.backend.close()
 
 
-def _sources(spec: JobSpec, world) -> tuple[H5Source, Optional[H5Source]]:
-    d = spec.data
-    full = H5Source(d.files, keys=d.keys)
-    world.agree(full.validate)
-    if d.val_files is not None:
-        val = H5Source(d.val_files, keys=d.keys)
-        world.agree(val.validate)
-        return full, val
-    n = len(full)
-    n_val = int(round(n * d.val_fraction))
-    if n_val == 0:
-        return full, None
-    train = H5Source(d.files, keys=d.keys, rows=(0, n - n_val))
-    val = H5Source(d.files, keys=d.keys, rows=(n - n_val, n))
-    world.agree(train.validate)
-    world.agree(val.validate)
-    return train, val
-
-
-def _model(spec: JobSpec, src: H5Source) -> nn.Module:
-    args = dict(spec.model.args)
-    x_shape, y_key = src.shapes[src.keys[0]], src.keys[1]
-    classify = src.dtypes[y_key].kind in "iu"
-    name = spec.model.name
-    if name in ("linear", "mlp"):
-        args.setdefault("in_features", int(np.prod(x_shape)))
-    elif len(x_shape) == 3:
-        args.setdefault("in_channels", x_shape[0])
-    if classify and spec.data.synth is not None and spec.data.synth.classes and name != "linear":
-        args.setdefault("num_classes", spec.data.synth.classes)
-    if name == "linear" and not classify:
-        args.setdefault("out_features", int(np.prod(src.shapes[y_key] or (1,))))
-    return build_model(name, **args)
-
-
-def _optimizer(spec: JobSpec, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    o = spec.optimizer
-    if o.name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=o.momentum, nesterov=o.nesterov,
-                               weight_decay=o.weight_decay)
-    cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
-    return cls(model.parameters(), lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-
-
-def lr_factor(spec: JobSpec, world_size: int, steps_per_epoch: int, total_steps: int):
-    """The schedule as a multiplier of the (scaled) base lr, per optimizer step."""
-    s = spec.schedule
-    scale = world_size if s.scale_lr else 1
-    warm = int(s.warmup_epochs * steps_per_epoch)
-    floor = s.min_lr / (spec.optimizer.lr * scale)
-
-    def f(step: int) -> float:
-        if warm and step < warm:  # from the unscaled lr up to the scaled one (Goyal et al.)
-            return (1 + (scale - 1) * step / warm) / scale
-        if s.kind == "cosine":
-            t = (step - warm) / max(1, total_steps - warm)
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-        if s.kind == "step":
-            return s.gamma ** int(step / (s.step_epochs * steps_per_epoch))
-        return 1.0
-    return f
-
-
-def _float_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: b for k, b in model.named_buffers() if b.is_floating_point() and b.numel()}
-
-
-def averaged_buffers(world, model: nn.Module) -> dict[str, torch.Tensor]:
-    """Float buffers (BatchNorm statistics, kept per rank while training) averaged over ranks."""
-    out = {}
-    for k, b in _float_buffers(model).items():
-        arr = b.detach().to("cpu", torch.float64).numpy().copy()
-        if world.size > 1:
-            from mpi4py import MPI
-
-            world.comm.Allreduce(MPI.IN_PLACE, arr, op=MPI.SUM)
-        out[k] = torch.from_numpy(arr / world.size).to(b.dtype)
-    return out
-
-
-def sync_buffers(world, model: nn.Module) -> None:
-    """Make every rank's buffers the average: evaluation sees one model."""
-    if world.size > 1:
-        for k, avg in averaged_buffers(world, model).items():
-            _float_buffers(model)[k].copy_(avg)
-
-
-class _Progress:
-    """A live, rewritten line on a terminal; otherwise a plain line per log interval.
-
-    OpenMPI gives ranks a pty even when mpirun's own output goes to a file or a pipe, so under
-    a launcher a rank cannot tell a terminal from a CI log: there it writes plain lines, unless
-    MPIDL_PROGRESS=bar asks for the live line (MPIDL_PROGRESS=lines forces plain lines anywhere).
-    """
-
-    def __init__(self, enabled: bool, launcher: str):
-        self.enabled = enabled
-        choice = os.environ.get("MPIDL_PROGRESS", "")
-        self.tty = choice == "bar" or (choice != "lines" and launcher == SINGLE and sys.stdout.isatty()
-                                       and not os.environ.get("CI") and os.environ.get("TERM", "dumb") != "dumb")
-
-    def show(self, text: str, final: bool = False) -> None:
-        if not self.enabled:
-            return
-        if self.tty:
-            sys.stdout.write("\r\033[K" + text + ("\n" if final else ""))
-        else:
-            sys.stdout.write(text + "\n")
-        sys.stdout.flush()
-
-
-def _versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-           "mpidl": mpidl.__version__}
-    for mod in ("h5py", "mpi4py", "horovod"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:
-            out[mod] = None
-    return out
-
-
-def train(spec: JobSpec, resume: bool = False, stop_at: Optional[int] = None) -> dict:
+def train(spec: JobSpec, resume: Union[bool, str] = False, stop_at: Optional[int] = None,
+          objective: Optional[Objective] = None, callbacks: Sequence[Callback] = ()) -> dict:
     """Run the job; returns the summary (on every rank; rank 0 also writes it).
 
-    stop_at: leave after this optimizer step with a checkpoint, as a preempted job would;
-    the schedule still spans the whole job, so `resume` continues exactly.
+    resume: True continues from the newest checkpoint (BadInput if none); "auto" does so when
+    there is one (a requeued job) and starts fresh otherwise.
     """
-    world = mpidl.init()
-    logger = log.get()
-    device = torch.device(world.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    torch.manual_seed(spec.seed)
-
-    ensure_data(spec, world)
-    train_src, val_src = _sources(spec, world)
-    d = spec.data
-    standardizer = None
-    if d.preprocess.standardize:
-        standardizer = Standardizer.fit(train_src, world, key=d.keys[0], per=d.preprocess.standardize_per,
-                                        cache_dir=str(spec.run_dir))
-    pre = d.preprocess
-    train_tf = Pipeline(pre.scale_uint8, standardizer, pre.crop, pre.padding, pre.flip, seed=spec.seed, train=True)
-    eval_tf = Pipeline(pre.scale_uint8, standardizer, pre.crop, pre.padding, False, seed=spec.seed, train=False)
-    loader = ShardedLoader(train_src, world, d.batch, seed=spec.seed, shuffle=d.shuffle, drop_last=d.drop_last,
-                           prefetch=d.prefetch, transform=train_tf, stage_dir=d.stage_dir)
-    val_loader = None
-    if val_src is not None:
-        eval_batch = min(d.batch, len(val_src) // world.size)
-        if eval_batch >= 1:
-            val_loader = ShardedLoader(val_src, world, eval_batch, seed=spec.seed, shuffle="none",
-                                       prefetch=2, transform=eval_tf)
-
-    steps_per_epoch = len(loader) // spec.accumulate
-
-    def check_length() -> None:
-        if steps_per_epoch < 1:
-            raise BadInput(f"data.batch × accumulate = {d.batch} × {spec.accumulate} leaves no full step per "
-                           f"epoch on {world.size} ranks ({len(train_src)} training rows)")
-    world.agree(check_length)  # every rank finds the same problem: say it once, exit 2 together
-    total_steps = spec.steps or spec.epochs * steps_per_epoch
-    epochs = math.ceil(total_steps / steps_per_epoch)
-
-    model = world.agree(lambda: _model(spec, train_src)).to(device)
-    if spec.model.channels_last and spec.backend != "horovod":
-        # Horovod 0.28 rejects non-contiguous (channels_last) weights and gradients; there the
-        # inputs alone are channels_last, which still selects NHWC convolution kernels.
-        model = model.to(memory_format=torch.channels_last)
-    scale = world.size if spec.schedule.scale_lr else 1
-    optimizer = _optimizer(spec, model, spec.optimizer.lr * scale)
-    classify = train_src.dtypes[d.keys[1]].kind in "iu"
-    fingerprint = spec.fingerprint()
-
-    # ---------------------------------------------------------------- resume
-    epoch, step_in_epoch, global_step, resumed_from = 0, 0, 0, None
-    sched_state, own_buffers, state = None, None, None
-    if resume:
-        folder = spec.checkpoint_dir
-
-        def read() -> Optional[dict]:
-            if world.rank != 0:
-                return None
-            found = checkpoint.latest(folder)
-            if found is None:
-                raise BadInput(f"{folder}: --resume given but no checkpoint (ckpt-*.pt) is there")
-            return {"path": str(found), **checkpoint.load(found, fingerprint)}
-
-        state = world.agree(read)
-        if world.size > 1:
-            state = world.comm.bcast(state, root=0)
-        model.load_state_dict(state["model"])
-        if state["world_size"] == world.size:
-            own_buffers = state["rank_buffers"][world.rank]
-        # For code that draws from the global generators; the loop itself reseeds torch each step.
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
-        resumed_from = state["path"]
-        epoch = state["epoch"]
-        if state["world_size"] == world.size:
-            step_in_epoch, global_step = state["step_in_epoch"], state["global_step"]
-            sched_state = state["scheduler"]
-        else:  # re-shard: keep the samples consumed in this epoch, in steps of the new size
-            seen = state["step_in_epoch"] * state["world_size"] * d.batch * spec.accumulate
-            step_in_epoch = min(seen // (world.size * d.batch * spec.accumulate), steps_per_epoch)
-            global_step = epoch * steps_per_epoch + step_in_epoch
-            logger.warning("resuming a %d-rank checkpoint on %d ranks: epoch %d continues at step %d of %d",
-                           state["world_size"], world.size, epoch, step_in_epoch, steps_per_epoch)
-        if step_in_epoch >= steps_per_epoch:
-            epoch, step_in_epoch = epoch + 1, 0
-        logger.info("resumed from %s at epoch %d, step %d (global %d)", resumed_from, epoch, step_in_epoch,
-                    global_step)
-
-    backend = world.agree(lambda: make_backend(spec.backend, world, {
-        **spec.model_dump().get(spec.backend, {}), "backward_passes_per_step": spec.accumulate}))
-    model, optimizer = backend.prepare(model, optimizer)  # broadcasts rank 0's weights and buffers
-    if state is not None:
-        # Into the optimizer the backend returned: Horovod's wrapper is a new optimizer that
-        # starts with empty state. Every rank holds rank 0's checkpoint, so no broadcast is needed.
-        optimizer.load_state_dict(state["optimizer"])
-        if state["world_size"] != world.size:
-            for g in optimizer.param_groups:  # the scaled lr follows the new world size
-                g["initial_lr"] = spec.optimizer.lr * scale
-    net = backend.unwrap(model)  # the plain module: its state_dict is what checkpoints hold
-    if own_buffers is not None:  # then each rank takes back its own BatchNorm statistics
-        for k, b in _float_buffers(net).items():
-            b.copy_(own_buffers[k])
-    if spec.model.compile:
-        model = torch.compile(model)
-    for g in optimizer.param_groups:
-        g.setdefault("initial_lr", g["lr"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(spec, world.size, steps_per_epoch, total_steps))
-    if sched_state is not None:
-        scheduler.load_state_dict(sched_state)
-    scheduler.last_epoch = global_step
-    # LambdaLR's constructor set the step-0 rate; a resumed job continues at its own step.
-    for g, base in zip(optimizer.param_groups, scheduler.base_lrs):
-        g["lr"] = base * scheduler.lr_lambdas[0](global_step)
-
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if spec.precision == "bf16"
-                else contextlib.nullcontext())
-    loss_fn = nn.CrossEntropyLoss() if classify else nn.MSELoss()
-    run_dir = spec.run_dir
-    metrics_file = None
-    if world.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        metrics_file = open(run_dir / "metrics.jsonl", "a" if resume else "w")
-        logger.info("%s: %s on %d rank(s) (%s), backend %s, %d steps/epoch × %d epochs, batch %d/rank",
-                    spec.name, spec.model.name, world.size, world.launcher, backend.name, steps_per_epoch, epochs,
-                    d.batch)
-    progress = _Progress(world.rank == 0, world.launcher)
-    cuda_sync = (torch.cuda.synchronize if device.type == "cuda" and spec.timing == "sync" else (lambda: None))
-
-    def write(record: dict) -> None:
-        if metrics_file is not None:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-
-    def save_checkpoint() -> None:
-        # The saved model has the averaged buffers; each rank's own are kept beside it so a
-        # resume on as many ranks continues exactly (saving must not change the training).
-        avg = averaged_buffers(world, net)
-        mine = {k: b.detach().cpu().clone() for k, b in _float_buffers(net).items()}
-        per_rank = world.comm.gather(mine, root=0) if world.size > 1 else [mine]
-        if world.rank == 0:
-            weights = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-            weights.update(avg)
-            state = {"model": weights, "rank_buffers": per_rank, "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
-                     "global_step": global_step, "world_size": world.size, "fingerprint": fingerprint,
-                     "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                             "python": random.getstate()},
-                     "spec": spec.model_dump(mode="json")}
-            path = checkpoint.save(spec.checkpoint_dir, global_step, state, spec.checkpoint.keep)
-            logger.info("checkpoint %s", path)
-        world.barrier()
-
-    def evaluate() -> dict:
-        if val_loader is None:
-            return {}
-        sync_buffers(world, net)
-        model.eval()
-        loss_sum, correct, count = 0.0, 0.0, 0.0
-        with torch.no_grad(), autocast:
-            val_loader.set_epoch(0)
-            for x, y in val_loader:
-                x = x.to(memory_format=torch.channels_last) if spec.model.channels_last and x.ndim == 4 else x
-                out = model(x)
-                target = y if classify else y.float().reshape(out.shape)
-                loss_sum += float(loss_fn(out.float(), target)) * x.shape[0]
-                if classify:
-                    correct += float((out.argmax(1) == y).sum())
-                count += x.shape[0]
-        model.train()
-        avg = backend.average({"loss": loss_sum, "correct": correct, "count": count})
-        res = {"val_loss": avg["loss"] / avg["count"]}
-        if classify:
-            res["val_accuracy"] = avg["correct"] / avg["count"]
-        return res
-
-    def evaluate_and_log() -> dict:
-        res = evaluate()
-        if res:
-            at = epoch + step_in_epoch / steps_per_epoch
-            write({"step": global_step, "epoch": at, **res})
-            progress.show(f"epoch {at:.2f}/{epochs} " + " ".join(f"{k} {v:.4f}" for k, v in res.items()), final=True)
-        return res
-
-    totals = {"data": 0.0, "compute": 0.0, "sync": 0.0, "optimizer": 0.0, "steps": 0, "samples": 0}
-    window = {"loss": 0.0, "correct": 0.0, "count": 0.0, "time": 0.0, "steps": 0}
-    last_eval: dict = {}
-    t_run = time.perf_counter()
-    model.train()
-    end = min(total_steps, stop_at) if stop_at is not None else total_steps
-    while epoch < epochs and global_step < end:
-        loader.set_epoch(epoch, start_step=step_in_epoch * spec.accumulate)
-        batches = iter(loader)
-        while step_in_epoch < steps_per_epoch and global_step < end:
-            torch.manual_seed(_step_seed(spec.seed, global_step, world.rank))
-            train_tf.generator.manual_seed(_step_seed(spec.seed + 1, global_step, world.rank))
-            t0 = time.perf_counter()
-            t_data = t_compute = 0.0
-            for micro in range(spec.accumulate):
-                ta = time.perf_counter()
-                x, y = next(batches)
-                if spec.model.channels_last and x.ndim == 4:
-                    x = x.to(memory_format=torch.channels_last)
-                cuda_sync()
-                tb = time.perf_counter()
-                last = micro == spec.accumulate - 1
-                with (contextlib.nullcontext() if last else backend.no_sync(model, optimizer)):
-                    with autocast:
-                        out = model(x)
-                        target = y if classify else y.float().reshape(out.shape)
-                        loss = loss_fn(out.float(), target)
-                    (loss / spec.accumulate).backward()
-                cuda_sync()
-                t_data += tb - ta
-                t_compute += time.perf_counter() - tb
-                # summed on the device and read at log time: no host sync per step on a GPU
-                window["loss"] += loss.detach().double() * x.shape[0]
-                if classify:
-                    window["correct"] += (out.detach().argmax(1) == y).sum()
-                window["count"] += x.shape[0]
-            t1 = time.perf_counter()
-            backend.sync_gradients(model, optimizer)
-            cuda_sync()
-            t2 = time.perf_counter()
-            backend.step(optimizer)
-            backend.zero_grad(optimizer)
-            scheduler.step()
-            cuda_sync()
-            t3 = time.perf_counter()
-            totals["data"] += t_data
-            totals["compute"] += t_compute
-            totals["sync"] += t2 - t1
-            totals["optimizer"] += t3 - t2
-            totals["steps"] += 1
-            totals["samples"] += d.batch * spec.accumulate * world.size
-            window["time"] += t3 - t0
-            window["steps"] += 1
-            step_in_epoch += 1
-            global_step += 1
-
-            if global_step % spec.log_every == 0 or step_in_epoch == steps_per_epoch or global_step == end:
-                avg = backend.average({k: window[k] for k in ("loss", "correct", "count", "time")})
-                rec = {"step": global_step, "epoch": epoch + step_in_epoch / steps_per_epoch,
-                       "loss": avg["loss"] / avg["count"], "lr": optimizer.param_groups[0]["lr"],
-                       "step_time": avg["time"] / window["steps"],
-                       "samples_per_s": window["steps"] * d.batch * spec.accumulate * world.size / avg["time"]}
-                if classify:
-                    rec["accuracy"] = avg["correct"] / avg["count"]
-                write(rec)
-                progress.show(f"epoch {epoch + 1}/{epochs} step {step_in_epoch}/{steps_per_epoch} "
-                              f"loss {rec['loss']:.4f}" + (f" acc {rec['accuracy']:.3f}" if classify else "")
-                              + f" {rec['samples_per_s']:.0f} samples/s")
-                window = {"loss": 0.0, "correct": 0.0, "count": 0.0, "time": 0.0, "steps": 0}
-            if spec.checkpoint.every_steps and global_step % spec.checkpoint.every_steps == 0:
-                save_checkpoint()
-        batches.close()
-        if step_in_epoch == steps_per_epoch:
-            last_eval = evaluate_and_log()
-            epoch, step_in_epoch = epoch + 1, 0
-            if spec.checkpoint.every_epochs and epoch % spec.checkpoint.every_epochs == 0:
-                if not (spec.checkpoint.every_steps and global_step % spec.checkpoint.every_steps == 0):
-                    save_checkpoint()
-    if global_step == total_steps and step_in_epoch:  # a job of `steps` that ends mid-epoch
-        last_eval = evaluate_and_log()
-    wall = time.perf_counter() - t_run
-    have_final = checkpoint.path_for(spec.checkpoint_dir, global_step).exists() if world.rank == 0 else None
-    if world.size > 1:
-        have_final = world.comm.bcast(have_final, root=0)
-    if not have_final:
-        save_checkpoint()  # the final state is always on disk
-
-    steps = max(1, totals["steps"])
-    timing = backend.average({k: totals[k] / steps for k in ("data", "compute", "sync", "optimizer")})
-    summary = {
-        "name": spec.name, "backend": backend.name, "model": spec.model.name, "precision": spec.precision,
-        "world": {**world.as_dict(), "size": world.size}, "epochs": epoch, "global_step": global_step,
-        "steps_this_run": totals["steps"], "resumed_from": resumed_from, "wall_seconds": wall,
-        "samples_per_s": totals["samples"] / wall if wall > 0 else 0.0,
-        "step_time_breakdown_s": timing, "final": last_eval,
-        "target_accuracy": spec.target_accuracy,
-        "reached_target": (last_eval.get("val_accuracy", 0) >= spec.target_accuracy) if spec.target_accuracy else None,
-        "versions": _versions(), "fingerprint": fingerprint,
-    }
-    if world.rank == 0:
-        metrics_file.close()
-        tmp = run_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, run_dir / "summary.json")
-        logger.info("done: %d steps in %.1f s, %.0f samples/s; %s", totals["steps"], wall, summary["samples_per_s"],
-                    " ".join(f"{k} {v:.4f}" for k, v in last_eval.items()) or "no held-out split")
-    model = net = optimizer = scheduler = None  # a DDP model must go before its process group (Gloo threads)
-    gc.collect()
-    backend.close()
+    trainer = Trainer(spec, resume=resume, objective=objective, callbacks=callbacks)
+    summary = trainer.fit(stop_at=stop_at)
+    trainer.close()  # not on an exception: fail-fast ends the job, and close() is a collective
     return summary

@@ -1,0 +1,122 @@
+"""The training state a checkpoint holds, and where a resumed run continues.
+
+A checkpoint (one file, written atomically by rank 0, see `checkpoint`) holds: the model with
+BatchNorm statistics averaged over ranks, each rank's own statistics (`rank_buffers`, so that
+saving changes nothing and a resume on as many ranks continues exactly), the optimizer and
+scheduler state, the position (epoch, step in epoch, global step), the world size, the RNG
+states, the spec and its fingerprint.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from mpidl import log
+from mpidl.errors import BadInput
+from mpidl.spec import JobSpec
+from mpidl.train import checkpoint
+
+
+@dataclass
+class Position:
+    """Where training stands: `global_step` optimizer steps done, `step_in_epoch` of them in `epoch`."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+
+
+def float_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: b for k, b in model.named_buffers() if b.is_floating_point() and b.numel()}
+
+
+def averaged_buffers(world, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Float buffers (BatchNorm statistics, kept per rank while training) averaged over ranks."""
+    out = {}
+    for k, b in float_buffers(model).items():
+        arr = b.detach().to("cpu", torch.float64).numpy().copy()
+        if world.size > 1:
+            from mpi4py import MPI
+
+            world.comm.Allreduce(MPI.IN_PLACE, arr, op=MPI.SUM)
+        out[k] = torch.from_numpy(arr / world.size).to(b.dtype)
+    return out
+
+
+def sync_buffers(world, model: nn.Module) -> None:
+    """Make every rank's buffers the average: evaluation sees one model."""
+    if world.size > 1:
+        for k, avg in averaged_buffers(world, model).items():
+            float_buffers(model)[k].copy_(avg)
+
+
+def read_latest(spec: JobSpec, world, resume: Union[bool, str]) -> Optional[dict]:
+    """Rank 0's newest checkpoint of this job, on every rank; None for a fresh start.
+
+    resume=True requires one; resume="auto" (a requeued job) takes one if there is one.
+    """
+    folder, fingerprint = spec.checkpoint_dir, spec.fingerprint()
+
+    def read() -> Optional[dict]:
+        if world.rank != 0:
+            return None
+        found = checkpoint.latest(folder)
+        if found is None:
+            if resume == "auto":
+                return None
+            raise BadInput(f"{folder}: --resume given but no checkpoint (ckpt-*.pt) is there")
+        return {"path": str(found), **checkpoint.load(found, fingerprint)}
+
+    state = world.agree(read)
+    if world.size > 1:
+        state = world.comm.bcast(state, root=0)
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    """For code that draws from the global generators; the loop itself reseeds torch each step."""
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+
+
+def resume_position(state: dict, spec: JobSpec, world, steps_per_epoch: int) -> Position:
+    """Where a run resumed from `state` continues; on another world size, re-sharded."""
+    pos = Position(epoch=state["epoch"])
+    if state["world_size"] == world.size:
+        pos.step_in_epoch, pos.global_step = state["step_in_epoch"], state["global_step"]
+    else:  # re-shard: keep the samples consumed in this epoch, in steps of the new size
+        per_step = spec.data.batch * spec.accumulate
+        seen = state["step_in_epoch"] * state["world_size"] * per_step
+        pos.step_in_epoch = min(seen // (world.size * per_step), steps_per_epoch)
+        pos.global_step = pos.epoch * steps_per_epoch + pos.step_in_epoch
+        log.get().warning("resuming a %d-rank checkpoint on %d ranks: epoch %d continues at step %d of %d",
+                          state["world_size"], world.size, pos.epoch, pos.step_in_epoch, steps_per_epoch)
+    if pos.step_in_epoch >= steps_per_epoch:
+        pos.epoch, pos.step_in_epoch = pos.epoch + 1, 0
+    return pos
+
+
+def snapshot(world, spec: JobSpec, net: nn.Module, optimizer, scheduler, pos: Position) -> Optional[dict]:
+    """The checkpoint contents (on rank 0; None elsewhere). A collective: call on every rank.
+
+    The saved model has the averaged buffers; each rank's own are kept beside it so a resume
+    on as many ranks continues exactly (saving must not change the training).
+    """
+    avg = averaged_buffers(world, net)
+    mine = {k: b.detach().cpu().clone() for k, b in float_buffers(net).items()}
+    per_rank = world.comm.gather(mine, root=0) if world.size > 1 else [mine]
+    if world.rank != 0:
+        return None
+    weights = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+    weights.update(avg)
+    return {"model": weights, "rank_buffers": per_rank, "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch,
+            "global_step": pos.global_step, "world_size": world.size, "fingerprint": spec.fingerprint(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "spec": spec.model_dump(mode="json")}
