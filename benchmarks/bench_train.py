@@ -144,7 +144,7 @@ def mpidl_job(work: Path, w: Workload, backend: str, steps: int, log_every: int,
 
 
 def run_mpidl(job: Path, np_: int, w: Workload) -> list[float]:
-    cmd = [sys.executable, "-m", "mpidl.cli", "train", str(job)]
+    cmd = [sys.executable, "-m", "mpidl.cli", "train", str(job), "--overwrite"]  # repeats reuse the folder
     if np_ > 1:
         cmd = ["mpirun", "-np", str(np_), *cmd]
     env = {**os.environ, **MPI_ENV}

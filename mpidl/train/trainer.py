@@ -50,14 +50,15 @@ from mpidl.train import checkpoint
 from mpidl.train.backends import make_backend
 from mpidl.train.callbacks import Callback
 from mpidl.train.evaluate import evaluate
+from mpidl.train.finite import FiniteLoss
 from mpidl.train.inputs import build_inputs, steps_per_epoch
 from mpidl.train.models import model_for
 from mpidl.train.objectives import Objective, default_for
 from mpidl.train.optim import build_optimizer, build_scheduler, lr_scale
 from mpidl.train.preemption import Preemption
 from mpidl.train.record import Recorder, versions
-from mpidl.train.state import (Position, float_buffers, read_latest, restore_rng, resume_position,
-                               snapshot)
+from mpidl.train.state import (Position, float_buffers, fresh_run_dir, read_latest, restore_rng,
+                               resume_position, snapshot)
 
 BUCKETS = ("data", "compute", "sync", "optimizer")
 
@@ -70,7 +71,7 @@ class Trainer:
     """One job on this rank. The constructor sets everything up (a collective); `fit` runs it."""
 
     def __init__(self, spec: JobSpec, resume: Union[bool, str] = False, objective: Optional[Objective] = None,
-                 callbacks: Sequence[Callback] = ()):
+                 callbacks: Sequence[Callback] = (), overwrite: bool = False):
         self.spec = spec
         self.world = world = mpidl.init()
         self.log = log.get()
@@ -86,15 +87,17 @@ class Trainer:
         self.objective = objective or default_for(self.inputs.classify)
         self.callbacks = list(callbacks)
 
+        self.backend = backend = world.agree(lambda: make_backend(spec.backend, world, {
+            **spec.model_dump().get(spec.backend, {}), "backward_passes_per_step": spec.accumulate}))
         model = world.agree(lambda: model_for(spec, self.inputs.train_source)).to(self.device)
         self.channels_last = spec.model.channels_last
-        if self.channels_last and spec.backend != "horovod":
-            # Horovod 0.28 rejects non-contiguous (channels_last) weights and gradients; there the
-            # inputs alone are channels_last, which still selects NHWC convolution kernels.
+        if self.channels_last and backend.channels_last_weights:
             model = model.to(memory_format=torch.channels_last)
         optimizer = build_optimizer(spec, model, spec.optimizer.lr * lr_scale(spec, world.size))
 
         # Resume: rank 0 reads the newest checkpoint, every rank gets it.
+        if not resume:
+            world.agree(lambda: fresh_run_dir(spec, world, overwrite))
         state = read_latest(spec, world, resume) if resume else None
         self.position = Position()
         self.resumed_from = None
@@ -108,8 +111,6 @@ class Trainer:
                           p.step_in_epoch, p.global_step)
         same_world = state is not None and state["world_size"] == world.size
 
-        self.backend = backend = world.agree(lambda: make_backend(spec.backend, world, {
-            **spec.model_dump().get(spec.backend, {}), "backward_passes_per_step": spec.accumulate}))
         self.model, self.optimizer = backend.prepare(model, optimizer)  # rank 0's weights and buffers everywhere
         if state is not None:
             # Into the optimizer the backend returned: Horovod's wrapper is a new optimizer that
@@ -134,6 +135,7 @@ class Trainer:
         self._sync_device = (torch.cuda.synchronize if self.device.type == "cuda" and spec.timing == "sync"
                              else (lambda: None))
         self.preempted: Optional[str] = None
+        self.finite = FiniteLoss(world.rank, lagged=self.device.type == "cuda")
         self.last_eval: dict = {}
         self.log.info("%s: %s on %d rank(s) (%s), backend %s, %d steps/epoch × %d epochs, batch %d/rank",
                       spec.name, spec.model.name, world.size, world.launcher, backend.name, self.steps_per_epoch,
@@ -163,6 +165,7 @@ class Trainer:
             with (contextlib.nullcontext() if last else backend.no_sync(model, optimizer)):
                 with self.autocast:
                     loss, out = self.objective(model, x, y)
+                self.finite.watch(step, loss, x)
                 (loss / spec.accumulate).backward()
             self._sync_device()
             t_data += tb - ta
@@ -233,6 +236,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Rank 0 writes the checkpoint of the current step atomically (a collective)."""
+        self.finite.check()  # never save weights that a non-finite loss has reached
         state = snapshot(self.world, self.spec, self.net, self.optimizer, self.scheduler, self.position)
         if state is not None:
             path = checkpoint.save(self.spec.checkpoint_dir, self.position.global_step, state, self.spec.checkpoint.keep)
@@ -327,13 +331,14 @@ class Trainer:
 
 
 def train(spec: JobSpec, resume: Union[bool, str] = False, stop_at: Optional[int] = None,
-          objective: Optional[Objective] = None, callbacks: Sequence[Callback] = ()) -> dict:
+          objective: Optional[Objective] = None, callbacks: Sequence[Callback] = (), overwrite: bool = False) -> dict:
     """Run the job; returns the summary (on every rank; rank 0 also writes it).
 
     resume: True continues from the newest checkpoint (BadInput if none); "auto" does so when
-    there is one (a requeued job) and starts fresh otherwise.
+    there is one (a requeued job) and starts fresh otherwise. A fresh start into a run folder
+    that holds another run's checkpoints is refused unless `overwrite` (which clears them).
     """
-    trainer = Trainer(spec, resume=resume, objective=objective, callbacks=callbacks)
+    trainer = Trainer(spec, resume=resume, objective=objective, callbacks=callbacks, overwrite=overwrite)
     summary = trainer.fit(stop_at=stop_at)
     trainer.close()  # not on an exception: fail-fast ends the job, and close() is a collective
     return summary

@@ -20,6 +20,9 @@ from mpidl.train.backends import Backend
 
 class HorovodBackend(Backend):
     name = "horovod"
+    # Horovod 0.28 rejects non-contiguous (channels_last) weights and gradients; with inputs alone
+    # channels_last, convolutions still pick their NHWC kernels.
+    channels_last_weights = False
 
     def __init__(self, world, options: dict):
         super().__init__(world, options)
