@@ -236,10 +236,24 @@ def report_and_abort(world: World, exc: BaseException) -> None:
     world.abort(1)
 
 
+_before_finalize: list[Callable[[], None]] = []
+
+
+def before_finalize(fn: Callable[[], None]) -> None:
+    """Run `fn` before MPI is finalised when all ranks leave together (e.g. `hvd.shutdown`:
+    Horovod's background thread must stop before MPI_Finalize, or the exit turns into an abort)."""
+    _before_finalize.append(fn)
+
+
 def _exit_together(world: World, code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     try:
+        for fn in reversed(_before_finalize):
+            try:
+                fn()
+            except Exception:
+                pass  # leaving anyway; the exit code is what matters
         from mpi4py import MPI
 
         if MPI.Is_initialized() and not MPI.Is_finalized():

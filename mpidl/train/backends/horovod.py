@@ -16,6 +16,7 @@ from torch import nn
 import horovod.torch as hvd  # at import time, so make_backend can report a missing Horovod
 
 from mpidl.train.backends import Backend
+from mpidl.world import before_finalize
 
 
 class HorovodBackend(Backend):
@@ -32,6 +33,7 @@ class HorovodBackend(Backend):
             os.environ["HOROVOD_CYCLE_TIME"] = str(options["cycle_time_ms"])
         self.hvd = hvd
         hvd.init()  # joins the MPI world mpidl.init() started
+        before_finalize(hvd.shutdown)  # a bad-input exit after this point leaves through MPI_Finalize
         if hvd.rank() != world.rank or hvd.size() != world.size:
             raise RuntimeError(f"Horovod sees rank {hvd.rank()}/{hvd.size()}, MPI {world.rank}/{world.size}")
 
