@@ -83,6 +83,17 @@ WORKLOADS = {
 }
 
 
+def plain_update(model, opt, loss_fn, x, y, autocast) -> None:
+    """The step users write: forward, loss, backward, optimizer step."""
+    with autocast:
+        loss = loss_fn(model(x).float(), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if x.device.type == "cpu":
+        float(loss.detach())  # what a loop that logs does; on a GPU it would stall the queue
+
+
 def plain(w: Workload, path: str, steps: int, log_every: int) -> list[float]:
     """The reference loop: returns samples/s per window of log_every steps."""
     import contextlib
@@ -122,13 +133,7 @@ def plain(w: Workload, path: str, steps: int, log_every: int) -> list[float]:
             x, y = x_all[idx].to(device).float().div_(255).contiguous(memory_format=fmt), y_all[idx].to(device)
         else:
             x, y = x_fixed, y_fixed
-        with autocast:
-            loss = loss_fn(model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if device.type == "cpu":
-            float(loss.detach())  # what a loop that logs does; on a GPU it would stall the queue
+        plain_update(model, opt, loss_fn, x, y, autocast)
         if step % log_every == 0:
             sync()
             now = time.perf_counter()
@@ -207,14 +212,7 @@ def inprocess(w: Workload, job: Path, windows: int, window_steps: int) -> dict:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def plain_step() -> None:
-        x = x_u8.float().div_(255).contiguous(memory_format=fmt)
-        with autocast:
-            loss = loss_fn(net(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if device.type == "cpu":
-            float(loss.detach())
+        plain_update(net, opt, loss_fn, x_u8.float().div_(255).contiguous(memory_format=fmt), y, autocast)
 
     steps = trainer.steps()
     plain_s, mpidl_s = [], []
