@@ -49,6 +49,7 @@ def _quiet_ao():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated.*")
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        warnings.filterwarnings("ignore", message=".*reduce_range will be deprecated.*")
         yield
 
 
