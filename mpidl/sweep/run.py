@@ -48,6 +48,9 @@ def run_sweep(path: str, world, retry_failed: bool = False) -> list[dict]:
             ensure_data(spec, world)
 
     one = world_for(MPI.COMM_SELF)
+    # The first optimizer a process builds imports torch._dynamo (seconds): pay it on every rank
+    # at once here, not inside whichever tasks come first.
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     finished = [0]
     t_start = time.time()
 

@@ -40,11 +40,13 @@ def captured(path: Path) -> Iterator[Any]:
         handler = logging.StreamHandler(f)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         saved, level = logger.handlers[:], logger.level
-        logger.handlers, logger.level = [handler], logging.INFO
+        logger.handlers = [handler]
+        logger.setLevel(logging.INFO)  # other ranks log warnings only, to the terminal
         try:
             yield f
         finally:
-            logger.handlers, logger.level = saved, level
+            logger.handlers = saved
+            logger.setLevel(level)
 
 
 def metric_of(summary: dict, name: str) -> Optional[float]:
