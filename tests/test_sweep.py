@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import mpidl_cmd, mpirun
+from conftest import ROOT, mpidl_cmd, mpirun
 from mpidl.errors import BadInput
 from mpidl.sweep import plan
 
@@ -128,3 +128,11 @@ def test_plan_grid_times_random_draws(tmp_path):
     with pytest.raises(BadInput, match="unknown field 'data.synth.colour'"):
         plan.check_field("data.synth.colour", "x")
     plan.check_field("model.args.anything", "x")  # model arguments are checked when the model is built
+
+
+def test_shipped_sweep_plans_six_tasks():
+    sweep, tasks = plan.load(str(ROOT / "jobs" / "sweep-demo.yaml"))
+    assert len(tasks) == 6 and sweep.metric == "val_accuracy"
+    assert {(t.spec.optimizer.lr, t.spec.model.args["width"]) for t in tasks} == \
+        {(lr, w) for lr in (0.02, 0.05, 0.1) for w in (16, 32)}
+    assert all(t.spec.epochs == 2 and t.spec.backend == "mpi" for t in tasks)
