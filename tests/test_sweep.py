@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
+import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import ROOT, mpidl_cmd, mpirun
+from conftest import MPIRUN, ROOT, clean_env, mpidl_cmd, mpirun
 from mpidl.errors import BadInput
 from mpidl.sweep import plan
 
@@ -92,6 +95,32 @@ def test_uneven_tasks_keep_every_rank_busy(tmp_path):
     long_rank = next(t["rank"] for t in table if t["steps"] == 8000)
     assert set(per_rank) == {0, 1}
     assert per_rank[long_rank] < per_rank[1 - long_rank], per_rank
+
+
+def test_preemption_signal_stops_the_sweep_and_it_resumes(tmp_path):
+    """SIGUSR2 (SLURM's warning; mpirun forwards it): the running tasks stop with a checkpoint,
+    no task starts, the sweep exits 0; run again, it finishes, the stopped tasks from their checkpoints."""
+    path = sweep_file(tmp_path, set={"log_every": 10}, grid={"steps": [3000, 3001, 3002, 3003]})
+    p = subprocess.Popen([MPIRUN, "-np", "2", *mpidl_cmd("sweep", path)], cwd=ROOT, env=clean_env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tasks = tmp_path / "out" / "tasks"
+    deadline = time.monotonic() + 300
+    while not any(f.stat().st_size for f in tasks.glob("*/metrics.jsonl")):  # a task is training
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+        time.sleep(0.2)
+    p.send_signal(signal.SIGUSR2)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, out + err
+    assert "interrupted" in out
+    first = {t["task"]: t["status"] for t in results(tmp_path)}
+    assert "ok" not in first.values() or list(first.values()).count("ok") < 4, first
+    stopped = [t for t in tasks.iterdir() if (t / "checkpoints").is_dir() and not (t / "result.json").exists()]
+    assert stopped  # a task cut off, with its checkpoint
+
+    r = mpirun(2, mpidl_cmd("sweep", path), timeout=600)
+    assert r.returncode == 0, r.output[-3000:]
+    assert all(t["status"] == "ok" for t in results(tmp_path))
+    assert all("resumed from" in (t / "task.log").read_text() for t in stopped)
 
 
 @pytest.mark.parametrize("body,expect", [

@@ -4,7 +4,8 @@
 
 Each rank sets torch to its own cores and runs tasks in this process, one at a time, each on a
 world of one rank (`mpidl.world.world_for(MPI.COMM_SELF)`); rank 0 hands them out as ranks
-come free (`dispatch`). Synthetic data the tasks read is generated once, by all ranks, before
+come free (`dispatch`). A preemption signal (SIGUSR2, SIGTERM) stops the running tasks with
+a checkpoint and starts no new one. Synthetic data the tasks read is generated once, by all ranks, before
 the first task. Run again, the sweep skips the tasks it finished (failed ones too, unless
 `retry_failed`) and resumes a task cut off mid-way from its checkpoint.
 """
@@ -17,6 +18,7 @@ import torch
 
 from mpidl.sweep import dispatch, plan, results
 from mpidl.sweep.task import cores_per_rank, run_task
+from mpidl.train.preemption import Preemption
 
 
 def run_sweep(path: str, world, retry_failed: bool = False) -> list[dict]:
@@ -55,6 +57,8 @@ def run_sweep(path: str, world, retry_failed: bool = False) -> list[dict]:
     t_start = time.time()
 
     def work(i: int) -> dict:
+        if signals.requested():  # a preemption signal arrived between tasks: start no more
+            return {"index": i, "status": "interrupted", "stop": True, "rank": world.rank, "seconds": 0.0}
         return run_task(tasks[i], one, world.rank, threads, sweep.metric)
 
     def record(result: dict) -> None:  # rank 0, one result at a time
@@ -69,7 +73,10 @@ def run_sweep(path: str, world, retry_failed: bool = False) -> list[dict]:
         print(f"[{finished[0]}/{len(todo)}] {result['status']:<11} {task.id} {task.label}  {shown}  "
               f"(rank {result['rank']}, {result['seconds']:.1f} s)", file=console, flush=True)
 
-    dispatch.distribute(world, todo, work, record)
+    # SIGUSR2/SIGTERM (SLURM's warning before preemption or the time limit): a running task stops
+    # after its step with a checkpoint (its own handler), and no rank starts another.
+    with Preemption(one) as signals:
+        dispatch.distribute(world, todo, work, record)
     if world.rank != 0:
         return []
     table = results.rows(sweep, tasks, results.read_done(tasks))
