@@ -102,8 +102,8 @@ class OptimizerSpec(Strict):
         # checkpoint must match to resume), as it was before these options existed.
         out = handler(self)
         for k in ("clip_grad_norm", "clip_weights"):
-            if out.get(k, 0) is None:
-                out.pop(k)
+            if k in out and out[k] is None:
+                del out[k]
         return out
 
 

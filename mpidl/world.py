@@ -192,7 +192,7 @@ def world_for(comm, device: Optional[str] = None) -> World:
 
     For work that runs on part of the job: `world_for(MPI.COMM_SELF)` is a world of one for
     a sweep's task, which a Trainer takes in place of the global World. Fail-fast stays
-    armed for the whole job; `device` defaults to the one this rank's local rank picks.
+    armed for the whole job; `device` defaults to this rank's device in the whole job.
     """
     base = init()
     node = comm.Split_type(_mpi().COMM_TYPE_SHARED, key=comm.Get_rank())

@@ -160,7 +160,7 @@ def test_plan_grid_times_random_draws(tmp_path):
 
 
 def test_shipped_sweep_plans_six_tasks():
-    sweep, tasks = plan.load(str(ROOT / "jobs" / "sweep-demo.yaml"))
+    sweep, tasks = plan.load(str(ROOT / "jobs" / "sweeps" / "demo.yaml"))
     assert len(tasks) == 6 and sweep.metric == "val_accuracy"
     assert {(t.spec.optimizer.lr, t.spec.model.args["width"]) for t in tasks} == \
         {(lr, w) for lr in (0.02, 0.05, 0.1) for w in (16, 32)}
