@@ -46,7 +46,8 @@ def rows(sweep: SweepSpec, tasks: list[Task], done: dict[str, dict]) -> list[dic
     for t in tasks:
         r = done.get(t.id, {})
         out.append({"task": t.id, "status": r.get("status", "not run"), sweep.metric: r.get("metric"),
-                    **t.params, "seconds": r.get("seconds"), "rank": r.get("rank"), "error": r.get("error", "")})
+                    **t.params, "seconds": round(r["seconds"], 2) if "seconds" in r else None, "rank": r.get("rank"),
+                    "error": r.get("error", "")})
     sign = -1 if sweep.mode == "max" else 1
 
     def order(row: dict) -> tuple:
