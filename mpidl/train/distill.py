@@ -132,6 +132,7 @@ class DistillReport(Callback):
                 rates["student"].append(throughput(run_student, x, sync))
                 rates["teacher"].append(throughput(self.objective.teacher_logits, x, sync))
         student.train()
+        self.batch = x.shape[0]
         return {k: statistics.median(v) for k, v in rates.items()}
 
     def on_end(self, trainer, summary: dict) -> None:
@@ -146,7 +147,7 @@ class DistillReport(Callback):
                         "parameters": parameters(self.objective.teacher),
                         "val_accuracy": final.get("val_teacher_accuracy"),
                         "inference_samples_per_s": rates["teacher"]},
-            "inference_batch": spec.data.batch, "inference_per": "rank (mean over ranks, all measuring at once)",
+            "inference_batch": self.batch, "inference_per": "rank (mean over ranks, all measuring at once)",
         }
         d = summary["distill"]
         trainer.log.info("distill: student %s %d params, accuracy %s, %.0f samples/s; teacher %s %d params, "
