@@ -12,8 +12,12 @@ from mpidl.errors import EXIT_BAD_INPUT, BadInput
 def cmd_info(args: argparse.Namespace) -> int:
     import mpidl
 
+    from mpidl import net
+
     world = mpidl.init()
-    rows = world.comm.gather(world.as_dict(), root=0)
+    iface = net.chosen()
+    row = {**world.as_dict(), "net": f"{iface.name} {iface.address}" if iface else None}
+    rows = world.comm.gather(row, root=0)
     if world.rank == 0:
         for row in rows:
             if args.json:
@@ -34,17 +38,53 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if doctor.healthy(results) else 1
 
 
+def cmd_net(args: argparse.Namespace) -> int:
+    import os
+    import shlex
+
+    from mpidl import net
+
+    if args.export:
+        for k, v in net.launcher_env().items():
+            print(f"export {k}={shlex.quote(v)}")
+        return 0
+    spec = os.environ.get(net.VAR, "")
+    ifaces = net.interfaces()
+    chosen = net.select(spec, ifaces) if spec else None
+    report = {
+        net.VAR: spec or None,
+        "interface": chosen.name if chosen else None,
+        "address": chosen.address if chosen else None,
+        "rank_env": net.rank_env(spec, chosen, os.environ) if chosen else {},
+        "launcher_env": net.launcher_env(),
+        "interfaces": [f"{i.name} {i.address}/{i.prefix}" for i in ifaces],
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for k, v in report.items():
+            print(f"{k}: {v}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mpidl", description="Data-parallel PyTorch training on HPC clusters.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("info", help="each rank's World, printed by rank 0 in rank order")
+    s = sub.add_parser("info", help="each rank's World (and its MPIDL_NET interface), printed by rank 0 in rank order")
     s.add_argument("--json", action="store_true", help="one JSON object per rank")
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("doctor", help="check the stack: torch, MPI, Horovod, h5py, submitit, SLURM")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_doctor)
+
+    s = sub.add_parser("net", help="the network between nodes this host would use (MPIDL_NET), and the "
+                                   "variables mpidl sets for OpenMPI, Gloo and NCCL")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--export", action="store_true",
+                   help="print `export` lines for the launcher (mpirun's interface and keepalive)")
+    s.set_defaults(func=cmd_net)
 
     from mpidl.data.cli import register as register_data
     from mpidl.quant.cli import register as register_quantize

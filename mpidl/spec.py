@@ -121,10 +121,13 @@ class HorovodSpec(Strict):
     op: Literal["average", "adasum"] = "average"
     fusion_threshold_mb: Optional[float] = Field(default=None, ge=0)
     cycle_time_ms: Optional[float] = Field(default=None, gt=0)
+    stall_check_s: Optional[float] = Field(default=None, gt=0, description="warn about ranks missing from an allreduce")
+    stall_shutdown_s: Optional[float] = Field(default=None, gt=0, description="then end the job")
 
 
 class DDPSpec(Strict):
     bucket_cap_mb: float = Field(default=25, gt=0)
+    timeout_s: float = Field(default=45, gt=0, description="a collective waiting longer (a lost rank) ends the job")
 
 
 class MPISpec(Strict):

@@ -16,7 +16,7 @@ import socket
 import sys
 import threading
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping, Optional, TypeVar
 
 from mpidl.errors import BadInput, Diverged, EXIT_BAD_INPUT
@@ -98,6 +98,12 @@ class World:
     device: str
     launcher: str
     comm: Any = field(repr=False, compare=False, default=None)
+    node_comm: Any = field(repr=False, compare=False, default=None)  # the ranks on this node
+
+    @property
+    def across_nodes(self) -> bool:
+        """Whether the job spans more than one node."""
+        return self.local_size < self.size
 
     @property
     def is_root(self) -> bool:
@@ -109,9 +115,7 @@ class World:
             self.comm.Barrier()
 
     def as_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("comm")
-        return d
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("comm", "node_comm")}
 
     def agree(self, fn: Callable[[], T]) -> T:
         """Run `fn` on every rank; if it raises BadInput anywhere, raise it everywhere.
@@ -158,20 +162,28 @@ def init(fail_fast: bool = True) -> World:
         if _world is not None:
             return _world
         launcher = detect_launcher(os.environ)
+        from mpidl import net
+
+        try:
+            net.apply()  # before MPI starts: it reads its interface choice then
+            net_error = None
+        except BadInput as e:
+            net_error = e  # reported by every rank together, once MPI is up
         comm = _mpi_comm()
         rank, size = comm.Get_rank(), comm.Get_size()
-        node = comm.Split_type(_mpi().COMM_TYPE_SHARED, key=rank)
+        host = socket.gethostname()
+        node = _node_comm(comm, host)
         local_rank, local_size = node.Get_rank(), node.Get_size()
-        node.Free()
         _world = World(
             rank=rank,
             size=size,
             local_rank=local_rank,
             local_size=local_size,
-            host=socket.gethostname(),
+            host=host,
             device=pick_device(local_rank),
             launcher=launcher,
             comm=comm,
+            node_comm=node,
         )
         from mpidl import log
 
@@ -184,6 +196,8 @@ def init(fail_fast: bool = True) -> World:
                 logger.warning(warning)
         if fail_fast:
             _arm_fail_fast(_world)
+        if os.environ.get(net.VAR):  # set alike on every rank: a bad value fails on all together
+            _world.agree(lambda: _raise(net_error))
         return _world
 
 
@@ -195,11 +209,31 @@ def world_for(comm, device: Optional[str] = None) -> World:
     armed for the whole job; `device` defaults to this rank's device in the whole job.
     """
     base = init()
-    node = comm.Split_type(_mpi().COMM_TYPE_SHARED, key=comm.Get_rank())
-    local_rank, local_size = node.Get_rank(), node.Get_size()
-    node.Free()
-    return World(rank=comm.Get_rank(), size=comm.Get_size(), local_rank=local_rank, local_size=local_size,
-                 host=base.host, device=device or base.device, launcher=base.launcher, comm=comm)
+    node = _node_comm(comm, base.host)
+    return World(rank=comm.Get_rank(), size=comm.Get_size(), local_rank=node.Get_rank(), local_size=node.Get_size(),
+                 host=base.host, device=device or base.device, launcher=base.launcher, comm=comm, node_comm=node)
+
+
+def _raise(error: Optional[BaseException]) -> None:
+    if error is not None:
+        raise error
+
+
+def _node_comm(comm, host: str):
+    """The ranks on this node: those that share memory with this one and its host name.
+
+    MPI's shared-memory split follows the launcher's idea of a node (one orted, one slurmd);
+    ranks on one kernel but in different containers or network namespaces share memory yet
+    are different hosts to everything else (node-local staging, rendezvous addresses), so the
+    host name splits them further.
+    """
+    shared = comm.Split_type(_mpi().COMM_TYPE_SHARED, key=comm.Get_rank())
+    hosts = shared.allgather(host)
+    if len(set(hosts)) == 1:
+        return shared
+    node = shared.Split(color=sorted(set(hosts)).index(host), key=shared.Get_rank())
+    shared.Free()
+    return node
 
 
 def current() -> Optional[World]:

@@ -121,3 +121,107 @@ def slurm_cluster(tmp_path_factory):
     cluster_env = {**env, "SLURM_CONF": str(state / "slurm.conf")}
     yield cluster_env
     run(["bash", script, "stop"], env=env, timeout=60)
+
+
+# ------------------------------------------------------------------ emulated nodes
+
+CLUSTER_SH = str(ROOT / "slurm" / "cluster.sh")
+
+
+def multinode_unavailable() -> str | None:
+    """Why `cluster.sh start --nodes 2` cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "emulated nodes need root (network namespaces)"
+    for tool in ("ip", "nsenter", "unshare"):
+        if shutil.which(tool) is None:
+            return f"emulated nodes need '{tool}'"
+    if shutil.which("slurmctld") is None or shutil.which("srun") is None:
+        return "SLURM is not installed (as root: bash slurm/cluster.sh install)"
+    return None
+
+
+@dataclass
+class Nodes:
+    """A running `cluster.sh start --nodes N`: its state folder, client env, and what it made."""
+
+    dir: Path
+    env: dict
+    subnet: str
+    made: list[tuple[str, str]]
+
+    def netns(self, node: str) -> str:
+        return next(what for kind, what in self.made if kind == "netns" and what.endswith("-" + node))
+
+    def pids_on(self, node: str, marker: str = "") -> list[int]:
+        """Processes running inside `node` (its network namespace) whose command line holds `marker`."""
+        ino = os.stat(f"/run/netns/{self.netns(node)}").st_ino
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                if os.stat(f"/proc/{entry}/ns/net").st_ino != ino:
+                    continue
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if marker in cmdline:
+                found.append(int(entry))
+        return found
+
+    def leftovers(self) -> list[str]:
+        """What of this cluster still exists: namespaces, links, mounts, live daemons."""
+        left = []
+        netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+        mounts = Path("/proc/mounts").read_text()
+        for kind, what in self.made:
+            if kind == "netns" and what in netns.split():
+                left.append(f"namespace {what}")
+            elif kind == "link" and (f" {what}:" in links or f" {what}@" in links):
+                left.append(f"link {what}")
+            elif kind == "uts" and f" {what} " in mounts:
+                left.append(f"mount {what}")
+            elif kind == "pidfile" and Path(what).exists():
+                pid = Path(what).read_text().strip()
+                if pid.isdigit() and Path(f"/proc/{pid}").exists():
+                    left.append(f"process {pid} ({what})")
+        return left
+
+
+def start_nodes(state: Path, n: int) -> Nodes:
+    env = {"MPIDL_SLURM_DIR": str(state), "MPIDL_SLURMCTLD_PORT": str(_free_port()),
+           "MPIDL_SLURMD_PORT": str(_free_port())}
+    started = run(["bash", CLUSTER_SH, "start", "--nodes", str(n)], env=env, timeout=120)
+    made = [tuple(line.split(" ", 1)) for line in (state / "made").read_text().splitlines()] \
+        if (state / "made").exists() else []
+    nodes = Nodes(state, {**env, "SLURM_CONF": str(state / "slurm.conf")},
+                  (state / "subnet").read_text().strip() if (state / "subnet").exists() else "", made)
+    if started.returncode != 0:
+        stop_nodes(nodes)
+        raise AssertionError(started.output)
+    return nodes
+
+
+def stop_nodes(nodes: Nodes) -> list[str]:
+    """Stop the cluster; what it left behind (should be nothing)."""
+    run(["bash", CLUSTER_SH, "stop"], env=nodes.env, timeout=90)
+    return nodes.leftovers()
+
+
+@pytest.fixture(scope="session")
+def two_nodes(tmp_path_factory):
+    """Two emulated compute nodes (node1, node2) under one SLURM controller, shared by the session.
+
+    Skips where they cannot run (not root, no iproute2, no SLURM). Teardown fails the session if
+    anything the cluster made is left behind.
+    """
+    why = multinode_unavailable()
+    if why:
+        pytest.skip(why)
+    nodes = start_nodes(tmp_path_factory.mktemp("nodes"), 2)
+    try:
+        yield nodes
+    finally:
+        left = stop_nodes(nodes)
+        assert not left, f"cluster.sh stop left {left}"

@@ -189,7 +189,7 @@ class ShardedLoader:
     loader's buffers and stay valid until the next batch is requested: `.clone()` one to keep
     it longer (on CUDA each batch is a fresh device tensor). stage_dir: copy this rank's rows there once and
     read them from there in later epochs (the rank then keeps its rows across epochs and
-    reshuffles them locally).
+    reshuffles them locally); one process per node copies, for every rank on it.
     """
 
     def __init__(self, source: H5Source, world, batch_size: int, seed: int = 0, shuffle: str = "block",
@@ -278,32 +278,52 @@ class ShardedLoader:
 
     # ------------------------------------------------------------------ staging
     def _stage(self) -> H5Source:
-        """Copy this rank's fixed share of rows to stage_dir once (atomically) and return it."""
+        """This rank's fixed share of rows, copied to stage_dir once per node, and return it.
+
+        The node's local rank 0 copies the share of every rank on its node (each to its own file,
+        atomically) while the node's other ranks wait for it: the source is read by one process
+        per node, and a node-local disk is written by one. A collective on the node.
+        """
         if self._staged is not None:
             return self._staged
+        src, w = self.source, self.world
+        node = w.node_comm if w.local_size > 1 else None
+        here = node.allgather(w.rank) if node is not None else [w.rank]
+        if w.local_rank == 0:
+            for rank in here:
+                path = self._stage_path(rank)
+                if not path.exists():
+                    self._copy_share(rank, path)
+        if node is not None:
+            node.Barrier()
+        self._staged = H5Source(str(self._stage_path(w.rank)), keys=src.keys).validate()
+        return self._staged
+
+    def _stage_path(self, rank: int) -> Path:
+        name = (f"mpidl-stage-{self.source.signature()}-b{self.batch_size}-s{self.seed}"
+                f"-r{rank}of{self.world.size}.h5")
+        return Path(self.stage_dir) / name
+
+    def _copy_share(self, rank: int, path: Path) -> None:
         import h5py
 
         src, w = self.source, self.world
         steps = steps_per_epoch(len(src), w.size, self.batch_size, drop_last=True)
-        name = f"mpidl-stage-{src.signature()}-b{self.batch_size}-s{self.seed}-r{w.rank}of{w.size}.h5"
-        path = Path(self.stage_dir) / name
-        if not path.exists():
-            Path(self.stage_dir).mkdir(parents=True, exist_ok=True)
-            # The share: this rank's rows of a seed-only block order, read once from the source.
-            share = plan_rank(len(src), w.size, w.rank, self.batch_size, self.seed, _STAGE_EPOCH, block=self.block,
-                              window=self.window, drop_last=True, shuffle="block" if self.shuffle != "none" else "none")
-            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-            rows = steps * self.batch_size
-            with src.open() as reader, h5py.File(tmp, "w") as out:
-                dsets = {k: out.create_dataset(k, (rows, *src.shapes[k]), src.dtypes[k]) for k in src.keys}
-                pos = 0
-                for win in share.windows:
-                    for a, b in _coalesce(win.ranges):
-                        for k in src.keys:
-                            part = np.empty((b - a, *src.shapes[k]), src.dtypes[k])
-                            reader.read(k, a, b, part)
-                            dsets[k][pos:pos + b - a] = part
-                        pos += b - a
-            os.replace(tmp, path)
-        self._staged = H5Source(str(path), keys=src.keys).validate()
-        return self._staged
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # The share: the rank's rows of a seed-only block order, read once from the source.
+        share = plan_rank(len(src), w.size, rank, self.batch_size, self.seed, _STAGE_EPOCH, block=self.block,
+                          window=self.window, drop_last=True, shuffle="block" if self.shuffle != "none" else "none")
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        rows = steps * self.batch_size
+        with src.open() as reader, h5py.File(tmp, "w") as out:
+            out.attrs["mpidl_staged_by"] = f"{w.host} rank {w.rank}"
+            dsets = {k: out.create_dataset(k, (rows, *src.shapes[k]), src.dtypes[k]) for k in src.keys}
+            pos = 0
+            for win in share.windows:
+                for a, b in _coalesce(win.ranges):
+                    for k in src.keys:
+                        part = np.empty((b - a, *src.shapes[k]), src.dtypes[k])
+                        reader.read(k, a, b, part)
+                        dsets[k][pos:pos + b - a] = part
+                    pos += b - a
+        os.replace(tmp, path)

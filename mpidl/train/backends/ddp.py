@@ -2,12 +2,17 @@
 
 Rank 0 picks its address and a free port and broadcasts them over MPI; every rank then
 joins a torch.distributed group (NCCL on CUDA, Gloo on CPU) with MPI's rank and size.
+Across nodes the address is one every node can reach (`mpidl.net.rendezvous_address`, never
+loopback), and Gloo and NCCL use the interface each node reaches it through, unless the user
+chose one (MPIDL_NET, GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME). A collective that waits longer
+than `timeout_s` (a rank or node gone silent) raises, which ends the job.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
 import inspect
+import os
 import socket
 import sys
 from typing import Iterator
@@ -17,15 +22,17 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from mpidl import net
+from mpidl.errors import BadInput
 from mpidl.train.backends import Backend, broadcast_module
 
 
-def _address() -> str:
-    host = socket.gethostname()
+def _rendezvous(across_nodes: bool):
+    """(address, port) on rank 0, or the error message every rank will raise."""
     try:
-        return socket.gethostbyname(host)
-    except OSError:
-        return "127.0.0.1"
+        return net.rendezvous_address(across_nodes), _free_port()
+    except BadInput as e:
+        return str(e)
 
 
 def _free_port() -> int:
@@ -40,14 +47,23 @@ class DDPBackend(Backend):
     def __init__(self, world, options: dict):
         super().__init__(world, options)
         self.device = torch.device(world.device)
-        addr = (_address(), _free_port()) if world.rank == 0 else None
+        addr = _rendezvous(world.across_nodes) if world.rank == 0 else None
         if world.size > 1:
             addr = world.comm.bcast(addr, root=0)
+        if isinstance(addr, str):  # rank 0 found no address: every rank says so (exit 2)
+            raise BadInput(addr)
+        if world.across_nodes:
+            # Gloo binds to whatever the host name resolves to, loopback included: name the
+            # interface that leads to rank 0 instead (NCCL alike), unless the user named one.
+            ifname = net.interface_towards(addr[0])
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", ifname)
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", "=" + ifname)
         if not dist.is_initialized():
             hook = sys.excepthook
+            timeout = datetime.timedelta(seconds=float(self.options.get("timeout_s", 45)))
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
                                     init_method=f"tcp://{addr[0]}:{addr[1]}", rank=world.rank,
-                                    world_size=world.size, timeout=datetime.timedelta(minutes=5))
+                                    world_size=world.size, timeout=timeout)
             # init_process_group wraps sys.excepthook to buffer stderr, and our hook aborts the
             # job from inside it, so the buffered traceback would be lost: keep ours.
             sys.excepthook = hook

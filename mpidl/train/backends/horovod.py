@@ -2,6 +2,8 @@
 
 Options (the job's `horovod:` section): compression none|fp16, op average|adasum,
 fusion_threshold_mb and cycle_time_ms (set before hvd.init, as Horovod reads them then),
+stall_check_s and stall_shutdown_s (a rank missing from an allreduce: warn, then end the job;
+the environment's HOROVOD_STALL_* apply when the spec leaves them out),
 backward_passes_per_step (gradient accumulation, from the job's `accumulate`).
 """
 from __future__ import annotations
@@ -19,6 +21,9 @@ from mpidl.train.backends import Backend
 from mpidl.world import before_finalize
 
 
+STALL_DEFAULTS = {"stall_check_s": 20, "stall_shutdown_s": 40}
+
+
 class HorovodBackend(Backend):
     name = "horovod"
     # Horovod 0.28 rejects non-contiguous (channels_last) weights and gradients; with inputs alone
@@ -31,6 +36,14 @@ class HorovodBackend(Backend):
             os.environ["HOROVOD_FUSION_THRESHOLD"] = str(int(float(options["fusion_threshold_mb"]) * 2**20))
         if options.get("cycle_time_ms") is not None:
             os.environ["HOROVOD_CYCLE_TIME"] = str(options["cycle_time_ms"])
+        # A rank that stops submitting tensors (stuck, or its node gone) is reported after
+        # stall_check_s and ends the job after stall_shutdown_s; Horovod itself only warns.
+        for key, var in (("stall_check_s", "HOROVOD_STALL_CHECK_TIME_SECONDS"),
+                         ("stall_shutdown_s", "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS")):
+            if options.get(key) is not None:
+                os.environ[var] = str(int(options[key]))
+            else:
+                os.environ.setdefault(var, str(STALL_DEFAULTS[key]))
         self.hvd = hvd
         hvd.init()  # joins the MPI world mpidl.init() started
         before_finalize(hvd.shutdown)  # a bad-input exit after this point leaves through MPI_Finalize
