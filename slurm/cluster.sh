@@ -15,7 +15,8 @@
 # SLURM_CONF pointing at the generated slurm.conf.
 #
 # With --nodes N (N >= 2, root only): nodes node1..nodeN, each a network namespace plus a UTS
-# namespace (its own hostname), linked by veth pairs to a bridge this script creates in a private
+# namespace (its own hostname) and a mount namespace (its own /etc/hosts, Debian-style: its name
+# on 127.0.1.1), linked by veth pairs to a bridge this script creates in a private
 # /24 that no interface here uses yet. The bridge's address (.1) is the controller's; node k is
 # .(k+1). Nothing is routed anywhere else. Every namespace, link and daemon made is listed in
 # $DIR/made, and `stop` removes exactly those (and ends whatever still runs inside the nodes).
@@ -168,6 +169,10 @@ start_nodes() {
     record link "$br"
     ip addr add "$net.1/24" dev "$br"
     ip link set "$br" up
+    # Namespaces are kept by bind mounts on files; those must sit on a private mount.
+    mount --bind "$DIR/ns" "$DIR/ns"
+    record mount "$DIR/ns"
+    mount --make-private "$DIR/ns"
     for i in $(seq 1 "$n"); do
         local node="node$i" ns uts
         ns="$(netns_of "$node")"; uts="$(uts_of "$node")"
@@ -183,6 +188,18 @@ start_nodes() {
         : > "$uts"
         unshare --uts="$uts" hostname "$node"
         record uts "$uts"
+        : > "$DIR/ns/$node.mnt"
+        unshare --mount="$DIR/ns/$node.mnt" --propagation private true
+        record mnt "$DIR/ns/$node.mnt"
+    done
+    # Each node's own /etc/hosts, as Debian writes it: its own name on 127.0.1.1 first (the
+    # trap for anything that hands its host name's address to other nodes), then every node.
+    for i in $(seq 1 "$n"); do
+        {
+            printf '127.0.0.1\tlocalhost\n127.0.1.1\tnode%s\n%s.1\t%s\n' "$i" "$net" "$host"
+            for j in $(seq 1 "$n"); do printf '%s.%s\tnode%s\n' "$net" "$((j + 1))" "$j"; done
+        } > "$DIR/ns/node$i.hosts"
+        nsenter --mount="$DIR/ns/node$i.mnt" mount --bind "$DIR/ns/node$i.hosts" /etc/hosts
     done
     echo "$net.0/24" > "$DIR/subnet"
 
@@ -215,13 +232,13 @@ EOC
     say "up: $n nodes idle (node1..node$n on $net.0/24), SLURM_CONF=$CONF"
 }
 
-# Run argv inside a node: its network and its hostname.
+# Run argv inside a node: its network, its hostname, its /etc/hosts (in the current folder).
 on_node() {
     local node="$1"; shift
     local ns
     ns="$(netns_of "$node")"
     [ -e "/run/netns/$ns" ] && [ -e "$(uts_of "$node")" ] || die "no emulated node '$node' under $DIR"
-    nsenter --net="/run/netns/$ns" --uts="$(uts_of "$node")" -- "$@"
+    nsenter --net="/run/netns/$ns" --uts="$(uts_of "$node")" --mount="$DIR/ns/$node.mnt" --wd="$PWD" -- "$@"
 }
 
 # The inode of every network namespace this cluster made, for finding what still runs there.
@@ -264,7 +281,8 @@ stop_nodes() {
     end_in_namespaces
     tac "$MADE" | while read -r kind what; do
         case "$kind" in
-            uts) umount "$what" 2>/dev/null || true; rm -f "$what" ;;
+            uts | mnt) umount "$what" 2>/dev/null || true; rm -f "$what" ;;
+            mount) umount "$what" 2>/dev/null || true ;;
             netns) ip netns del "$what" 2>/dev/null || true ;;
             link) ip link del "$what" 2>/dev/null || true ;;
         esac

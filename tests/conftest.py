@@ -180,7 +180,7 @@ class Nodes:
                 left.append(f"namespace {what}")
             elif kind == "link" and (f" {what}:" in links or f" {what}@" in links):
                 left.append(f"link {what}")
-            elif kind == "uts" and f" {what} " in mounts:
+            elif kind in ("uts", "mnt", "mount") and f" {what} " in mounts:
                 left.append(f"mount {what}")
             elif kind == "pidfile" and Path(what).exists():
                 pid = Path(what).read_text().strip()

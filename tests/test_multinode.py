@@ -66,6 +66,25 @@ def test_two_nodes_idle_each_its_own_host_and_address(two_nodes):
     subnet = two_nodes.subnet.rsplit(".", 1)[0]  # "10.x.y"
     assert set(seen) == {"node1", "node2"}
     assert seen["node1"] == [f"{subnet}.2/24"] and seen["node2"] == [f"{subnet}.3/24"]
+    # a node's own name resolves to 127.0.1.1 there (Debian's /etc/hosts), the other's to its address
+    resolve = f"{PYTHON} -c 'import socket; print(*map(socket.gethostbyname, (\"node1\", \"node2\")))'"
+    r = run(["bash", CLUSTER_SH, "exec", "node1", resolve], env=two_nodes.env)
+    assert r.stdout.split() == ["127.0.1.1", f"{subnet}.3"], r.output
+    # the nodes reach each other (a TCP connection from node2 to node1)
+    server = subprocess.Popen(["bash", CLUSTER_SH, "exec", "node1",
+                               f"exec {PYTHON} -c 'import socket; s = socket.create_server((\"\", 0)); "
+                               f"print(s.getsockname()[1], flush=True); c, a = s.accept(); print(a[0], flush=True)'"],
+                              stdout=subprocess.PIPE, text=True, env=clean_env(two_nodes.env))
+    try:
+        port = server.stdout.readline().strip()
+        r = run(["bash", CLUSTER_SH, "exec", "node2",
+                 f"{PYTHON} -c 'import socket; socket.create_connection((\"node1\", {port}), timeout=10)'"],
+                env=two_nodes.env)
+        assert r.returncode == 0, r.output
+        assert server.stdout.readline().strip() == f"{subnet}.3"
+    finally:
+        server.kill()
+        server.wait()
 
 
 def test_start_stop_removes_exactly_what_it_made(tmp_path):
@@ -73,7 +92,7 @@ def test_start_stop_removes_exactly_what_it_made(tmp_path):
         pytest.skip(multinode_unavailable())
     nodes = start_nodes(tmp_path / "c", 2)
     kinds = sorted({kind for kind, _ in nodes.made})
-    assert kinds == ["link", "netns", "pidfile", "uts"]
+    assert kinds == ["link", "mnt", "mount", "netns", "pidfile", "uts"]
     assert len([1 for k, _ in nodes.made if k == "netns"]) == 2
     assert len(nodes.leftovers()) == len(nodes.made)  # while it runs, all of it is there
     # something still running inside a node (a job step's child, say) is ended by stop too
