@@ -155,15 +155,16 @@ def test_mpirun_inside_sbatch_across_nodes(two_nodes, tmp_path):
         f"#SBATCH -N 2 --ntasks-per-node=2 -o {shlex.quote(str(out))}\n"
         f"cd {shlex.quote(str(ROOT))}\n"
         f"mpirun {shlex.join(mpidl_cmd('info', '--json'))}\n")
-    r = run(["sbatch", "--wait", str(script)], env=two_nodes.env, timeout=240)
-    text = out.read_text() if out.exists() else ""
-    assert r.returncode == 0, r.output + text
-    for _ in range(20):  # slurmd flushes the output file as the job ends
-        if len(rows(text)) == 4:
+    r = run(["sbatch", "--parsable", str(script)], env=two_nodes.env, timeout=60)
+    assert r.returncode == 0, r.output
+    job = r.stdout.strip().split(";")[0]
+    for _ in range(480):  # sbatch --wait polls every few seconds; this is quicker
+        state = run(["scontrol", "-o", "show", "job", job], env=two_nodes.env).stdout
+        if "JobState=COMPLETED" in state and out.exists() and len(rows(out.read_text())) == 4:
             break
+        assert "JobState=FAILED" not in state and "JobState=CANCELLED" not in state, state + out.read_text()
         time.sleep(0.5)
-        text = out.read_text()
-    got = rows(text)
+    got = rows(out.read_text())
     assert [(w["rank"], w["host"], w["local_rank"], w["local_size"], w["launcher"]) for w in got] == [
         (0, "node1", 0, 2, "mpirun"), (1, "node1", 1, 2, "mpirun"),
         (2, "node2", 0, 2, "mpirun"), (3, "node2", 1, 2, "mpirun")]
@@ -296,17 +297,17 @@ def test_demo_trains_across_nodes(two_nodes, tmp_path, backend, per_node):
 
 @needs_nodes
 def test_resume_on_another_node_count(two_nodes, tmp_path):
-    """2 nodes × 2 ranks stop mid-run; 1 node × 2 ranks, on node2 (where the checkpoint was not
-    written), resumes from the shared folder and finishes the job."""
+    """2 nodes × 1 rank stop mid-run; 1 node × 2 ranks, on node2 (not where rank 0 wrote the
+    checkpoint), resume from the folder both see and finish the job."""
     args = demo_args(tmp_path, "mpi", "run")
-    r = srun(two_nodes, 2, mpidl_cmd(*cli_args(args), "--stop-at", "40"), timeout=400)
+    r = srun(two_nodes, 1, mpidl_cmd(*cli_args(args), "--stop-at", "70"), timeout=400)
     assert r.returncode == 0, r.output[-4000:]
-    # 3600 rows / (4 ranks × 32) = 28 steps an epoch: the epoch's checkpoint and the stop's
+    # 3600 rows / (2 ranks × 32) = 56 steps an epoch: the epoch's checkpoint and the stop's
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
-        "ckpt-000000028.pt", "ckpt-000000040.pt"]
+        "ckpt-000000056.pt", "ckpt-000000070.pt"]
     r = srun(two_nodes, 2, pycode(TRAIN) + args + ["--resume"], where=["node2"], timeout=400)
     assert r.returncode == 0, r.output[-4000:]
-    assert f"resumed from {tmp_path / 'run' / 'checkpoints' / 'ckpt-000000040.pt'}" in r.stdout, r.output[-2000:]
+    assert f"resumed from {tmp_path / 'run' / 'checkpoints' / 'ckpt-000000070.pt'}" in r.stdout, r.output[-2000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["world"]["size"] == 2 and summary["final"]["val_accuracy"] >= 0.8
     seen = ranks_line(r.stdout)
@@ -380,20 +381,20 @@ def restore_link(nodes, link: str) -> None:
         state = run(["sinfo", "-h", "-n", "node2", "-o", "%T"], env=nodes.env).stdout.strip()
         if state == "idle":
             return
-        if state.startswith("down") and not state.endswith("*"):
+        if state.startswith("down"):  # SLURM saw it go silent: take it back (as an admin would)
             run(["scontrol", "update", "nodename=node2", "state=resume"], env=nodes.env)
         time.sleep(0.5)
     raise AssertionError(f"node2 did not come back: {state}")
 
 
 @needs_nodes
-@pytest.mark.parametrize("launcher", ["mpirun", "srun"])
-def test_node_cut_off_the_network_ends_the_job(two_nodes, tmp_path, launcher):
-    """node2's link goes down mid-training: nothing is reset, its ranks just go silent. mpirun's
-    daemons notice through their TCP keepalive (`mpidl.net.launcher_env`), SLURM through its
-    SlurmdTimeout (30 s on this cluster)."""
+def test_node_cut_off_the_network_ends_the_job(two_nodes, tmp_path):
+    """node2's link goes down mid-training: nothing is reset, its ranks just go silent, and every
+    rank waits in a collective. mpirun's daemons notice through the TCP keepalive that
+    `mpidl.net.launcher_env` sets (OpenMPI's own default would take 8 minutes). (Under srun,
+    SLURM's SlurmdTimeout does it: see the README; not repeated here, to keep the suite short.)"""
     link = next(what for kind, what in two_nodes.made if kind == "link" and what.endswith("v2"))
-    p, run_dir = start_training(two_nodes, tmp_path, "mpi", launcher)
+    p, run_dir = start_training(two_nodes, tmp_path, "mpi", "mpirun")
     subprocess.run(["ip", "link", "set", link, "down"], check=True)
     try:
         code, err = ended_within(p, 60)
@@ -402,7 +403,4 @@ def test_node_cut_off_the_network_ends_the_job(two_nodes, tmp_path, launcher):
             os.kill(pid, signal.SIGKILL)
         restore_link(two_nodes, link)
     assert code != 0
-    if launcher == "mpirun":
-        assert "ORTE has lost communication with a remote daemon" in err and "on node node2" in err, err[-3000:]
-    else:
-        assert "srun: error: Node failure on node2" in err, err[-3000:]
+    assert "ORTE has lost communication with a remote daemon" in err and "on node node2" in err, err[-3000:]
