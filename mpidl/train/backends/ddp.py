@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from mpidl import net
+from mpidl import log, net
 from mpidl.errors import BadInput
 from mpidl.train.backends import Backend, broadcast_module
 
@@ -52,12 +52,17 @@ class DDPBackend(Backend):
             addr = world.comm.bcast(addr, root=0)
         if isinstance(addr, str):  # rank 0 found no address: every rank says so (exit 2)
             raise BadInput(addr)
+        self.rendezvous = f"{addr[0]}:{addr[1]}"
         if world.across_nodes:
             # Gloo binds to whatever the host name resolves to, loopback included: name the
             # interface that leads to rank 0 instead (NCCL alike), unless the user named one.
             ifname = net.interface_towards(addr[0])
             os.environ.setdefault("GLOO_SOCKET_IFNAME", ifname)
             os.environ.setdefault("NCCL_SOCKET_IFNAME", "=" + ifname)
+        # What Gloo (CPU) or NCCL (GPU) will bind to; None: the library's own choice (one node).
+        self.interface = os.environ.get("NCCL_SOCKET_IFNAME" if self.device.type == "cuda" else "GLOO_SOCKET_IFNAME")
+        log.get().info("ddp: rendezvous at %s, interface %s, collective timeout %g s", self.rendezvous,
+                       self.interface or "(the library's choice)", float(self.options.get("timeout_s", 45)))
         if not dist.is_initialized():
             hook = sys.excepthook
             timeout = datetime.timedelta(seconds=float(self.options.get("timeout_s", 45)))
