@@ -218,7 +218,7 @@ EOC
     done
     echo "PartitionName=debug Nodes=node[1-$n] Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES" >> "$CONF"
 
-    start_munge
+    munge_answers || die "munged does not answer (/run/munge/munge.socket.2)"
     export SLURM_CONF="$CONF"
     slurmctld -f "$CONF"
     record pidfile "$DIR/run/slurmctld.pid"
@@ -230,6 +230,17 @@ EOC
     wait_idle "$n" || die "the $n nodes did not come up within 30 s"
     trap - EXIT
     say "up: $n nodes idle (node1..node$n on $net.0/24), SLURM_CONF=$CONF"
+}
+
+# munged is shared by every cluster here, and another cluster's `stop` may just have ended it:
+# wait until it answers, starting it again once it is gone.
+munge_answers() {
+    for _ in $(seq 1 100); do
+        munge -n </dev/null >/dev/null 2>&1 && return 0
+        pgrep -x munged >/dev/null || start_munge
+        sleep 0.1
+    done
+    return 1
 }
 
 # Run argv inside a node: its network, its hostname, its /etc/hosts (in the current folder).
