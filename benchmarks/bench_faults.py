@@ -1,16 +1,19 @@
-"""How soon a lost node ends a job, on two emulated nodes (slurm/cluster.sh start --nodes 2; root).
+"""How soon a lost node or a stuck rank ends a job, on two emulated nodes (slurm/cluster.sh start --nodes 2; root).
 
-For each case, the demo job (shrunk) trains on 2 nodes × 2 ranks; once a few metrics records are
-written, node2's ranks are killed or node2's link is taken down, and the seconds until the
-launcher returns are measured, with the line that names the lost node. A case still running
-after --limit seconds counts as a hang (and is killed). Writes benchmarks/results/faults-<machine>.json.
+For each case, the demo job (shrunk) trains on 2 nodes × 2 ranks with the default settings; once a
+few metrics records are written, node2's ranks are killed ("kill"), node2's link is taken down
+("link down"), or the last rank's training thread hangs while its process lives on ("stuck": only
+the backend's own timeout can notice). The seconds from the fault until the launcher returns are
+measured, with the first line that names the loss. A case still running after --limit seconds
+counts as a hang (and is killed). Writes benchmarks/results/faults-<machine>.json.
 
-    .venv/bin/python benchmarks/bench_faults.py [--repeats 1] [--limit 120]
+    .venv/bin/python benchmarks/bench_faults.py [--repeats 1] [--limit 120] [--only kill,stuck]
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,17 +26,52 @@ from common import REPO, write_result
 
 sys.path.insert(0, str(REPO))
 from mpidl import net  # noqa: E402
+from mpidl.spec import DDPSpec  # noqa: E402
 
 CLUSTER = str(REPO / "slurm" / "cluster.sh")
 PYTHON = str(REPO / ".venv" / "bin" / "python")
 DEMO = ["data.synth.rows=4000", "data.synth.size=8", "data.synth.noise=100", "model.args.width=16",
         "data.batch=32", "epochs=200", "log_every=2"]
-CASES = [  # (launcher, backend, fault)
-    ("mpirun", "mpi", "kill"), ("mpirun", "ddp", "kill"), ("mpirun", "horovod", "kill"),
-    ("srun -K", "mpi", "kill"), ("srun -K", "ddp", "kill"), ("srun -K", "horovod", "kill"),
-    ("mpirun", "mpi", "link down"), ("srun -K", "mpi", "link down"),
-]
-NAMING = ("node2", "rank 2", "rank 3")
+LAUNCHERS = ("mpirun", "srun -K")
+BACKENDS = ("mpi", "ddp", "horovod")
+FAULTS = ("kill", "link down", "stuck")
+CASES = [(launcher, backend, fault) for fault in FAULTS for launcher in LAUNCHERS for backend in BACKENDS
+         if fault != "stuck" or launcher == "srun -K"]  # a stuck rank is the backend's business, not the launcher's
+# The first stderr line that names the loss: the launcher's, Horovod's stall report, Gloo's timeout.
+NAMING = re.compile(r"srun: error: (node2|Node failure).*|mpirun noticed that process rank .*|"
+                    r"Remote daemon.*on node node2.*|Missing ranks:\n.*|.*Timed out waiting \d+ms.*")
+# The training, as a script: the last rank's training thread hangs at its 7th forward (stuck).
+TRAIN = """
+import sys, time, mpidl
+from pathlib import Path
+from mpidl.spec import load_spec
+from mpidl.train.callbacks import Callback
+from mpidl.train.trainer import train
+
+w = mpidl.init()
+fault, job, sets = sys.argv[1], sys.argv[2], sys.argv[3:]
+out = Path(next(s for s in sets if s.startswith("output=")).split("=", 1)[1])
+
+class Stuck(Callback):
+    def on_start(self, trainer):
+        calls = [0]
+        def hook(module, args):
+            calls[0] += 1
+            if w.rank == w.size - 1 and calls[0] == 7:
+                (out.parent / (out.name + ".stuck")).touch()
+                time.sleep(3600)
+        trainer.net.register_forward_pre_hook(hook)
+
+train(load_spec(job, sets), callbacks=[Stuck()] if fault == "stuck" else [])
+"""
+
+
+def horovod_stall_defaults() -> dict | None:
+    try:
+        from mpidl.train.backends.horovod import STALL_DEFAULTS
+    except ImportError:
+        return None
+    return STALL_DEFAULTS
 
 
 def free_port() -> int:
@@ -54,57 +92,65 @@ def in_netns(ns: str, marker: str) -> list[int]:
     return found
 
 
-def one(state: Path, env: dict, made: list[list[str]], launcher: str, backend: str, fault: str, limit: float,
-        work: Path) -> dict:
+def wait_node2_idle(env: dict) -> None:
+    """After a link went down: node2 back in service (SLURM may have marked it down meanwhile)."""
+    for _ in range(240):
+        st = subprocess.run(["sinfo", "-h", "-n", "node2", "-o", "%T"], capture_output=True, text=True,
+                            env=env).stdout.strip()
+        if st == "idle":
+            return
+        if st.startswith("down"):
+            subprocess.run(["scontrol", "update", "nodename=node2", "state=resume"], env=env)
+        time.sleep(0.5)
+
+
+def one(env: dict, made: list[list[str]], launcher: str, backend: str, fault: str, limit: float, work: Path) -> dict:
     out = work / f"{launcher.split()[0]}-{backend}-{fault.replace(' ', '')}-{time.monotonic_ns()}"
     sets = [f"backend={backend}", f"data.files={work / 'demo.h5'}", f"output={out}", *DEMO]
-    train = [PYTHON, "-m", "mpidl.cli", "train", str(REPO / "jobs" / "demo.yaml"), *[x for s in sets for x in ("--set", s)]]
+    train = [PYTHON, "-c", TRAIN, fault, str(REPO / "jobs" / "demo.yaml"), *sets]
     if launcher == "mpirun":
         cmd = ["mpirun", "-H", "node1:2,node2:2", "-np", "4", "--mca", "plm_rsh_agent", f"{CLUSTER} exec", *train]
     else:
         cmd = ["srun", "-K", "-N", "2", "--ntasks-per-node=2", "--mpi=pmix", *train]
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
-    metrics = out / "metrics.jsonl"
-    while p.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        time.sleep(0.2)
-    ns = next(what for kind, what in made if kind == "netns" and what.endswith("-node2"))
-    link = next(what for kind, what in made if kind == "link" and what.endswith("v2"))
-    t0 = time.monotonic()
-    if fault == "kill":
-        for pid in in_netns(ns, str(out)):
+    with open(work / "stderr", "w+") as err:  # a file: a full pipe would stall the job
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True, env=env, cwd=REPO)
+        metrics, stuck = out / "metrics.jsonl", out.parent / (out.name + ".stuck")
+        nodes = {n: next(w for k, w in made if k == "netns" and w.endswith("-" + n)) for n in ("node1", "node2")}
+        link = next(what for kind, what in made if kind == "link" and what.endswith("v2"))
+        while p.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            time.sleep(0.2)
+        if fault == "kill":
+            for pid in in_netns(nodes["node2"], str(out)):
+                os.kill(pid, signal.SIGKILL)
+        elif fault == "link down":
+            subprocess.run(["ip", "link", "set", link, "down"], check=True)
+        else:
+            while p.poll() is None and not stuck.exists():
+                time.sleep(0.05)
+        t0 = time.monotonic()
+        try:
+            p.wait(timeout=limit)
+            seconds: float | None = time.monotonic() - t0
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+            seconds = None
+        for pid in in_netns(nodes["node2"], str(out)) + in_netns(nodes["node1"], str(out)):
             os.kill(pid, signal.SIGKILL)
-    else:
-        subprocess.run(["ip", "link", "set", link, "down"], check=True)
-    try:
-        _, err = p.communicate(timeout=limit)
-        seconds: float | None = time.monotonic() - t0
-    except subprocess.TimeoutExpired:
-        p.kill()
-        _, err = p.communicate()
-        seconds = None
-    for pid in in_netns(ns, str(out)) + in_netns(next(w for k, w in made if k == "netns" and w.endswith("-node1")),
-                                                 str(out)):
-        os.kill(pid, signal.SIGKILL)
-    if fault != "kill":
-        subprocess.run(["ip", "link", "set", link, "up"], check=True)
-        for _ in range(240):
-            st = subprocess.run(["sinfo", "-h", "-n", "node2", "-o", "%T"], capture_output=True, text=True,
-                                env=env).stdout.strip()
-            if st == "idle":
-                break
-            if st.startswith("down"):
-                subprocess.run(["scontrol", "update", "nodename=node2", "state=resume"], env=env)
-            time.sleep(0.5)
-    line = next((ln.strip() for ln in err.splitlines() if any(n in ln for n in NAMING)
-                 and ("error" in ln.lower() or "noticed" in ln or "daemon" in ln.lower())), "")
+        if fault == "link down":
+            subprocess.run(["ip", "link", "set", link, "up"], check=True)
+            wait_node2_idle(env)
+        err.seek(0)
+        found = NAMING.search(err.read())
     return {"launcher": launcher, "backend": backend, "fault": fault, "seconds": seconds,
-            "exit": p.returncode, "line": line}
+            "exit": p.returncode, "line": found.group(0).replace("\n", " ").strip()[:200] if found else ""}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--limit", type=float, default=120, help="seconds after the fault that count as a hang")
+    ap.add_argument("--only", default=",".join(FAULTS), help=f"faults to try, of {','.join(FAULTS)}")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench_faults: needs root (emulated nodes)", file=sys.stderr)
@@ -121,7 +167,8 @@ def main() -> int:
         subprocess.run(["bash", CLUSTER, "start", "--nodes", "2"], env=env, check=True)
         try:
             made = [line.split(" ", 1) for line in (state / "made").read_text().splitlines()]
-            runs = [one(state, env, made, *case, args.limit, work) for _ in range(args.repeats) for case in CASES]
+            runs = [one(env, made, *case, args.limit, work) for _ in range(args.repeats) for case in CASES
+                    if case[2] in args.only.split(",")]
         finally:
             subprocess.run(["bash", CLUSTER, "stop"], env=env)
     print(f"{'launcher':9} {'backend':8} {'fault':10} {'seconds':>8} {'exit':>5}  line naming the loss")
@@ -129,7 +176,8 @@ def main() -> int:
         secs = f"{r['seconds']:.1f}" if r["seconds"] is not None else "HANG"
         print(f"{r['launcher']:9} {r['backend']:8} {r['fault']:10} {secs:>8} {r['exit']:>5}  {r['line'][:90]}")
     path = write_result("faults", {"runs": runs, "limit_s": args.limit, "keepalive": net.KEEPALIVE,
-                                   "slurmd_timeout_s": 30})
+                                   "slurmd_timeout_s": 30, "ddp_timeout_s": DDPSpec().timeout_s,
+                                   "horovod_stall_s": horovod_stall_defaults()})
     print(f"wrote {path}")
     return 0
 

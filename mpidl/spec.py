@@ -121,8 +121,9 @@ class HorovodSpec(Strict):
     op: Literal["average", "adasum"] = "average"
     fusion_threshold_mb: Optional[float] = Field(default=None, ge=0)
     cycle_time_ms: Optional[float] = Field(default=None, gt=0)
-    stall_check_s: Optional[float] = Field(default=None, gt=0, description="warn about ranks missing from an allreduce")
-    stall_shutdown_s: Optional[float] = Field(default=None, gt=0, description="then end the job")
+    # whole seconds, as Horovod reads them
+    stall_check_s: Optional[int] = Field(default=None, ge=1, description="warn about ranks missing from an allreduce")
+    stall_shutdown_s: Optional[int] = Field(default=None, ge=1, description="then end the job")
 
 
 class DDPSpec(Strict):

@@ -2,7 +2,7 @@
 
 Options (the job's `horovod:` section): compression none|fp16, op average|adasum,
 fusion_threshold_mb and cycle_time_ms (set before hvd.init, as Horovod reads them then),
-stall_check_s and stall_shutdown_s (a rank missing from an allreduce: warn, then end the job;
+stall_check_s and stall_shutdown_s (a stuck rank missing from an allreduce: name it, then end the job;
 the environment's HOROVOD_STALL_* apply when the spec leaves them out),
 backward_passes_per_step (gradient accumulation, from the job's `accumulate`).
 """
@@ -21,7 +21,9 @@ from mpidl.train.backends import Backend
 from mpidl.world import before_finalize
 
 
-STALL_DEFAULTS = {"stall_check_s": 20, "stall_shutdown_s": 40}
+# Horovod's coordinator checks every stall_check_s, so a stall ends the job between
+# stall_shutdown_s and stall_shutdown_s + stall_check_s after it began: within 40 s here.
+STALL_DEFAULTS = {"stall_check_s": 10, "stall_shutdown_s": 30}
 
 
 class HorovodBackend(Backend):
@@ -36,12 +38,13 @@ class HorovodBackend(Backend):
             os.environ["HOROVOD_FUSION_THRESHOLD"] = str(int(float(options["fusion_threshold_mb"]) * 2**20))
         if options.get("cycle_time_ms") is not None:
             os.environ["HOROVOD_CYCLE_TIME"] = str(options["cycle_time_ms"])
-        # A rank that stops submitting tensors (stuck, or its node gone) is reported after
-        # stall_check_s and ends the job after stall_shutdown_s; Horovod itself only warns.
+        # A rank whose training stops while its process lives (a hung read, a deadlock) is named
+        # after stall_check_s and ends the job after stall_shutdown_s; Horovod itself only warns.
+        # (A frozen process or a lost node stops Horovod's own coordination too: the launcher's.)
         for key, var in (("stall_check_s", "HOROVOD_STALL_CHECK_TIME_SECONDS"),
                          ("stall_shutdown_s", "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS")):
             if options.get(key) is not None:
-                os.environ[var] = str(int(options[key]))
+                os.environ[var] = str(options[key])
             else:
                 os.environ.setdefault(var, str(STALL_DEFAULTS[key]))
         self.hvd = hvd
