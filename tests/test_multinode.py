@@ -446,7 +446,7 @@ print("finished", w.rank, flush=True)
 
 
 @needs_nodes
-@pytest.mark.parametrize("backend,launcher", on_backends(("ddp", "srun"), ("horovod", "mpirun"), ("mpi", "mpirun")))
+@pytest.mark.parametrize("backend,launcher", on_backends(("ddp", "srun"), ("horovod", "mpirun")))  # mpi: test_train
 def test_exception_on_the_remote_node_shows_its_traceback_once(two_nodes, tmp_path, backend, launcher):
     args = demo_args(tmp_path, backend, "run")
     r = launch(two_nodes, launcher, 2, pycode(FAULT_ON) + ["raise", *args], timeout=300)
