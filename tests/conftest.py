@@ -203,6 +203,23 @@ def start_nodes(state: Path, n: int) -> Nodes:
     return nodes
 
 
+def reap_dead_clusters(root: Path) -> list[Path]:
+    """Stop the emulated clusters an earlier, killed test session left under `root` (pytest's
+    folder of sessions): their namespaces and links outlive them. Only those none of whose
+    daemons still runs; the state folders stopped."""
+    reaped: list[Path] = []
+    if not root.name.startswith("pytest-of-"):
+        return reaped  # a --basetemp of the user's: not ours to search
+    for made in sorted({p.resolve() for pattern in ("*/*/made", "*/*/*/made") for p in root.glob(pattern)}):
+        pidfiles = [line.split(" ", 1)[1] for line in made.read_text().splitlines() if line.startswith("pidfile ")]
+        pids = [Path(f).read_text().strip() for f in pidfiles if Path(f).exists()]
+        if any(pid.isdigit() and Path(f"/proc/{pid}").exists() for pid in pids):
+            continue  # alive: another session's
+        run(["bash", CLUSTER_SH, "stop"], env={"MPIDL_SLURM_DIR": str(made.parent)}, timeout=90)
+        reaped.append(made.parent)
+    return reaped
+
+
 def stop_nodes(nodes: Nodes) -> list[str]:
     """Stop the cluster; what it left behind (should be nothing)."""
     run(["bash", CLUSTER_SH, "stop"], env=nodes.env, timeout=90)
@@ -219,6 +236,7 @@ def two_nodes(tmp_path_factory):
     why = multinode_unavailable()
     if why:
         pytest.skip(why)
+    reap_dead_clusters(tmp_path_factory.getbasetemp().parent)
     nodes = start_nodes(tmp_path_factory.mktemp("nodes"), 2)
     try:
         yield nodes
