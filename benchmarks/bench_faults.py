@@ -7,7 +7,8 @@ the backend's own timeout can notice). The seconds from the fault until the laun
 measured, with the first line that names the loss. A case still running after --limit seconds
 counts as a hang (and is killed). Writes benchmarks/results/faults-<machine>.json.
 
-    .venv/bin/python benchmarks/bench_faults.py [--repeats 1] [--limit 120] [--only kill,stuck]
+    .venv/bin/python benchmarks/bench_faults.py [--repeats 1] [--limit 120] [--faults kill,stuck]
+        [--launchers mpirun,"srun -K"] [--backends mpi,ddp,horovod]
 """
 from __future__ import annotations
 
@@ -112,13 +113,18 @@ def one(env: dict, made: list[list[str]], launcher: str, backend: str, fault: st
         cmd = ["mpirun", "-H", "node1:2,node2:2", "-np", "4", "--mca", "plm_rsh_agent", f"{CLUSTER} exec", *train]
     else:
         cmd = ["srun", "-K", "-N", "2", "--ntasks-per-node=2", "--mpi=pmix", *train]
-    with open(work / "stderr", "w+") as err:  # a file: a full pipe would stall the job
+    with open(f"{out}.stderr", "w+") as err:  # a file: a full pipe would stall the job
         p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True, env=env, cwd=REPO)
         metrics, stuck = out / "metrics.jsonl", out.parent / (out.name + ".stuck")
         nodes = {n: next(w for k, w in made if k == "netns" and w.endswith("-" + n)) for n in ("node1", "node2")}
         link = next(what for kind, what in made if kind == "link" and what.endswith("v2"))
         while p.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
             time.sleep(0.2)
+        if p.poll() is not None:  # not a measurement: say why
+            err.seek(0)
+            last = [ln for ln in err.read().splitlines() if ln.strip() and "socket.cpp" not in ln][-3:]
+            return {"launcher": launcher, "backend": backend, "fault": fault, "seconds": None, "exit": p.returncode,
+                    "line": "ended before the fault: " + " | ".join(last)[:300]}
         if fault == "kill":
             for pid in in_netns(nodes["node2"], str(out)):
                 os.kill(pid, signal.SIGKILL)
@@ -150,7 +156,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--limit", type=float, default=120, help="seconds after the fault that count as a hang")
-    ap.add_argument("--only", default=",".join(FAULTS), help=f"faults to try, of {','.join(FAULTS)}")
+    ap.add_argument("--faults", default=",".join(FAULTS), help="of %(default)s")
+    ap.add_argument("--launchers", default=",".join(LAUNCHERS), help="of %(default)s")
+    ap.add_argument("--backends", default=",".join(BACKENDS), help="of %(default)s")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench_faults: needs root (emulated nodes)", file=sys.stderr)
@@ -166,9 +174,12 @@ def main() -> int:
         env.update(net.launcher_env(env))
         subprocess.run(["bash", CLUSTER, "start", "--nodes", "2"], env=env, check=True)
         try:
+            slurmd_timeout = next(int(line.split("=")[1]) for line in (state / "slurm.conf").read_text().splitlines()
+                                  if line.startswith("SlurmdTimeout="))
             made = [line.split(" ", 1) for line in (state / "made").read_text().splitlines()]
-            runs = [one(env, made, *case, args.limit, work) for _ in range(args.repeats) for case in CASES
-                    if case[2] in args.only.split(",")]
+            chosen = [c for c in CASES if c[0] in args.launchers.split(",") and c[1] in args.backends.split(",")
+                      and c[2] in args.faults.split(",")]
+            runs = [one(env, made, *case, args.limit, work) for _ in range(args.repeats) for case in chosen]
         finally:
             subprocess.run(["bash", CLUSTER, "stop"], env=env)
     print(f"{'launcher':9} {'backend':8} {'fault':10} {'seconds':>8} {'exit':>5}  line naming the loss")
@@ -176,7 +187,7 @@ def main() -> int:
         secs = f"{r['seconds']:.1f}" if r["seconds"] is not None else "HANG"
         print(f"{r['launcher']:9} {r['backend']:8} {r['fault']:10} {secs:>8} {r['exit']:>5}  {r['line'][:90]}")
     path = write_result("faults", {"runs": runs, "limit_s": args.limit, "keepalive": net.KEEPALIVE,
-                                   "slurmd_timeout_s": 30, "ddp_timeout_s": DDPSpec().timeout_s,
+                                   "slurmd_timeout_s": slurmd_timeout, "ddp_timeout_s": DDPSpec().timeout_s,
                                    "horovod_stall_s": horovod_stall_defaults()})
     print(f"wrote {path}")
     return 0

@@ -210,8 +210,9 @@ SlurmdLogFile=$DIR/log/slurmd-%n.log
 SlurmdPidFile=$DIR/run/slurmd-%n.pid
 # One kernel and one /tmp for all nodes: PMIx's per-step folder (under TmpFS) must differ per node.
 TmpFS=$DIR/tmp/%n
-# A node that stops answering is declared down after this many seconds (default 300).
-SlurmdTimeout=30
+# A node that stops answering slurmctld's pings this many seconds is declared down and its jobs
+# end (default 300; benchmarks/bench_faults.py measures how soon).
+SlurmdTimeout=20
 EOC
     for i in $(seq 1 "$n"); do
         echo "NodeName=node$i NodeAddr=$net.$((i + 1)) CPUs=$(cpus) RealMemory=$(mem_mb "$n") State=UNKNOWN" >> "$CONF"

@@ -498,7 +498,7 @@ CUT_OFF = {  # what notices a silent node, and the line it prints
     # mpirun's daemons, through the TCP keepalive `mpidl.net.launcher_env` sets (OpenMPI's own
     # default would take 8 minutes)
     "mpirun": r"ORTE has lost communication with a remote daemon(.|\n)*on node node2",
-    # slurmctld, after SlurmdTimeout (30 s on the emulated cluster)
+    # slurmctld, after SlurmdTimeout (20 s on the emulated cluster)
     "srun": r"srun: error: Node failure on node2",
 }
 

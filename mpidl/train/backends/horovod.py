@@ -21,8 +21,8 @@ from mpidl.train.backends import Backend
 from mpidl.world import before_finalize
 
 
-# Horovod's coordinator checks every stall_check_s, so a stall ends the job between
-# stall_shutdown_s and stall_shutdown_s + stall_check_s after it began: within 40 s here.
+# Horovod's coordinator checks every stall_check_s, so Horovod shuts down between stall_shutdown_s
+# and stall_shutdown_s + stall_check_s after a stall began (30-40 s here), and the job ends after.
 STALL_DEFAULTS = {"stall_check_s": 10, "stall_shutdown_s": 30}
 
 
