@@ -284,12 +284,28 @@ end_in_namespaces() {
     done
 }
 
+# End these pids: TERM, up to 15 s to exit (slurmctld saves its state), then KILL.
+end_pids() {
+    local p left
+    [ $# -gt 0 ] || return 0
+    kill "$@" 2>/dev/null || true
+    for _ in $(seq 1 150); do
+        left=""
+        for p in "$@"; do kill -0 "$p" 2>/dev/null && left+=" $p"; done
+        [ -n "$left" ] || return 0
+        sleep 0.1
+    done
+    # shellcheck disable=SC2086
+    kill -KILL $left 2>/dev/null || true
+}
+
 stop_nodes() {
-    local kind what
+    local kind what daemons=()
     # Daemons first (by their pid files), then anything left inside the nodes (job steps).
     while read -r kind what; do
-        if [ "$kind" = pidfile ] && alive "$what"; then kill "$(cat "$what")" 2>/dev/null || true; fi
+        if [ "$kind" = pidfile ] && alive "$what"; then daemons+=("$(cat "$what")"); fi
     done < "$MADE"
+    end_pids "${daemons[@]}"
     end_in_namespaces
     tac "$MADE" | while read -r kind what; do
         case "$kind" in
