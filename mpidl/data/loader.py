@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -63,31 +64,30 @@ RUN_BYTES = 192 << 10    # target bytes per direct read: amortises the call, kee
 
 
 class _Pipeline:
-    """The reader thread of one pass over a RankPlan, and the ring of batch buffers it fills."""
+    """The reader thread of one pass over a RankPlan, and the buffers it fills.
 
-    def __init__(self, source: H5Source, plan: RankPlan, start_step: int, prefetch: int, pinned: bool):
-        self.source, self.plan = source, plan
+    Keys read row by row (direct) land in a ring of `prefetch + 2` batch slots. Every other
+    key lands in one of two window buffers, each row decoded straight into its place in batch
+    order, so a batch is a slice of the window (no gather copy). The pool fills one window
+    while the consumer is served from the other; a buffer (or slot) is refilled only after
+    every batch cut from it has been released (on CUDA: after its copy has finished).
+    """
+
+    def __init__(self, source: H5Source, plan: RankPlan, start_step: int, prefetch: int, pinned: bool,
+                 workers: int = 1):
+        self.source, self.plan, self.workers = source, plan, workers
         self.keys = source.keys
         self.shapes, self.dtypes = source.shapes, source.dtypes
-        self.batch = plan.batch
+        self.batch, self.prefetch, self.pinned = plan.batch, prefetch, pinned
+        # Where the reader thread's time goes (seconds), for benchmarks and slow-input diagnosis.
+        self.spent = dict.fromkeys(("window_wait", "buffer_wait", "slot_wait", "direct_reads", "consumer_wait"), 0.0)
         self.stop = threading.Event()
         self.batches: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
-        # Batches are written into a ring of reused buffers: fresh arrays per batch would cost
-        # a page fault per 4 KiB and halve throughput. A slot is free again once the consumer
-        # has asked for the batch after it (and, on CUDA, once its copy to the device is done).
-        self.pinned = pinned
-        self.ring: list[dict[str, Any]] = []
-        for _ in range(prefetch + 2):
-            if pinned:
-                self.ring.append({k: torch.empty((self.batch, *self.shapes[k]), dtype=_torch_dtype(self.dtypes[k]),
-                                                 pin_memory=True) for k in self.keys})
-            else:
-                self.ring.append({k: torch.from_numpy(np.empty((self.batch, *self.shapes[k]), self.dtypes[k]))
-                                  for k in self.keys})
-        self.ring_events: list[Optional[torch.cuda.Event]] = [None] * len(self.ring)
         self.free_slots: queue.Queue = queue.Queue()
-        for i in range(len(self.ring)):
-            self.free_slots.put(i)
+        self.slot_events: dict[int, Optional[torch.cuda.Event]] = {}
+        self.released = threading.Condition()
+        self.held = [0, 0]  # batches of each window buffer not yet released
+        self.buffer_events: list[Optional[torch.cuda.Event]] = [None, None]
         # Skip whole windows before start_step; the rest is skipped inside the first one.
         first, skip = 0, start_step * self.batch
         while first < len(plan.windows) and skip >= plan.windows[first].rows:
@@ -97,65 +97,132 @@ class _Pipeline:
         self.thread = threading.Thread(target=self._guard, daemon=True, name="mpidl-reader")
         self.thread.start()
 
+    def _alloc(self, rows: int, key: str) -> torch.Tensor:
+        """A reused buffer: fresh arrays per batch would cost a page fault per 4 KiB."""
+        shape, dtype = (rows, *self.shapes[key]), self.dtypes[key]
+        if self.pinned:
+            return torch.empty(shape, dtype=_torch_dtype(dtype), pin_memory=True)
+        return torch.from_numpy(np.empty(shape, dtype))
+
     def _guard(self) -> None:
         try:
             self._read()
         except BaseException as e:  # handed to the consumer, which raises it in its own thread
             _put(self.batches, _Failed(e), self.stop)
 
+    def _free_buffer(self, b: int) -> bool:
+        """Wait until every batch cut from window buffer b is released; False when stopped."""
+        t = time.perf_counter()
+        with self.released:
+            while self.held[b] and not self.stop.is_set():
+                self.released.wait(0.05)
+        ev = self.buffer_events[b]
+        if ev is not None:
+            ev.synchronize()  # its last copy to the device has finished
+        self.spent["buffer_wait"] += time.perf_counter() - t
+        return not self.stop.is_set()
+
     def _read(self) -> None:
-        src = self.source
-        with src.open() as reader:
-            direct = [k for k in self.keys if src.row_bytes_of(k) >= DIRECT_ROW_BYTES and reader.byte_addressable(k)]
+        src, clock, spent = self.source, time.perf_counter, self.spent
+        with src.open(self.workers) as reader:
+            direct = [k for k in self.keys if src.row_bytes_of(k) >= DIRECT_ROW_BYTES and reader.addressable(k)]
             windowed = [k for k in self.keys if k not in direct]
-            max_rows = max((w.rows for w in self.plan.windows), default=0)
-            buf = {k: np.empty((max_rows, *self.shapes[k]), self.dtypes[k]) for k in windowed}
+            windows = self.plan.windows[self.first_window:]
+            if not windows:
+                _put(self.batches, _DONE, self.stop)
+                return
+            if direct:
+                ring = [{k: self._alloc(self.batch, k) for k in direct} for _ in range(self.prefetch + 2)]
+                for i in range(len(ring)):
+                    self.free_slots.put(i)
+            max_rows = max(w.rows for w in windows)
+            bufs = [{k: self._alloc(max_rows, k) for k in windowed} for _ in range(min(2, len(windows)))]
+
+            def fill(n: int):  # window n into buffer n % 2, each row at its position in batch order
+                w = windows[n]
+                dest = np.empty_like(w.order)
+                dest[w.order] = np.arange(w.order.size)
+                return reader.start({k: t.numpy() for k, t in bufs[n % 2].items()}, _coalesce(w.ranges), dest)
+
+            pending = fill(0)
             skip = self.skip_rows
-            for w in self.plan.windows[self.first_window:]:
-                pos = 0
-                starts = []
-                for a, b in _coalesce(w.ranges):
-                    for k in windowed:
-                        reader.read(k, a, b, buf[k][pos:pos + b - a])
-                    starts.append((pos, a))
-                    pos += b - a
+            for n, w in enumerate(windows):
+                t = clock()
+                pending.wait()
+                spent["window_wait"] += clock() - t
+                buf, b = bufs[n % 2], n % 2
+                following = n + 1 < len(windows)
                 if direct:  # window position -> source row
-                    rows_at = np.concatenate([np.arange(a, a + n) for (p, a), n in
-                                              zip(starts, np.diff([p for p, _ in starts] + [pos]))])
+                    rows_at = np.concatenate([np.arange(a, z) for a, z in w.ranges])
                 for s in range(skip, w.rows, self.batch):
-                    idx = w.order[s:s + self.batch]
-                    slot = _get(self.free_slots, self.stop)
-                    if slot is _DONE:
+                    if following and self.held[1 - b] == 0:  # the other buffer is free: start the next window
+                        if not self._free_buffer(1 - b):
+                            return
+                        pending, following = fill(n + 1), False
+                    out = {k: t[s:s + self.batch] for k, t in buf.items()}
+                    slot = None
+                    if direct:
+                        t0 = clock()
+                        slot = _get(self.free_slots, self.stop)
+                        if slot is _DONE:
+                            return
+                        ev = self.slot_events.get(slot)
+                        if ev is not None:
+                            ev.synchronize()  # its last copy to the device has finished
+                        t1 = clock()
+                        out.update(ring[slot])
+                        for k in direct:
+                            reader.read_rows(k, rows_at[w.order[s:s + self.batch]], ring[slot][k].numpy())
+                        spent["slot_wait"] += t1 - t0
+                        spent["direct_reads"] += clock() - t1
+                    with self.released:
+                        self.held[b] += 1
+                    if not _put(self.batches, ((slot, b), out), self.stop):
                         return
-                    ev = self.ring_events[slot]
-                    if ev is not None:
-                        ev.synchronize()  # its last copy to the device has finished
-                    out = self.ring[slot]
-                    for k in windowed:
-                        np.take(buf[k], idx, axis=0, out=out[k].numpy())
-                    for k in direct:
-                        reader.read_rows(k, rows_at[idx], out[k].numpy())
-                    if not _put(self.batches, (slot, out), self.stop):
+                if following:
+                    if not self._free_buffer(1 - b):
                         return
+                    pending = fill(n + 1)
                 skip = 0
         _put(self.batches, _DONE, self.stop)
 
-    def __iter__(self) -> Iterator[tuple[int, dict]]:
+    def __iter__(self) -> Iterator[tuple[tuple, dict]]:
         while True:
+            t = time.perf_counter()
             item = _get(self.batches, self.stop)
+            self.spent["consumer_wait"] += time.perf_counter() - t
             if item is _DONE:
                 return
             if isinstance(item, _Failed):
                 raise item.exc
             yield item
 
-    def release(self, slot: int) -> None:
-        """The consumer is done with this slot's batch (on CUDA: once its copy completes)."""
-        self.free_slots.put(slot)
+    def release(self, ticket: tuple, event: Optional[torch.cuda.Event] = None) -> None:
+        """The consumer is done with this batch; on CUDA, once `event` (its copy) has passed."""
+        slot, b = ticket
+        if slot is not None:
+            self.slot_events[slot] = event
+            self.free_slots.put(slot)
+        with self.released:
+            self.buffer_events[b] = event
+            self.held[b] -= 1
+            self.released.notify_all()
 
     def close(self) -> None:
         self.stop.set()
         self.thread.join(timeout=10)
+
+
+def default_workers(world) -> int:
+    """Decoding threads for one rank: the cores it may run on, shared with the node's other ranks
+    unless the launcher already bound each rank to its own cores."""
+    try:
+        mine = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        mine = os.cpu_count() or 1
+    if mine >= (os.cpu_count() or 1):  # not bound: the node's ranks share every core
+        mine //= max(1, getattr(world, "local_size", 1))
+    return max(1, min(16, mine))
 
 
 def _torch_dtype(dtype: np.dtype) -> torch.dtype:
@@ -195,7 +262,7 @@ class ShardedLoader:
     def __init__(self, source: H5Source, world, batch_size: int, seed: int = 0, shuffle: str = "block",
                  drop_last: bool = True, prefetch: int = 4, device: Optional[str] = None,
                  transform: Optional[Callable[[tuple], tuple]] = None, stage_dir: Optional[str] = None,
-                 block: Optional[int] = None, window: Optional[int] = None):
+                 block: Optional[int] = None, window: Optional[int] = None, workers: Optional[int] = None):
         self.world = world
         self.source = source
         world.agree(source.validate)
@@ -215,16 +282,18 @@ class ShardedLoader:
         self.block = block
         # Large rows are read straight into batches in runs of `group` rows (see the module doc).
         big = max(source.row_bytes_of(k) for k in source.keys)
-        direct = big >= DIRECT_ROW_BYTES and all(lay.chunk_rows is None and lay.compression is None
-                                                 for lay in source.layouts)
+        direct = big >= DIRECT_ROW_BYTES and all(source.row_addressable(k) for k in source.keys
+                                                 if source.row_bytes_of(k) >= DIRECT_ROW_BYTES)
         self.group = max(1, min(batch_size // 16, -(-RUN_BYTES // big))) if direct else 1
         # The window is the shuffle buffer. Rows read directly never sit in it, so it can span
         # more blocks for free; otherwise it holds whole rows and stays a few blocks large.
         self.window = window or max((16 if direct else 4) * self.block, 4 * batch_size)
+        self.workers = workers or default_workers(world)
         self.stage_dir = stage_dir
         self._staged: Optional[H5Source] = None
         self.epoch, self.start_step = 0, 0
         self._pipe: Optional[_Pipeline] = None
+        self.spent: dict[str, float] = {}  # the last pass's reader-thread time, by where it went
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Select the epoch's shard and order; start_step skips that many batches (resume)."""
@@ -251,28 +320,29 @@ class ShardedLoader:
         source = self._staged if self.stage_dir is not None else self.source
         assert source is not None
         cuda = self.device.type == "cuda"
-        pipe = _Pipeline(source, plan, self.start_step, self.prefetch, pinned=cuda)
+        pipe = _Pipeline(source, plan, self.start_step, self.prefetch, pinned=cuda, workers=self.workers)
         self._pipe = pipe
         stream = torch.cuda.current_stream(self.device) if cuda else None
-        held: Optional[int] = None
+        held: Optional[tuple] = None
         try:
-            for slot, arrays in pipe:
+            for ticket, arrays in pipe:
                 if held is not None:
                     pipe.release(held)
+                    held = None
                 if cuda:
                     batch = tuple(arrays[k].to(self.device, non_blocking=True) for k in source.keys)
-                    ev = torch.cuda.Event()
+                    ev = torch.cuda.Event(blocking=True)  # the reader thread sleeps on it, not spins
                     ev.record(stream)
-                    pipe.ring_events[slot] = ev
-                    pipe.release(slot)  # reusable once the event has passed; the batcher waits on it
+                    pipe.release(ticket, ev)  # reusable once the copy has passed; the reader waits on it
                 else:
                     batch = tuple(arrays[k] for k in source.keys)
-                    held = slot
+                    held = ticket
                 if self.transform is not None:
                     batch = self.transform(batch)
                 yield batch
         finally:
             pipe.close()
+            self.spent = dict(pipe.spent)
             self._pipe = None
         self.start_step = 0  # a later pass over the same epoch starts at its beginning
 
