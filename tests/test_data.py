@@ -242,6 +242,143 @@ def test_resume_mid_epoch_yields_the_rest():
         os.remove(path)
 
 
+# ---------------------------------------------------------------- every read path against h5py
+# Each layout stores x = random values and y = the global row id, so a batch can be checked
+# against h5py's own read of the same rows, and how mpidl must read x. Chunks (n,) span whole rows.
+LAYOUTS = {
+    "contiguous": ([dict()], "bytes"),
+    "row chunks": ([dict(chunks=(64,))], "bytes"),
+    "auto chunks": ([dict(chunks=True)], "chunks"),
+    "split rows": ([dict(chunks=(50, 2, 8, 3))], "chunks"),
+    "gzip": ([dict(chunks=(64,), compression="gzip")], "chunks"),
+    "gzip shuffle": ([dict(chunks=(40, 3, 4, 8), compression="gzip", shuffle=True)], "chunks"),
+    "lzf": ([dict(chunks=(64,), compression="lzf")], "chunks"),
+    "lzf split": ([dict(chunks=(30, 3, 8, 4), compression="lzf", shuffle=True)], "chunks"),
+    "fletcher32": ([dict(chunks=(64,), fletcher32=True)], "h5py"),
+    "mixed files": ([dict(compression="gzip", chunks=(64,)), dict(), dict(chunks=True, compression="lzf")],
+                    None),
+}
+ROW_SHAPE = (3, 8, 8)  # 768 B of float32: the windowed path; WIDE rows (6 KiB) take the direct path
+
+
+def write_layout(folder, name, sizes=(1000,), row_shape=ROW_SHAPE, noise=True):
+    """Files of one layout; random values (with some incompressible chunks) and y = row id."""
+    kws = LAYOUTS[name][0]
+    rng = np.random.default_rng(len(name))
+    paths, start = [], 0
+    for n, (m, kw) in enumerate(zip(sizes, kws * len(sizes))):
+        x = rng.integers(0, 4, (m, *row_shape)).astype(np.float32)
+        if noise:  # incompressible rows: LZF stores such chunks raw (the filter mask says so)
+            x[: m // 3] = rng.random((m // 3, *row_shape), dtype=np.float32)
+        kw = dict(kw)
+        if isinstance(kw.get("chunks"), tuple):  # (rows,): whole rows; else an explicit split of ROW_SHAPE
+            kw["chunks"] = (min(kw["chunks"][0], m), *(kw["chunks"][1:] or row_shape))
+        path = folder / f"{name.replace(' ', '-')}-{n}.h5"
+        with h5py.File(path, "w") as f:
+            f.create_dataset("x", data=x, **kw)
+            f.create_dataset("y", data=np.arange(start, start + m), **{k: v for k, v in kw.items() if k != "chunks"},
+                             **({"chunks": True} if "chunks" in kw or kw else {}))
+        paths.append(str(path))
+        start += m
+    return paths
+
+
+def reference(paths, rows):
+    """h5py's own read of global rows `rows` (any order)."""
+    xs = []
+    for p in paths:
+        with h5py.File(p, "r", locking=False) as f:
+            xs.append(f["x"][:])
+    full = np.concatenate(xs)
+    return full[np.asarray(rows)]
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_reader_paths_match_h5py(tmp_path, name):
+    """Ranges (with and without a scatter order) and single rows read as h5py reads them."""
+    from mpidl.data import H5Source
+
+    sizes = (400, 333, 267) if name == "mixed files" else (1000,)
+    paths = write_layout(tmp_path, name, sizes)
+    src = H5Source(paths)
+    n = len(src)
+    rng = np.random.default_rng(1)
+    with src.open(workers=3) as reader:
+        want = LAYOUTS[name][1]
+        got_paths = reader.paths("x")
+        assert got_paths == ([want] * len(paths) if want else ["chunks", "bytes", "chunks"]), got_paths
+        out = np.empty((n, *ROW_SHAPE), np.float32)
+        reader.read("x", 0, n, out)
+        np.testing.assert_array_equal(out, reference(paths, np.arange(n)))
+        for _ in range(5):  # scattered ranges across chunk and file boundaries, into a shuffled layout
+            cuts = np.sort(rng.choice(np.arange(1, n), 12, replace=False))
+            ranges = [(int(a), int(b)) for a, b in zip(cuts[0::2], cuts[1::2])]
+            rows = np.concatenate([np.arange(a, b) for a, b in ranges])
+            dest = rng.permutation(rows.size)
+            out = np.zeros((rows.size, *ROW_SHAPE), np.float32)
+            y = np.zeros(rows.size, np.int64)
+            reader.start({"x": out, "y": y}, ranges, dest).wait()
+            placed = np.empty_like(rows)
+            placed[dest] = rows
+            np.testing.assert_array_equal(y, placed)
+            np.testing.assert_array_equal(out, reference(paths, placed))
+        if all(p == "bytes" for p in got_paths):
+            pick = rng.permutation(n)[:100]
+            out = np.empty((100, *ROW_SHAPE), np.float32)
+            reader.read_rows("x", pick, out)
+            np.testing.assert_array_equal(out, reference(paths, pick))
+
+
+def test_row_range_of_compressed_source(tmp_path):
+    from mpidl.data import H5Source
+
+    paths = write_layout(tmp_path, "gzip")
+    src = H5Source(paths, rows=(123, 877))
+    with src.open(workers=2) as reader:
+        out = np.empty((754, *ROW_SHAPE), np.float32)
+        reader.read("x", 0, 754, out)
+    np.testing.assert_array_equal(out, reference(paths, np.arange(123, 877)))
+
+
+CHECK = """
+import json, sys, h5py, numpy as np, mpidl
+from mpidl.data import H5Source, ShardedLoader
+cfg = json.loads(sys.argv[1])
+w = mpidl.init()
+full = np.concatenate([h5py.File(p, "r")["x"][:] for p in cfg["files"]])
+ld = ShardedLoader(H5Source(cfg["files"]), w, batch_size=cfg["batch"], seed=3, shuffle=cfg["shuffle"],
+                   prefetch=2, workers=cfg["workers"], block=cfg.get("block"), window=cfg.get("window"))
+epochs = []
+for e in range(2):
+    ld.set_epoch(e)
+    ys = []
+    for x, y in ld:
+        assert np.array_equal(x.numpy(), full[y.numpy()]), "batch differs from h5py's read of its rows"
+        ys.extend(y.tolist())
+    epochs.append(ys)
+out = w.comm.gather({"epochs": epochs, "direct": ld.group > 1}, root=0)
+if w.rank == 0:
+    print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+@pytest.mark.parametrize("name,np_,shuffle", [
+    ("row chunks", 2, "block"), ("auto chunks", 3, "block"), ("gzip shuffle", 2, "block"), ("lzf", 3, "exact"),
+    ("mixed files", 2, "block"), ("mixed files", 3, "exact"), ("contiguous", 2, "block"), ("lzf split", 2, "block"),
+])
+def test_loader_batches_equal_h5py_reads(tmp_path, name, np_, shuffle):
+    """Every batch on every rank holds exactly h5py's values of its rows; shards stay disjoint."""
+    sizes = (700, 611, 456) if name == "mixed files" else (1767,)
+    wide = name in ("row chunks", "contiguous")  # 6 KiB rows: read straight into batch slots
+    paths = write_layout(tmp_path, name, sizes, row_shape=(3, 16, 32) if wide else ROW_SHAPE)
+    cfg = dict(files=paths, batch=32, shuffle=shuffle, workers=2, block=None if wide else 64, window=256)
+    r = mpirun(np_, pycode(CHECK) + [json.dumps(cfg)], timeout=240)
+    assert r.returncode == 0, r.output
+    res = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert all(rank["direct"] == wide for rank in res)
+    check_epochs(res, sum(sizes), np_, 32)
+
+
 # ---------------------------------------------------------------- validation, on every rank
 @pytest.fixture(scope="module")
 def bad(tmp_path_factory):

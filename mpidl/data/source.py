@@ -264,6 +264,12 @@ class Reader:
         """True when every file stores `key`'s rows as bytes at known offsets (see read_rows)."""
         return all(getattr(st[key], "row_addressable", False) for st in self._storage)
 
+    def paths(self, key: str) -> list[str]:
+        """How `key` is read, per file: 'bytes' (contiguous or whole-row chunks, pread),
+        'chunks' (pread and decode on the pool) or 'h5py' (read_direct)."""
+        return ["bytes" if getattr(st[key], "row_addressable", False) else "chunks" if st[key] is not None
+                else "h5py" for st in self._storage]
+
     # ------------------------------------------------------------------ rows, any order
     def read_rows(self, key: str, rows: np.ndarray, out: np.ndarray) -> None:
         """Source rows `rows` (any order) into out[0:len(rows)], one pread per run of rows
