@@ -311,9 +311,13 @@ class Reader:
 
     def _tasks(self, key: str, ranges: Sequence[tuple[int, int]], out: np.ndarray,
                dest: Optional[np.ndarray]) -> list[Callable[[], None]]:
+        """The reads of `ranges` as pool tasks of about a MiB or more each: many small ranges
+        (an exact shuffle's) share a task, large ones are cut so the pool can share them out."""
         tasks: list[Callable[[], None]] = []
         pieces: dict[tuple[int, int], list[tuple[int, int, int]]] = {}  # (file, chunk row) -> (r0, r1, pos)
         step = max(1, PIECE_BYTES // max(1, self._row_bytes[key]))
+        segments: list[tuple[int, int, int, int]] = []  # (file, local row, rows, pos), read without decoding
+        pending_rows = 0
         pos = 0
         for start, stop in ranges:
             a, b = start + self._base, stop + self._base
@@ -327,13 +331,19 @@ class Reader:
                     for j in range(local // per, (local + n - 1) // per + 1):
                         r0, r1 = max(local, j * per), min(local + n, (j + 1) * per)
                         pieces.setdefault((i, j), []).append((r0 - j * per, r1 - j * per, pos + r0 - local))
-                else:  # pieces of a few MiB, so that the pool shares them out
+                else:
                     for p in range(0, n, step):
                         m = min(step, n - p)
-                        tasks.append(partial(self._rows, i, key, local + p, m, out, dest, pos + p))
+                        segments.append((i, local + p, m, pos + p))
+                        pending_rows += m
+                        if pending_rows >= step:
+                            tasks.append(partial(self._segments, key, segments, out, dest))
+                            segments, pending_rows = [], 0
                 pos += n
                 a += n
                 i += 1
+        if segments:
+            tasks.append(partial(self._segments, key, segments, out, dest))
         # Chunk rows go to the pool in groups of about a MiB: fewer, larger tasks.
         group: list[tuple[int, int]] = []
         size = 0
@@ -348,18 +358,34 @@ class Reader:
             tasks.append(partial(self._decode, key, group, pieces, out, dest))
         return tasks
 
-    def _rows(self, i: int, key: str, local: int, n: int, out: np.ndarray, dest: Optional[np.ndarray],
-              pos: int) -> None:
-        """Rows [local, local + n) of file i to out[dest[pos:pos + n]] (runs on the pool)."""
-        in_place = dest is None and out.flags.c_contiguous
-        into = out[pos:pos + n] if in_place else \
-            scratch(3, n * self._row_bytes[key]).view(out.dtype).reshape(n, *out.shape[1:])
-        if self._storage[i][key] is None:
-            self._dsets[i][key].read_direct(into, np.s_[local:local + n])
-        else:
-            self.read_rows(key, np.arange(local, local + n) + int(self._starts[i]) - self._base, into)
+    def _segments(self, key: str, segments: list[tuple[int, int, int, int]], out: np.ndarray,
+                  dest: Optional[np.ndarray]) -> None:
+        """Rows of (file, local row, rows, pos) segments into place (runs on the pool)."""
+        lengths = [m for _, _, m, _ in segments]
+        total, first = sum(lengths), segments[0][3]
+        in_place = dest is None and out.flags.c_contiguous and \
+            [p for _, _, _, p in segments] == (first + np.cumsum([0] + lengths[:-1])).tolist()
+        into = out[first:first + total] if in_place else \
+            scratch(3, total * self._row_bytes[key]).view(out.dtype).reshape(total, *out.shape[1:])
+        at, rows = 0, []
+        for i, local, m, _ in segments:
+            if self._storage[i][key] is None:
+                self._dsets[i][key].read_direct(into, np.s_[local:local + m], np.s_[at:at + m])
+            else:
+                rows.append((at, np.arange(local, local + m) + int(self._starts[i]) - self._base))
+            at += m
+        if rows:  # the byte-addressable rows, in one pass that coalesces their runs
+            flat = np.concatenate([r for _, r in rows])
+            if flat.size == total:
+                self.read_rows(key, flat, into)
+            else:
+                where = np.concatenate([np.arange(o, o + r.size) for o, r in rows])
+                part = np.empty((where.size, *out.shape[1:]), out.dtype)
+                self.read_rows(key, flat, part)
+                into[where] = part
         if not in_place:
-            _place(out, dest, pos, into)
+            positions = np.concatenate([np.arange(p, p + m) for _, _, m, p in segments])
+            out[positions if dest is None else dest[positions]] = into
 
     def _decode(self, key: str, group: list[tuple[int, int]], pieces: dict, out: np.ndarray,
                 dest: Optional[np.ndarray]) -> None:
