@@ -209,6 +209,48 @@ def test_pad_mode_covers_all_rows(files):
     assert len(flat) == 3 * 16 * 32 and set(flat) == set(range(1500))
 
 
+EVAL = """
+import json, sys, h5py, numpy as np, torch, mpidl
+from mpidl.data import H5Source, ShardedLoader
+path, rows, batch, chunks = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
+w = mpidl.init()
+if w.rank == 0:
+    with h5py.File(path, "w") as f:
+        f.create_dataset("x", data=np.arange(rows * 5, dtype=np.float32).reshape(rows, 5), chunks=chunks and tuple(chunks),
+                         compression="gzip" if chunks else None)
+        f["y"] = np.arange(rows)
+w.barrier()
+ld = ShardedLoader(H5Source(path), w, batch_size=batch, evaluation=True, prefetch=2)
+seen, sizes = [], []
+for x, y, mask in ld:
+    assert mask.dtype == torch.bool and x.shape[0] == y.shape[0] == mask.shape[0] == batch
+    assert torch.equal(x[:, 0], y.float() * 5)
+    seen.extend(y[mask].tolist())
+    total = w.comm.allreduce(int(mask.sum()))  # a collective per batch: ranks stay in step
+    sizes.append(total)
+out = w.comm.gather({"seen": seen, "steps": len(ld), "batches": len(sizes), "samples": ld.samples,
+                     "sizes": sizes}, root=0)
+if w.rank == 0:
+    print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+@pytest.mark.parametrize("rows,np_,batch,chunks", [
+    (360, 2, 32, None), (360, 3, 32, None), (361, 3, 32, [50, 5]), (2, 3, 4, None), (100, 3, 7, [16, 5]),
+])
+def test_evaluation_sees_every_row_once(tmp_path, rows, np_, batch, chunks):
+    r = mpirun(np_, pycode(EVAL) + [str(tmp_path / "val.h5"), str(rows), str(batch), json.dumps(chunks)],
+               timeout=180)
+    assert r.returncode == 0, r.output
+    res = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    seen = [y for rank in res for y in rank["seen"]]
+    assert sorted(seen) == list(range(rows))  # every held-out row exactly once across ranks
+    assert sum(rank["samples"] for rank in res) == rows
+    steps = -(-(-(-rows // np_)) // batch)
+    assert all(rank["steps"] == rank["batches"] == steps for rank in res)  # the same count on every rank
+    assert sum(res[0]["sizes"]) == rows
+
+
 def test_staging_reads_a_fixed_share(files, tmp_path):
     res = load(2, [str(files / "float.h5")], ["x", "y"], batch=16, stage_dir=str(tmp_path / "stage"))
     for r in res:

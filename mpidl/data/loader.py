@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from mpidl.data.shard import RankPlan, check_shape, plan_rank, steps_per_epoch
+from mpidl.data.shard import RankPlan, check_shape, eval_steps, plan_eval, plan_rank, steps_per_epoch
 from mpidl.data.source import H5Source
 from mpidl.errors import BadInput
 
@@ -240,6 +240,19 @@ def _coalesce(ranges) -> list[tuple[int, int]]:
     return out
 
 
+class _Masks:
+    """The evaluation mask of each batch in turn: True for real rows, False for padding."""
+
+    def __init__(self, batch: int, plan: RankPlan, device: torch.device, start_step: int):
+        self.batch, self.valid, self.step = batch, plan.valid, start_step
+        self.arange = torch.arange(batch, device=device)
+
+    def next(self) -> torch.Tensor:  # a fresh tensor each time: the consumer may change it in place
+        left = self.valid - self.step * self.batch
+        self.step += 1
+        return self.arange < left
+
+
 class ShardedLoader:
     """This rank's batches of `source`, a fresh disjoint shard and order every epoch.
 
@@ -251,6 +264,11 @@ class ShardedLoader:
     shuffle: "block" (chunk-aligned blocks in a global random order, rows shuffled within a
     window — reads stay large), "exact" (one global per-row permutation, reads scattered),
     or "none". drop_last=False pads the last batches by repeating rows instead.
+    evaluation=True: every row exactly once across ranks, in file order (rank r reads the r-th
+    contiguous share); every rank runs the same number of full batches, so collectives per
+    batch stay matched, and each batch ends with a bool `mask` tensor marking its real rows
+    (padding repeats real rows and must be left out: `loss[mask].sum()`, `mask.sum()`).
+    `len(loader)` is that number of batches, `loader.samples` this rank's real rows.
     A batch is a tuple of tensors in `source.keys` order, on `device` (default world.device),
     passed through `transform` when given. On CPU, a batch's tensors share memory with the
     loader's buffers and stay valid until the next batch is requested: `.clone()` one to keep
@@ -262,12 +280,21 @@ class ShardedLoader:
     def __init__(self, source: H5Source, world, batch_size: int, seed: int = 0, shuffle: str = "block",
                  drop_last: bool = True, prefetch: int = 4, device: Optional[str] = None,
                  transform: Optional[Callable[[tuple], tuple]] = None, stage_dir: Optional[str] = None,
-                 block: Optional[int] = None, window: Optional[int] = None, workers: Optional[int] = None):
+                 block: Optional[int] = None, window: Optional[int] = None, workers: Optional[int] = None,
+                 evaluation: bool = False):
         self.world = world
         self.source = source
         world.agree(source.validate)
         rows = len(source)
-        world.agree(lambda: check_shape(rows, world.size, batch_size, shuffle))
+        self.evaluation = evaluation
+        if evaluation:
+            if stage_dir is not None:
+                raise BadInput("an evaluation loader reads its rows once: stage_dir does not apply")
+            shuffle = "none"
+            if batch_size < 1:
+                raise BadInput(f"batch size must be >= 1, got {batch_size}")
+        else:
+            world.agree(lambda: check_shape(rows, world.size, batch_size, shuffle))
         if prefetch < 1:
             raise BadInput(f"prefetch must be >= 1, got {prefetch}")
         self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
@@ -302,11 +329,21 @@ class ShardedLoader:
         self.epoch, self.start_step = epoch, start_step
 
     def __len__(self) -> int:
+        if self.evaluation:
+            return eval_steps(len(self.source), self.world.size, self.batch_size)
         return steps_per_epoch(len(self.source), self.world.size, self.batch_size, self.drop_last)
+
+    @property
+    def samples(self) -> int:
+        """Real rows this rank yields in one pass (evaluation: its share; else every row it reads)."""
+        plan = self.plan()
+        return plan.rows if plan.valid is None else plan.valid
 
     def plan(self, epoch: Optional[int] = None) -> RankPlan:
         """This rank's plan for `epoch` (default: the current one)."""
         epoch = self.epoch if epoch is None else epoch
+        if self.evaluation:
+            return plan_eval(len(self.source), self.world.size, self.world.rank, self.batch_size, window=self.window)
         if self.stage_dir is not None:
             staged = self._stage()
             return plan_rank(len(staged), 1, 0, self.batch_size, self.seed, epoch, block=self.block,
@@ -324,6 +361,7 @@ class ShardedLoader:
         self._pipe = pipe
         stream = torch.cuda.current_stream(self.device) if cuda else None
         held: Optional[tuple] = None
+        masks = _Masks(self.batch_size, plan, self.device, self.start_step) if plan.valid is not None else None
         try:
             for ticket, arrays in pipe:
                 if held is not None:
@@ -339,6 +377,8 @@ class ShardedLoader:
                     held = ticket
                 if self.transform is not None:
                     batch = self.transform(batch)
+                if masks is not None:
+                    batch = (*batch, masks.next())
                 yield batch
         finally:
             pipe.close()
