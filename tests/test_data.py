@@ -478,6 +478,76 @@ def test_check_accepts_good_source(bad):
     assert "ok: 1 file(s), 100 rows" in r.stdout and "5 steps per epoch" in r.stdout
 
 
+# ---------------------------------------------------------------- value scans: labels, non-finite values
+SCAN = """
+import json, sys, mpidl
+from mpidl.data import H5Source
+from mpidl.data.scan import check_labels, label_range, nonfinite
+from mpidl.errors import BadInput
+w = mpidl.init()
+src = H5Source(sys.argv[1:])
+out = {"range": label_range(src, w, "y"), "nonfinite": str(nonfinite(src, w, "x"))}
+try:
+    check_labels(src, w, "y", 10)
+    out["check"] = None
+except BadInput as e:
+    out["check"] = str(e)
+out["ok13"] = check_labels(src, w, "y", 13)
+res = w.comm.gather(out, root=0)
+if w.rank == 0:
+    print("RESULT " + json.dumps(res), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    """Three files, labels 0..9 except 11 at row 40 and 12 at row 90 of the second; x finite
+    except one NaN in the third file's row 7 and an infinity in its row 8."""
+    d = tmp_path_factory.mktemp("labels")
+    paths = []
+    for i, n in enumerate([100, 120, 37]):
+        y = np.arange(n) % 10
+        x = np.ones((n, 2, 3), np.float32)
+        if i == 1:
+            y[40], y[90] = 11, 12
+        if i == 2:
+            x[7, 1, 2], x[8, 0, 0] = np.nan, np.inf
+        with h5py.File(d / f"part-{i}.h5", "w") as f:
+            f.create_dataset("x", data=x, chunks=(16, 2, 3), compression="gzip")
+            f["y"] = y
+        paths.append(str(d / f"part-{i}.h5"))
+    return paths
+
+
+@pytest.mark.parametrize("np_", [1, 3])
+def test_label_range_and_first_offender_collectively(labelled, np_):
+    r = mpirun(np_, pycode(SCAN) + labelled, timeout=120)
+    assert r.returncode == 0, r.output
+    res = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert all(rank == res[0] for rank in res)  # every rank holds the same answer
+    assert res[0]["range"] == [0, 12] and res[0]["ok13"] == [0, 12]
+    msg = res[0]["check"]
+    assert msg.startswith(f"{labelled[1]}: dataset 'y' row 40 holds label 11, outside [0, 10) for 10 classes"), msg
+    assert "2 such labels" in msg
+    assert res[0]["nonfinite"] == f"(2, Where(path='{labelled[2]}', key='x', row=7))"
+
+
+def test_data_check_reports_values(labelled, bad):
+    r = mpirun(2, mpidl_cmd("data", "check", *labelled, "--batch", "8"), timeout=120)
+    assert r.returncode == 2, r.output
+    assert "x: 2 non-finite values, the first in row 7 of " + labelled[2] in r.stdout
+    assert "y: integer labels 0..12" in r.stdout
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and f"{labelled[2]}: dataset 'x' row 7 holds non-finite values" in errors[0], r.stderr
+    r = mpirun(3, mpidl_cmd("data", "check", *labelled, "--keys", "y", "--classes", "10"), timeout=120)
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert r.returncode == 2 and len(errors) == 1, r.output
+    assert f"{labelled[1]}: dataset 'y' row 40 holds label 11, outside [0, 10) for 10 classes" in errors[0]
+    r = mpirun(2, mpidl_cmd("data", "check", "good.h5", "--classes", "3"), cwd=bad, timeout=120)
+    assert r.returncode == 0, r.output
+    assert "x: no non-finite values" in r.stdout and "y: integer labels 0..0" in r.stdout
+
+
 # ---------------------------------------------------------------- statistics
 STATS = """
 import sys, json, mpidl
