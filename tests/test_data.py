@@ -197,6 +197,29 @@ def test_cuda_batches_equal_cpu_batches(files, name):
             assert torch.equal(tg.cpu(), tc)
 
 
+@needs_cuda
+def test_cuda_loader_with_augmentation_never_synchronises(files):
+    """A training pass (crop, flip, scaling on the device) and an evaluation pass (masks) under
+    CUDA's sync debug mode "error": any call that stalls the host on the device raises."""
+    import mpidl
+    from mpidl.data import H5Source, ShardedLoader
+    from mpidl.data.preprocess import Pipeline
+
+    world = mpidl.init()
+    src = H5Source(str(files / "img-*.h5"), keys=["images", "labels"])
+    train = ShardedLoader(src, world, batch_size=32, device="cuda", prefetch=2,
+                          transform=Pipeline(scale_uint8=True, crop=4, padding=1, flip=True, seed=1))
+    evaluate = ShardedLoader(src, world, batch_size=32, device="cuda", evaluation=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        n = sum(x.shape[0] for x, _ in train)
+        seen = sum(mask.sum() for _, _, mask in evaluate)  # summed on the device
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert n == len(train) * 32 and int(seen) == len(src)
+
+
 @pytest.mark.parametrize("name", ["gzip.h5", "lzf.h5"])
 def test_compressed_sources(files, name):
     res = load(3, [str(files / name)], ["x", "y"], batch=20, shuffle="exact", x_of_y=(3, 0))
@@ -588,6 +611,42 @@ def test_crop_and_flip_are_seeded_and_shape_preserving():
     assert float(a.max()) <= 1.0
     ev = Pipeline(scale_uint8=True, crop=6, train=False)((x, torch.zeros(2)))[0]
     torch.testing.assert_close(ev, x[:, :, 1:7, 1:7].float() / 255)
+
+
+@needs_cuda
+def test_crop_and_flip_on_cuda_never_synchronise_and_match_cpu():
+    """Draws reach the device through pinned memory, asynchronously: under CUDA's sync debug
+    mode "error" any synchronising call raises. Same seed, same crops and flips as on CPU."""
+    from mpidl.data.preprocess import Pipeline
+
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    want = Pipeline(scale_uint8=True, crop=32, padding=4, flip=True, seed=9)((x, torch.zeros(64)))[0]
+    pipe = Pipeline(scale_uint8=True, crop=32, padding=4, flip=True, seed=9)
+    xc = x.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = pipe((xc, torch.zeros(64, device="cuda")))[0]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert got.is_cuda and torch.equal(got.cpu(), want)
+
+
+def test_crop_and_flip_draw_from_the_pipeline_generator_alone():
+    """The draws come from the pipeline's own generator (reseeded by the trainer each step),
+    never the global one, and reach the batch's device (on CPU: no copy at all)."""
+    from mpidl.data.preprocess import Pipeline, _on
+
+    x = torch.arange(4 * 3 * 8 * 8, dtype=torch.uint8).reshape(4, 3, 8, 8)
+    pipe = Pipeline(scale_uint8=True, crop=6, padding=1, flip=True, seed=4)
+    torch.manual_seed(0)
+    a = pipe((x, torch.zeros(4)))[0]
+    torch.manual_seed(1)
+    pipe.generator.manual_seed(4)
+    b = pipe((x, torch.zeros(4)))[0]
+    assert torch.equal(a, b)
+    host = torch.ones(3)
+    assert _on(torch.device("cpu"), host) is host
 
 
 # ---------------------------------------------------------------- tools
