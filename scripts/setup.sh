@@ -9,6 +9,10 @@
 #   MPIDL_HOROVOD_SDIST    a horovod-0.28.1.tar.gz to use instead of downloading one
 #   MPIDL_SKIP_HOROVOD=1   set up everything but Horovod
 #   PYTHON                 the interpreter the venv is made from (default python3)
+#   MPIDL_WHEELS           install offline: every Python package from this folder of wheels
+#                          (pip --no-index; `make gpu-check-prepare` fills one)
+#   MPIDL_EXTRAS           mpidl's extras to install (default dev)
+#   MPIDL_SKIP_SLURM=1     do not install SLURM for the local test cluster
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -80,6 +84,9 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 VPY="$VENV/bin/python"
 PIP=("$VPY" -m pip --disable-pip-version-check -q)
+if [ -n "${MPIDL_WHEELS:-}" ]; then
+    PIP+=(--no-index --find-links "$MPIDL_WHEELS")
+fi
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want_stamp" ] \
     && "$VPY" -c 'import mpidl, torch, mpi4py.MPI, h5py, submitit' 2>/dev/null \
@@ -101,7 +108,7 @@ if ! "$VPY" -c 'import mpi4py.MPI' 2>/dev/null; then
 fi
 
 say "installing mpidl and its Python dependencies"
-"${PIP[@]}" install -e "$ROOT[dev]"
+"${PIP[@]}" install -e "$ROOT[${MPIDL_EXTRAS:-dev}]"
 
 # ---------------------------------------------------------------- Horovod
 build_horovod() {
@@ -128,6 +135,8 @@ build_horovod() {
         fi
         work="$(mktemp -d)"
         trap 'rm -rf "$work"' RETURN
+        # Built without isolation (setup.py imports torch): the venv itself needs the build tools.
+        "$VPY" -c 'import setuptools, wheel' 2>/dev/null || "${PIP[@]}" install "setuptools>=61" wheel
         tar -xzf "$src" -C "$work"
         local tree="$work/horovod-$HOROVOD_VERSION"
         # PyTorch >= 2.1 needs C++17; 0.28.1 hard-codes C++14 (fixed upstream, never released).
