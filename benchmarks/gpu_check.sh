@@ -137,6 +137,7 @@ run() {
 
 case "${1:-}" in
     prepare) prepare ;;
+    requirements) requirements "${PYTHON:-python3}" ;;  # what prepare fetches for mpidl (for tests)
     run) shift; run "$@" ;;
-    *) die "usage: gpu_check.sh prepare | run [OUT]" ;;
+    *) die "usage: gpu_check.sh prepare | run [OUT] | requirements" ;;
 esac
