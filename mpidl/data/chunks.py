@@ -126,27 +126,52 @@ class ChunkIndex:
                    for idx, sl in out for j in range(-(-size // c))]
         return out
 
-    # ------------------------------------------------------------------ bytes
-    def decode(self, fd: int, at: tuple[int, ...], path: str) -> np.ndarray:
-        """Chunk `at` as an array of the chunk's shape, in this thread's scratch memory.
+    @property
+    def trailing_grid(self) -> tuple[int, ...]:
+        return tuple(-(-s // c) for s, c in zip(self.shape[1:], self.chunks[1:]))
 
-        Valid until this thread decodes its next chunk.
+    # ------------------------------------------------------------------ bytes
+    def join_rows(self, fd: int, j: int, lo: int, hi: int, path: str) -> np.ndarray:
+        """Rows [lo, hi) of chunk row j, whole, from chunks that split rows (thread scratch).
+
+        The row's chunks are decoded into one (*grid, rows, *chunk) block, then a single
+        transposing copy lays them out as (rows, grid_1 * chunk_1, ...): whole rows, padded
+        where a trailing size is not a multiple of its chunk; the padding is sliced off.
         """
+        grid, inner, k = self.trailing_grid, self.chunks[1:], len(self.chunks) - 1
+        block = scratch(4, len(self.trailing_chunks) * self.chunk_bytes).view(self.dtype).reshape(
+            *grid, self.chunks[0], *inner)
+        for at, _ in self.trailing_chunks:
+            self.decode(fd, (j, *at), path, into=block[at])
+        n = hi - lo
+        padded = tuple(g * c for g, c in zip(grid, inner))
+        rows = scratch(5, n * int(np.prod(padded, dtype=np.int64)) * self.dtype.itemsize).view(self.dtype)
+        rows = rows.reshape(n, *padded)
+        src = block[(slice(None),) * k + (slice(lo, hi),)]
+        order = (k, *(a for i in range(k) for a in (i, k + 1 + i)))  # (rows, g1, c1, g2, c2, ...)
+        dst = rows.reshape(n, *(x for g, c in zip(grid, inner) for x in (g, c)))
+        np.copyto(dst, src.transpose(order))  # (torch's copy is faster alone, but spawns its own threads)
+        return rows[(slice(None), *(slice(0, s) for s in self.shape[1:]))]
+
+    def decode(self, fd: int, at: tuple[int, ...], path: str, into: Optional[np.ndarray] = None) -> np.ndarray:
+        """Chunk `at` as an array of the chunk's shape: in `into` (C-contiguous, chunk-sized)
+        when given, else in this thread's scratch memory (valid until its next decode)."""
         offset, size, mask = int(self.offsets[at]), int(self.sizes[at]), int(self.masks[at])
         nbytes = self.chunk_bytes
-        raw = scratch(0, size)
-        got = os.preadv(fd, [raw], offset)
+        active = [i for i in range(len(self.filters)) if not mask >> i & 1]
+        raw = into.reshape(-1).view(np.uint8) if into is not None and not active else scratch(0, size)
+        got = os.preadv(fd, [raw[:size]], offset)
         if got != size:
             raise OSError(f"{path}: short read of chunk {at} ({got} of {size} bytes): the file is truncated")
-        data: np.ndarray = raw
-        for i in reversed(range(len(self.filters))):
-            if mask >> i & 1:
-                continue
+        data: np.ndarray = raw[:size]
+        held = 0 if active else None  # the scratch slot `data` sits in: the next step writes elsewhere
+        for i in reversed(active):
             code, values = self.filters[i]
             if code == DEFLATE:
-                data = np.frombuffer(zlib.decompress(data, bufsize=nbytes), np.uint8)
+                data, held = np.frombuffer(zlib.decompress(data, bufsize=nbytes), np.uint8), None
             elif code == LZF:
-                out = scratch(1 if data is raw else 0, nbytes)
+                held = 0 if held == 1 else 1
+                out = scratch(held, nbytes)
                 n = _LZF(data.ctypes.data, data.size, out.ctypes.data, nbytes)
                 if n != nbytes:
                     raise OSError(f"{path}: chunk {at} does not decompress (lzf gave {n} of {nbytes} bytes)")
@@ -154,10 +179,15 @@ class ChunkIndex:
             else:  # SHUFFLE: byte j of element e was stored at j * count + e
                 item = values[0] if values else self.dtype.itemsize
                 count = data.size // item
-                out = scratch(2, data.size)
+                held = 0 if held == 2 else 2
+                out = scratch(held, data.size)
                 out[:count * item].reshape(count, item)[...] = data[:count * item].reshape(item, count).T
                 out[count * item:] = data[count * item:]
                 data = out
         if data.size != nbytes:
             raise OSError(f"{path}: chunk {at} holds {data.size} bytes after decoding, expected {nbytes}")
-        return data.view(self.dtype).reshape(self.chunks)
+        if into is None:
+            return data.view(self.dtype).reshape(self.chunks)
+        if active:
+            into.reshape(-1).view(np.uint8)[:] = data
+        return into

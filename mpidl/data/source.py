@@ -397,13 +397,11 @@ class Reader:
                 for r0, r1, p in pieces[(i, j)]:
                     _place(out, dest, p, chunk[r0:r1])
                 continue
-            # Chunks that split rows are first joined into whole rows: scattering row fragments
-            # one by one costs several times more than one strided copy and a scatter of rows.
+            # Chunks that split rows: the chunk row's chunks are decoded side by side, joined
+            # into whole rows with one transposing copy, and the rows scattered into place
+            # (fragment by fragment would cost several times more).
             lo, hi = min(r0 for r0, _, _ in pieces[(i, j)]), max(r1 for _, r1, _ in pieces[(i, j)])
-            rows = scratch(4, (hi - lo) * self._row_bytes[key]).view(out.dtype).reshape(hi - lo, *out.shape[1:])
-            for trailing, dst in index.trailing_chunks:
-                chunk = index.decode(self._fds[i], (j, *trailing), self._paths[i])
-                rows[(slice(None), *dst)] = chunk[(slice(lo, hi), *(slice(0, s.stop - s.start) for s in dst))]
+            rows = index.join_rows(self._fds[i], j, lo, hi, self._paths[i])
             for r0, r1, p in pieces[(i, j)]:
                 _place(out, dest, p, rows[r0 - lo:r1 - lo])
 
