@@ -7,8 +7,9 @@ Per layout (contiguous; row chunks (256, F); h5py's auto chunks; gzip and lzf wi
 default chunking), on a warm page cache, 12 KiB float32 rows plus an int64 label:
   h5py    `read_direct` of large contiguous slices of the same file into one reused buffer
           (the step, in whole chunks, calibrated once per layout: the best of several)
-  raw     the file's bytes read in 64 MiB blocks, by 1 thread and by as many threads as mpidl
-          uses: what the page cache can deliver, the limit for an uncompressed file
+  raw     the file's bytes read in large blocks (the size calibrated like h5py's), by 1 thread
+          and by as many threads as mpidl uses: what the page cache can deliver, the limit for
+          an uncompressed file
   mpidl   ShardedLoader, 1 rank, batch 256, per-epoch block shuffle
 The three alternate inside one process, round after round, and `--repeats` processes run in
 turn, so drift in the machine's speed hits all alike; figures are medians, ratios are medians of
@@ -62,12 +63,12 @@ def peak_rss_mb() -> float:
 
 # ---------------------------------------------------------------- the paths (called in workers)
 class RawRead:
-    """GB/s of reading the file's bytes in 64 MiB blocks, split over `threads` threads, each
+    """GB/s of reading the file's bytes in `block`-byte reads, split over `threads` threads, each
     into its own reused, pre-touched buffer (a fresh one would cost a page fault per 4 KiB)."""
 
-    def __init__(self, path: str, threads: int = 1):
+    def __init__(self, path: str, threads: int = 1, block: int = 4 << 20):
         self.path, self.threads = path, threads
-        self.bufs = [memoryview(np.ones(64 << 20, np.uint8)) for _ in range(threads)]
+        self.bufs = [memoryview(np.ones(block, np.uint8)) for _ in range(threads)]
 
     def __call__(self) -> float:
         size = os.path.getsize(self.path)
@@ -93,8 +94,8 @@ class RawRead:
         return size / (time.perf_counter() - t0) / 1e9
 
 
-def read_raw(path: str, threads: int = 1) -> float:
-    return RawRead(path, threads)()
+def read_raw(path: str, threads: int = 1, block: int = 4 << 20) -> float:
+    return RawRead(path, threads, block)()
 
 
 class H5pyReference:
@@ -131,16 +132,21 @@ def mpidl_pass(loader, epoch: int) -> float:
 
 # ---------------------------------------------------------------- workers (one process each)
 def work_calibrate(path: str, **_) -> dict:
-    """h5py's rate per slice size (after a warm pass): the reference takes the best."""
-    rates = {}
+    """h5py's rate per slice size and raw reads' per block size (after a warm pass): each takes its best."""
+    rates, raw = {}, {}
     for step in (1024, 4096, 16384):
         ref = H5pyReference(path, step)
         ref()
         rates[ref.step] = max(ref(), ref())
-    return {"rates": rates, "best_step": max(rates, key=rates.get)}
+    for mib in (1, 4, 16, 64):
+        read = RawRead(path, 1, mib << 20)
+        read()
+        raw[mib] = max(read(), read())
+    return {"rates": rates, "best_step": max(rates, key=rates.get), "raw_rates_by_mib": raw,
+            "raw_block_mib": max(raw, key=raw.get)}
 
 
-def work_rounds(path: str, batch: int, step: int, rounds: int, **_) -> dict:
+def work_rounds(path: str, batch: int, step: int, rounds: int, raw_mib: int = 4, **_) -> dict:
     """raw (1 and N threads), h5py and mpidl, alternating in one process, `rounds` times."""
     import mpidl
     from mpidl.data import H5Source, ShardedLoader
@@ -148,7 +154,7 @@ def work_rounds(path: str, batch: int, step: int, rounds: int, **_) -> dict:
     world = mpidl.init()
     loader = ShardedLoader(H5Source(path), world, batch_size=batch, seed=0, shuffle="block", prefetch=4)
     ref = H5pyReference(path, step)
-    paths = {"raw": RawRead(path, 1), "raw_threads": RawRead(path, loader.workers),
+    paths = {"raw": RawRead(path, 1, raw_mib << 20), "raw_threads": RawRead(path, loader.workers, raw_mib << 20),
              "h5py": ref, "mpidl": lambda: mpidl_pass(loader, 0)}
     for fn in paths.values():  # warm: first-touch page faults, thread start, chunk index
         fn()
@@ -305,12 +311,14 @@ def measure_layout(name: str, path: Path, a: argparse.Namespace, compressed: boo
     runs: dict = {}
     last: dict = {}
     for _ in range(a.repeats):
-        last = run_worker("rounds", path=str(path), batch=a.batch, step=cal["best_step"], rounds=a.rounds)
+        last = run_worker("rounds", path=str(path), batch=a.batch, step=cal["best_step"], rounds=a.rounds,
+                          raw_mib=cal["raw_block_mib"])
         for k in ("raw", "raw_threads", "h5py", "mpidl"):
             runs.setdefault(k, []).extend(last[k])
     rss = run_worker("mpidl", path=str(path), batch=a.batch, shuffle="block")["peak_rss_mb"]
     res = {"layout": describe(path), "file_gb": path.stat().st_size / 1e9, "rows": a.rows if not compressed
            else a.compressed_rows, "h5py_step_rows": cal["best_step"], "h5py_calibration": cal["rates"],
+           "raw_block_mib": cal["raw_block_mib"], "raw_calibration": cal["raw_rates_by_mib"],
            "workers": last["workers"], "read_paths": last["read_paths"], "runs": runs,
            **{f"{k}_gbps": med(v) for k, v in runs.items()},
            "ratio_to_h5py": paired(runs["mpidl"], runs["h5py"]), "mpidl_peak_rss_mb": rss,

@@ -1,18 +1,21 @@
 """ShardedLoader: this rank's rows of an HDF5 source, reshuffled per epoch, prefetched.
 
-One background reader thread fills a ring of reused batch buffers, `prefetch` batches
-ahead of the consumer, so reading overlaps the model's compute. Per dataset key it takes
-the cheaper of two paths:
+A background reader thread hands batches to the consumer, `prefetch` ahead, so reading
+overlaps the model's compute; a pool of `workers` threads does the reading and decoding
+(HDF5's global lock is never taken on these paths: see source.py and chunks.py). Per key:
 
-    large rows (>= 4 KiB) of contiguous datasets: each batch's rows are read straight from
-        the file into the batch buffer, one `pread` per run of consecutive rows (the plan
-        moves rows in runs of a few, ~192 KiB each) — one copy, no HDF5 call per read;
-    everything else (small rows, chunked or compressed data): the window's rows are read
-        with a few large `read_direct` calls, then gathered into batches with np.take.
+    large rows (>= 4 KiB) stored as plain bytes (contiguous, or unfiltered chunks of whole
+        rows): each batch's rows are read straight into a batch slot, one `pread` per run of
+        consecutive rows (the plan moves rows in runs of ~192 KiB), several batches at once;
+    everything else (small rows, compressed chunks, chunks that split rows): a window of
+        whole blocks is read or decoded by the pool, each row written straight to its place
+        in batch order, so a batch is a slice of the window. Two window buffers: the pool
+        fills the next while the consumer is served from this one.
 
-Memory is bounded by one window of small-row keys plus `prefetch + 2` batches, whatever the
-dataset's size. On CUDA the ring is pinned and the consumer copies each batch to the device
-with non_blocking=True; a buffer is reused only after its copy has finished.
+Memory is bounded by two windows of the windowed keys plus `prefetch + 2 + workers` batch
+slots, whatever the dataset's size. On CUDA the buffers are pinned and the consumer copies
+each batch with non_blocking=True; a buffer is refilled only after its copy has finished.
+`loader.spent` tells where the reader's time went in the last pass.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -132,7 +136,7 @@ class _Pipeline:
                 _put(self.batches, _DONE, self.stop)
                 return
             if direct:
-                ring = [{k: self._alloc(self.batch, k) for k in direct} for _ in range(self.prefetch + 2)]
+                ring = [{k: self._alloc(self.batch, k) for k in direct} for _ in range(self.prefetch + 2 + self.workers)]
                 for i in range(len(ring)):
                     self.free_slots.put(i)
             max_rows = max(w.rows for w in windows)
@@ -146,6 +150,17 @@ class _Pipeline:
 
             pending = fill(0)
             skip = self.skip_rows
+            inflight: deque = deque()  # (reads in flight or None, ticket, arrays) in batch order
+            depth = self.workers if direct else 1
+
+            def hand_on() -> bool:  # the oldest batch, once read, to the consumer
+                reading, ticket, out = inflight.popleft()
+                if reading is not None:
+                    t = clock()
+                    reading.wait()
+                    spent["direct_reads"] += clock() - t
+                return _put(self.batches, (ticket, out), self.stop)
+
             for n, w in enumerate(windows):
                 t = clock()
                 pending.wait()
@@ -160,7 +175,9 @@ class _Pipeline:
                             return
                         pending, following = fill(n + 1), False
                     out = {k: t[s:s + self.batch] for k, t in buf.items()}
-                    slot = None
+                    slot, reading = None, None
+                    with self.released:  # counted from now: the buffer is not refilled under this batch
+                        self.held[b] += 1
                     if direct:
                         t0 = clock()
                         slot = _get(self.free_slots, self.stop)
@@ -169,21 +186,25 @@ class _Pipeline:
                         ev = self.slot_events.get(slot)
                         if ev is not None:
                             ev.synchronize()  # its last copy to the device has finished
-                        t1 = clock()
+                        spent["slot_wait"] += clock() - t0
                         out.update(ring[slot])
-                        for k in direct:
-                            reader.read_rows(k, rows_at[w.order[s:s + self.batch]], ring[slot][k].numpy())
-                        spent["slot_wait"] += t1 - t0
-                        spent["direct_reads"] += clock() - t1
-                    with self.released:
-                        self.held[b] += 1
-                    if not _put(self.batches, ((slot, b), out), self.stop):
+                        # Batches' rows are read on the pool, several at once; handed on in order.
+                        reading = reader.start_rows({k: ring[slot][k].numpy() for k in direct},
+                                                    rows_at[w.order[s:s + self.batch]])
+                    inflight.append((reading, (slot, b), out))
+                    if len(inflight) >= depth and not hand_on():
                         return
                 if following:
+                    while inflight:  # the consumer frees the other buffer as it moves on
+                        if not hand_on():
+                            return
                     if not self._free_buffer(1 - b):
                         return
                     pending = fill(n + 1)
                 skip = 0
+            while inflight:
+                if not hand_on():
+                    return
         _put(self.batches, _DONE, self.stop)
 
     def __iter__(self) -> Iterator[tuple[tuple, dict]]:

@@ -293,6 +293,13 @@ class Reader:
                 raise OSError(f"{self._paths[i]}: short read of '{key}' at byte {offset} "
                               f"({got} of {(b - a) * rb} bytes): the file is truncated")
 
+    def start_rows(self, outs: dict[str, np.ndarray], rows: np.ndarray) -> "Pending":
+        """read_rows of each key of `outs` as one task on the pool; returns at once."""
+        def read() -> None:
+            for key, out in outs.items():
+                self.read_rows(key, rows, out)
+        return Pending([self._pool.submit(read)])
+
     # ------------------------------------------------------------------ row ranges
     def read(self, key: str, start: int, stop: int, out: np.ndarray) -> None:
         """Rows [start, stop) of the source (its own numbering) into out[0:stop-start]."""
