@@ -235,15 +235,14 @@ class _Pipeline:
 
 
 def default_workers(world) -> int:
-    """Decoding threads for one rank: the cores it may run on, shared with the node's other ranks
-    unless the launcher already bound each rank to its own cores."""
+    """Reading threads for one rank: the cores it may run on, and no more than its share of
+    the node's cores (ranks bound to a socket would otherwise each take the whole socket)."""
+    cores = os.cpu_count() or 1
     try:
         mine = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        mine = os.cpu_count() or 1
-    if mine >= (os.cpu_count() or 1):  # not bound: the node's ranks share every core
-        mine //= max(1, getattr(world, "local_size", 1))
-    return max(1, min(16, mine))
+        mine = cores
+    return max(1, min(16, mine, cores // max(1, getattr(world, "local_size", 1))))
 
 
 def _torch_dtype(dtype: np.dtype) -> torch.dtype:
