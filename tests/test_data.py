@@ -245,8 +245,10 @@ if w.rank == 0:
 w.barrier()
 ld = ShardedLoader(H5Source(path), w, batch_size=batch, evaluation=True, prefetch=2)
 seen, sizes = [], []
-for x, y, mask in ld:
+for i, (x, y, mask) in enumerate(ld):
     assert mask.dtype == torch.bool and x.shape[0] == y.shape[0] == mask.shape[0] == batch
+    real = min(batch, max(0, ld.samples - i * batch))  # real rows first: countable on the host
+    assert torch.equal(mask, torch.arange(batch) < real)
     assert torch.equal(x[:, 0], y.float() * 5)
     seen.extend(y[mask].tolist())
     total = w.comm.allreduce(int(mask.sum()))  # a collective per batch: ranks stay in step

@@ -288,7 +288,9 @@ class ShardedLoader:
     contiguous share); every rank runs the same number of full batches, so collectives per
     batch stay matched, and each batch ends with a bool `mask` tensor marking its real rows
     (padding repeats real rows and must be left out: `loss[mask].sum()`, `mask.sum()`).
-    `len(loader)` is that number of batches, `loader.samples` this rank's real rows.
+    `len(loader)` is that number of batches, `loader.samples` this rank's real rows. Real rows
+    come first: batch i holds min(batch, samples - i·batch) of them (≥ 0), so a consumer on
+    CUDA can count or slice them on the host without reading the mask back.
     A batch is a tuple of tensors in `source.keys` order, on `device` (default world.device),
     passed through `transform` when given. On CPU, a batch's tensors share memory with the
     loader's buffers and stay valid until the next batch is requested: `.clone()` one to keep
