@@ -123,7 +123,7 @@ class H5Source:
                             d[d.shape[0] - 1]
                     except (OSError, RuntimeError) as e:
                         raise BadInput(f"{path}: dataset '{key}' cannot be read ({str(e).splitlines()[0]})") from None
-                layouts.append(_layout_of(path, int(rows), [f[k] for k in self.keys]))
+                layouts.append(_layout_of(path, int(rows), {k: f[k] for k in self.keys}))
         total = sum(lay.rows for lay in layouts)
         if total == 0:
             raise BadInput(f"{self.files[0]}: zero rows in dataset '{self.keys[0]}'"
@@ -197,10 +197,12 @@ class H5Source:
         return Reader(self, workers)
 
 
-def _layout_of(path: str, rows: int, dsets: list) -> FileLayout:
-    biggest = max(dsets, key=lambda d: int(np.prod(d.chunks, dtype=np.int64)) * d.dtype.itemsize if d.chunks else 0)
+def _layout_of(path: str, rows: int, dsets: dict) -> FileLayout:
+    """What sharded reading needs to know of one file's datasets (metadata only)."""
+    biggest = max(dsets.values(),
+                  key=lambda d: int(np.prod(d.chunks, dtype=np.int64)) * d.dtype.itemsize if d.chunks else 0)
     addressable = frozenset(
-        d.name.lstrip("/") for d in dsets
+        k for k, d in dsets.items()
         if native(d.dtype) and d.id.get_create_plist().get_nfilters() == 0
         and (d.chunks is None or tuple(d.chunks[1:]) == tuple(d.shape[1:])))
     return FileLayout(path, rows, biggest.chunks[0] if biggest.chunks else None, biggest.compression, addressable)
@@ -225,7 +227,7 @@ Storage = Union[_Contiguous, ChunkIndex, None]  # None: h5py reads it
 
 
 class Reader:
-    """Open file handles of one source, for one thread. Use as a context manager.
+    """Open file handles of one source, for one thread and its pool. Use as a context manager.
 
     Each dataset in each file is read the cheapest way its storage allows:
       contiguous or whole-row unfiltered chunks: rows are bytes at known offsets, read with
@@ -276,6 +278,8 @@ class Reader:
         that lie back to back in the file. For addressable keys; the caller groups rows so
         runs are long. Runs here, in the calling thread."""
         rows = np.asarray(rows, np.int64) + self._base
+        if rows.size == 0:
+            return
         files = np.searchsorted(self._starts, rows, side="right") - 1
         offsets = np.empty(rows.size, np.int64)
         for i in (np.unique(files) if len(self._fds) > 1 else (0,)):
