@@ -356,9 +356,9 @@ def print_table(layouts: dict) -> None:
         for name, r in short.items():
             sp = r["spent_last_pass_s"]
             print(f"  {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in sp.items()))
-        print("  (window_wait: the reader waits for the pool to decode a window; direct_reads: rows read straight "
-              "into batches;\n   buffer_wait/slot_wait: waiting for the consumer to release buffers; consumer_wait: "
-              "the consumer waiting for a batch)")
+        print("  (window_wait: the reader waits for the pool to read or decode a window; assembly_wait: for a "
+              "batch's rows to be\n   gathered or read into its slot; slot_wait: for the consumer to release a "
+              "slot; consumer_wait: the consumer waiting for a batch)")
 
 
 def gpu_part(work: Path, out_dir: Path | None) -> dict | None:

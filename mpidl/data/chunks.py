@@ -126,39 +126,18 @@ class ChunkIndex:
                    for idx, sl in out for j in range(-(-size // c))]
         return out
 
-    @property
-    def trailing_grid(self) -> tuple[int, ...]:
-        return tuple(-(-s // c) for s, c in zip(self.shape[1:], self.chunks[1:]))
-
     # ------------------------------------------------------------------ bytes
-    def join_rows(self, fd: int, j: int, lo: int, hi: int, path: str) -> np.ndarray:
-        """Rows [lo, hi) of chunk row j, whole, from chunks that split rows (thread scratch).
-
-        Those rows of each chunk of the row are laid side by side in one (*grid, rows, *chunk)
-        block (read as bytes where a chunk is stored unfiltered, else decoded), then a single
-        transposing copy lays them out as (rows, grid_1 * chunk_1, ...): whole rows, padded
-        where a trailing size is not a multiple of its chunk; the padding is sliced off.
-        Memory: twice the rows asked for, plus one decoded chunk.
-        """
-        grid, inner, k, n = self.trailing_grid, self.chunks[1:], len(self.chunks) - 1, hi - lo
-        part_bytes = n * self.chunk_bytes // self.chunks[0]
-        block = scratch(4, len(self.trailing_chunks) * part_bytes).view(self.dtype).reshape(*grid, n, *inner)
-        for at, _ in self.trailing_chunks:
-            where = (j, *at)
-            if self.filters and any(not int(self.masks[where]) >> i & 1 for i in range(len(self.filters))):
-                block[at] = self.decode(fd, where, path)[lo:hi]
-            else:  # stored as is: just the rows wanted
-                got = os.preadv(fd, [block[at].reshape(-1).view(np.uint8)], int(self.offsets[where]) + lo * (
-                    self.chunk_bytes // self.chunks[0]))
-                if got != part_bytes:
-                    raise OSError(f"{path}: short read of chunk {where} ({got} of {part_bytes} bytes): "
-                                  "the file is truncated")
-        padded = tuple(g * c for g, c in zip(grid, inner))
-        rows = scratch(5, n * int(np.prod(padded, dtype=np.int64)) * self.dtype.itemsize).view(self.dtype)
-        rows = rows.reshape(n, *padded)
-        order = (k, *(a for i in range(k) for a in (i, k + 1 + i)))  # (rows, g1, c1, g2, c2, ...)
-        np.copyto(rows.reshape(n, *(x for g, c in zip(grid, inner) for x in (g, c))), block.transpose(order))
-        return rows[(slice(None), *(slice(0, s) for s in self.shape[1:]))]
+    def rows_of(self, fd: int, at: tuple[int, ...], lo: int, hi: int, path: str) -> np.ndarray:
+        """Rows [lo, hi) of chunk `at` (thread scratch): only those bytes when the chunk is
+        stored unfiltered, else the whole chunk decoded."""
+        if any(not int(self.masks[at]) >> i & 1 for i in range(len(self.filters))):
+            return self.decode(fd, at, path)[lo:hi]
+        row = self.chunk_bytes // self.chunks[0]
+        part = scratch(0, (hi - lo) * row)
+        got = os.preadv(fd, [part], int(self.offsets[at]) + lo * row)
+        if got != part.size:
+            raise OSError(f"{path}: short read of chunk {at} ({got} of {part.size} bytes): the file is truncated")
+        return part.view(self.dtype).reshape(hi - lo, *self.chunks[1:])
 
     def decode(self, fd: int, at: tuple[int, ...], path: str, into: Optional[np.ndarray] = None) -> np.ndarray:
         """Chunk `at` as an array of the chunk's shape: in `into` (C-contiguous, chunk-sized)

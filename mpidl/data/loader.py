@@ -8,13 +8,14 @@ overlaps the model's compute; a pool of `workers` threads does the reading and d
         rows): each batch's rows are read straight into a batch slot, one `pread` per run of
         consecutive rows (the plan moves rows in runs of ~192 KiB), several batches at once;
     everything else (small rows, compressed chunks, chunks that split rows): a window of
-        whole blocks is read or decoded by the pool, each row written straight to its place
-        in batch order, so a batch is a slice of the window. Two window buffers: the pool
-        fills the next while the consumer is served from this one.
+        whole blocks is read or decoded by the pool into a window buffer, rows in file
+        order, and each batch gathers its rows from there into its slot. Two window
+        buffers: the pool fills the next while batches are cut from this one.
 
-Memory is bounded by two windows of the windowed keys plus `prefetch + 2 + workers` batch
-slots, whatever the dataset's size. On CUDA the buffers are pinned and the consumer copies
-each batch with non_blocking=True; a buffer is refilled only after its copy has finished.
+Batches are assembled by `workers` threads at once and handed on in order. Memory is bounded
+by two windows of the windowed keys plus `prefetch + 2 + workers` batch slots, whatever the
+dataset's size. On CUDA the slots are pinned and the consumer copies each batch with
+non_blocking=True; a slot is refilled only after its copy has finished.
 `loader.spent` tells where the reader's time went in the last pass.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ import queue
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -31,7 +33,7 @@ import numpy as np
 import torch
 
 from mpidl.data.shard import RankPlan, check_shape, eval_steps, plan_eval, plan_rank, steps_per_epoch
-from mpidl.data.source import H5Source
+from mpidl.data.source import H5Source, Pending
 from mpidl.errors import BadInput
 
 _DONE = object()
@@ -70,11 +72,13 @@ RUN_BYTES = 192 << 10    # target bytes per direct read: amortises the call, kee
 class _Pipeline:
     """The reader thread of one pass over a RankPlan, and the buffers it fills.
 
-    Keys read row by row (direct) land in a ring of `prefetch + 2` batch slots. Every other
-    key lands in one of two window buffers, each row decoded straight into its place in batch
-    order, so a batch is a slice of the window (no gather copy). The pool fills one window
-    while the consumer is served from the other; a buffer (or slot) is refilled only after
-    every batch cut from it has been released (on CUDA: after its copy has finished).
+    Windows are read (or decoded) by the reader's pool into one of two window buffers, rows in
+    file order; the next window is read while batches are cut from this one. A batch is
+    assembled in a slot of a ring of reused batch buffers by an assembler thread (several
+    batches at once): rows of windowed keys gathered from the window, large rows of byte-
+    addressable keys read straight from the file. Batches are handed on in order; a slot is
+    reused once the consumer has released it (on CUDA: once its copy to the device is done),
+    a window buffer once every batch cut from it is assembled.
     """
 
     def __init__(self, source: H5Source, plan: RankPlan, start_step: int, prefetch: int, pinned: bool,
@@ -82,16 +86,19 @@ class _Pipeline:
         self.source, self.plan, self.workers = source, plan, workers
         self.keys = source.keys
         self.shapes, self.dtypes = source.shapes, source.dtypes
-        self.batch, self.prefetch, self.pinned = plan.batch, prefetch, pinned
+        self.batch, self.pinned = plan.batch, pinned
         # Where the reader thread's time goes (seconds), for benchmarks and slow-input diagnosis.
-        self.spent = dict.fromkeys(("window_wait", "buffer_wait", "slot_wait", "direct_reads", "consumer_wait"), 0.0)
+        self.spent = dict.fromkeys(("window_wait", "slot_wait", "assembly_wait", "consumer_wait"), 0.0)
         self.stop = threading.Event()
         self.batches: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        # Batches are written into a ring of reused buffers: fresh arrays per batch would cost
+        # a page fault per 4 KiB and halve throughput. A slot is free again once the consumer
+        # has asked for the batch after it (and, on CUDA, once its copy to the device is done).
+        self.ring = [{k: self._alloc(k) for k in self.keys} for _ in range(prefetch + 2 + workers)]
+        self.ring_events: list[Optional[torch.cuda.Event]] = [None] * len(self.ring)
         self.free_slots: queue.Queue = queue.Queue()
-        self.slot_events: dict[int, Optional[torch.cuda.Event]] = {}
-        self.released = threading.Condition()
-        self.held = [0, 0]  # batches of each window buffer not yet released
-        self.buffer_events: list[Optional[torch.cuda.Event]] = [None, None]
+        for i in range(len(self.ring)):
+            self.free_slots.put(i)
         # Skip whole windows before start_step; the rest is skipped inside the first one.
         first, skip = 0, start_step * self.batch
         while first < len(plan.windows) and skip >= plan.windows[first].rows:
@@ -101,9 +108,8 @@ class _Pipeline:
         self.thread = threading.Thread(target=self._guard, daemon=True, name="mpidl-reader")
         self.thread.start()
 
-    def _alloc(self, rows: int, key: str) -> torch.Tensor:
-        """A reused buffer: fresh arrays per batch would cost a page fault per 4 KiB."""
-        shape, dtype = (rows, *self.shapes[key]), self.dtypes[key]
+    def _alloc(self, key: str) -> torch.Tensor:
+        shape, dtype = (self.batch, *self.shapes[key]), self.dtypes[key]
         if self.pinned:
             return torch.empty(shape, dtype=_torch_dtype(dtype), pin_memory=True)
         return torch.from_numpy(np.empty(shape, dtype))
@@ -114,100 +120,72 @@ class _Pipeline:
         except BaseException as e:  # handed to the consumer, which raises it in its own thread
             _put(self.batches, _Failed(e), self.stop)
 
-    def _free_buffer(self, b: int) -> bool:
-        """Wait until every batch cut from window buffer b is released; False when stopped."""
-        t = time.perf_counter()
-        with self.released:
-            while self.held[b] and not self.stop.is_set():
-                self.released.wait(0.05)
-        ev = self.buffer_events[b]
-        if ev is not None:
-            ev.synchronize()  # its last copy to the device has finished
-        self.spent["buffer_wait"] += time.perf_counter() - t
-        return not self.stop.is_set()
-
     def _read(self) -> None:
         src, clock, spent = self.source, time.perf_counter, self.spent
-        with src.open(self.workers) as reader:
+        with src.open(self.workers) as reader, ThreadPoolExecutor(self.workers, "mpidl-batch") as assembler:
             direct = [k for k in self.keys if src.row_bytes_of(k) >= DIRECT_ROW_BYTES and reader.addressable(k)]
             windowed = [k for k in self.keys if k not in direct]
             windows = self.plan.windows[self.first_window:]
-            if not windows:
-                _put(self.batches, _DONE, self.stop)
-                return
-            if direct:
-                ring = [{k: self._alloc(self.batch, k) for k in direct} for _ in range(self.prefetch + 2 + self.workers)]
-                for i in range(len(ring)):
-                    self.free_slots.put(i)
-            max_rows = max(w.rows for w in windows)
-            bufs = [{k: self._alloc(max_rows, k) for k in windowed} for _ in range(min(2, len(windows)))]
+            max_rows = max((w.rows for w in windows), default=0)
+            bufs = [{k: np.empty((max_rows, *self.shapes[k]), self.dtypes[k]) for k in windowed}
+                    for _ in range(min(2, len(windows)))]
+            cut: list[list[Future]] = [[], []]  # assembly of batches cut from each window buffer
 
-            def fill(n: int):  # window n into buffer n % 2, each row at its position in batch order
-                w = windows[n]
-                dest = np.empty_like(w.order)
-                dest[w.order] = np.arange(w.order.size)
-                return reader.start({k: t.numpy() for k, t in bufs[n % 2].items()}, _coalesce(w.ranges), dest)
+            def fill(n: int) -> Pending:  # window n into buffer n % 2, once no batch still reads it
+                for f in cut[n % 2]:
+                    f.result()
+                cut[n % 2] = []
+                return reader.start(bufs[n % 2], _coalesce(windows[n].ranges))
 
-            pending = fill(0)
+            def assemble(slot: int, buf: dict, idx: np.ndarray, rows: Optional[np.ndarray]) -> None:
+                out = self.ring[slot]
+                for k in windowed:  # mode "raise" would buffer the whole output first
+                    np.take(buf[k], idx, axis=0, out=out[k].numpy(), mode="clip")
+                for k in direct:
+                    reader.read_rows(k, rows, out[k].numpy())
+
+            inflight: deque = deque()  # (assembly, slot) in batch order
+
+            def hand_on() -> bool:  # the oldest batch, once assembled, to the consumer
+                done, slot = inflight.popleft()
+                t = clock()
+                done.result()
+                spent["assembly_wait"] += clock() - t
+                return _put(self.batches, (slot, self.ring[slot]), self.stop)
+
+            pending = fill(0) if windows else None
             skip = self.skip_rows
-            inflight: deque = deque()  # (reads in flight or None, ticket, arrays) in batch order
-            depth = self.workers if direct else 1
-
-            def hand_on() -> bool:  # the oldest batch, once read, to the consumer
-                reading, ticket, out = inflight.popleft()
-                if reading is not None:
-                    t = clock()
-                    reading.wait()
-                    spent["direct_reads"] += clock() - t
-                return _put(self.batches, (ticket, out), self.stop)
-
             for n, w in enumerate(windows):
+                assert pending is not None
                 t = clock()
                 pending.wait()
                 spent["window_wait"] += clock() - t
-                buf, b = bufs[n % 2], n % 2
-                following = n + 1 < len(windows)
-                if direct:  # window position -> source row
-                    rows_at = np.concatenate([np.arange(a, z) for a, z in w.ranges])
-                for s in range(skip, w.rows, self.batch):
-                    if following and self.held[1 - b] == 0:  # the other buffer is free: start the next window
-                        if not self._free_buffer(1 - b):
-                            return
-                        pending, following = fill(n + 1), False
-                    out = {k: t[s:s + self.batch] for k, t in buf.items()}
-                    slot, reading = None, None
-                    with self.released:  # counted from now: the buffer is not refilled under this batch
-                        self.held[b] += 1
-                    if direct:
-                        t0 = clock()
-                        slot = _get(self.free_slots, self.stop)
-                        if slot is _DONE:
-                            return
-                        ev = self.slot_events.get(slot)
-                        if ev is not None:
-                            ev.synchronize()  # its last copy to the device has finished
-                        spent["slot_wait"] += clock() - t0
-                        out.update(ring[slot])
-                        # Batches' rows are read on the pool, several at once; handed on in order.
-                        reading = reader.start_rows({k: ring[slot][k].numpy() for k in direct},
-                                                    rows_at[w.order[s:s + self.batch]])
-                    inflight.append((reading, (slot, b), out))
-                    if len(inflight) >= depth and not hand_on():
-                        return
-                if following:
-                    while inflight:  # the consumer frees the other buffer as it moves on
-                        if not hand_on():
-                            return
-                    if not self._free_buffer(1 - b):
-                        return
+                buf = bufs[n % 2]
+                if n + 1 < len(windows):
                     pending = fill(n + 1)
+                rows_at = np.concatenate([np.arange(a, z) for a, z in w.ranges]) if direct else None
+                for s in range(skip, w.rows, self.batch):
+                    t = clock()
+                    slot = _get(self.free_slots, self.stop)
+                    if slot is _DONE:
+                        return
+                    ev = self.ring_events[slot]
+                    if ev is not None:
+                        ev.synchronize()  # its last copy to the device has finished
+                    spent["slot_wait"] += clock() - t
+                    idx = w.order[s:s + self.batch]
+                    done = assembler.submit(assemble, slot, buf, idx, None if rows_at is None else rows_at[idx])
+                    cut[n % 2].append(done)
+                    inflight.append((done, slot))
+                    if len(inflight) >= self.workers and not hand_on():
+                        return
                 skip = 0
             while inflight:
                 if not hand_on():
                     return
         _put(self.batches, _DONE, self.stop)
 
-    def __iter__(self) -> Iterator[tuple[tuple, dict]]:
+    def __iter__(self) -> Iterator[tuple[int, dict]]:
         while True:
             t = time.perf_counter()
             item = _get(self.batches, self.stop)
@@ -218,16 +196,10 @@ class _Pipeline:
                 raise item.exc
             yield item
 
-    def release(self, ticket: tuple, event: Optional[torch.cuda.Event] = None) -> None:
-        """The consumer is done with this batch; on CUDA, once `event` (its copy) has passed."""
-        slot, b = ticket
-        if slot is not None:
-            self.slot_events[slot] = event
-            self.free_slots.put(slot)
-        with self.released:
-            self.buffer_events[b] = event
-            self.held[b] -= 1
-            self.released.notify_all()
+    def release(self, slot: int, event: Optional[torch.cuda.Event] = None) -> None:
+        """The consumer is done with this slot's batch; on CUDA, once `event` (its copy) has passed."""
+        self.ring_events[slot] = event
+        self.free_slots.put(slot)
 
     def close(self) -> None:
         self.stop.set()
@@ -382,10 +354,10 @@ class ShardedLoader:
         pipe = _Pipeline(source, plan, self.start_step, self.prefetch, pinned=cuda, workers=self.workers)
         self._pipe = pipe
         stream = torch.cuda.current_stream(self.device) if cuda else None
-        held: Optional[tuple] = None
+        held: Optional[int] = None
         masks = _Masks(self.batch_size, plan, self.device, self.start_step) if plan.valid is not None else None
         try:
-            for ticket, arrays in pipe:
+            for slot, arrays in pipe:
                 if held is not None:
                     pipe.release(held)
                     held = None
@@ -393,10 +365,10 @@ class ShardedLoader:
                     batch = tuple(arrays[k].to(self.device, non_blocking=True) for k in source.keys)
                     ev = torch.cuda.Event(blocking=True)  # the reader thread sleeps on it, not spins
                     ev.record(stream)
-                    pipe.release(ticket, ev)  # reusable once the copy has passed; the reader waits on it
+                    pipe.release(slot, ev)  # reusable once the copy has passed; the reader waits on it
                 else:
                     batch = tuple(arrays[k] for k in source.keys)
-                    held = ticket
+                    held = slot
                 if self.transform is not None:
                     batch = self.transform(batch)
                 if masks is not None:

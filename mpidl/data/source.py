@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from mpidl.data.chunks import ChunkIndex, native, scratch
+from mpidl.data.chunks import ChunkIndex, native
 from mpidl.errors import BadInput
 
 Files = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
@@ -309,19 +309,15 @@ class Reader:
         """Rows [start, stop) of the source (its own numbering) into out[0:stop-start]."""
         self.start({key: out}, [(start, stop)]).wait()
 
-    def start(self, outs: dict[str, np.ndarray], ranges: Sequence[tuple[int, int]],
-              dest: Optional[np.ndarray] = None) -> "Pending":
-        """Begin reading `ranges` (source rows, laid end to end) of each key into outs[key]:
-        the i-th row read goes to row dest[i] (default i), so a reader can lay rows out in the
-        order it will hand them on.
+    def start(self, outs: dict[str, np.ndarray], ranges: Sequence[tuple[int, int]]) -> "Pending":
+        """Begin reading `ranges` (source rows, laid end to end) of each key into outs[key].
 
         Returns at once; the reads run on the pool. `wait()` before touching the buffers.
         """
-        futures = [self._pool.submit(task) for key, out in outs.items() for task in self._tasks(key, ranges, out, dest)]
+        futures = [self._pool.submit(task) for key, out in outs.items() for task in self._tasks(key, ranges, out)]
         return Pending(futures)
 
-    def _tasks(self, key: str, ranges: Sequence[tuple[int, int]], out: np.ndarray,
-               dest: Optional[np.ndarray]) -> list[Callable[[], None]]:
+    def _tasks(self, key: str, ranges: Sequence[tuple[int, int]], out: np.ndarray) -> list[Callable[[], None]]:
         """The reads of `ranges` as pool tasks of about a MiB or more each: many small ranges
         (an exact shuffle's) share a task, large ones are cut so the pool can share them out."""
         tasks: list[Callable[[], None]] = []
@@ -348,13 +344,13 @@ class Reader:
                         segments.append((i, local + p, m, pos + p))
                         pending_rows += m
                         if pending_rows >= step:
-                            tasks.append(partial(self._segments, key, segments, out, dest))
+                            tasks.append(partial(self._segments, key, segments, out))
                             segments, pending_rows = [], 0
                 pos += n
                 a += n
                 i += 1
         if segments:
-            tasks.append(partial(self._segments, key, segments, out, dest))
+            tasks.append(partial(self._segments, key, segments, out))
         # Chunk rows go to the pool in groups of about a MiB: fewer, larger tasks.
         group: list[tuple[int, int]] = []
         size = 0
@@ -363,58 +359,53 @@ class Reader:
             index = self._storage[i][key]
             size += index.chunk_bytes * len(index.trailing_chunks)
             if size >= 1 << 20:
-                tasks.append(partial(self._decode, key, group, pieces, out, dest))
+                tasks.append(partial(self._decode, key, group, pieces, out))
                 group, size = [], 0
         if group:
-            tasks.append(partial(self._decode, key, group, pieces, out, dest))
+            tasks.append(partial(self._decode, key, group, pieces, out))
         return tasks
 
-    def _segments(self, key: str, segments: list[tuple[int, int, int, int]], out: np.ndarray,
-                  dest: Optional[np.ndarray]) -> None:
-        """Rows of (file, local row, rows, pos) segments into place (runs on the pool)."""
-        lengths = [m for _, _, m, _ in segments]
-        total, first = sum(lengths), segments[0][3]
-        in_place = dest is None and out.flags.c_contiguous and \
-            [p for _, _, _, p in segments] == (first + np.cumsum([0] + lengths[:-1])).tolist()
-        into = out[first:first + total] if in_place else \
-            scratch(3, total * self._row_bytes[key]).view(out.dtype).reshape(total, *out.shape[1:])
-        at, rows = 0, []
-        for i, local, m, _ in segments:
-            if self._storage[i][key] is None:
-                self._dsets[i][key].read_direct(into, np.s_[local:local + m], np.s_[at:at + m])
-            else:
-                rows.append((at, np.arange(local, local + m) + int(self._starts[i]) - self._base))
-            at += m
-        if rows:  # the byte-addressable rows, in one pass that coalesces their runs
-            flat = np.concatenate([r for _, r in rows])
-            if flat.size == total:
-                self.read_rows(key, flat, into)
-            else:
-                where = np.concatenate([np.arange(o, o + r.size) for o, r in rows])
-                part = np.empty((where.size, *out.shape[1:]), out.dtype)
-                self.read_rows(key, flat, part)
-                into[where] = part
-        if not in_place:
-            positions = np.concatenate([np.arange(p, p + m) for _, _, m, p in segments])
-            out[positions if dest is None else dest[positions]] = into
+    def _segments(self, key: str, segments: list[tuple[int, int, int, int]], out: np.ndarray) -> None:
+        """Rows of (file, local row, rows, pos) segments into out[pos:...] (runs on the pool).
 
-    def _decode(self, key: str, group: list[tuple[int, int]], pieces: dict, out: np.ndarray,
-                dest: Optional[np.ndarray]) -> None:
-        """Decode chunk rows `group` and copy their pieces into place (runs on the pool)."""
+        Byte-addressable rows go in one read_rows call (it coalesces their runs), straight
+        into `out` when their places are consecutive there, as they usually are.
+        """
+        rows, places = [], []
+        for i, local, m, pos in segments:
+            if self._storage[i][key] is None:
+                into = np.empty((m, *out.shape[1:]), out.dtype)  # read_direct needs a whole array
+                self._dsets[i][key].read_direct(into, np.s_[local:local + m])
+                out[pos:pos + m] = into
+            else:
+                rows.append(np.arange(local, local + m) + int(self._starts[i]) - self._base)
+                places.append(np.arange(pos, pos + m))
+        if not rows:
+            return
+        flat, at = np.concatenate(rows), np.concatenate(places)
+        first = int(at[0])
+        if out.flags.c_contiguous and int(at[-1]) - first + 1 == at.size:  # consecutive places
+            self.read_rows(key, flat, out[first:first + at.size])
+        else:
+            into = np.empty((at.size, *out.shape[1:]), out.dtype)
+            self.read_rows(key, flat, into)
+            out[at] = into
+
+    def _decode(self, key: str, group: list[tuple[int, int]], pieces: dict, out: np.ndarray) -> None:
+        """Decode chunk rows `group` and copy their pieces into place (runs on the pool).
+
+        A chunk that splits rows fills its columns of the pieces' rows: a strided copy, rows
+        in file order (the batch gathers them later, whole).
+        """
         for i, j in group:
             index: ChunkIndex = self._storage[i][key]
-            if len(index.trailing_chunks) == 1:  # chunks of whole rows: rows go straight to their place
-                chunk = index.decode(self._fds[i], (j, *index.trailing_chunks[0][0]), self._paths[i])
-                for r0, r1, p in pieces[(i, j)]:
-                    _place(out, dest, p, chunk[r0:r1])
-                continue
-            # Chunks that split rows: the chunk row's chunks are decoded side by side, joined
-            # into whole rows with one transposing copy, and the rows scattered into place
-            # (fragment by fragment would cost several times more).
-            lo, hi = min(r0 for r0, _, _ in pieces[(i, j)]), max(r1 for _, r1, _ in pieces[(i, j)])
-            rows = index.join_rows(self._fds[i], j, lo, hi, self._paths[i])
-            for r0, r1, p in pieces[(i, j)]:
-                _place(out, dest, p, rows[r0 - lo:r1 - lo])
+            wanted = pieces[(i, j)]
+            lo, hi = min(r0 for r0, _, _ in wanted), max(r1 for _, r1, _ in wanted)
+            for at, dst in index.trailing_chunks:
+                chunk = index.rows_of(self._fds[i], (j, *at), lo, hi, self._paths[i])
+                src = tuple(slice(0, s.stop - s.start) for s in dst)
+                for r0, r1, p in wanted:
+                    out[(slice(p, p + r1 - r0), *dst)] = chunk[(slice(r0 - lo, r1 - lo), *src)]
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)  # no task may outlive the descriptors
@@ -429,12 +420,6 @@ class Reader:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _place(out: np.ndarray, dest: Optional[np.ndarray], pos: int, rows: np.ndarray, trailing: tuple = ()) -> None:
-    """rows -> out[dest[pos:pos + len(rows)]] (or out[pos:...] when dest is None), in `trailing` columns."""
-    at = slice(pos, pos + rows.shape[0]) if dest is None else dest[pos:pos + rows.shape[0]]
-    out[(at, *trailing)] = rows
 
 
 class Pending:
