@@ -417,7 +417,8 @@ def main() -> None:
     out_dir = Path(a.out) if a.out else None
     try:
         figures: dict = {"dataset": {"row_bytes": ROW_BYTES, "batch": a.batch, "repeats": a.repeats,
-                                     "rounds": a.rounds, "page_cache": "warm", "goal_ratio_to_h5py": GOAL}}
+                                     "rounds": a.rounds, "page_cache": "warm", "goal_ratio_to_h5py": GOAL},
+                         "load_average": {"start": os.getloadavg()}}  # other work on the machine skews figures
         if a.gpu_only:
             figures["gpu_images_224"] = gpu_part(work, out_dir)
             _write(figures, "data-gpu", out_dir, a.no_write, write_result, environment)
@@ -436,7 +437,11 @@ def main() -> None:
                 figures["extras"] = extras(path, a)
             path.unlink()
         figures["layouts"] = layouts
+        figures["load_average"]["end"] = os.getloadavg()
         print_table(layouts)
+        load = figures["load_average"]
+        print(f"\nload average (1, 5, 15 min) at the start {_loads(load['start'])}, at the end {_loads(load['end'])} "
+              f"on {os.cpu_count()} cores")
         if "extras" in figures:
             e = figures["extras"]
             print(f"\ncontiguous: naive per-row Dataset {e['naive_gbps']:.3f} GB/s (mpidl {e['mpidl_ratio_to_naive']:.0f}x); "
@@ -447,6 +452,10 @@ def main() -> None:
         _write(figures, "data", out_dir, a.no_write, write_result, environment)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _loads(values) -> str:
+    return " ".join(f"{v:.2f}" for v in values)
 
 
 def extras(path: Path, a: argparse.Namespace) -> dict:
