@@ -121,6 +121,7 @@ def test_parameters_identical_across_ranks(tmp_path, backend):
     (["--set", "data.files=nowhere.h5", "--set", "data.synth=null"], "nowhere.h5: file not found"),
     (["--set", "data.batch=5000"], "fewer than ranks × batch"),
     (["--resume"], "no checkpoint (ckpt-*.pt) is there"),
+    (["--set", "model.args.num_classes=ten"], "model.args.num_classes = 'ten': a class count must be a positive"),
 ])
 def test_bad_spec_exits_2_with_one_line(tmp_path, setting, expect):
     """Under 2 ranks: one line in all, exit 2 (spec checks alone are in test_spec.py)."""

@@ -84,9 +84,12 @@ def _class_arg(spec: JobSpec) -> str:
 def spec_classes(spec: JobSpec) -> Optional[int]:
     """The class count a spec gives: model.args (num_classes, a linear model's out_features),
     else data.synth.classes; None when it gives none."""
-    given = spec.model.args.get(_class_arg(spec))
+    arg = _class_arg(spec)
+    given = spec.model.args.get(arg)
     if given is not None:
-        return int(given)
+        if not isinstance(given, int) or isinstance(given, bool) or given < 1:
+            raise BadInput(f"model.args.{arg} = {given!r}: a class count must be a positive integer")
+        return given
     return spec.data.synth.classes if spec.data.synth is not None else None
 
 
@@ -96,7 +99,7 @@ def count_classes(spec: JobSpec, world, train: H5Source, val: Optional[H5Source]
     none. BadInput on every rank, naming file, dataset, row and value, for a label outside
     [0, classes)."""
     key = train.keys[1]
-    given = spec_classes(spec)
+    given = world.agree(lambda: spec_classes(spec))
     if given is not None:
         for src in (train, val):
             if src is not None:
