@@ -349,17 +349,17 @@ def test_resume_on_another_node_count(two_nodes, tmp_path):
 # (benchmarks/bench_faults.py times every launcher × backend × fault.)
 
 def start_training(nodes, tmp_path: Path, backend: str, launcher: str, *, per_node: int = 2, code: str = "",
-                   extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, Path]:
+                   extra: tuple[str, ...] = (), env: dict | None = None) -> tuple[subprocess.Popen, Path]:
     """A long demo run across both nodes, started in the background; returns once it is mid-training
     (a few metrics records written). `code`: a script run instead of `mpidl train`."""
     args = demo_args(tmp_path, backend, "run", "epochs=200", "log_every=2", *extra)
     ranks = pycode(code) + args if code else mpidl_cmd(*cli_args(args))
+    env = {**nodes.env, **(env or {})}
     if launcher == "srun":
         cmd = ["srun", "-K", "-N", "2", f"--ntasks-per-node={per_node}", "--mpi=pmix", *ranks]
-        env = nodes.env
     else:
         cmd = mpirun_on_nodes_cmd(per_node, ranks)
-        env = {**nodes.env, **net.launcher_env({})}
+        env.update(net.launcher_env(env))
     out, err = open(tmp_path / "stdout", "w"), open(tmp_path / "stderr", "w")  # files: a full pipe would stall it
     p = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=clean_env(env), cwd=ROOT)
     p.stderr_path = tmp_path / "stderr"
@@ -496,11 +496,14 @@ def restore_link(nodes, link: str) -> None:
 
 CUT_OFF = {  # what notices a silent node, and the line it prints
     # mpirun's daemons, through the TCP keepalive `mpidl.net.launcher_env` sets (OpenMPI's own
-    # default would take 8 minutes)
+    # default would take 8 minutes); shortened here to keep the test short (bench_faults times
+    # mpidl's defaults), which launcher_env leaves alone as a user's own setting
     "mpirun": r"ORTE has lost communication with a remote daemon(.|\n)*on node node2",
     # slurmctld, after SlurmdTimeout (20 s on the emulated cluster)
     "srun": r"srun: error: Node failure on node2",
 }
+SHORT_KEEPALIVE = {"OMPI_MCA_oob_tcp_keepalive_time": "4", "OMPI_MCA_oob_tcp_keepalive_intvl": "2",
+                   "OMPI_MCA_oob_tcp_keepalive_probes": "3"}
 
 
 @needs_nodes
@@ -509,7 +512,8 @@ def test_node_cut_off_the_network_ends_the_job(two_nodes, tmp_path, backend, lau
     """node2's link goes down mid-training: nothing is reset, its ranks just go silent, and every
     other rank waits in a collective until the launcher declares node2 lost."""
     link = next(what for kind, what in two_nodes.made if kind == "link" and what.endswith("v2"))
-    p, run_dir = start_training(two_nodes, tmp_path, backend, launcher)
+    p, run_dir = start_training(two_nodes, tmp_path, backend, launcher, per_node=1,
+                                env=SHORT_KEEPALIVE if launcher == "mpirun" else {})
     subprocess.run(["ip", "link", "set", link, "down"], check=True)
     try:
         code, err = ended_within(p, 60)
