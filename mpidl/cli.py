@@ -47,10 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_doctor)
 
     from mpidl.data.cli import register as register_data
+    from mpidl.slurm.cli import register as register_slurm
     from mpidl.train.cli import register as register_train
 
     register_data(sub)
     register_train(sub)
+    register_slurm(sub)
     return p
 
 
