@@ -340,6 +340,16 @@ def _yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
+def quoted(value: str) -> str:
+    """`value` as a YAML double-quoted scalar: `--set key=<this>` reads back exactly `value`
+    (JSON's escapes, with characters beyond U+FFFF as YAML's \\U escapes, not surrogate pairs)."""
+    def pair(m: re.Match) -> str:
+        hi, lo = int(m.group(1), 16), int(m.group(2), 16)
+        return f"\\U{0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00):08x}"
+
+    return re.sub(r"\\u(d[89ab][0-9a-f]{2})\\u(d[c-f][0-9a-f]{2})", pair, json.dumps(value))
+
+
 def _set(tree: dict, dotted: str, raw: str, origin: str) -> None:
     """Apply one `key.path=value` override; the value is read as YAML (numbers, lists, ...)."""
     parts = dotted.split(".")

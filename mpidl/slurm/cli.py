@@ -9,7 +9,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from mpidl.slurm import submit, watch
 
     cwd = Path.cwd()
-    prepared = submit.prepare(args.job, args.set, array=args.array, standalone_script=args.standalone, cwd=cwd)
+    prepared = submit.prepare(args.job, args.set, array=args.array, standalone_script=args.standalone, cwd=cwd,
+                              resume=args.resume, overwrite=args.overwrite)
     if args.dry_run:
         return submit.dry_run(prepared, cwd)
     jobs = submit.submit(prepared, cwd)
@@ -42,4 +43,7 @@ def register(sub) -> None:
                    help="a plain sbatch script (no pickles): srun --mpi=pmix <venv>/bin/mpidl train JOB.yaml ...")
     s.add_argument("--array", action="append", default=[], metavar="KEY=V1,V2,...|@FILE",
                    help="one array element per value (several: every combination), or per line of FILE")
+    s.add_argument("--resume", action="store_true", help="the job continues from the newest checkpoint")
+    s.add_argument("--overwrite", action="store_true",
+                   help="the job starts afresh even where the run folder holds an earlier run's checkpoints")
     s.set_defaults(func=cmd_submit)

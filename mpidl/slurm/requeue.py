@@ -10,6 +10,7 @@ otherwise leave with EXIT_PREEMPTED and a line that says how to continue.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Callable, Mapping, Optional
 
@@ -48,18 +49,27 @@ def after_preemption(world, summary: dict, limit: int, requeue: Optional[Callabl
     signal_name, step = summary["preempted"], summary.get("global_step")
     restarts = restart_count(env)
     said = f"preempted by {signal_name} at step {step} (checkpoint written)"
-    if requeue is None or job_id(env) is None:
-        reason = "not requeued: not a SLURM batch job started with --requeue"
+    if requeue is None:
+        reason = "not requeued (mpidl train requeues an sbatch job when given --requeue)"
+    elif job_id(env) is None:
+        reason = "not requeued (not in a SLURM job)"
     elif restarts >= limit:
         reason = f"not requeued: slurm.requeue_limit = {limit} reached ({restarts} restarts)"
     else:
-        if world.rank == 0:
-            log.get().warning("%s: requeueing job %s (restart %d of at most %d); it resumes by itself",
-                              said, job_id(env), restarts + 1, limit)
-            for h in log.get().handlers:
-                h.flush()
+        # SLURM ends this run with SIGTERM once the job is requeued: leave quietly then, not
+        # through the fail-fast abort (the checkpoint is on disk).
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if world.rank != 0:
+            return 0
+        log.get().warning("%s: requeueing job %s (restart %d of at most %d); it resumes by itself",
+                          said, job_id(env), restarts + 1, limit)
+        for h in log.get().handlers:
+            h.flush()
+        try:
             requeue()
-        return 0
+            return 0
+        except Exception as e:  # e.g. the controller already requeued or ended it
+            reason = f"the requeue failed ({str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__})"
     if world.rank == 0:
         sys.stderr.write(f"error: {said}; {reason}; continue with --resume\n")
         sys.stderr.flush()

@@ -12,10 +12,11 @@ comment (a newline there would end the comment).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
@@ -47,7 +48,7 @@ def shown_path(path: Union[str, Path], base: Path) -> str:
 def sbatch_safe(key: str, value: str) -> str:
     """BadInput when `value` cannot pass through an #SBATCH line (see `mpidl.spec`)."""
     if any(ord(c) < 32 or c in "\\\x7f" for c in value):
-        raise BadInput(f"{key} = {value!r}: newlines, control characters and backslashes cannot pass through "
+        raise BadInput(f"{key} = {json.dumps(value)}: newlines, control characters and backslashes cannot pass through "
                        "an #SBATCH line")
     return value
 
@@ -66,7 +67,7 @@ class Plan:
     overrides: tuple[str, ...] = ()
     venv: str = ".venv"
     node_cpus: Optional[int] = None
-    extra: dict = field(default_factory=dict)
+    train_flags: tuple[str, ...] = ()   # --resume / --overwrite, passed on to `mpidl train`
 
     @property
     def slurm(self) -> SlurmSpec:
@@ -147,6 +148,8 @@ def forward_function(signal: str) -> list[str]:
     signal on: SLURM sends it to this shell (B:), whose default action on USR2 or TERM would
     end the job, and mpirun forwards USR1/USR2 (and TERM) to every rank."""
     return [
+        f"# SLURM sends SIG{signal} to this shell (--signal=B:...), whose default would be to die of it:",
+        "# pass it on to mpirun, which forwards it to every rank.",
         "launch() {",
         f"    trap 'kill -{signal} \"$launched\" 2>/dev/null' {signal}",
         '    "$@" &',
@@ -188,7 +191,7 @@ def standalone(plan: Plan, output: str = "slurm-%j.out") -> str:
         lines += ["", "# setup (the spec's slurm.setup)"] + list(s.setup)
     lines += ["", *plan.environment(), f"MPIDL={sh(Path(plan.venv) / 'bin' / 'mpidl')}"]
     lines += venv_check("MPIDL", "this virtual environment (set slurm.venv)")
-    args = " ".join(sh(a) for a in ["train", plan.job_file, "--requeue",
+    args = " ".join(sh(a) for a in ["train", plan.job_file, "--requeue", *plan.train_flags,
                                      *[x for o in plan.overrides for x in ("--set", o)]])
     lines += [
         "",

@@ -7,7 +7,6 @@ client commands, the controller, and the controller's own verdict on the script
 """
 from __future__ import annotations
 
-import json
 import re
 import shlex
 import sys
@@ -21,7 +20,7 @@ from mpidl.slurm import controller, executor
 from mpidl.slurm.script import Plan, sbatch_safe, shown_path, standalone
 from mpidl.slurm.task import TrainTask
 from mpidl.slurm.watch import Job
-from mpidl.spec import JobSpec, load_spec, read_spec_text
+from mpidl.spec import JobSpec, load_spec, quoted, read_spec_text
 
 GENERATED = Path("slurm") / "generated"
 
@@ -79,6 +78,8 @@ class Prepared:
     standalone: bool
     run_dir: Path          # the submission's folder (an array's elements live below it)
     text: str              # the exact sbatch script
+    resume: bool = False
+    overwrite: bool = False
 
     @property
     def folder(self) -> Path:
@@ -90,45 +91,66 @@ class Prepared:
 
 
 def prepare(job_file: str, sets: list[str], *, array: list[str], standalone_script: bool,
-            cwd: Path, venv: Optional[str] = None) -> Prepared:
-    """Validate everything, then build the script text (nothing is written or submitted)."""
+            cwd: Path, resume: bool = False, overwrite: bool = False, venv: Optional[str] = None,
+            ask_controller: bool = True) -> Prepared:
+    """Validate everything, then build the script text (nothing is written or submitted).
+
+    ask_controller: ask SLURM for the node's CPUs when the spec does not say (to split them).
+    """
     spec_text = read_spec_text(job_file)
     base = load_spec(job_file, sets, text=spec_text)
     variants = array_variants(array, job_file) if array else [[]]
     if standalone_script and array:
         raise BadInput("--standalone and --array: an array goes through submitit (leave out --standalone)")
     run_dir = base.run_dir
-    sbatch_safe("output (the run folder, where the logs go)", str(run_dir.resolve()))
+    if not standalone_script:  # submitit's #SBATCH --output names the run folder
+        sbatch_safe("output (the run folder, where the logs go)", str(run_dir.absolute()))
     specs: list[tuple[JobSpec, list[str]]] = []
     for i, variant in enumerate(variants):
         own = list(sets) + variant
         if array:
             element_dir = run_dir / f"{i}-{_slug(variant)}"
-            # YAML-quoted (JSON is YAML); braces doubled: `output` is formatted with the name.
-            own.append("output=" + json.dumps(str(element_dir).replace("{", "{{").replace("}", "}}")))
+            # braces doubled: `output` is formatted with the name
+            own.append("output=" + quoted(str(element_dir).replace("{", "{{").replace("}", "}}")))
             if base.checkpoint.dir:
-                own.append("checkpoint.dir=" + json.dumps(str(element_dir / "checkpoints")))
+                own.append("checkpoint.dir=" + quoted(str(element_dir / "checkpoints")))
         try:
-            specs.append((load_spec(job_file, own, text=spec_text), own))
+            spec = load_spec(job_file, own, text=spec_text)
+            if not resume and not overwrite:
+                _fresh(spec)
         except BadInput as e:
-            raise BadInput(f"--array element {i} ({' '.join(variant)}): {e}") from None
+            raise BadInput(f"--array element {i} ({' '.join(variant)}): {e}" if array else str(e)) from None
+        specs.append((spec, own))
     if array and len({(s.slurm.model_dump_json()) for s, _ in specs}) > 1:
         raise BadInput("--array: the variants ask for different slurm resources; one array shares one script")
     spec = specs[0][0]
     node_cpus = None
-    if spec.slurm.cpus_for_each_task() is None and controller.controller_answers():
+    if ask_controller and spec.slurm.cpus_for_each_task() is None and controller.controller_answers():
         node_cpus = controller.node_cpus(spec.slurm.partition)
     venv_path = Path(spec.slurm.venv or venv or sys.prefix)
     # A standalone script names files relative to the submit directory; submitit's names the
     # interpreter by absolute path, as it names its folder.
     venv_shown = shown_path(venv_path, cwd) if standalone_script else str(venv_path.absolute())
-    plans = [Plan(s, shown_path(job_file, cwd), tuple(own if array else sets), venv_shown, node_cpus)
+    flags = tuple(f for f, on in (("--resume", resume), ("--overwrite", overwrite)) if on)
+    plans = [Plan(s, shown_path(job_file, cwd), tuple(own if array else sets), venv_shown, node_cpus, flags)
              for s, own in specs]
     if standalone_script:
         text = standalone(plans[0])
     else:
         text = executor.script_text(executor.make(plans[0], run_dir / "slurm"), array=len(plans) if array else 0)
-    return Prepared(job_file, spec_text, plans, variants if array else [], standalone_script, run_dir, text)
+    return Prepared(job_file, spec_text, plans, variants if array else [], standalone_script, run_dir, text,
+                    resume, overwrite)
+
+
+def _fresh(spec: JobSpec) -> None:
+    """A fresh job must not land in a run folder holding another run's checkpoints (the trainer
+    refuses too, but only once the job runs)."""
+    from mpidl.train import checkpoint
+
+    found = checkpoint.all_checkpoints(spec.checkpoint_dir)
+    if found:
+        raise BadInput(f"{spec.checkpoint_dir}: already holds a run's checkpoints ({found[-1].name}): add --resume "
+                       "to continue it, --overwrite to replace it, or set another output or name")
 
 
 def generated_path(spec_name: str, cwd: Path) -> Path:
@@ -168,8 +190,8 @@ def submit(prepared: Prepared, cwd: Path) -> list[Job]:
         f.flush()
         controller.test_only(Path(f.name), prepared.plans[0].slurm)
     ex = prepared.executor()
-    tasks = [TrainTask(str(Path(prepared.job_file).absolute()), prepared.spec_text, list(p.overrides))
-             for p in prepared.plans]
+    tasks = [TrainTask(str(Path(prepared.job_file).absolute()), prepared.spec_text, list(p.overrides),
+                       prepared.resume, prepared.overwrite) for p in prepared.plans]
     if len(tasks) == 1 and not prepared.variants:
         submitted = [ex.submit(tasks[0])]
     else:

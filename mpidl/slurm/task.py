@@ -22,11 +22,13 @@ class TrainTask:
     then, even if the file changed since.
     """
 
-    def __init__(self, job_file: str, spec_text: str, overrides: list[str], resume: Union[bool, str] = False):
+    def __init__(self, job_file: str, spec_text: str, overrides: list[str], resume: Union[bool, str] = False,
+                 overwrite: bool = False):
         self.job_file = job_file
         self.spec_text = spec_text
         self.overrides = list(overrides)
         self.resume = resume
+        self.overwrite = overwrite
 
     def __call__(self) -> dict:
         import mpidl
@@ -39,7 +41,7 @@ class TrainTask:
         handlers = {s: signal.getsignal(s) for s in (signal.SIGUSR2, signal.SIGTERM)}
         world = mpidl.init()
         spec = world.agree(lambda: load_spec(self.job_file, self.overrides, text=self.spec_text))
-        summary = train(spec, resume=resume_mode(self.resume))
+        summary = train(spec, resume=resume_mode(self.resume), overwrite=self.overwrite)
         if summary.get("preempted"):
             warning = getattr(signal, f"SIG{spec.slurm.signal}")
             code = after_preemption(world, summary, spec.slurm.requeue_limit,
