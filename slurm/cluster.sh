@@ -42,6 +42,7 @@ SlurmctldHost=$HOST
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# A requeued job may start again cred_expire seconds after its requeue (SLURM's default: 120).
 AuthInfo=cred_expire=10
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool

@@ -184,8 +184,7 @@ def submit(prepared: Prepared, cwd: Path) -> list[Job]:
         log = cwd / f"slurm-{job_id}.out"
         return [Job(job_id, prepared.run_dir, [log], cwd, log.name)]
 
-    prepared.folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=prepared.folder, prefix=".test-only-", suffix=".sh") as f:
+    with tempfile.NamedTemporaryFile("w", prefix="mpidl-test-only-", suffix=".sh") as f:  # nothing in the run folder yet
         f.write(prepared.text)
         f.flush()
         controller.test_only(Path(f.name), prepared.plans[0].slurm)
