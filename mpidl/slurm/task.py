@@ -62,8 +62,9 @@ def _submitit_requeue(handler, signum: int) -> Optional[Callable[[], None]]:
     """submitit's checkpoint-and-requeue handler as a call, or None outside submitit.
 
     On rank 0 it calls `checkpoint()`, pickles the result, runs `scontrol requeue` and exits;
-    it counts a signal within 10 minutes of the time limit (always, under a limit below 10
-    minutes) against the executor's max_num_timeout, which mpidl sets to requeue_limit.
+    it counts a signal in the last fifth or the last 10 minutes of the time limit, whichever
+    is longer (any signal under a limit below 10 minutes), against the executor's
+    max_num_timeout, which mpidl sets to requeue_limit.
     """
     if getattr(handler, "__name__", "") != "checkpoint_and_try_requeue":
         return None

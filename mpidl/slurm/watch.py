@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, TextIO
 
-from mpidl.errors import EXIT_BAD_INPUT
+from mpidl.errors import EXIT_BAD_INPUT, BadInput
 from mpidl.slurm import controller
 from mpidl.slurm.script import EXIT_RECORD
 
@@ -144,6 +144,7 @@ def wait(jobs: list[Job], poll_s: float = 2.0, follow: bool = True) -> list[Outc
     tails = [Tail(p) for p in jobs[0].rank0_logs] if follow and len(jobs) == 1 else []
     seen: dict[str, str] = {}
     done: dict[str, Optional[dict]] = {}
+    failures = 0
     while len(done) < len(jobs):
         for t in tails:
             for line in t.read():
@@ -151,7 +152,14 @@ def wait(jobs: list[Job], poll_s: float = 2.0, follow: bool = True) -> list[Outc
         for job in jobs:
             if job.job_id in done:
                 continue
-            info = controller.show_job(job.job_id)
+            try:
+                info = controller.show_job(job.job_id)
+                failures = 0
+            except BadInput:
+                failures += 1  # a controller that does not answer for a minute ends the wait
+                if failures > 30:
+                    raise
+                continue
             state = info.get("JobState", "UNKNOWN") if info else "GONE"
             note = f"{state} (restart {info.get('Restarts', '0')})" if info else state
             if info and state == "PENDING" and info.get("Reason") not in (None, "None"):
@@ -204,7 +212,7 @@ def table(jobs: list[Job], outs: list[Outcome]) -> str:
     cells = [[str(row.get(k, "")) for k in keys] for row in rows]
     widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*keys)] + [fmt.format(*c) for c in cells])
+    return "\n".join(fmt.format(*row).rstrip() for row in [keys, *cells])
 
 
 def worst(outs: list[Outcome]) -> int:
