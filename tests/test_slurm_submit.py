@@ -120,6 +120,18 @@ def test_array_gives_one_row_per_element(slurm_cluster, tmp_path):
         assert (run_dir / "checkpoints").is_dir()
 
 
+def test_submitit_with_the_mpirun_launcher(slurm_cluster, tmp_path):
+    # mpirun's ranks all inherit SLURM_PROCID=0; each must still be its own submitit task
+    job = write_job(tmp_path, steps=5, slurm={"tasks_per_node": 2, "launcher": "mpirun"})
+    r = submit("--wait", str(job), env=slurm_cluster, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.output[-3000:]
+    job_id = re.search(r"submitted job (\d+)", r.stdout).group(1)
+    results = [cloudpickle.loads((tmp_path / "run" / "slurm" / f"{job_id}_{t}_result.pkl").read_bytes())
+               for t in (0, 1)]
+    assert [(ok, s["world"]["rank"], s["world"]["launcher"], s["global_step"]) for ok, s in results] == \
+        [("success", 0, "mpirun", 5), ("success", 1, "mpirun", 5)]
+
+
 # ------------------------------------------------------------------ bad input
 
 def _one_error_line(r) -> str:

@@ -97,7 +97,7 @@ def test_only(script: Path, slurm: Optional[Any] = None) -> str:
     raise BadInput(f"{where}the controller refused the job (sbatch --test-only: {reason})")
 
 
-def submit(script: Path, cwd: Optional[Path] = None) -> str:
+def submit(script: Path) -> str:
     """`sbatch --parsable SCRIPT` -> the job id."""
     out = _run(["sbatch", "--parsable", str(script)], timeout=120)
     if out.returncode != 0:
