@@ -164,6 +164,7 @@ def forward_function(signal: str) -> list[str]:
 def exit_record() -> list[str]:
     """After the launch line: keep its status, record it in the log, leave with it."""
     return [
+        "# The job's own record of how it ended, read by `mpidl submit --wait` once SLURM forgets the job.",
         "status=$?",
         f'echo "{EXIT_RECORD} $status (restart ${{SLURM_RESTART_COUNT:-0}})"',
         'exit "$status"',
@@ -195,9 +196,9 @@ def standalone(plan: Plan, output: str = "slurm-%j.out") -> str:
                                      *[x for o in plan.overrides for x in ("--set", o)]])
     lines += [
         "",
-        f"# Every rank trains. On SIG{s.signal} ({s.signal_lead_s} s before the time limit, or at",
-        "# preemption) the ranks finish their step, rank 0 writes a checkpoint and requeues the job",
-        f"# (at most {s.requeue_limit} times); a requeued job resumes from its newest checkpoint.",
+        f"# Every rank trains. On SIG{s.signal}, {s.signal_lead_s} s before the time limit or at preemption, the",
+        "# ranks finish their step, rank 0 writes a checkpoint and requeues the job (at most",
+        f"# {s.requeue_limit} times); the requeued job resumes from its newest checkpoint by itself.",
     ]
     if s.launcher == "srun":
         lines.append(f'srun --mpi=pmix "$MPIDL" {args}')
