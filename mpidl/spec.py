@@ -132,11 +132,18 @@ def slurm_time_seconds(text: str) -> int:
     return total
 
 
-def _sbatch_safe(key: str, value: str) -> str:
-    """What an #SBATCH line can carry: one line (sbatch reads one line per option), and no
-    backslash (submitit's quoting of #SBATCH values loses it)."""
+def sbatch_problem(value: str) -> Optional[str]:
+    """Why `value` cannot pass through an #SBATCH line, or None: sbatch reads one line per
+    option, and submitit's quoting of #SBATCH values loses backslashes."""
     if any(ord(c) < 32 or c in "\\\x7f" for c in value):
-        raise ValueError("newlines, control characters and backslashes cannot pass through an #SBATCH line")
+        return "newlines, control characters and backslashes cannot pass through an #SBATCH line"
+    return None
+
+
+def _sbatch_safe(value: str) -> str:
+    problem = sbatch_problem(value)
+    if problem:
+        raise ValueError(problem)
     return value
 
 
@@ -196,8 +203,8 @@ class SlurmSpec(Strict):
 
     @field_validator("job_name", "partition", "account", "qos", "constraint")
     @classmethod
-    def _one_line(cls, v: Optional[str], info) -> Optional[str]:
-        return None if v is None else _sbatch_safe(info.field_name, v)
+    def _one_line(cls, v: Optional[str]) -> Optional[str]:
+        return None if v is None else _sbatch_safe(v)
 
     @field_validator("sbatch")
     @classmethod
@@ -209,7 +216,7 @@ class SlurmSpec(Strict):
                 raise ValueError(f"'{key}' is set from the section's own keys (or by mpidl), not here")
             if value is False:
                 raise ValueError(f"'{key}': false; leave the option out instead")
-            _sbatch_safe(key, str(value))
+            _sbatch_safe(str(value))
         return v
 
     @field_validator("env")

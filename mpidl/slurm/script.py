@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from mpidl.errors import BadInput
-from mpidl.spec import JobSpec, SlurmSpec
+from mpidl.spec import JobSpec, SlurmSpec, sbatch_problem
 
 # The line the batch shell writes last: the job's own record of how it ended, read by
 # `mpidl submit --wait` when the controller has forgotten the job (no accounting database).
@@ -46,10 +46,10 @@ def shown_path(path: Union[str, Path], base: Path) -> str:
 
 
 def sbatch_safe(key: str, value: str) -> str:
-    """BadInput when `value` cannot pass through an #SBATCH line (see `mpidl.spec`)."""
-    if any(ord(c) < 32 or c in "\\\x7f" for c in value):
-        raise BadInput(f"{key} = {json.dumps(value)}: newlines, control characters and backslashes cannot pass through "
-                       "an #SBATCH line")
+    """BadInput when `value` cannot pass through an #SBATCH line (see `mpidl.spec.sbatch_problem`)."""
+    problem = sbatch_problem(value)
+    if problem:
+        raise BadInput(f"{key} = {json.dumps(value)}: {problem}")
     return value
 
 
