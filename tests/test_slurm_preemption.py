@@ -99,6 +99,7 @@ def _check_resumed_exactly(shared, run_dir: Path, out: str) -> None:
         assert torch.equal(final[k], v), k
 
 
+@pytest.mark.timeout(900)
 def test_submitit_job_is_requeued_and_resumes_exactly(slurm_cluster, shared, tmp_path):
     job_id, out = _submit_and_preempt(shared, tmp_path, slurm_cluster, [], [])
     assert f"[mpidl] job {job_id} ended: COMPLETED, exit status 0, 1 restart(s)" in out, out[-3000:]
@@ -106,6 +107,7 @@ def test_submitit_job_is_requeued_and_resumes_exactly(slurm_cluster, shared, tmp
     _check_resumed_exactly(shared, tmp_path / "run", out)
 
 
+@pytest.mark.timeout(900)
 def test_standalone_mpirun_job_forwards_the_signal_and_resumes_exactly(slurm_cluster, shared, tmp_path):
     # --signal=B:USR2: only the batch shell is told; it passes the signal to mpirun, which
     # passes it to the ranks; rank 0 then runs `scontrol requeue`.
@@ -117,6 +119,7 @@ def test_standalone_mpirun_job_forwards_the_signal_and_resumes_exactly(slurm_clu
     _check_resumed_exactly(shared, tmp_path / "run", out)
 
 
+@pytest.mark.timeout(900)
 def test_requeue_limit_and_fingerprint_mismatch(shared, tmp_path):
     """The decisions after a preemption, under plain mpirun with the variables SLURM sets
     (SLURM_JOB_ID, SLURM_RESTART_COUNT): at the limit the job is not requeued and says how

@@ -35,6 +35,7 @@ def _summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
+@pytest.mark.timeout(900)  # a whole training job; slow when the machine is shared
 def test_submit_wait_trains_the_demo_to_its_accuracy(slurm_cluster, demo_data, tmp_path):
     r = submit("--wait", DEMO, "--set", f"data.files={demo_data}", "--set", f"output={tmp_path}/run",
                env=slurm_cluster, cwd=tmp_path)
@@ -48,6 +49,7 @@ def test_submit_wait_trains_the_demo_to_its_accuracy(slurm_cluster, demo_data, t
     assert (tmp_path / "run" / "slurm" / f"{job_id}_submission.sh").exists()
 
 
+@pytest.mark.timeout(900)  # a whole training job; slow when the machine is shared
 def test_standalone_script_through_plain_sbatch(slurm_cluster, demo_data, tmp_path):
     r = submit("--dry-run", "--standalone", DEMO, "--set", f"data.files={demo_data}",
                "--set", f"output={tmp_path}/run", env=slurm_cluster, cwd=tmp_path)
@@ -99,6 +101,7 @@ def test_horovod_allreduce_under_submitit(slurm_cluster, tmp_path, monkeypatch):
     assert sorted(results) == [(3.0, 0, 2, "srun"), (3.0, 1, 2, "srun")]
 
 
+@pytest.mark.timeout(900)  # a whole training job; slow when the machine is shared
 def test_array_gives_one_row_per_element(slurm_cluster, tmp_path):
     job = write_job(tmp_path, epochs=1, slurm={"tasks_per_node": 1})
     # the data first: two one-rank elements run at once on the two CPUs and would both write it
@@ -190,6 +193,7 @@ def test_missing_venv_on_the_compute_side(slurm_cluster, tmp_path):
     assert "error: slurm.venv: /nonexistent/venv/bin/python not found on " in r.stderr, r.output
 
 
+@pytest.mark.timeout(900)  # a whole training job; slow when the machine is shared
 def test_wait_reports_the_jobs_bad_input_and_a_failing_rank(slurm_cluster, demo_data, tmp_path):
     # the job's own bad input (its data file is missing): exit 2, rank 0's one-line error
     r = submit("--wait", DEMO, "--set", "data.synth=null", "--set", f"data.files={tmp_path}/none.h5",

@@ -27,7 +27,6 @@ class MpidlSlurmExecutor(SlurmExecutor):
     """
 
     launcher: str = "srun"
-    signal: str = "USR2"
 
     @classmethod
     def affinity(cls) -> int:
@@ -47,10 +46,11 @@ def parameters(plan: Plan) -> dict[str, Any]:
     """submitit's parameters for the plan (its names; the rest through additional_parameters)."""
     s = plan.slurm
     python = Path(plan.venv) / "bin" / "python"
-    setup = [f"export SUBMITIT_PREEMPT_SIGNAL={s.signal}", *plan.environment(), f"PYTHON={sh(python)}"]
-    setup += venv_check("PYTHON", "this virtual environment (set slurm.venv)")
+    setup = [f"export SUBMITIT_PREEMPT_SIGNAL={s.signal}"]  # the signal submitit's handler waits for
     if s.setup:
         setup += ["# the spec's slurm.setup", *s.setup]
+    setup += [*plan.environment(), f"PYTHON={sh(python)}"]
+    setup += venv_check("PYTHON", "this virtual environment (set slurm.venv)")
     if s.launcher == "mpirun":
         setup += forward_function(s.signal)
     extra: dict[str, Any] = {"signal": plan.signal_option, "requeue": True, "time": s.time}
@@ -88,7 +88,6 @@ def make(plan: Plan, folder: Path) -> MpidlSlurmExecutor:
     python = Path(plan.venv) / "bin" / "python"
     ex = MpidlSlurmExecutor(folder, max_num_timeout=plan.slurm.requeue_limit, python=shlex.quote(str(python)))
     ex.launcher = plan.slurm.launcher
-    ex.signal = plan.slurm.signal
     ex.update_parameters(**parameters(plan))
     return ex
 
@@ -101,7 +100,7 @@ def script_text(executor: MpidlSlurmExecutor, array: int = 0) -> str:
     """
     if array > 1:
         copy = MpidlSlurmExecutor(executor.folder, executor.max_num_timeout, python=executor.python)
-        copy.launcher, copy.signal = executor.launcher, executor.signal
+        copy.launcher = executor.launcher
         copy.update_parameters(**executor.parameters)
         copy.parameters["map_count"] = array
         return copy._make_submission_file_text(executor._submitit_command_str, "dry-run")
