@@ -187,6 +187,21 @@ def init(fail_fast: bool = True) -> World:
         return _world
 
 
+def world_for(comm, device: Optional[str] = None) -> World:
+    """A World over `comm`, a communicator of the job's MPI (a collective over `comm`).
+
+    For work that runs on part of the job: `world_for(MPI.COMM_SELF)` is a world of one for
+    a sweep's task, which a Trainer takes in place of the global World. Fail-fast stays
+    armed for the whole job; `device` defaults to this rank's device in the whole job.
+    """
+    base = init()
+    node = comm.Split_type(_mpi().COMM_TYPE_SHARED, key=comm.Get_rank())
+    local_rank, local_size = node.Get_rank(), node.Get_size()
+    node.Free()
+    return World(rank=comm.Get_rank(), size=comm.Get_size(), local_rank=local_rank, local_size=local_size,
+                 host=base.host, device=device or base.device, launcher=base.launcher, comm=comm)
+
+
 def current() -> Optional[World]:
     """The World made by `init()`, or None before it."""
     return _world

@@ -52,12 +52,13 @@ from mpidl.train.evaluate import evaluate
 from mpidl.train.finite import FiniteLoss
 from mpidl.train.inputs import build_inputs, steps_per_epoch
 from mpidl.train.models import model_for
-from mpidl.train.objectives import Objective, default_for
+from mpidl.train.objectives import Objective
 from mpidl.train.optim import build_optimizer, build_scheduler, lr_scale
 from mpidl.train.preemption import Preemption
 from mpidl.train.record import Recorder, versions
 from mpidl.train.state import (Position, float_buffers, fresh_run_dir, read_latest, restore_rng,
                                resume_position, snapshot)
+from mpidl.train.workloads import workload_pieces
 
 BUCKETS = ("data", "compute", "sync", "optimizer")
 
@@ -82,9 +83,9 @@ class Trainer:
     """One job on this rank. The constructor sets everything up (a collective); `fit` runs it."""
 
     def __init__(self, spec: JobSpec, resume: Union[bool, str] = False, objective: Optional[Objective] = None,
-                 callbacks: Sequence[Callback] = (), overwrite: bool = False):
+                 callbacks: Sequence[Callback] = (), overwrite: bool = False, world=None):
         self.spec = spec
-        self.world = world = mpidl.init()
+        self.world = world = world or mpidl.init()  # a World over part of the job (a sweep's task) or all of it
         self.log = log.get()
         self.device = torch.device(world.device)
         if self.device.type == "cuda":
@@ -95,8 +96,9 @@ class Trainer:
         self.steps_per_epoch = steps_per_epoch(spec, world, self.inputs)
         self.total_steps = spec.steps or spec.epochs * self.steps_per_epoch
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
-        self.objective = objective or default_for(self.inputs.classify)
-        self.callbacks = list(callbacks)
+        spec_objective, spec_callbacks = workload_pieces(spec, world, self.inputs, self.device)  # loss, clipping...
+        self.objective = objective or spec_objective
+        self.callbacks = [*spec_callbacks, *callbacks]
 
         self.backend = backend = world.agree(lambda: make_backend(spec.backend, world, {
             **spec.model_dump().get(spec.backend, {}), "backward_passes_per_step": spec.accumulate}))
@@ -358,14 +360,15 @@ class Trainer:
 
 
 def train(spec: JobSpec, resume: Union[bool, str] = False, stop_at: Optional[int] = None,
-          objective: Optional[Objective] = None, callbacks: Sequence[Callback] = (), overwrite: bool = False) -> dict:
+          objective: Optional[Objective] = None, callbacks: Sequence[Callback] = (), overwrite: bool = False,
+          world=None) -> dict:
     """Run the job; returns the summary (on every rank; rank 0 also writes it).
 
     resume: True continues from the newest checkpoint (BadInput if none); "auto" does so when
     there is one (a requeued job) and starts fresh otherwise. A fresh start into a run folder
     that holds another run's checkpoints is refused unless `overwrite` (which clears them).
     """
-    trainer = Trainer(spec, resume=resume, objective=objective, callbacks=callbacks, overwrite=overwrite)
+    trainer = Trainer(spec, resume=resume, objective=objective, callbacks=callbacks, overwrite=overwrite, world=world)
     summary = trainer.fit(stop_at=stop_at)
     trainer.close()  # not on an exception: fail-fast ends the job, and close() is a collective
     return summary
