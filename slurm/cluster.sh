@@ -102,11 +102,18 @@ start() {
 }
 
 stop() {
-    for d in slurmd slurmctld munged; do
+    local ours others
+    ours="$(cat "$DIR/run/slurmd.pid" "$DIR/run/slurmctld.pid" 2>/dev/null || true)"
+    for d in slurmd slurmctld; do
         if alive "$DIR/run/$d.pid"; then
             kill "$(cat "$DIR/run/$d.pid")"
         fi
     done
+    # munged serves every SLURM cluster on this machine: leave it while another one runs.
+    others="$(pgrep -x 'slurmctld|slurmd' | grep -vxF "${ours:-none}" || true)"
+    if [ -z "$others" ] && alive "$DIR/run/munged.pid"; then
+        kill "$(cat "$DIR/run/munged.pid")"
+    fi
     say "stopped"
 }
 
