@@ -101,6 +101,41 @@ def test_horovod_allreduce_under_submitit(slurm_cluster, tmp_path, monkeypatch):
     assert sorted(results) == [(3.0, 0, 2, "srun"), (3.0, 1, 2, "srun")]
 
 
+def _raise_in_rank1() -> str:
+    import time
+
+    import mpidl
+
+    world = mpidl.init()
+    if world.rank == 1:
+        time.sleep(0.5)
+        raise RuntimeError("boom from rank one")
+    world.barrier()  # rank 0 waits here for a rank that never comes
+    return "unreachable"
+
+
+def test_exception_in_one_rank_ends_the_submitit_job(slurm_cluster, tmp_path, monkeypatch):
+    # submitit catches the task's exception, pickles it and raises it again: mpidl's fail-fast
+    # hook must still end every rank (a hang would run into the 5-minute limit: TIMEOUT).
+    from mpidl.slurm import executor, watch
+    from mpidl.slurm.script import Plan
+    from mpidl.spec import load_spec
+
+    for k, v in slurm_cluster.items():
+        monkeypatch.setenv(k, v)
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        plan = Plan(load_spec(DEMO, ["slurm.time=5"]), DEMO, venv=sys.prefix)
+        sj = executor.make(plan, tmp_path / "slurm").submit(_raise_in_rank1)
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    job = watch.Job(sj.job_id, tmp_path, [sj.paths.stdout, sj.paths.stderr], sj.paths.folder, f"{sj.job_id}_*_log.*")
+    out, = watch.wait([job], poll_s=1, follow=False)
+    assert out.state == "FAILED" and out.exit_code == 1, out
+    assert out.error == "[rank 1] RuntimeError: boom from rank one", out
+    assert not (tmp_path / "slurm" / f"{sj.job_id}_0_result.pkl").exists()  # rank 0 never got past the barrier
+
+
 @pytest.mark.timeout(900)  # a whole training job; slow when the machine is shared
 def test_array_gives_one_row_per_element(slurm_cluster, tmp_path):
     job = write_job(tmp_path, epochs=1, slurm={"tasks_per_node": 1})
