@@ -4,12 +4,19 @@ the job resumes by itself, and its final weights equal an uninterrupted run's, b
 The signal is sent as SLURM sends the `--signal` warning: `scancel --signal=USR2 JOB` reaches
 every task of the job's steps (srun launcher); `scancel --batch --signal=USR2 JOB` reaches the
 batch shell alone (`--signal=B:USR2@T`, the mpirun launcher), which must pass it on.
-slurm/cluster.sh shortens SLURM's wait before a requeued job may start (cred_expire) so the
-requeued job runs again within seconds.
+slurm/cluster.sh shortens SLURM's wait before a requeued job may start (cred_expire) and the
+backfill interval, so the requeued job runs again within seconds.
+
+The job's steps take milliseconds, so a signal sent "at step 20" could arrive after the last
+step on a fast machine: the test stops the ranks (SIGSTOP) once step 20 is logged, sends the
+signal, waits until every rank holds it pending, and lets them go on (SIGCONT). The signal
+then lands mid-epoch however fast or loaded the machine is.
 """
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import subprocess
 import time
@@ -23,7 +30,8 @@ from conftest import PYTHON, ROOT, clean_env, mpidl_cmd, mpirun, run
 from test_train import final_weights
 
 # 5760 training rows / (2 ranks × 16) = 180 steps an epoch, 2 epochs; a signal after step 20
-# lands mid-epoch, between the every-50-steps checkpoints.
+# lands mid-epoch, and the requeued job resumes from the checkpoint written at that signal
+# (not from one of the every-50-steps checkpoints).
 JOB = {
     "name": "pre", "seed": 5, "epochs": 2, "backend": "mpi", "log_every": 1,
     "data": {"batch": 16, "val_fraction": 0.1, "preprocess": {"flip": True},
@@ -49,24 +57,70 @@ def shared(tmp_path_factory):
     return {"job": job, "reference": final_weights(d / "reference" / "checkpoints")}
 
 
-def _signal_mid_run(proc: subprocess.Popen, run_dir: Path, env: dict, scancel_args: list[str]) -> str:
-    """Once the job has logged step 20, send the warning signal; returns the job id."""
-    job_id, lines = None, []
+def _steps_logged(run_dir: Path) -> int:
+    metrics = run_dir / "metrics.jsonl"
+    return metrics.read_text().count('"step"') if metrics.exists() else 0
+
+
+def _ranks(run_dir: Path, exclude: int) -> list[int]:
+    """This machine's training processes of the job that writes run_dir (python, not mpirun or
+    srun; not the test's own `mpidl submit` process)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == exclude:
+            continue
+        try:
+            argv = [a.decode(errors="replace") for a in (d / "cmdline").read_bytes().split(b"\0")]
+        except OSError:
+            continue
+        if Path(argv[0]).name.startswith("python") and "submit" not in argv and any(str(run_dir) in a for a in argv):
+            found.append(int(d.name))
+    return found
+
+
+def _pending(pid: int, signum: int) -> bool:
+    """Whether `signum` waits, undelivered, at the (stopped) process."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    masks = re.findall(r"^(?:SigPnd|ShdPnd):\s*([0-9a-f]+)$", status, re.M)
+    return any(int(m, 16) >> (signum - 1) & 1 for m in masks)
+
+
+def _signal_ranks_at_step(run_dir: Path, step: int, exclude: int, alive, send) -> None:
+    """Once `step` steps are logged: stop the ranks, `send()` the warning signal, wait until
+    every rank holds SIGUSR2 pending, and let them continue."""
     deadline = time.monotonic() + 600
+    while _steps_logged(run_dir) < step:
+        assert alive() and time.monotonic() < deadline, "the job ended or stalled before step %d" % step
+        time.sleep(0.01)
+    ranks = _ranks(run_dir, exclude)
+    assert len(ranks) == 2, ranks
+    for pid in ranks:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        send()
+        while not all(_pending(pid, signal.SIGUSR2) for pid in ranks):
+            assert time.monotonic() < deadline, "SIGUSR2 did not reach every rank"
+            time.sleep(0.02)
+    finally:
+        for pid in ranks:
+            os.kill(pid, signal.SIGCONT)
+
+
+def _signal_mid_run(proc: subprocess.Popen, run_dir: Path, env: dict, scancel_args: list[str]) -> str:
+    """Once the job has logged step 20, send the warning signal as SLURM would; returns the job id."""
+    job_id, lines = None, []
     while job_id is None:
         line = proc.stdout.readline()
         assert line or proc.poll() is None, "".join(lines)
         lines.append(line)
         if line.startswith("submitted job "):
             job_id = line.split()[2]
-    metrics = run_dir / "metrics.jsonl"
-    while time.monotonic() < deadline:
-        if metrics.exists() and sum(1 for ln in metrics.read_text().splitlines() if '"step"' in ln) >= 20:
-            break
-        assert proc.poll() is None, "".join(lines) + proc.stdout.read()
-        time.sleep(0.05)
-    r = run(["scancel", *scancel_args, "--signal=USR2", job_id], env=env)
-    assert r.returncode == 0, r.output
+
+    def scancel() -> None:
+        r = run(["scancel", *scancel_args, "--signal=USR2", job_id], env=env)
+        assert r.returncode == 0, r.output
+
+    _signal_ranks_at_step(run_dir, 20, proc.pid, lambda: proc.poll() is None, scancel)
     return job_id
 
 
@@ -90,9 +144,10 @@ def _submit_and_preempt(shared, tmp_path, env, extra: list[str], scancel_args: l
 def _check_resumed_exactly(shared, run_dir: Path, out: str) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["preempted"] is None and summary["global_step"] == 2 * STEPS_PER_EPOCH, out[-3000:]
+    stopped = re.search(r"preempted by SIGUSR2 at step (\d+) \(checkpoint written\): requeueing job", out)
+    assert stopped, out[-3000:]
     resumed = int(Path(summary["resumed_from"]).stem.split("-")[1])
-    assert 20 <= resumed < STEPS_PER_EPOCH and resumed % 50, resumed  # mid-epoch, between checkpoints
-    assert f"preempted by SIGUSR2 at step {resumed} (checkpoint written): requeueing job" in out, out[-3000:]
+    assert resumed == int(stopped.group(1)) and 20 <= resumed < STEPS_PER_EPOCH, resumed  # mid-epoch
     final = final_weights(run_dir / "checkpoints")
     assert final.keys() == shared["reference"].keys()
     for k, v in shared["reference"].items():
@@ -131,12 +186,9 @@ def test_requeue_limit_and_fingerprint_mismatch(shared, tmp_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             env=clean_env(env))
     try:
-        metrics = run_dir / "metrics.jsonl"
-        deadline = time.monotonic() + 300
-        while not (metrics.exists() and metrics.read_text().count('"step"') >= 20):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGUSR2)  # mpirun forwards it to the ranks
+        # mpirun forwards SIGUSR2 to the ranks
+        _signal_ranks_at_step(run_dir, 20, proc.pid, lambda: proc.poll() is None,
+                              lambda: proc.send_signal(signal.SIGUSR2))
         out, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
