@@ -44,6 +44,9 @@ SlurmdUser=root
 AuthType=auth/munge
 # A requeued job may start again cred_expire seconds after its requeue (SLURM's default: 120).
 AuthInfo=cred_expire=10
+# ...and is started at the next scheduler pass: every second here (SLURM's defaults: 30 s for
+# backfill, 60 s for the main loop).
+SchedulerParameters=bf_interval=1,sched_interval=1
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool
 SlurmctldLogFile=$DIR/log/slurmctld.log
