@@ -428,6 +428,9 @@ class Pending:
     def __init__(self, futures: list[Future]):
         self.futures = futures
 
+    def done(self) -> bool:
+        return all(f.done() for f in self.futures)
+
     def wait(self) -> None:
         for f in self.futures:
             f.result()  # re-raises a worker's error here, in the caller's thread
