@@ -133,11 +133,25 @@ class _Pipeline:
         src, clock, spent = self.source, time.perf_counter, self.spent
         with src.open(self.workers) as reader, ThreadPoolExecutor(self.workers, "mpidl-batch") as assembler:
             direct = [k for k in self.keys if src.row_bytes_of(k) >= DIRECT_ROW_BYTES and reader.addressable(k)]
-            windowed = [k for k in self.keys if k not in direct]
             windows = self.plan.windows[self.first_window:]
+            # Keys whose rows span several chunks are held as the chunks store them (whole chunk
+            # rows, decoded in place); the other windowed keys as rows in file order.
+            columnar = {k: reader.column_chunks(k) for k in self.keys if k not in direct}
+            columnar = {k: shape for k, shape in columnar.items() if shape is not None}
+            windowed = [k for k in self.keys if k not in direct and k not in columnar]
+            chunk_rows = {k: [reader.chunk_rows(k, _coalesce(w.ranges)) for w in windows] for k in columnar}
             max_rows = max((w.rows for w in windows), default=0)
             bufs = [{k: np.empty((max_rows, *self.shapes[k]), self.dtypes[k]) for k in windowed}
                     for _ in range(min(2, len(windows)))]
+            for k, (per, parts, _sub) in columnar.items():
+                most = max(len(rows) for rows, _ in chunk_rows[k])
+                chunk = (per, *self.shapes[k][:-1], self.shapes[k][-1] // parts)
+                for b in bufs:
+                    b[k] = np.empty((most, parts, *chunk), self.dtypes[k])
+            # Per columnar key: the sub-row offsets of a row's pieces, shaped (S, C), added to
+            # where a row starts (chunk_rows) they index the buffer's sub-rows of one column chunk.
+            pieces = {k: np.arange(sub)[:, None] + np.arange(parts)[None, :] * per * sub
+                      for k, (per, parts, sub) in columnar.items()}
             cut: list[list[Future]] = [[], []]  # assembly of batches cut from each window buffer
 
             def fill(n: int) -> Pending:  # window n into buffer n % 2, once no batch still reads it
@@ -147,12 +161,21 @@ class _Pipeline:
                 for f in cut[n % 2]:
                     f.result()
                 cut[n % 2] = []
-                return reader.start(bufs[n % 2], _coalesce(windows[n].ranges))
+                buf = bufs[n % 2]
+                pending = reader.start({k: buf[k] for k in windowed}, _coalesce(windows[n].ranges))
+                for k in columnar:
+                    pending.futures += reader.start_chunk_rows(k, chunk_rows[k][n][0], buf[k]).futures
+                return pending
 
-            def assemble(slot: int, buf: dict, idx: np.ndarray, rows: Optional[np.ndarray]) -> None:
-                out = self.ring[slot]
+            def assemble(slot: int, n: int, idx: np.ndarray, rows: Optional[np.ndarray]) -> None:
+                out, buf = self.ring[slot], bufs[n % 2]
                 for k in windowed:  # mode "raise" would buffer the whole output first
                     np.take(buf[k], idx, axis=0, out=out[k].numpy(), mode="clip")
+                for k, (per, parts, sub) in columnar.items():  # each row from its C pieces
+                    at = chunk_rows[k][n][1][idx]
+                    flat = buf[k].reshape(-1, buf[k].shape[-1])
+                    into = out[k].numpy()[:idx.size].reshape(idx.size, sub, parts, -1)
+                    np.take(flat, at[:, None, None] + pieces[k], axis=0, out=into, mode="clip")
                 for k in direct:
                     reader.read_rows(k, rows, out[k].numpy())
 
@@ -175,7 +198,6 @@ class _Pipeline:
                 t = clock()
                 pending.wait()
                 spent["window_wait"] += clock() - t
-                buf = bufs[n % 2]
                 if n + 1 < len(windows):
                     pending = fill(n + 1)
                 rows_at = np.concatenate([np.arange(a, z) for a, z in w.ranges]) if direct else None
@@ -196,7 +218,7 @@ class _Pipeline:
                         ev.synchronize()  # its last copy to the device has finished
                     spent["slot_wait"] += clock() - t
                     idx = w.order[s:s + self.batch]
-                    done = assembler.submit(assemble, slot, buf, idx, None if rows_at is None else rows_at[idx])
+                    done = assembler.submit(assemble, slot, n, idx, None if rows_at is None else rows_at[idx])
                     cut[n % 2].append(done)
                     inflight.append((done, slot))
                 skip = 0
