@@ -7,14 +7,20 @@ overlaps the model's compute; a pool of `workers` threads does the reading and d
     large rows (>= 4 KiB) stored as plain bytes (contiguous, or unfiltered chunks of whole
         rows): each batch's rows are read straight into a batch slot, one `pread` per run of
         consecutive rows (the plan moves rows in runs of ~192 KiB), several batches at once;
-    everything else (small rows, compressed chunks, chunks that split rows): a window of
-        whole blocks is read or decoded by the pool into a window buffer, rows in file
-        order, and each batch gathers its rows from there into its slot. Two window
-        buffers: the pool fills the next while batches are cut from this one.
+    chunks that cut only the last axis (h5py's auto chunks of wide rows: a row spans many
+        chunks): a window's chunk rows are decoded (or read, when stored raw) by the pool
+        straight into a window buffer laid out as the chunks are, and each batch gathers
+        every row's pieces from there into its slot (one copy of the bytes after the read);
+    everything else (small rows, other compressed chunks, other splits): a window of whole
+        blocks is read or decoded by the pool into a window buffer, rows in file order, and
+        each batch gathers its rows from there into its slot.
+Two window buffers: the pool fills the next while batches are cut from this one.
 
-Batches are assembled by `workers` threads at once and handed on in order. Memory is bounded
-by two windows of the windowed keys plus `prefetch + 2 + workers` batch slots, whatever the
-dataset's size. On CUDA the slots are pinned and the consumer copies each batch with
+Batches are assembled by `workers` threads, each with one batch queued behind the one it
+works on, and handed on in order as soon as they are ready. Free slots are reused last-
+released-first, so that when the consumer keeps up a few slots cycle in the CPU's cache. Memory
+is bounded by two windows of the windowed keys (plus the chunk rows a window's edges cut, for
+chunks read as stored) and `prefetch + 2 + workers` batch slots, whatever the dataset's size. On CUDA the slots are pinned and the consumer copies each batch with
 non_blocking=True; a slot is refilled only after its copy has finished.
 `loader.spent` tells where the reader's time went in the last pass.
 """
@@ -115,8 +121,8 @@ class _Pipeline:
 
     def _alloc(self, key: str, slots: int) -> list[torch.Tensor]:
         """`slots` batch buffers of `key`. On the CPU they are views of one array: at 4 MiB and
-        more numpy asks the kernel for transparent huge pages, and with 4 KiB pages the copies
-        into a ring of 3 MiB batches measured a third slower (TLB misses)."""
+        more numpy asks the kernel for transparent huge pages (fewer TLB misses on the copies
+        into the ring; a 3 MiB batch on its own gets none)."""
         shape, dtype = (self.batch, *self.shapes[key]), self.dtypes[key]
         if self.pinned:
             return [torch.empty(shape, dtype=_torch_dtype(dtype), pin_memory=True) for _ in range(slots)]

@@ -233,7 +233,8 @@ class Reader:
       contiguous or whole-row unfiltered chunks: rows are bytes at known offsets, read with
           `pread` straight into the caller's buffer (no HDF5 call, the GIL released);
       other chunked data (compressed, or chunks that split rows): chunks read with `pread` and
-          decoded on a pool of `workers` threads (see chunks.py), then copied into place;
+          decoded on a pool of `workers` threads (see chunks.py), then copied into place, or,
+          for chunks that cut only the last axis, kept as stored (start_chunk_rows);
       anything else (other filters, unwritten chunks, external storage): h5py's read_direct.
     `start` submits a window's reads to the pool and returns at once; `read` waits.
     """
