@@ -105,9 +105,10 @@ class _Pipeline:
         rings = {k: self._alloc(k, slots) for k in self.keys}
         self.ring = [{k: rings[k][i] for k in self.keys} for i in range(slots)]
         self.ring_events: list[Optional[torch.cuda.Event]] = [None] * len(self.ring)
-        # Last released, first reused: when the consumer keeps up, a few slots cycle and stay
-        # in the CPU's cache (a FIFO would walk the whole ring, ~24 MiB of 3 MiB batches).
-        self.free_slots: queue.Queue = queue.LifoQueue()
+        # On the CPU, last released first reused: when the consumer keeps up, a few slots cycle
+        # and stay in the CPU's cache (a FIFO walks the whole ring, ~24 MiB of 3 MiB batches).
+        # On CUDA, oldest first: the slot released last may still be copying to the device.
+        self.free_slots: queue.Queue = queue.Queue() if pinned else queue.LifoQueue()
         for i in range(len(self.ring)):
             self.free_slots.put(i)
         # Skip whole windows before start_step; the rest is skipped inside the first one.
