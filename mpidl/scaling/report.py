@@ -138,7 +138,8 @@ def plot_efficiency(doc: dict) -> bytes:
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7)
     a1.set_ylabel("efficiency")
-    a1.set_ylim(0, 1.15)
+    top = max([1.0] + [r.get(k) or 0 for r in table for k in ("efficiency", "efficiency_vs_lone_rank")])
+    a1.set_ylim(0, 1.1 * top)
     data = _png(fig)
     plt.close(fig)
     return data
@@ -192,18 +193,20 @@ def plot_allreduce(ar: dict) -> bytes:
             pts = sorted((s for s in ar["summary"] if s["backend"] == b and s["ranks"] == n), key=lambda s: s["bytes"])
             if pts:
                 a1.plot([s["bytes"] for s in pts], [s["busbw_GBps"] for s in pts], styles[i % 4], marker=".",
-                        color=COLORS.get(b.split("-")[0].replace("torch", "ddp"), None), label=f"{b}, {n} ranks")
+                        color=COLORS.get(b.replace("torch-gloo", "ddp").replace("torch-nccl", "ddp")),
+                        label=f"{b}, {n} ranks")
     a1.set_xscale("log", base=2)
     a1.set_xlabel("message size (bytes)")
     a1.set_ylabel("busbw (GB/s) = algbw · 2(n−1)/n")
     a1.set_title("allreduce bus bandwidth (median over repeats)", fontsize=9)
     a1.grid(True, alpha=0.3)
     a1.legend(fontsize=7)
+    variants = sorted({r["variant"] for r in ar.get("ratios", [])})
     for i, n in enumerate(ranks):
-        pts = sorted((r for r in ar.get("ratios", []) if r["ranks"] == n), key=lambda r: r["bytes"])
-        if pts:
-            a2.plot([r["bytes"] for r in pts], [r["horovod_over_mpi"] for r in pts], styles[i % 4], marker="o",
-                    color=COLORS["horovod"], label=f"Horovod / raw MPI, {n} ranks")
+        for j, v in enumerate(variants):
+            pts = sorted((r for r in ar["ratios"] if r["ranks"] == n and r["variant"] == v), key=lambda r: r["bytes"])
+            a2.plot([r["bytes"] for r in pts], [r["ratio"] for r in pts], styles[i % 4], marker="os^vD"[j % 5],
+                    color=COLORS["horovod"] if v == "horovod" else None, label=f"{v} / raw MPI, {n} ranks")
     a2.axhline(0.9, color="#cc0000", ls=":", label="goal 0.9 at ≥ 16 MiB")
     a2.axvline(16 * 2**20, color="gray", ls=":")
     a2.set_xscale("log", base=2)

@@ -127,10 +127,10 @@ def _grad_params(study: Study) -> Optional[int]:
     """Trainable parameters of the job's model (what each step allreduces), built as the trainer does."""
     try:
         from mpidl.data import H5Source
-        from mpidl.train.trainer import _model
+        from mpidl.train.models import model_for
 
         src = H5Source(study.job.data.files, keys=study.job.data.keys).validate()
-        return sum(p.numel() for p in _model(study.job, src).parameters() if p.requires_grad)
+        return sum(p.numel() for p in model_for(study.job, src).parameters() if p.requires_grad)
     except Exception:
         return None
 

@@ -18,11 +18,19 @@ import horovod.torch as hvd  # at import time, so make_backend can report a miss
 from mpidl.train.backends import Backend
 
 
+# Environment Horovod reads at init, set here unless the user's environment already has it
+# (the job's fusion_threshold_mb / cycle_time_ms win over both). Measured by
+# benchmarks/bench_allreduce.py, which runs Horovod with these same defaults.
+DEFAULTS: dict[str, str] = {}
+
+
 class HorovodBackend(Backend):
     name = "horovod"
 
     def __init__(self, world, options: dict):
         super().__init__(world, options)
+        for key, value in DEFAULTS.items():
+            os.environ.setdefault(key, value)
         if options.get("fusion_threshold_mb") is not None:
             os.environ["HOROVOD_FUSION_THRESHOLD"] = str(int(float(options["fusion_threshold_mb"]) * 2**20))
         if options.get("cycle_time_ms") is not None:
