@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -55,6 +56,10 @@ def sizes_between(lo: int, hi: int) -> list[int]:
         out.append(s)
         s *= 2
     return out
+
+
+def human(nbytes: int) -> str:
+    return f"{nbytes >> 20} MiB" if nbytes >= 2**20 else f"{nbytes >> 10} KiB"
 
 
 def iterations(nbytes: int) -> int:
@@ -88,7 +93,8 @@ def worker_mpi(sizes: list[int]) -> tuple[int, int, list[float]]:
     buf = np.zeros(max(sizes) // 4, dtype=np.float32)
     times = _time_sizes(sizes, lambda b: comm.Allreduce(MPI.IN_PLACE, buf[:b // 4], op=MPI.SUM), comm.Barrier,
                         lambda: None)
-    slowest = comm.allreduce(np.array(times), op=MPI.MAX)
+    slowest = np.array(times)
+    comm.Allreduce(MPI.IN_PLACE, slowest, op=MPI.MAX)
     return comm.Get_rank(), comm.Get_size(), list(map(float, slowest))
 
 
@@ -142,7 +148,13 @@ def worker_torch(sizes: list[int]) -> tuple[int, int, list[float]]:
 
 def run_worker(kind: str, sizes: list[int], out: str) -> None:
     fn = {"mpi": worker_mpi, "horovod": worker_horovod, "torch": worker_torch}[kind]
-    rank, size, times = fn(sizes)
+    try:
+        rank, size, times = fn(sizes)
+    except BaseException:
+        # Leave without MPI_Finalize, so mpirun ends the other ranks instead of waiting on them.
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
     if rank == 0:
         Path(out).write_text(json.dumps({"ranks": size, "sizes": sizes, "times": times}))
 
@@ -180,6 +192,10 @@ def fit(sizes: list[int], times: list[float], n: int) -> dict:
     sxy = sum(wi * s * t for wi, s, t in zip(w, sizes, times))
     b = (sw * sxy - sx * sy) / (sw * sxx - sx * sx)
     a = (sy - b * sx) / sw
+    if b < 0:  # noise larger than the size effect: no bandwidth term can be read from these points
+        a, b = sy / sw, 0.0
+    elif a < 0:  # latency cannot be negative: the best fit through the origin
+        a, b = 0.0, sxy / sxx
     alpha, beta = a / (2 * (n - 1)), b * n / (2 * (n - 1))
     worst = max(abs(a + b * s - t) / t for s, t in zip(sizes, times))
     return {"a_s": a, "b_s_per_byte": b, "alpha_s": alpha, "beta_s_per_byte": beta,
@@ -244,7 +260,7 @@ def main() -> None:
                 times = launch(kind, n, sizes, env_extra, cores)
                 at16 = next((i for i, s in enumerate(sizes) if s >= GOAL_BYTES), len(sizes) - 1)
                 print(f"  rep {rep + 1} {name:>18} n={n}: busbw {busbw(sizes[at16], times[at16], n):.2f} GB/s at "
-                      f"{sizes[at16] >> 20} MiB ({time.monotonic() - t0:.0f} s)", flush=True)
+                      f"{human(sizes[at16])} ({time.monotonic() - t0:.0f} s)", flush=True)
                 for s, t in zip(sizes, times):
                     results.append({"backend": name, "ranks": n, "rep": rep, "bytes": s, "time_s": t,
                                     "algbw_GBps": s / t / 1e9, "busbw_GBps": busbw(s, t, n)})
@@ -277,8 +293,7 @@ def main() -> None:
                         goals.append({"goal": f"{name} busbw ≥ {GOAL_RATIO}× raw MPI", "variant": name, "ranks": n,
                                       "bytes": s, "value": ratio, "target": GOAL_RATIO, "met": ratio >= GOAL_RATIO})
 
-    print(f"\n{'backend':>18} {'ranks':>5} " + " ".join(f"{(s >> 20) if s >= 2**20 else s >> 10:>7}{'M' if s >= 2**20 else 'K'}"
-                                               for s in sizes[::2]))
+    print(f"\n{'backend':>18} {'ranks':>5} " + " ".join(f"{human(s):>8}" for s in sizes[::2]))
     for row_name in names:
         for n in ranks:
             vals = [next(x["busbw_GBps"] for x in summary if (x["backend"], x["ranks"], x["bytes"]) == (row_name, n, s))
@@ -287,14 +302,15 @@ def main() -> None:
     print("busbw GB/s (medians); fits t = 2(n−1)α + 2(n−1)/n·S·β:")
     for name, by in fits.items():
         for n, f in by.items():
-            print(f"  {name:>18} n={n}: α = {f['alpha_s'] * 1e6:8.2f} µs, 1/β = {f['bandwidth_GBps']:.2f} GB/s "
+            bw = f"{f['bandwidth_GBps']:.2f} GB/s" if f["bandwidth_GBps"] else "unreadable (noise)"
+            print(f"  {name:>18} n={n}: α = {f['alpha_s'] * 1e6:8.2f} µs, 1/β = {bw} "
                   f"(worst relative residual {f['max_rel_error']:.2f})")
     if goals:
         print(f"Horovod / raw MPI busbw at ≥ {GOAL_BYTES >> 20} MiB (median of paired repeats):")
         for name in hvd_names:
             for n in ranks:
                 gs = [g for g in goals if g["variant"] == name and g["ranks"] == n]
-                print(f"  {name:>18} n={n}: " + ", ".join(f"{g['bytes'] >> 20} MiB {g['value']:.3f}" for g in gs)
+                print(f"  {name:>18} n={n}: " + ", ".join(f"{human(g['bytes'])} {g['value']:.3f}" for g in gs)
                       + f"  -> {'met' if all(g['met'] for g in gs) else 'NOT met'}")
     if a.no_write:
         return

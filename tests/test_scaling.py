@@ -237,7 +237,7 @@ def tiny_study(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("study")
     backends = "mpi,horovod,torch" if has_horovod() else "mpi,torch"
     ar = run([sys.executable, str(ROOT / "benchmarks" / "bench_allreduce.py"), "--ranks", "2", "--repeats", "1",
-              "--max-bytes", "64K", "--backends", backends, "--json", str(tmp / "allreduce.json")], timeout=600)
+              "--max-bytes", "1M", "--backends", backends, "--json", str(tmp / "allreduce.json")], timeout=600)
     assert ar.returncode == 0, ar.output[-3000:]
     study = _study(tmp, _job(tmp), allreduce=str(tmp / "allreduce.json"))
     r = run(mpidl_cmd("scale", str(study)), timeout=1200)
@@ -247,6 +247,7 @@ def tiny_study(tmp_path_factory):
     return tmp / "out", r.stdout
 
 
+@pytest.mark.timeout(1800)  # the module's study runs in the first test that asks for it
 def test_tiny_study_json_matches_the_runs(tiny_study):
     out, stdout = tiny_study
     doc = json.loads((out / "study.json").read_text())
@@ -274,6 +275,7 @@ def test_tiny_study_json_matches_the_runs(tiny_study):
         table[("none", 2)]["throughput"] / (2 * table[("none", 1)]["throughput"]))
 
 
+@pytest.mark.timeout(1800)
 def test_tiny_study_report_files_match(tiny_study):
     out, _ = tiny_study
     doc = json.loads((out / "study.json").read_text())
@@ -304,6 +306,7 @@ def test_tiny_study_report_files_match(tiny_study):
         assert s["busbw_GBps"] == pytest.approx(s["bytes"] / s["time_s"] / 1e9)  # n = 2: busbw = algbw
 
 
+@pytest.mark.timeout(1800)
 def test_report_renders_in_headless_chromium(tiny_study, tmp_path):
     browser = find_chromium()
     if browser is None:

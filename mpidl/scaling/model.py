@@ -242,6 +242,8 @@ def measured_link(path: Path, backend: Optional[str] = None, ranks: Optional[int
     if p not in by_p:
         raise BadInput(f"{path}: backend {name} was not measured at {ranks} ranks (have: {', '.join(by_p)})")
     f = by_p[p]
+    if not f.get("bandwidth_GBps") or f.get("alpha_s") is None or f["alpha_s"] < 0:
+        raise BadInput(f"{path}: the {name} fit at {p} ranks has no usable bandwidth (too noisy): rerun bench_allreduce")
     machine = data.get("machine", {}).get("name", "")
     return Link(f"measured {name} p={p}" + (f" ({machine})" if machine else ""), f["alpha_s"], f["bandwidth_GBps"] * GB,
                 f"fitted by bench_allreduce on {machine or 'this machine'}")

@@ -505,7 +505,8 @@ def write_report(study_dir: Path, allreduce: Optional[Path] = None) -> list[Path
     ar_text = ""
     if ar is not None:
         fits = ar.get("fits", {})
-        ar_text = "; ".join(f"{b} p={p}: α = {f['alpha_s'] * 1e6:.1f} µs, B = {f['bandwidth_GBps']:.2f} GB/s"
+        ar_text = "; ".join(f"{b} p={p}: α = {f['alpha_s'] * 1e6:.1f} µs, B = "
+                            + (f"{f['bandwidth_GBps']:.2f} GB/s" if f["bandwidth_GBps"] else "unreadable (noise)")
                             for b, by in fits.items() for p, f in by.items())
         tuning = ar.get("horovod_settings")
         if tuning:
