@@ -17,9 +17,11 @@ error, so 4 KiB and 256 MiB count alike), read as the ring model t = 2(n−1)·�
 α = a / (2(n−1)), β = b·n / (2(n−1)), bandwidth 1/β (the asymptotic busbw).
 
 torch.distributed uses Gloo on CPU and NCCL when CUDA is present (tensors on the GPU then, as
-are Horovod's). `--horovod NAME:K=V,...` adds a Horovod variant run with those environment
-variables (e.g. `cycle1:HOROVOD_CYCLE_TIME=1`); `horovod` alone is mpidl's Horovod backend
-defaults (mpidl.train.backends.horovod.DEFAULTS). Results: benchmarks/results/allreduce-<machine>.json.
+are Horovod's). Two Horovod variants by default: `horovod`, as mpidl's backend runs it
+(mpidl.train.backends.horovod: its DEFAULTS environment, and it waits for a handle by polling
+with a short sleep), and `horovod-stock`, Horovod as shipped (hvd.synchronize spins in the
+calling thread). `--horovod NAME:K=V,...` adds a variant of mpidl's with more environment
+(e.g. `cycle0.2:HOROVOD_CYCLE_TIME=0.2`). Results: benchmarks/results/allreduce-<machine>.json.
 """
 from __future__ import annotations
 
@@ -107,9 +109,15 @@ def worker_horovod(sizes: list[int]) -> tuple[int, int, list[float]]:
     buf = torch.zeros(max(sizes) // 4, dtype=torch.float32, device=dev)
     token = torch.zeros(1, device=dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    # One name per size, as a training step names each gradient: Horovod caches the response.
-    times = _time_sizes(sizes, lambda b: hvd.allreduce_(buf[:b // 4], op=hvd.Sum, name=f"ar.{b}"),
-                        lambda: hvd.allreduce(token, op=hvd.Sum, name="barrier"), sync)
+    from mpidl.train.backends.horovod import wait  # how mpidl's backend waits (MPIDL_HOROVOD_WAIT)
+
+    def allreduce(nbytes: int) -> None:
+        # One name per size, as a training step names each gradient: Horovod caches the response.
+        h = hvd.allreduce_async_(buf[:nbytes // 4], op=hvd.Sum, name=f"ar.{nbytes}")
+        wait([h])
+        hvd.synchronize(h)
+
+    times = _time_sizes(sizes, allreduce, lambda: hvd.allreduce(token, op=hvd.Sum, name="barrier"), sync)
     slowest = hvd.allreduce(torch.tensor(times, dtype=torch.float64), op=hvd.Max, name="times")
     rank, size = hvd.rank(), hvd.size()
     hvd.shutdown()
@@ -239,6 +247,7 @@ def main() -> None:
             variants["torch-nccl" if torch.cuda.is_available() else "torch-gloo"] = ("torch", {})
         elif b == "horovod":
             variants["horovod"] = ("horovod", dict(base))
+            variants["horovod-stock"] = ("horovod", {"MPIDL_HOROVOD_WAIT": "spin"})
         else:
             variants[b] = (b, {})
     for item in a.horovod:

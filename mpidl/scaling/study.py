@@ -1,7 +1,7 @@
 """StudySpec: the YAML schema of a scaling study, validated strictly on load.
 
     name: demo-weak
-    job: ../jobs/demo.yaml          # relative paths: from the study file's folder
+    job: jobs/demo.yaml             # paths are relative to where mpidl runs, as in job specs
     set: [data.val_fraction=0]      # --set overrides for every point
     mode: weak                      # weak: fixed batch per rank; strong: fixed global batch
     sizes: [1, 2, 4]
@@ -112,10 +112,10 @@ class Study:
     def __init__(self, spec: StudySpec, origin: Path):
         self.spec = spec
         self.origin = origin
-        self.job_path = _resolve(spec.job, origin)
+        self.job_path = Path(spec.job).expanduser()
         self.job: JobSpec = load_spec(self.job_path, spec.set)  # BadInput names the job file
         self.output = Path(spec.output.format(name=spec.name))
-        self.allreduce = _resolve(spec.allreduce, origin) if spec.allreduce else None
+        self.allreduce = Path(spec.allreduce).expanduser() if spec.allreduce else None
 
     def batch_per_rank(self, size: int) -> int:
         s = self.spec
@@ -126,11 +126,6 @@ class Study:
 
     def global_batch(self, size: int) -> int:
         return self.batch_per_rank(size) * size
-
-
-def _resolve(path: str, origin: Path) -> Path:
-    p = Path(path).expanduser()
-    return p if p.is_absolute() else origin.parent / p
 
 
 def load_study(path: Union[str, Path]) -> Study:
