@@ -368,3 +368,35 @@ def test_bad_value_in_the_job_overrides_is_refused(tmp_path):
 def test_report_of_a_folder_without_a_study(tmp_path):
     r = run(mpidl_cmd("report", str(tmp_path)))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no study here" in r.stderr, r.output
+
+
+# ---------------------------------------------------------------- the no-communication baseline backend
+
+def _losses(run_dir: Path) -> list[float]:
+    return [json.loads(ln)["loss"] for ln in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if '"step_time"' in ln]
+
+
+def test_backend_none_does_the_same_work_without_averaging(tmp_path):
+    """At 1 rank `none` is the mpi backend's run exactly; at 2 ranks its ranks keep their own gradients."""
+    from conftest import mpirun
+
+    job = {"name": "n", "seed": 1, "steps": 12, "log_every": 1,
+           "data": {"files": str(tmp_path / "tab.h5"), "batch": 16, "val_fraction": 0.0,
+                    "synth": {"kind": "tabular", "rows": 1024, "features": 8, "classes": 3}},
+           "model": {"name": "mlp", "args": {"hidden": [16], "num_classes": 3}},
+           "optimizer": {"name": "sgd", "lr": 0.1}, "checkpoint": {"every_epochs": None}}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    curves = {}
+    for np_, backend in ((1, "mpi"), (1, "none"), (2, "mpi"), (2, "none")):
+        out = tmp_path / f"run-{np_}-{backend}"
+        r = mpirun(np_, mpidl_cmd("train", str(path), "--set", f"backend={backend}", "--set", f"output={out}"),
+                   timeout=300)
+        assert r.returncode == 0, r.output[-3000:]
+        curves[(np_, backend)] = _losses(out)
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["backend"] == backend
+    assert curves[(1, "none")] == curves[(1, "mpi")]
+    assert curves[(2, "none")][0] == curves[(2, "mpi")][0]  # the same start: step 1 is before any update
+    assert curves[(2, "none")][-1] != pytest.approx(curves[(2, "mpi")][-1], rel=1e-6)  # then apart
