@@ -267,12 +267,13 @@ def main() -> None:
             for name in names[k:] + names[:k]:
                 kind, env_extra = variants[name]
                 t0 = time.monotonic()
+                load = os.getloadavg()[0]  # what else ran: on a shared machine it decides the figures
                 times = launch(kind, n, sizes, env_extra, cores)
                 at16 = next((i for i, s in enumerate(sizes) if s >= GOAL_BYTES), len(sizes) - 1)
                 print(f"  rep {rep + 1} {name:>18} n={n}: busbw {busbw(sizes[at16], times[at16], n):.2f} GB/s at "
-                      f"{human(sizes[at16])} ({time.monotonic() - t0:.0f} s)", flush=True)
+                      f"{human(sizes[at16])} ({time.monotonic() - t0:.0f} s, load {load:.1f})", flush=True)
                 for s, t in zip(sizes, times):
-                    results.append({"backend": name, "ranks": n, "rep": rep, "bytes": s, "time_s": t,
+                    results.append({"backend": name, "ranks": n, "rep": rep, "load_before": load, "bytes": s, "time_s": t,
                                     "algbw_GBps": s / t / 1e9, "busbw_GBps": busbw(s, t, n)})
 
     summary, fits, ratios, goals = [], {}, [], []

@@ -11,6 +11,7 @@ import csv
 import html
 import io
 import json
+import statistics
 from pathlib import Path
 from typing import Optional
 
@@ -27,7 +28,7 @@ POINT_COLUMNS = ["backend", "size", "oversubscribed", "repetitions", "throughput
                  "efficiency_vs_lone_rank", "machine_limit", "of_limit", "comm_share", "sync_share", "karp_flatt",
                  "flagged"]
 RUN_COLUMNS = ["order", "rep", "size", "backend", "oversubscribed", "batch_per_rank", "global_batch", "returncode",
-               "seconds", "throughput", "step_time", "data", "compute", "sync", "optimizer", "breakdown_source",
+               "seconds", "load_before", "load_after", "throughput", "step_time", "data", "compute", "sync", "optimizer", "breakdown_source",
                "windows", "error", "run_dir"]
 
 
@@ -402,6 +403,13 @@ def _notes(doc: dict, ar: Optional[dict]) -> list[str]:
     for g in (ar or {}).get("goals", []):
         if not g["met"]:
             notes.append(f"Not met: {g['goal']} at {g['ranks']} ranks, {g['bytes'] // 2**20} MiB: {_fmt(g['value'])}.")
+    loads = [r["load_before"] for r in doc["runs"] if r.get("load_before") is not None]
+    cores = doc["environment"].get("cores") or 1
+    if loads and statistics.median(loads) > cores:
+        notes.append(f"The machine was shared: the load average before a run was {statistics.median(loads):.1f} "
+                     f"(median; {min(loads):.1f}–{max(loads):.1f}) on {cores} cores, so other processes competed "
+                     "with the ranks for the cores. Figures are medians of interleaved repetitions; ratios between "
+                     "backends at one size are more trustworthy than absolute rates.")
     over = sorted({r["size"] for r in doc["table"] if r["oversubscribed"]})
     if over:
         notes.append(f"Sizes {over} run more ranks than the {doc['environment'].get('cores')} cores: ranks share cores, "

@@ -191,13 +191,17 @@ def run_study(study: Study, *, force: bool = False, echo: Callable[[str], None] 
         for item in overrides(study, point, run_dir):
             argv += ["--set", item]
         over = launcher.oversubscribed(point.size)
+        load_before = os.getloadavg()[0]
         done = launcher.run(point.size, argv, env=run_env, cwd=Path.cwd(), timeout=s.timeout_s,
                             log=run_dir / "output.log")
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         row: dict = {"order": point.order, "rep": point.rep, "size": point.size, "backend": point.backend,
                      "oversubscribed": over, "batch_per_rank": study.batch_per_rank(point.size),
                      "global_batch": study.global_batch(point.size), "returncode": done.returncode,
-                     "seconds": done.seconds, "run_dir": str(run_dir.relative_to(out))}
+                     "seconds": done.seconds, "run_dir": str(run_dir.relative_to(out)),
+                     # runnable processes on the machine (1-minute average), before and after: on a
+                     # shared machine, what else competed with the ranks for the cores
+                     "load_before": load_before, "load_after": os.getloadavg()[0]}
         if done.returncode == 2:
             last = [ln for ln in done.output_tail.splitlines() if "error:" in ln] or done.output_tail.splitlines()
             raise BadInput(f"{point.key}: the trainer refused the job: {last[-1].strip() if last else 'exit 2'}")
