@@ -400,3 +400,20 @@ def test_backend_none_does_the_same_work_without_averaging(tmp_path):
     assert curves[(1, "none")] == curves[(1, "mpi")]
     assert curves[(2, "none")][0] == curves[(2, "mpi")][0]  # the same start: step 1 is before any update
     assert curves[(2, "none")][-1] != pytest.approx(curves[(2, "mpi")][-1], rel=1e-6)  # then apart
+
+
+def test_backend_none_window_time_is_the_slowest_ranks():
+    from conftest import mpirun, pycode
+
+    code = """
+import mpidl
+from mpidl.train.backends import make_backend
+world = mpidl.init()
+b = make_backend("none", world, {})
+out = b.average({"time": 1.0 + world.rank, "loss": float(world.rank), "compute": 0.1 * (world.rank + 1)})
+print("RESULT", world.rank, out["time"], out["loss"], round(out["compute"], 6), flush=True)
+"""
+    r = mpirun(2, pycode(code), timeout=120)
+    assert r.returncode == 0, r.output
+    results = sorted(line.split()[1:] for line in r.stdout.splitlines() if line.startswith("RESULT"))
+    assert results == [["0", "2.0", "0.5", "0.15"], ["1", "2.0", "0.5", "0.15"]]

@@ -12,7 +12,8 @@ horovod  allreduces start in backward hooks and overlap it; sync waits for the r
 ddp      bucketed allreduces run inside backward (overlapped); sync is a no-op, so the
          trainer's "sync" time is zero and the communication sits in forward+backward.
 mpi      nothing overlaps: sync flattens gradients into buckets and runs MPI Allreduce.
-none     no gradient is sent; sync is a zero-byte barrier, so a step ends with the slowest rank.
+none     no gradient is sent and ranks never wait for each other; a log window's step time is
+         the slowest rank's (the pace a synchronous step could at best keep).
 """
 from __future__ import annotations
 

@@ -1,14 +1,17 @@
-"""The no-communication baseline: every rank steps on its own gradients.
+"""The no-communication baseline: every rank steps on its own gradients, nothing is sent.
 
 A scaling study runs it at every size beside the real backends. Ranks do exactly the same
-per-rank work (forward, backward, update) concurrently, so what they lose against one lone
-rank is what sharing cores, memory bandwidth and caches costs; what a real backend loses
-beyond it is communication and its framework.
+per-rank work (data, forward, backward, update) concurrently and never wait for each other,
+so what they lose against one lone rank is what sharing cores, memory bandwidth and caches
+costs; what a real backend loses beyond it is communication and its framework.
 
-Ranks still meet once per step with a zero-byte barrier (the `sync` bucket): a synchronous
-data-parallel step runs at the slowest rank's pace, so that is the limit any backend can reach,
-and the barrier's wait shows how uneven the ranks are. The models diverge, by design; the
-loss it logs is each rank's own, averaged.
+A synchronous data-parallel step cannot run faster than the slowest rank, so the baseline's
+pace is its slowest rank's: the trainer averages a log window's step time over ranks through
+`average()`, and here the window's `time` is the maximum over ranks instead (the other
+figures, and the per-bucket times, stay means). The ranks meet only there, once per log
+window, outside the timed steps: a per-step barrier would charge the baseline for a
+synchronisation mechanism (MPI's busy polling suffers badly when cores are shared) rather
+than show the machine's limit. The models diverge, by design.
 """
 from __future__ import annotations
 
@@ -26,5 +29,12 @@ class NoCommBackend(Backend):
         return model, optimizer
 
     def sync_gradients(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        if self.world.size > 1:
-            self.world.comm.Barrier()
+        pass
+
+    def average(self, metrics: dict[str, float]) -> dict[str, float]:
+        out = super().average(metrics)
+        if "time" in metrics and self.world.size > 1:
+            from mpi4py import MPI
+
+            out["time"] = self.world.comm.allreduce(float(metrics["time"]), op=MPI.MAX)
+        return out
