@@ -19,7 +19,17 @@ from mpidl.errors import BadInput
 from mpidl.scaling import efficiency, model
 
 BASELINE = "none"
-COLORS = {"horovod": "#1f77b4", "mpi": "#2ca02c", "ddp": "#d62728", BASELINE: "#555555"}
+COLORS = {"horovod": "#1f77b4", "mpi": "#2ca02c", "ddp": "#d62728", BASELINE: "#555555", "torch-gloo": "#d62728",
+          "torch-nccl": "#d62728", "horovod-stock": "#9467bd"}
+SPARE = ["#ff7f0e", "#17becf", "#8c564b", "#e377c2", "#bcbd22", "#7f7f7f"]
+
+
+def _color(name: str, others: list[str]) -> str:
+    """A fixed colour for the known backends, a distinct spare one for any other variant."""
+    if name in COLORS:
+        return COLORS[name]
+    extra = sorted(n for n in others if n not in COLORS)
+    return SPARE[extra.index(name) % len(SPARE)]
 BUCKET_COLORS = {"data": "#9ecae1", "compute": "#3182bd", "sync": "#e6550d", "optimizer": "#31a354"}
 LABEL = {BASELINE: "no-comm baseline"}
 
@@ -189,13 +199,13 @@ def plot_allreduce(ar: dict) -> bytes:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
     styles = ["-", "--", "-.", ":"]
     ranks = sorted({s["ranks"] for s in ar["summary"]})
-    for b in sorted({s["backend"] for s in ar["summary"]}):
+    names = sorted({s["backend"] for s in ar["summary"]})
+    for b in names:
         for i, n in enumerate(ranks):
             pts = sorted((s for s in ar["summary"] if s["backend"] == b and s["ranks"] == n), key=lambda s: s["bytes"])
             if pts:
                 a1.plot([s["bytes"] for s in pts], [s["busbw_GBps"] for s in pts], styles[i % 4], marker=".",
-                        color=COLORS.get(b.replace("torch-gloo", "ddp").replace("torch-nccl", "ddp")),
-                        label=f"{b}, {n} ranks")
+                        color=_color(b, names), label=f"{b}, {n} ranks")
     a1.set_xscale("log", base=2)
     a1.set_xlabel("message size (bytes)")
     a1.set_ylabel("busbw (GB/s) = algbw · 2(n−1)/n")
@@ -207,7 +217,7 @@ def plot_allreduce(ar: dict) -> bytes:
         for j, v in enumerate(variants):
             pts = sorted((r for r in ar["ratios"] if r["ranks"] == n and r["variant"] == v), key=lambda r: r["bytes"])
             a2.plot([r["bytes"] for r in pts], [r["ratio"] for r in pts], styles[i % 4], marker="os^vD"[j % 5],
-                    color=COLORS["horovod"] if v == "horovod" else None, label=f"{v} / raw MPI, {n} ranks")
+                    color=_color(v, names), label=f"{v} / raw MPI, {n} ranks")
     a2.axhline(0.9, color="#cc0000", ls=":", label="goal 0.9 at ≥ 16 MiB")
     a2.axvline(16 * 2**20, color="gray", ls=":")
     a2.set_xscale("log", base=2)
@@ -420,6 +430,12 @@ def _notes(doc: dict, ar: Optional[dict]) -> list[str]:
     for v, gs in _other_variants(ar).items():
         notes.append(f"Other Horovod setting {v}: busbw / raw MPI at ≥ 16 MiB {_fmt(min(g['value'] for g in gs))}"
                      f"–{_fmt(max(g['value'] for g in gs))} (see allreduce.json).")
+    at1 = {r["backend"]: r for r in doc["table"] if r["size"] == 1}
+    if "mpi" in at1 and BASELINE in at1:
+        ratio = at1["mpi"]["throughput"] / at1[BASELINE]["throughput"]
+        notes.append(f"Noise floor: at 1 rank the mpi backend and the baseline run the same code (nothing is "
+                     f"sent), yet their medians differ: X_mpi(1) / X₀(1) = {_fmt(ratio)}. Differences between "
+                     f"backends smaller than |1 − {_fmt(ratio)}| = {_fmt(abs(1 - ratio))} are not resolved by this study.")
     loads = [r["load_before"] for r in doc["runs"] if r.get("load_before") is not None]
     cores = doc["environment"].get("cores") or 1
     if loads and statistics.median(loads) > cores:
