@@ -194,6 +194,22 @@ def test_predict_cli_numbers_match_the_model():
     assert "2(p−1)·α + 2·(p−1)/p · S·β" in text and "hierarchical" in text and "Gustafson" in text
 
 
+def test_predict_reads_a_config_file(tmp_path):
+    conf = tmp_path / "p.yaml"  # YAML reads 25.6e6 as a string: options convert as on the command line
+    conf.write_text("mode: strong\nbatch: 1024\nstep_time: 0.8\nparams: 25.6e6\nranks_per_node: 8\n"
+                    "intra: NVLink\ninter: IB-200\nnics_per_node: 4\nnodes: [1, 4]\n")
+    r = run(mpidl_cmd("scale", "predict", "--config", str(conf), "--overlap", "0", "--json"))
+    assert r.returncode == 0, r.output
+    rows = {row["size"]: row for row in json.loads(r.stdout)["rows"]}
+    assert set(rows) == {8, 32} and rows[32]["compute_s"] == pytest.approx(0.8 / 32)
+    inter = model.node_link(model.PRESETS["IB-200"], 4)
+    t = model.hierarchical_allreduce(4, 8, 25.6e6 * 4, model.PRESETS["NVLink"], inter)
+    assert rows[32]["allreduce_hierarchical_s"] == pytest.approx(t)
+    conf.write_text("mode: weak\nbogus: 1\n")
+    r = run(mpidl_cmd("scale", "predict", "--config", str(conf)))
+    assert r.returncode == 2 and r.stderr.strip() == f"error: {conf}: unknown key 'bogus'", r.output
+
+
 @pytest.mark.parametrize("args,expect", [
     (["--mode", "weak", "--batch", "8", "--step-time", "0.1", "--params", "1e6", "--ranks-per-node", "8",
       "--sizes", "12"], "size 12 is not a whole number of nodes of 8 ranks"),
@@ -327,12 +343,14 @@ def test_report_renders_in_headless_chromium(tiny_study, tmp_path):
 
 # ---------------------------------------------------------------- bad studies: one line, exit 2, nothing written
 
-def _refused(tmp: Path, study: Path, expect: str, env: dict | None = None) -> None:
+def _refused(tmp: Path, study: Path, expect: str, env: dict | None = None, started: bool = False) -> None:
     r = run(mpidl_cmd("scale", str(study)), env=env, timeout=300)
     assert r.returncode == 2, r.output
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr
     assert expect in r.stderr, r.stderr
-    assert r.stdout == "" and not (tmp / "out").exists()
+    # refused by the checks: nothing printed; by the trainer: the study's first line only
+    assert (r.stdout.startswith("study ") and r.stdout.count("\n") == 1) if started else r.stdout == "", r.stdout
+    assert not (tmp / "out").exists()
 
 
 def test_unknown_key_is_refused(tmp_path):
@@ -363,6 +381,13 @@ def test_backend_not_installed_is_refused(tmp_path):
 def test_bad_value_in_the_job_overrides_is_refused(tmp_path):
     study = _study(tmp_path, _job(tmp_path), set=["optimizer.lr=-1"])
     _refused(tmp_path, study, "optimizer.lr = -1")
+
+
+def test_job_the_trainer_refuses_is_refused(tmp_path):
+    # passes the study's own checks; the trainer finds the crop larger than the 8×8 images
+    study = _study(tmp_path, _job(tmp_path), set=["data.preprocess.crop=64"], backends=["mpi"], baseline=False)
+    _refused(tmp_path, study, f"{study}: run p1-mpi-r0: the trainer refused the job: crop size 64 is larger than",
+             started=True)
 
 
 def test_report_of_a_folder_without_a_study(tmp_path):

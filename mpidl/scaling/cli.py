@@ -111,10 +111,20 @@ def predict_inputs(a: argparse.Namespace) -> dict:
             raise BadInput(f"{a.config}: cannot read the predict config ({e})") from None
         if not isinstance(conf, dict):
             raise BadInput(f"{a.config}: a mapping of option names is expected")
-        known = {act.dest for act in _predict_parser()._actions}
+        actions = {act.dest: act for act in _predict_parser()._actions}
         for k, v in conf.items():
-            if k not in known or k in ("config", "json"):
+            if k not in actions or k in ("config", "json", "help", "study"):
                 raise BadInput(f"{a.config}: unknown key '{k}'")
+            if isinstance(v, list):
+                v = ",".join(map(str, v))
+            convert = actions[k].type
+            if convert is not None:
+                try:
+                    v = convert(v)
+                except (TypeError, ValueError):
+                    raise BadInput(f"{a.config}: {k} = {v!r}: expected a {convert.__name__}") from None
+            elif v is not None:
+                v = str(v)
             if getattr(a, k) is None:
                 setattr(a, k, v)
     study_doc = None

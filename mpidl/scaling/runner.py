@@ -166,6 +166,7 @@ def run_study(study: Study, *, force: bool = False, echo: Callable[[str], None] 
         raise BadInput(f"{study.origin}: allreduce = {study.spec.allreduce}: file not found")
     if force:
         shutil.rmtree(out / "runs", ignore_errors=True)
+    created = not out.exists()
     (out / "runs").mkdir(parents=True, exist_ok=True)
     if study.allreduce is not None:
         shutil.copyfile(study.allreduce, out / "allreduce.json")
@@ -202,9 +203,12 @@ def run_study(study: Study, *, force: bool = False, echo: Callable[[str], None] 
                      # runnable processes on the machine (1-minute average), before and after: on a
                      # shared machine, what else competed with the ranks for the cores
                      "load_before": load_before, "load_after": os.getloadavg()[0]}
-        if done.returncode == 2:
+        if done.returncode == 2:  # bad input the checks above could not see: leave nothing half-written
             last = [ln for ln in done.output_tail.splitlines() if "error:" in ln] or done.output_tail.splitlines()
-            raise BadInput(f"{point.key}: the trainer refused the job: {last[-1].strip() if last else 'exit 2'}")
+            shutil.rmtree(out if created and not doc["runs"] else run_dir, ignore_errors=True)
+            why = last[-1].strip() if last else "exit 2"
+            why = why.split("error: ", 1)[1] if "error: " in why else why
+            raise BadInput(f"{study.origin}: run {point.key}: the trainer refused the job: {why}")
         if done.returncode or done.timed_out:
             tail = [ln for ln in done.output_tail.strip().splitlines() if ln.strip()]
             row["error"] = ("timed out after %.0f s" % s.timeout_s if done.timed_out
