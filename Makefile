@@ -18,7 +18,7 @@ setup:
 
 # The main job on its embedded default: synthetic images generated on first use.
 demo: setup
-	mpirun -np $(NP) $(VENV)/bin/mpidl train jobs/demo.yaml --require-target
+	mpirun -np $(NP) $(VENV)/bin/mpidl train jobs/demo.yaml --require-target --overwrite
 
 test: setup
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)

@@ -19,6 +19,17 @@ Workloads (same model, batch, optimizer and precision on both sides):
   mpidl/<b> ×2 the same under `mpirun -np 2` (aggregate samples/s; weak scaling), where there
                are two devices (CPU cores count as two)
 
+Two measurements:
+
+  in one process  per backend, one process alternates short windows of the plain step and of
+                  mpidl's trainer step (`Trainer.steps()`) on copies of the same model: the
+                  per-step difference is what mpidl adds (data hand-off, transform, metrics,
+                  hooks, backend), resolved to well under 1% (medians with 95% bootstrap CIs
+                  of the paired windows). Processes on a noisy VM run in different speed modes;
+                  inside one process both sides share the mode.
+  end to end      separate processes, as below; shows whole-run effects (start-up excluded)
+                  but swings with each process's speed mode.
+
 Throughput is the median over log windows of `--log-every` steps after the first window
 (warm-up), so evaluation and checkpoints are not counted; runs alternate so drift hits all.
 Results go to benchmarks/results/train-<machine>.json (resnet50: train-resnet50-<machine>.json).
@@ -26,6 +37,7 @@ Results go to benchmarks/results/train-<machine>.json (resnet50: train-resnet50-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -71,6 +83,17 @@ WORKLOADS = {
 }
 
 
+def plain_update(model, opt, loss_fn, x, y, autocast) -> None:
+    """The step users write: forward, loss, backward, optimizer step."""
+    with autocast:
+        loss = loss_fn(model(x).float(), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if x.device.type == "cpu":
+        float(loss.detach())  # what a loop that logs does; on a GPU it would stall the queue
+
+
 def plain(w: Workload, path: str, steps: int, log_every: int) -> list[float]:
     """The reference loop: returns samples/s per window of log_every steps."""
     import contextlib
@@ -110,13 +133,7 @@ def plain(w: Workload, path: str, steps: int, log_every: int) -> list[float]:
             x, y = x_all[idx].to(device).float().div_(255).contiguous(memory_format=fmt), y_all[idx].to(device)
         else:
             x, y = x_fixed, y_fixed
-        with autocast:
-            loss = loss_fn(model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if device.type == "cpu":
-            float(loss.detach())  # what a loop that logs does; on a GPU it would stall the queue
+        plain_update(model, opt, loss_fn, x, y, autocast)
         if step % log_every == 0:
             sync()
             now = time.perf_counter()
@@ -144,7 +161,7 @@ def mpidl_job(work: Path, w: Workload, backend: str, steps: int, log_every: int,
 
 
 def run_mpidl(job: Path, np_: int, w: Workload) -> list[float]:
-    cmd = [sys.executable, "-m", "mpidl.cli", "train", str(job)]
+    cmd = [sys.executable, "-m", "mpidl.cli", "train", str(job), "--overwrite"]  # repeats reuse the folder
     if np_ > 1:
         cmd = ["mpirun", "-np", str(np_), *cmd]
     env = {**os.environ, **MPI_ENV}
@@ -157,6 +174,72 @@ def run_mpidl(job: Path, np_: int, w: Workload) -> list[float]:
     run_dir = Path(spec["output"].format(name=spec["name"]))
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["samples_per_s"] for r in recs if "samples_per_s" in r]
+
+
+def inprocess(w: Workload, job: Path, windows: int, window_steps: int) -> dict:
+    """mpidl's trainer step and the plain step alternately in this one process, same model.
+
+    The plain step: a fixed uint8 batch already in memory, scaled, forward, backward, SGD step,
+    the loss read (as a loop that logs does). The mpidl step: one step of `Trainer.steps()`
+    (loader hand-off, transform, objective, backend, schedule, metrics, preemption check).
+    Both train copies of the same model with the same optimizer settings. Alternating short
+    windows puts both in the same speed mode of the machine, so their difference per step is
+    what mpidl adds.
+    """
+    import copy
+
+    import h5py
+    import torch
+
+    from mpidl.spec import load_spec
+    from mpidl.train.trainer import Trainer
+
+    if w.threads:
+        torch.set_num_threads(w.threads)
+    trainer = Trainer(load_spec(job), overwrite=True)
+    device = trainer.device
+    net = copy.deepcopy(trainer.net)  # fresh parameters: no backend hooks on them
+    o = w.optimizer
+    opt = torch.optim.SGD(net.parameters(), lr=o["lr"], momentum=o["momentum"], nesterov=o.get("nesterov", False),
+                          weight_decay=o["weight_decay"])
+    loss_fn = torch.nn.CrossEntropyLoss()
+    fmt = torch.channels_last if w.channels_last else torch.contiguous_format
+    with h5py.File(json.loads(job.read_text())["data"]["files"], "r") as f:
+        x_u8 = torch.from_numpy(f["x"][: w.batch]).to(device)
+        y = torch.from_numpy(f["y"][: w.batch]).to(device)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if w.precision == "bf16"
+                else contextlib.nullcontext())
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def plain_step() -> None:
+        plain_update(net, opt, loss_fn, x_u8.float().div_(255).contiguous(memory_format=fmt), y, autocast)
+
+    steps = trainer.steps()
+    plain_s, mpidl_s = [], []
+    for i in range(windows + 2):  # the first two pairs warm up
+        sides = [("plain", plain_step), ("mpidl", lambda: next(steps))]
+        for name, fn in (sides if i % 2 == 0 else sides[::-1]):
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(window_steps):
+                fn()
+            sync()
+            if i >= 2:
+                (plain_s if name == "plain" else mpidl_s).append((time.perf_counter() - t0) / window_steps)
+    steps.close()
+    n = max(1, trainer.totals["steps"])
+    breakdown = {k: trainer.totals[k] / n for k in ("data", "compute", "sync", "optimizer")}
+    trainer.close()
+    return {"plain_s": plain_s, "mpidl_s": mpidl_s, "breakdown_s": breakdown}
+
+
+def median_ci(values: list[float], seed: int = 0) -> tuple[float, float, float]:
+    """Median and its 95% bootstrap interval."""
+    v = np.asarray(values)
+    rng = np.random.default_rng(seed)
+    meds = np.median(rng.choice(v, size=(2000, len(v)), replace=True), axis=1)
+    lo, hi = np.percentile(meds, [2.5, 97.5])
+    return float(np.median(v)), float(lo), float(hi)
 
 
 def steady(rates: list[float]) -> float:
@@ -174,9 +257,17 @@ def main() -> None:
         ap.add_argument(f"--{name}", type=str if name == "model" else int, default=None,
                         help="override the workload's (smoke runs)")
     ap.add_argument("--no-write", action="store_true", help="print the table only")
+    ap.add_argument("--windows", type=int, default=80, help="in-process alternating windows per backend")
+    ap.add_argument("--window-steps", type=int, default=5, help="steps per in-process window")
+    ap.add_argument("--worker-inprocess", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker-plain", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker-workload", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.worker_inprocess:
+        w = Workload(**json.loads(a.worker_workload))
+        res = inprocess(w, Path(a.worker_inprocess), a.windows, a.window_steps)
+        print("RESULT " + json.dumps(res), flush=True)
+        return
     if a.worker_plain:
         w = Workload(**json.loads(a.worker_workload))
         print("RESULT " + json.dumps(plain(w, a.worker_plain, a.steps, a.log_every)), flush=True)
@@ -205,12 +296,38 @@ def main() -> None:
     if not w.threads:
         env.pop("OMP_NUM_THREADS")
     work = Path(tempfile.mkdtemp(prefix="mpidl-bench-train-"))
+    for b in backends:
+        (work / f"inproc-{b}").mkdir()
     try:
         data = str(work / "images.h5")
         from mpidl.data.synth import synth_images
 
         synth_images(data, w.rows, classes=w.classes, channels=3, size=w.size, noise=200)
         jobs = {b: mpidl_job(work, w, b, steps, log_every, data) for b in backends}
+
+        # 1. What mpidl adds per step, measured inside one process (immune to speed modes).
+        inproc: dict = {}
+        long_steps = (a.windows + 2) * a.window_steps + 10
+        print(f"in one process, 1 rank, {a.windows} alternating windows of {a.window_steps} steps:")
+        print(f"{'backend':<10}{'plain ms':>10}{'mpidl ms':>10}{'adds us/step':>14}{'x plain':>9}  95% CI")
+        for b in backends:
+            job = mpidl_job(work / f"inproc-{b}", w, b, long_steps, log_every, data)
+            p = subprocess.run([sys.executable, __file__, "--worker-inprocess", str(job), "--worker-workload",
+                                json.dumps(dataclasses.asdict(w)), "--windows", str(a.windows), "--window-steps",
+                                str(a.window_steps)], capture_output=True, text=True, env=env, timeout=1800)
+            if p.returncode != 0:
+                raise RuntimeError(p.stderr[-3000:])
+            res = json.loads(p.stdout.split("RESULT ", 1)[1])
+            ratio, lo, hi = median_ci([pl / mp for pl, mp in zip(res["plain_s"], res["mpidl_s"])])
+            adds, adds_lo, adds_hi = median_ci([mp - pl for pl, mp in zip(res["plain_s"], res["mpidl_s"])])
+            pl_ms, mp_ms = 1e3 * float(np.median(res["plain_s"])), 1e3 * float(np.median(res["mpidl_s"]))
+            inproc[b] = {"plain_step_s_median": pl_ms / 1e3, "mpidl_step_s_median": mp_ms / 1e3,
+                         "ratio_to_plain": ratio, "ratio_ci95": [lo, hi], "mpidl_adds_us_per_step": adds * 1e6,
+                         "mpidl_adds_us_ci95": [adds_lo * 1e6, adds_hi * 1e6], **res}
+            print(f"{b:<10}{pl_ms:>10.2f}{mp_ms:>10.2f}{adds * 1e6:>14.0f}{ratio:>9.3f}  [{lo:.3f}, {hi:.3f}]",
+                  flush=True)
+
+        # 2. End to end, separate processes: the whole `mpidl train` against the plain loop.
         runs: dict[str, list[float]] = {"plain": []}
         for b in backends:
             runs[f"{b}_1"] = []
@@ -233,7 +350,7 @@ def main() -> None:
         base = med["plain"]
         print(f"\n{'path':<22}{'samples/s':>12}{'x plain':>9}{'scaling 2 ranks':>17}{'paired':>9}  IQR")
         print(f"{'plain PyTorch, 1 rank':<22}{base:>12.0f}{1.0:>9.3f}")
-        figures: dict = {"plain_samples_per_s": base, "backends": {}}
+        figures: dict = {"plain_samples_per_s": base, "backends": {}, "inprocess": inproc}
         for b in backends:
             one = med[f"{b}_1"]
             # Each repeat's run against the plain run beside it: drift cancels, per-process noise stays.

@@ -6,6 +6,10 @@ from typing import Optional
 EXIT_BAD_INPUT = 2
 
 
+class Diverged(Exception):
+    """Training produced a non-finite loss: one line naming the step and the rank, exit 1."""
+
+
 class BadInput(Exception):
     """A problem with what the user gave us (a spec, a file, a flag).
 

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError,
+                      model_serializer, model_validator)
 
 from mpidl.errors import BadInput
 
@@ -64,6 +65,26 @@ class ModelSpec(Strict):
     compile: bool = False
 
 
+class ClipWeightsSpec(Strict):
+    """After every optimizer step: each parameter into [min, max] (WGAN critics), or each
+    weight's rows (one output unit's incoming weights) to an L2 norm of at most max_norm."""
+
+    min: Optional[float] = None
+    max: Optional[float] = None
+    max_norm: Optional[float] = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "ClipWeightsSpec":
+        ranged = self.min is not None or self.max is not None
+        if ranged and (self.min is None or self.max is None):
+            raise ValueError("give both min and max")
+        if ranged == (self.max_norm is not None):
+            raise ValueError("give min and max, or max_norm")
+        if ranged and self.min > self.max:
+            raise ValueError(f"min {self.min} > max {self.max}")
+        return self
+
+
 class OptimizerSpec(Strict):
     name: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: float = Field(gt=0)
@@ -71,6 +92,19 @@ class OptimizerSpec(Strict):
     nesterov: bool = False
     weight_decay: float = Field(default=0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
+    clip_grad_norm: Optional[float] = Field(default=None, gt=0,
+                                            description="global L2 norm of the averaged gradient, at most")
+    clip_weights: Optional[ClipWeightsSpec] = None
+
+    @model_serializer(mode="wrap")
+    def _unset_clipping_left_out(self, handler: SerializerFunctionWrapHandler) -> dict:
+        # Clipping that is off leaves the dump, and so the fingerprint of a job (what a
+        # checkpoint must match to resume), as it was before these options existed.
+        out = handler(self)
+        for k in ("clip_grad_norm", "clip_weights"):
+            if k in out and out[k] is None:
+                del out[k]
+        return out
 
 
 class ScheduleSpec(Strict):
@@ -104,6 +138,14 @@ class CheckpointSpec(Strict):
     keep: int = Field(default=2, ge=1)
 
 
+class DistillSpec(Strict):
+    """Knowledge distillation: loss = alpha·T²·KL(teacher ‖ student at temperature T) + (1 − alpha)·CE."""
+
+    teacher: str = Field(description="a trained run folder (or one checkpoint file); its checkpoint holds its spec")
+    alpha: float = Field(default=0.5, ge=0, le=1)
+    temperature: float = Field(default=4.0, gt=0)
+
+
 class JobSpec(Strict):
     name: str = "job"
     seed: int = 0
@@ -124,6 +166,7 @@ class JobSpec(Strict):
     log_every: int = Field(default=20, gt=0)
     timing: Literal["sync", "off"] = Field(default="sync", description="synchronise CUDA to split step time")
     target_accuracy: Optional[float] = Field(default=None, gt=0, le=1, description="reported, not enforced")
+    distill: Optional[DistillSpec] = None
 
     @model_validator(mode="after")
     def _length(self) -> "JobSpec":

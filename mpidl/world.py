@@ -19,7 +19,7 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Optional, TypeVar
 
-from mpidl.errors import BadInput, EXIT_BAD_INPUT
+from mpidl.errors import BadInput, Diverged, EXIT_BAD_INPUT
 
 T = TypeVar("T")
 
@@ -75,6 +75,15 @@ def pick_device(local_rank: int) -> str:
     if torch.cuda.is_available() and torch.cuda.device_count() > 0:
         return f"cuda:{local_rank % torch.cuda.device_count()}"
     return "cpu"
+
+
+def shared_gpu_warning(local_size: int, gpus: int) -> Optional[str]:
+    """What to tell the user when ranks on a node outnumber its visible GPUs (pure)."""
+    if gpus <= 0 or local_size <= gpus:
+        return None
+    return (f"{local_size} ranks on this node share {gpus} visible GPU(s): ranks on one GPU contend for "
+            "it and NCCL refuses two ranks on the same device; launch one rank per GPU "
+            "(e.g. srun --ntasks-per-node=<GPUs>, or mpirun -npernode <GPUs>)")
 
 
 @dataclass(frozen=True)
@@ -166,10 +175,31 @@ def init(fail_fast: bool = True) -> World:
         )
         from mpidl import log
 
-        log.setup(rank, size)
+        logger = log.setup(rank, size)
+        if _world.device.startswith("cuda") and rank == 0:  # ranks per node are alike: say it once
+            import torch
+
+            warning = shared_gpu_warning(local_size, torch.cuda.device_count())
+            if warning:
+                logger.warning(warning)
         if fail_fast:
             _arm_fail_fast(_world)
         return _world
+
+
+def world_for(comm, device: Optional[str] = None) -> World:
+    """A World over `comm`, a communicator of the job's MPI (a collective over `comm`).
+
+    For work that runs on part of the job: `world_for(MPI.COMM_SELF)` is a world of one for
+    a sweep's task, which a Trainer takes in place of the global World. Fail-fast stays
+    armed for the whole job; `device` defaults to this rank's device in the whole job.
+    """
+    base = init()
+    node = comm.Split_type(_mpi().COMM_TYPE_SHARED, key=comm.Get_rank())
+    local_rank, local_size = node.Get_rank(), node.Get_size()
+    node.Free()
+    return World(rank=comm.Get_rank(), size=comm.Get_size(), local_rank=local_rank, local_size=local_size,
+                 host=base.host, device=device or base.device, launcher=base.launcher, comm=comm)
 
 
 def current() -> Optional[World]:
@@ -210,6 +240,9 @@ def report_and_abort(world: World, exc: BaseException) -> None:
         if exc.collective or world.size == 1:
             _exit_together(world, EXIT_BAD_INPUT)
         world.abort(EXIT_BAD_INPUT)
+    if isinstance(exc, Diverged):  # a finding about the run, not a bug: one line, no traceback
+        sys.stderr.write(f"[rank {world.rank}] error: {exc}\n")
+        world.abort(1)
     if isinstance(exc, KeyboardInterrupt):
         sys.stderr.write(_prefix(world.rank, "interrupted"))
         world.abort(130)
@@ -218,10 +251,24 @@ def report_and_abort(world: World, exc: BaseException) -> None:
     world.abort(1)
 
 
+_before_finalize: list[Callable[[], None]] = []
+
+
+def before_finalize(fn: Callable[[], None]) -> None:
+    """Run `fn` before MPI is finalised when all ranks leave together (e.g. `hvd.shutdown`:
+    Horovod's background thread must stop before MPI_Finalize, or the exit turns into an abort)."""
+    _before_finalize.append(fn)
+
+
 def _exit_together(world: World, code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     try:
+        for fn in reversed(_before_finalize):
+            try:
+                fn()
+            except Exception:
+                pass  # leaving anyway; the exit code is what matters
         from mpi4py import MPI
 
         if MPI.Is_initialized() and not MPI.Is_finalized():

@@ -4,6 +4,7 @@ Checkpoints and resume are in test_checkpoint.py."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -227,3 +228,49 @@ def test_steps_limited_job_evaluates_at_its_end(tmp_path):
         assert set(r_["time"]) == {"data", "compute", "sync", "optimizer"}
         assert 0 < sum(r_["time"].values()) <= r_["step_time"] * (1 + 1e-9)
     assert recs[-1]["step"] == 30 and "val_loss" in recs[-1]
+
+
+def _tabular_with_nan(path: Path, row: int) -> None:
+    import h5py
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2000, 8)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    x[row, 3] = np.nan
+    with h5py.File(path, "w") as f:
+        f["x"], f["y"] = x, y
+
+
+def test_non_finite_loss_stops_the_job_and_keeps_the_last_good_checkpoint(tmp_path):
+    _tabular_with_nan(tmp_path / "nan.h5", row=1234)
+    job = write_job(tmp_path, data__files=str(tmp_path / "nan.h5"), data__synth=None,
+                    model={"name": "mlp", "args": {"hidden": [16], "num_classes": 2}},
+                    checkpoint={"every_steps": 5})
+    r = mpirun(2, mpidl_cmd("train", str(job)), timeout=180)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.output[-3000:]
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, r.stderr
+    m = re.search(r"\[rank (\d)\] error: non-finite loss \(nan\) at step (\d+) on rank \1; "
+                  r"the input batch holds 1 non-finite value$", errors[0])
+    assert m, errors[0]
+    step = int(m.group(2))
+    assert "done:" not in r.stdout and not (tmp_path / "run" / "summary.json").exists()
+    ckpts = sorted((tmp_path / "run" / "checkpoints").glob("ckpt-*.pt"))
+    assert ckpts, "a checkpoint every 5 steps: the good steps before the bad row are on disk"
+    for c in ckpts:
+        assert int(c.stem.split("-")[1]) < step
+        weights = torch.load(c, map_location="cpu", weights_only=False)["model"]
+        assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_a_fresh_run_into_an_old_runs_folder_is_refused(tmp_path):
+    job = write_job(tmp_path, epochs=None, steps=6)
+    assert run(mpidl_cmd("train", str(job)), timeout=120).returncode == 0
+    r = mpirun(2, mpidl_cmd("train", str(job)), timeout=120)
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert r.returncode == 2 and len(errors) == 1, r.output[-2000:]
+    assert "already holds a run's checkpoints (ckpt-000000006.pt): add --resume" in errors[0]
+    r = mpirun(2, mpidl_cmd("train", str(job), "--overwrite", "--set", "steps=4"), timeout=120)
+    assert r.returncode == 0, r.output[-2000:]
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("ckpt-*.pt")] == ["ckpt-000000004.pt"]

@@ -224,3 +224,12 @@ def test_logging_rank0_info_others_warnings_prefixed():
     assert "warning from 0" in r.output
     warn1 = [line for line in r.output.splitlines() if "warning from 1" in line]
     assert len(warn1) == 1 and warn1[0].startswith("[rank 1] ")
+
+
+def test_shared_gpu_warning():
+    from mpidl.world import shared_gpu_warning
+
+    assert shared_gpu_warning(4, 4) is None and shared_gpu_warning(1, 8) is None
+    assert shared_gpu_warning(2, 0) is None  # no GPU: CPU ranks share nothing to warn about
+    msg = shared_gpu_warning(8, 4)
+    assert msg.startswith("8 ranks on this node share 4 visible GPU(s)") and "one rank per GPU" in msg

@@ -7,7 +7,9 @@ chunked or compressed files are written by the ranks in turn (generation stays p
 
 images:  N×C×H×W uint8, class-dependent patterns plus noise; y int64 class labels.
 tabular: N×F float32 features; y = a known rule of them (linear or nonlinear), as int64
-         classes when `classes` is given, else float32 targets of shape N×1.
+         classes when `classes` is given, else float32 targets of shape N×1. The rule's
+         coefficients are stored with `y` (attributes true_coef F×outputs, true_intercept,
+         rule, noise; `read_truth`), so a regression can be checked against them.
 """
 from __future__ import annotations
 
@@ -31,12 +33,16 @@ def _image_block(seed: int, index: int, rows: int, classes: int, channels: int, 
     return np.clip(x, 0, 255).astype(np.uint8), y.astype(np.int64)
 
 
+def _tabular_rule(seed: int, features: int, outputs: int) -> tuple[np.ndarray, np.ndarray]:
+    """The coefficients (F×outputs) and intercepts of the tabular rule."""
+    w_rng = np.random.default_rng([seed, 0x7AB])
+    w = w_rng.normal(0, 1 / np.sqrt(features), (features, outputs))
+    return w, w_rng.normal(0, 0.1, outputs)
+
+
 def _tabular_block(seed: int, index: int, rows: int, features: int, rule: str, classes: Optional[int],
                    noise: float) -> tuple[np.ndarray, np.ndarray]:
-    w_rng = np.random.default_rng([seed, 0x7AB])
-    outputs = classes or 1
-    w = w_rng.normal(0, 1 / np.sqrt(features), (features, outputs))
-    b = w_rng.normal(0, 0.1, outputs)
+    w, b = _tabular_rule(seed, features, classes or 1)
     rng = np.random.default_rng([seed, index])
     x = rng.normal(0, 1, (rows, features)).astype(np.float32)
     z = x.astype(np.float64) @ w + b
@@ -50,7 +56,7 @@ def _tabular_block(seed: int, index: int, rows: int, features: int, rule: str, c
 
 def _write(path: str, rows: int, specs: dict[str, tuple[tuple[int, ...], np.dtype]],
            make: Callable[[int, int], tuple[np.ndarray, ...]], world, chunk_rows: Optional[int],
-           compression: Optional[str]) -> None:
+           compression: Optional[str], attrs: Optional[dict[str, dict]] = None) -> None:
     import h5py
 
     rank, size = (world.rank, world.size) if world is not None else (0, 1)
@@ -62,7 +68,8 @@ def _write(path: str, rows: int, specs: dict[str, tuple[tuple[int, ...], np.dtyp
     offsets = None
     if rank == 0:
         target.parent.mkdir(parents=True, exist_ok=True)
-        with h5py.File(tmp, "w") as f:
+        # Attributes (a rule's coefficients) may pass 64 KiB: that needs the format of HDF5 1.8 on.
+        with h5py.File(tmp, "w", libver=("v108", "latest") if attrs else None) as f:
             for k, (shape, dtype) in specs.items():
                 if contiguous:
                     # Early allocation gives every dataset its final byte offset now.
@@ -74,6 +81,8 @@ def _write(path: str, rows: int, specs: dict[str, tuple[tuple[int, ...], np.dtyp
                 else:
                     chunks = (min(chunk_rows or 1024, rows), *shape)
                     f.create_dataset(k, (rows, *shape), dtype, chunks=chunks, compression=compression)
+            for k, values in (attrs or {}).items():
+                f[k].attrs.update(values)
             if contiguous:
                 offsets = {k: f[k].id.get_offset() for k in keys}
     if comm is not None:
@@ -130,5 +139,21 @@ def synth_tabular(path: str, rows: int, features: int = 16, rule: str = "linear"
         raise BadInput(f"synth tabular: need rows >= 1, features >= 1, classes >= 2 "
                        f"(got rows={rows}, features={features}, classes={classes})")
     y_spec = ((), np.dtype(np.int64)) if classes else ((1,), np.dtype(np.float32))
+    w, b = _tabular_rule(seed, features, classes or 1)
+    truth = {"true_coef": w, "true_intercept": b, "rule": rule, "noise": float(noise)}
     _write(path, rows, {"x": ((features,), np.dtype(np.float32)), "y": y_spec},
-           lambda i, n: _tabular_block(seed, i, n, features, rule, classes, noise), world, chunk_rows, compression)
+           lambda i, n: _tabular_block(seed, i, n, features, rule, classes, noise), world, chunk_rows, compression,
+           attrs={"y": truth})
+
+
+def read_truth(path: str, key: str = "y") -> Optional[dict]:
+    """The rule a synthetic tabular file was generated from (coef F×outputs, intercept, rule,
+    noise), or None for a file without one."""
+    import h5py
+
+    with h5py.File(path, "r", locking=False) as f:
+        if key not in f or "true_coef" not in f[key].attrs:
+            return None
+        a = f[key].attrs
+        return {"coef": np.asarray(a["true_coef"], np.float64), "intercept": np.asarray(a["true_intercept"], np.float64),
+                "rule": str(a["rule"]), "noise": float(a["noise"])}

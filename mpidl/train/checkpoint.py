@@ -53,15 +53,16 @@ def latest(folder: Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
-def load(path: Path, fingerprint: str) -> dict:
-    """Read a checkpoint; BadInput if it is corrupt or was written by a different job."""
+def load(path: Path, fingerprint: Optional[str]) -> dict:
+    """Read a checkpoint; BadInput if it is corrupt or was written by a different job
+    (fingerprint None: any job's, e.g. a distillation teacher)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # torch raises several types for a damaged file
         raise BadInput(f"{path}: corrupt checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
     if not isinstance(state, dict) or "fingerprint" not in state or "model" not in state:
         raise BadInput(f"{path}: not an mpidl checkpoint")
-    if state["fingerprint"] != fingerprint:
+    if fingerprint is not None and state["fingerprint"] != fingerprint:
         raise BadInput(f"{path}: written by a different job (spec fingerprint {state['fingerprint']}, "
                        f"this job {fingerprint}): model, optimizer, schedule or data settings changed; "
                        "use another checkpoint.dir or the original spec")

@@ -11,7 +11,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     world = mpidl.init()
     spec = world.agree(lambda: load_spec(args.job, args.set))  # the same one-line error on every rank
-    summary = train(spec, resume=args.resume, stop_at=args.stop_at)
+    summary = train(spec, resume=args.resume, stop_at=args.stop_at, overwrite=args.overwrite)
     if args.require_target and summary["reached_target"] is False:
         if world.rank == 0:
             print(f"target accuracy {spec.target_accuracy} not reached: {summary['final']}")
@@ -25,6 +25,8 @@ def register(sub) -> None:
     s.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a field, e.g. --set optimizer.lr=0.05 --set backend=mpi")
     s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint (error if none)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="start afresh even where the run folder holds an earlier run's checkpoints (they are removed)")
     s.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                    help="leave after this optimizer step with a checkpoint, as if preempted (resume continues)")
     s.add_argument("--require-target", action="store_true",

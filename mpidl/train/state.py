@@ -78,6 +78,24 @@ def read_latest(spec: JobSpec, world, resume: Union[bool, str]) -> Optional[dict
     return state
 
 
+def fresh_run_dir(spec: JobSpec, world, overwrite: bool) -> None:
+    """A fresh start must not mix with the run already in its folder (its checkpoints would be
+    resumed from, its metrics appended to): refuse, or with `overwrite` clear them (rank 0)."""
+    if world.rank != 0:
+        return
+    found = checkpoint.all_checkpoints(spec.checkpoint_dir)
+    if not found:
+        return
+    if not overwrite:
+        raise BadInput(f"{spec.checkpoint_dir}: already holds a run's checkpoints ({found[-1].name}): "
+                       "add --resume to continue it, --overwrite to replace it, or set another output or name")
+    for p in found:
+        p.unlink()
+    for name in ("metrics.jsonl", "summary.json"):
+        (spec.run_dir / name).unlink(missing_ok=True)
+    log.get().warning("--overwrite: removed %d checkpoint(s) of the previous run in %s", len(found), spec.run_dir)
+
+
 def restore_rng(state: dict) -> None:
     """For code that draws from the global generators; the loop itself reseeds torch each step."""
     torch.set_rng_state(state["rng"]["torch"])

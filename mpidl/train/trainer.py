@@ -40,7 +40,6 @@ import math
 import time
 from typing import Iterator, Optional, Sequence, Union
 
-import numpy as np
 import torch
 
 import mpidl
@@ -50,29 +49,43 @@ from mpidl.train import checkpoint
 from mpidl.train.backends import make_backend
 from mpidl.train.callbacks import Callback
 from mpidl.train.evaluate import evaluate
+from mpidl.train.finite import FiniteLoss
 from mpidl.train.inputs import build_inputs, steps_per_epoch
 from mpidl.train.models import model_for
-from mpidl.train.objectives import Objective, default_for
+from mpidl.train.objectives import Objective
 from mpidl.train.optim import build_optimizer, build_scheduler, lr_scale
 from mpidl.train.preemption import Preemption
 from mpidl.train.record import Recorder, versions
-from mpidl.train.state import (Position, float_buffers, read_latest, restore_rng, resume_position,
-                               snapshot)
+from mpidl.train.state import (Position, float_buffers, fresh_run_dir, read_latest, restore_rng,
+                               resume_position, snapshot)
+from mpidl.train.workloads import workload_pieces
 
 BUCKETS = ("data", "compute", "sync", "optimizer")
 
 
+_U64 = (1 << 64) - 1
+
+
+def _mix(x: int) -> int:
+    """splitmix64's finaliser: a cheap, well-spread 64-bit hash (a few hundred ns in Python)."""
+    x = (x + 0x9E3779B97F4A7C15) & _U64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _U64
+    return x ^ (x >> 31)
+
+
 def _step_seed(seed: int, step: int, rank: int) -> int:
-    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+    """The seed of one rank's random draws at one step: a pure function of (seed, step, rank)."""
+    return _mix(_mix(_mix(seed & _U64) ^ step) ^ rank)
 
 
 class Trainer:
     """One job on this rank. The constructor sets everything up (a collective); `fit` runs it."""
 
     def __init__(self, spec: JobSpec, resume: Union[bool, str] = False, objective: Optional[Objective] = None,
-                 callbacks: Sequence[Callback] = ()):
+                 callbacks: Sequence[Callback] = (), overwrite: bool = False, world=None):
         self.spec = spec
-        self.world = world = mpidl.init()
+        self.world = world = world or mpidl.init()  # a World over part of the job (a sweep's task) or all of it
         self.log = log.get()
         self.device = torch.device(world.device)
         if self.device.type == "cuda":
@@ -83,18 +96,21 @@ class Trainer:
         self.steps_per_epoch = steps_per_epoch(spec, world, self.inputs)
         self.total_steps = spec.steps or spec.epochs * self.steps_per_epoch
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
-        self.objective = objective or default_for(self.inputs.classify)
-        self.callbacks = list(callbacks)
+        spec_objective, spec_callbacks = workload_pieces(spec, world, self.inputs, self.device)  # loss, clipping...
+        self.objective = objective or spec_objective
+        self.callbacks = [*spec_callbacks, *callbacks]
 
+        self.backend = backend = world.agree(lambda: make_backend(spec.backend, world, {
+            **spec.model_dump().get(spec.backend, {}), "backward_passes_per_step": spec.accumulate}))
         model = world.agree(lambda: model_for(spec, self.inputs.train_source)).to(self.device)
         self.channels_last = spec.model.channels_last
-        if self.channels_last and spec.backend != "horovod":
-            # Horovod 0.28 rejects non-contiguous (channels_last) weights and gradients; there the
-            # inputs alone are channels_last, which still selects NHWC convolution kernels.
+        if self.channels_last and backend.channels_last_weights:
             model = model.to(memory_format=torch.channels_last)
         optimizer = build_optimizer(spec, model, spec.optimizer.lr * lr_scale(spec, world.size))
 
         # Resume: rank 0 reads the newest checkpoint, every rank gets it.
+        if not resume:
+            world.agree(lambda: fresh_run_dir(spec, world, overwrite))
         state = read_latest(spec, world, resume) if resume else None
         self.position = Position()
         self.resumed_from = None
@@ -108,8 +124,6 @@ class Trainer:
                           p.step_in_epoch, p.global_step)
         same_world = state is not None and state["world_size"] == world.size
 
-        self.backend = backend = world.agree(lambda: make_backend(spec.backend, world, {
-            **spec.model_dump().get(spec.backend, {}), "backward_passes_per_step": spec.accumulate}))
         self.model, self.optimizer = backend.prepare(model, optimizer)  # rank 0's weights and buffers everywhere
         if state is not None:
             # Into the optimizer the backend returned: Horovod's wrapper is a new optimizer that
@@ -134,6 +148,8 @@ class Trainer:
         self._sync_device = (torch.cuda.synchronize if self.device.type == "cuda" and spec.timing == "sync"
                              else (lambda: None))
         self.preempted: Optional[str] = None
+        self.totals = {**{k: 0.0 for k in BUCKETS}, "steps": 0, "samples": 0}
+        self.finite = FiniteLoss(world.rank, lagged=self.device.type == "cuda")
         self.last_eval: dict = {}
         self.log.info("%s: %s on %d rank(s) (%s), backend %s, %d steps/epoch × %d epochs, batch %d/rank",
                       spec.name, spec.model.name, world.size, world.launcher, backend.name, self.steps_per_epoch,
@@ -148,7 +164,12 @@ class Trainer:
         """One optimizer step (accumulating `spec.accumulate` batches); its time per bucket."""
         spec, world, backend, model, optimizer = self.spec, self.world, self.backend, self.model, self.optimizer
         step = self.position.global_step
-        torch.manual_seed(_step_seed(spec.seed, step, world.rank))
+        # The generators of this device only: torch.manual_seed would also queue a seed for
+        # every lazy accelerator module, formatting a stack trace each time (~0.3 ms a step).
+        seed = _step_seed(spec.seed, step, world.rank)
+        torch.default_generator.manual_seed(seed)
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(seed)
         self.inputs.train_transform.generator.manual_seed(_step_seed(spec.seed + 1, step, world.rank))
         t0 = time.perf_counter()
         t_data = t_compute = 0.0
@@ -163,6 +184,7 @@ class Trainer:
             with (contextlib.nullcontext() if last else backend.no_sync(model, optimizer)):
                 with self.autocast:
                     loss, out = self.objective(model, x, y)
+                self.finite.watch(step, loss, x)
                 (loss / spec.accumulate).backward()
             self._sync_device()
             t_data += tb - ta
@@ -233,6 +255,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Rank 0 writes the checkpoint of the current step atomically (a collective)."""
+        self.finite.check()  # never save weights that a non-finite loss has reached
         state = snapshot(self.world, self.spec, self.net, self.optimizer, self.scheduler, self.position)
         if state is not None:
             path = checkpoint.save(self.spec.checkpoint_dir, self.position.global_step, state, self.spec.checkpoint.keep)
@@ -245,20 +268,17 @@ class Trainer:
         return self.world.comm.bcast(have, root=0) if self.world.size > 1 else have
 
     # ------------------------------------------------------------------ the loop
-    def fit(self, stop_at: Optional[int] = None) -> dict:
-        """Train to the end of the job (or `stop_at`, or a preemption signal); the summary.
-
-        stop_at: leave after this optimizer step with a checkpoint, as a preempted job would;
-        the schedule still spans the whole job, so a resume continues exactly.
-        """
+    def steps(self, stop_at: Optional[int] = None) -> Iterator[Position]:
+        """Train, yielding the position after every optimizer step and its bookkeeping (the log
+        record, checkpoints, the evaluation at an epoch's end). `fit` runs it to the end; a
+        benchmark can drive it one step at a time."""
         spec, pos, ck = self.spec, self.position, self.spec.checkpoint
         spe = self.steps_per_epoch
-        totals = {**{k: 0.0 for k in BUCKETS}, "steps": 0, "samples": 0}
+        totals = self.totals
         window = self._new_window()
         end = min(self.total_steps, stop_at) if stop_at is not None else self.total_steps
         for cb in self.callbacks:
             cb.on_start(self)
-        t_run = time.perf_counter()
         self.model.train()
         with Preemption(self.world) as preemption:
             while pos.epoch < self.epochs and pos.global_step < end and not self.preempted:
@@ -279,6 +299,8 @@ class Trainer:
                         window = self._new_window()
                     if ck.every_steps and pos.global_step % ck.every_steps == 0:
                         self.save_checkpoint()
+                    if pos.step_in_epoch < spe:
+                        yield pos
                 batches.close()
                 if pos.step_in_epoch == spe:
                     self.evaluate_and_log()
@@ -286,14 +308,25 @@ class Trainer:
                     if ck.every_epochs and pos.epoch % ck.every_epochs == 0:
                         if not (ck.every_steps and pos.global_step % ck.every_steps == 0):
                             self.save_checkpoint()
+                    yield pos
         if self.preempted:
             self.log.warning("%s received: stopping after step %d with a checkpoint", self.preempted, pos.global_step)
         elif pos.global_step == self.total_steps and pos.step_in_epoch:  # a job of `steps` that ends mid-epoch
             self.evaluate_and_log()
+
+    def fit(self, stop_at: Optional[int] = None) -> dict:
+        """Train to the end of the job (or `stop_at`, or a preemption signal); the summary.
+
+        stop_at: leave after this optimizer step with a checkpoint, as a preempted job would;
+        the schedule still spans the whole job, so a resume continues exactly.
+        """
+        t_run = time.perf_counter()
+        for _ in self.steps(stop_at):
+            pass
         wall = time.perf_counter() - t_run
         if not self._has_final_checkpoint():
             self.save_checkpoint()  # the final state is always on disk
-        return self._summary(totals, wall)
+        return self._summary(self.totals, wall)
 
     def _summary(self, totals: dict, wall: float) -> dict:
         spec, world, pos = self.spec, self.world, self.position
@@ -327,13 +360,15 @@ class Trainer:
 
 
 def train(spec: JobSpec, resume: Union[bool, str] = False, stop_at: Optional[int] = None,
-          objective: Optional[Objective] = None, callbacks: Sequence[Callback] = ()) -> dict:
+          objective: Optional[Objective] = None, callbacks: Sequence[Callback] = (), overwrite: bool = False,
+          world=None) -> dict:
     """Run the job; returns the summary (on every rank; rank 0 also writes it).
 
     resume: True continues from the newest checkpoint (BadInput if none); "auto" does so when
-    there is one (a requeued job) and starts fresh otherwise.
+    there is one (a requeued job) and starts fresh otherwise. A fresh start into a run folder
+    that holds another run's checkpoints is refused unless `overwrite` (which clears them).
     """
-    trainer = Trainer(spec, resume=resume, objective=objective, callbacks=callbacks)
+    trainer = Trainer(spec, resume=resume, objective=objective, callbacks=callbacks, overwrite=overwrite, world=world)
     summary = trainer.fit(stop_at=stop_at)
     trainer.close()  # not on an exception: fail-fast ends the job, and close() is a collective
     return summary

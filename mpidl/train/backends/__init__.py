@@ -31,6 +31,8 @@ NAMES = ("horovod", "ddp", "mpi", "none")
 
 class Backend:
     name = "base"
+    #: whether weights may be channels_last (non-contiguous); inputs may be channels_last anyway
+    channels_last_weights = True
 
     def __init__(self, world, options: dict):
         self.world = world

@@ -17,6 +17,7 @@ from torch import nn
 import horovod.torch as hvd  # at import time, so make_backend can report a missing Horovod
 
 from mpidl.train.backends import Backend
+from mpidl.world import before_finalize
 
 
 # Environment Horovod reads at init, set here unless the user's environment already has it
@@ -44,6 +45,9 @@ def wait(handles) -> None:
 
 class HorovodBackend(Backend):
     name = "horovod"
+    # Horovod 0.28 rejects non-contiguous (channels_last) weights and gradients; with inputs alone
+    # channels_last, convolutions still pick their NHWC kernels.
+    channels_last_weights = False
 
     def __init__(self, world, options: dict):
         super().__init__(world, options)
@@ -55,6 +59,7 @@ class HorovodBackend(Backend):
             os.environ["HOROVOD_CYCLE_TIME"] = str(options["cycle_time_ms"])
         self.hvd = hvd
         hvd.init()  # joins the MPI world mpidl.init() started
+        before_finalize(hvd.shutdown)  # a bad-input exit after this point leaves through MPI_Finalize
         if hvd.rank() != world.rank or hvd.size() != world.size:
             raise RuntimeError(f"Horovod sees rank {hvd.rank()}/{hvd.size()}, MPI {world.rank}/{world.size}")
 

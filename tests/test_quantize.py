@@ -1,0 +1,77 @@
+"""`mpidl quantize RUN_DIR` on runs trained under real mpirun: dynamic int8 of an MLP, static int8
+of a CNN, measured on the held-out split; and a folder without a checkpoint."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from conftest import mpidl_cmd, mpirun, run
+
+
+def train(folder, name: str, data: dict, model: dict) -> str:
+    spec = {"name": name, "seed": 0, "epochs": 2, "backend": "mpi", "data": data, "model": model,
+            "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9}, "output": str(folder / name),
+            "log_every": 100}
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    r = mpirun(2, mpidl_cmd("train", str(path)), timeout=300)
+    assert r.returncode == 0, r.output[-3000:]
+    return str(folder / name)
+
+
+def report_of(out: str) -> dict:
+    return json.loads(out[out.index("{"):])
+
+
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor")  # loading the saved int8 tensors
+def test_static_int8_of_a_cnn(tmp_path):
+    data = {"files": str(tmp_path / "img.h5"), "batch": 32, "val_fraction": 0.2,
+            "synth": {"kind": "images", "rows": 3000, "classes": 4, "channels": 3, "size": 16, "noise": 80}}
+    folder = train(tmp_path, "cnn", data, {"name": "small_cnn", "args": {"width": 16}})
+    r = mpirun(2, mpidl_cmd("quantize", folder, "--json", "--calibrate", "256"), timeout=300)
+    assert r.returncode == 0, r.output[-3000:]
+    rep = report_of(r.stdout)
+    assert rep == json.loads((tmp_path / "cnn" / "quantize.json").read_text())
+    v = rep["variants"]
+    assert set(v) == {"fp32", "dynamic_int8", "static_int8"} and rep["static_int8"] is None
+    own = json.loads((tmp_path / "cnn" / "summary.json").read_text())["final"]["val_accuracy"]
+    assert v["fp32"]["val_accuracy"] == pytest.approx(own, abs=1e-12)  # the run's own held-out figure
+    assert own > 0.5
+    for name in ("dynamic_int8", "static_int8"):
+        assert abs(v[name]["val_accuracy"] - own) <= 0.05, (name, v[name])
+    assert v["static_int8"]["size_bytes"] < 0.6 * v["fp32"]["size_bytes"]  # int8 weights, plus qparams
+    assert all(v[n]["latency_ms"][b] > 0 for n in v for b in ("1", "64"))
+    assert rep["held_out_rows"] == 600 and rep["calibration_rows"] == 256
+    state = torch.load(tmp_path / "cnn" / "quantized" / "static_int8.pt", weights_only=False)
+    assert any(t.is_quantized for t in state.values() if torch.is_tensor(t))
+
+
+def test_dynamic_int8_of_an_mlp_alone(tmp_path):
+    data = {"files": str(tmp_path / "tab.h5"), "batch": 32, "val_fraction": 0.2,
+            "synth": {"kind": "tabular", "rows": 3000, "features": 32, "classes": 3}}
+    folder = train(tmp_path, "mlp", data, {"name": "mlp", "args": {"hidden": [256, 256], "num_classes": 3}})
+    r = run(mpidl_cmd("quantize", folder), timeout=300)  # one process, no launcher
+    assert r.returncode == 0, r.output[-3000:]
+    assert "dynamic_int8" in r.stdout and "no convolutions" in r.stdout and "Warning" not in r.output
+    rep = json.loads((tmp_path / "mlp" / "quantize.json").read_text())
+    v = rep["variants"]
+    assert set(v) == {"fp32", "dynamic_int8"}
+    assert abs(v["dynamic_int8"]["val_accuracy"] - v["fp32"]["val_accuracy"]) <= 0.03
+    assert v["dynamic_int8"]["size_bytes"] < 0.4 * v["fp32"]["size_bytes"]  # int8 weights: about a quarter
+
+
+@pytest.mark.parametrize("what", ["no checkpoint", "no folder"])
+def test_run_folder_without_checkpoint(tmp_path, what):
+    folder = tmp_path / "run"
+    if what == "no checkpoint":
+        (folder / "checkpoints").mkdir(parents=True)
+        (folder / "summary.json").write_text("{}")
+    r = mpirun(2, mpidl_cmd("quantize", str(folder)), timeout=120)
+    assert r.returncode == 2, r.output[-3000:]
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert ("no checkpoint (ckpt-*.pt)" if what == "no checkpoint" else "no such run folder") in errors[0]
+    assert not (folder / "quantize.json").exists()
