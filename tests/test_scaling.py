@@ -431,14 +431,17 @@ def test_backend_none_window_time_is_the_slowest_ranks():
     from conftest import mpirun, pycode
 
     code = """
+import json
 import mpidl
 from mpidl.train.backends import make_backend
 world = mpidl.init()
 b = make_backend("none", world, {})
 out = b.average({"time": 1.0 + world.rank, "loss": float(world.rank), "compute": 0.1 * (world.rank + 1)})
-print("RESULT", world.rank, out["time"], out["loss"], round(out["compute"], 6), flush=True)
+rows = world.comm.gather([world.rank, out["time"], out["loss"], round(out["compute"], 6)], root=0)
+if world.rank == 0:  # one print: ranks printing at once can interleave their lines
+    print("RESULT", json.dumps(rows), flush=True)
 """
     r = mpirun(2, pycode(code), timeout=120)
     assert r.returncode == 0, r.output
-    results = sorted(line.split()[1:] for line in r.stdout.splitlines() if line.startswith("RESULT"))
-    assert results == [["0", "2.0", "0.5", "0.15"], ["1", "2.0", "0.5", "0.15"]]
+    results = [json.loads(line.split(" ", 1)[1]) for line in r.stdout.splitlines() if line.startswith("RESULT ")]
+    assert results == [[[0, 2.0, 0.5, 0.15], [1, 2.0, 0.5, 0.15]]]
