@@ -45,8 +45,8 @@ if [ "$can_apt" = 1 ] && [ "${MPIDL_SKIP_SLURM:-0}" != 1 ]; then
     command -v slurmctld >/dev/null || missing+=(slurmctld slurmd slurm-client munge)
 fi
 
-# Headless Chromium: only for the test that opens `mpidl report`'s HTML page (it skips without
-# one). Debian's package is a real browser; Ubuntu's is a snap stub that containers cannot run.
+# Headless Chromium: only for the test that opens `mpidl report`'s HTML page (it skips only where
+# this cannot install it). Debian's package is a real browser; Ubuntu's is a snap stub containers cannot run.
 if [ "$can_apt" = 1 ] && [ "${MPIDL_SKIP_CHROMIUM:-0}" != 1 ] && grep -qs '^ID=debian' /etc/os-release; then
     command -v chromium >/dev/null || missing+=(chromium)
 fi

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from chromium import find_chromium, render
+from chromium import find_chromium, render, setup_installs_chromium
 from conftest import MPIRUN, ROOT, has_horovod, mpidl_cmd, run
 from mpidl.scaling import efficiency, model
 from mpidl.scaling.runner import aggregate, plan, windows
@@ -325,8 +325,11 @@ def test_tiny_study_report_files_match(tiny_study):
 @pytest.mark.timeout(1800)
 def test_report_renders_in_headless_chromium(tiny_study, tmp_path):
     browser = find_chromium()
+    if browser is None and setup_installs_chromium():
+        pytest.fail("chromium is missing, yet scripts/setup.sh installs it on this machine: run `make setup`")
     if browser is None:
-        pytest.skip("chromium not installed (scripts/setup.sh installs Debian's chromium when root with apt)")
+        pytest.skip("chromium not installed, and scripts/setup.sh cannot install it here (it does as root with "
+                    "apt on Debian)")
     out, _ = tiny_study
     res = render(out / "report.html", tmp_path, browser)
     assert res["images"] == 5 and res["rendered"] == 5, res
