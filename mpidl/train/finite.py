@@ -8,7 +8,8 @@ before every checkpoint, so no checkpoint is ever written after a non-finite los
 """
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Optional, Union
 
 import torch
 
@@ -20,21 +21,32 @@ class FiniteLoss:
         self.rank, self.lagged = rank, lagged
         self._pending: Optional[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = None
 
-    def watch(self, step: int, loss: torch.Tensor, x: torch.Tensor) -> None:
-        """Record this batch's loss; raise Diverged if it (or, on CUDA, the previous one) is not finite."""
-        self.check()
-        self._pending = (step, torch.isfinite(loss.detach()).all(), loss.detach(), x)
+    def watch(self, step: int, loss: torch.Tensor, x: torch.Tensor) -> Union[float, torch.Tensor]:
+        """Check this batch's loss (on CUDA: the previous batch's); raise Diverged if not finite.
+
+        Returns the loss for the record: a float where it was read here anyway (one host read,
+        as a loop that logs does), else a device tensor to be summed on the device.
+        """
         if not self.lagged:
-            self.check()
+            value = loss.item()
+            if not math.isfinite(value):
+                self._diverged(step, value, x)
+            return value
+        self.check()
+        loss = loss.detach()
+        self._pending = (step, torch.isfinite(loss).all(), loss, x)
+        return loss.double()
 
     def check(self) -> None:
         if self._pending is None:
             return
         step, ok, loss, x = self._pending
         self._pending = None
-        if bool(ok):
-            return
+        if not bool(ok):
+            self._diverged(step, float(loss), x)
+
+    def _diverged(self, step: int, value: float, x: torch.Tensor) -> None:
         bad = int((~torch.isfinite(x)).sum()) if x.is_floating_point() else 0
         held = (f"the input batch holds {bad} non-finite value{'s' if bad != 1 else ''}" if bad
                 else "the input batch is finite: the model diverged (try a lower lr, or gradient clipping)")
-        raise Diverged(f"non-finite loss ({float(loss)}) at step {step + 1} on rank {self.rank}; {held}")
+        raise Diverged(f"non-finite loss ({value}) at step {step + 1} on rank {self.rank}; {held}")

@@ -150,6 +150,7 @@ class Trainer:
         self.preempted: Optional[str] = None
         self.totals = {**{k: 0.0 for k in BUCKETS}, "steps": 0, "samples": 0}
         self.finite = FiniteLoss(world.rank, lagged=self.device.type == "cuda")
+        self.lagged_metrics = self.device.type == "cuda"
         self.last_eval: dict = {}
         self.log.info("%s: %s on %d rank(s) (%s), backend %s, %d steps/epoch × %d epochs, batch %d/rank",
                       spec.name, spec.model.name, world.size, world.launcher, backend.name, self.steps_per_epoch,
@@ -184,15 +185,16 @@ class Trainer:
             with (contextlib.nullcontext() if last else backend.no_sync(model, optimizer)):
                 with self.autocast:
                     loss, out = self.objective(model, x, y)
-                self.finite.watch(step, loss, x)
-                (loss / spec.accumulate).backward()
+                batch_loss = self.finite.watch(step, loss, x)
+                (loss / spec.accumulate if spec.accumulate > 1 else loss).backward()
             self._sync_device()
             t_data += tb - ta
             t_compute += time.perf_counter() - tb
-            # summed on the device and read at log time: no host sync per step on a GPU
-            window["loss"] += loss.detach().double() * x.shape[0]
+            # On a GPU the sums stay on the device until log time (no host sync per step); on
+            # the CPU a host read costs less than a tensor addition.
+            window["loss"] += batch_loss * x.shape[0]
             for k, v in self.objective.counts(out, y).items():
-                window[k] += v
+                window[k] += v if self.lagged_metrics else v.item()
             window["count"] += x.shape[0]
         t1 = time.perf_counter()
         backend.sync_gradients(model, optimizer)

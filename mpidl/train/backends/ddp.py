@@ -54,6 +54,10 @@ class DDPBackend(Backend):
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         broadcast_module(self.world, model)  # DDP broadcasts too; this keeps the three backends alike
+        if self.world.size == 1:
+            # Nothing to average: DDP's bucket copies and a one-rank allreduce would cost ~0.5 ms
+            # a step of a small CPU model for nothing (Horovod, too, hooks nothing at size 1).
+            return model, optimizer
         ids = [self.device.index] if self.device.type == "cuda" else None
         # Buffers (BatchNorm statistics) stay per rank, as with the other backends; the trainer
         # averages them before evaluation and checkpoints.
@@ -69,7 +73,7 @@ class DDPBackend(Backend):
 
     @contextlib.contextmanager
     def no_sync(self, model: nn.Module, optimizer) -> Iterator[None]:
-        with model.no_sync():
+        with (model.no_sync() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()):
             yield
 
     def unwrap(self, model: nn.Module) -> nn.Module:
