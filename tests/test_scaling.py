@@ -281,6 +281,7 @@ def test_tiny_study_json_matches_the_runs(tiny_study):
     env = doc["environment"]
     for key in ("cpu_model", "cores", "torch", "mpi", "commit", "launcher"):
         assert env.get(key), key
+    assert env["tuning_env"]["OMPI_MCA_btl_vader_single_copy_mechanism"] == "none"  # conftest's, as the ranks saw it
     assert doc["model_inputs"]["grad_params"] == 8 * 3 * 9 + 8 + 16 + 16 * 8 * 9 + 16 + 32 + 16 * 4 + 4
     table = {(r["backend"], r["size"]): r for r in doc["table"]}
     for b in ("mpi", "ddp"):
@@ -391,6 +392,16 @@ def test_job_the_trainer_refuses_is_refused(tmp_path):
     study = _study(tmp_path, _job(tmp_path), set=["data.preprocess.crop=64"], backends=["mpi"], baseline=False)
     _refused(tmp_path, study, f"{study}: run p1-mpi-r0: the trainer refused the job: crop size 64 is larger than",
              started=True)
+
+
+def test_a_study_whose_first_runs_all_fail_stops(tmp_path):
+    # a broken set-up (here the launcher's arguments): exit 1 after one round, not a study of failures
+    study = _study(tmp_path, _job(tmp_path), launcher={"args": ["--no-such-mpirun-option"]}, backends=["mpi"])
+    r = run(mpidl_cmd("scale", str(study)), timeout=300)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.output
+    assert "the first 2 runs all failed, so the study stops" in r.stderr and "--no-such-mpirun-option" in r.stderr
+    doc = json.loads((tmp_path / "out" / "study.json").read_text())
+    assert [(x["backend"], x["size"]) for x in doc["runs"]] == [("mpi", 1), ("none", 1)] and not doc["complete"]
 
 
 def test_report_of_a_folder_without_a_study(tmp_path):

@@ -73,11 +73,15 @@ def cmd_scale(args: argparse.Namespace) -> int:
     if args.study == "predict":
         return cmd_predict(_predict_parser().parse_args(args.rest))
     extra = _run_parser().parse_args(args.rest)
-    from mpidl.scaling.runner import run_study
+    from mpidl.scaling.runner import StudyFailed, run_study
     from mpidl.scaling.study import load_study
 
     study = load_study(args.study)
-    doc = run_study(study, force=args.force or extra.force, echo=lambda s: print(s, flush=True))
+    try:
+        doc = run_study(study, force=args.force or extra.force, echo=lambda s: print(s, flush=True))
+    except StudyFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     out = study.output
     print(f"wrote {out / 'study.json'}; next: mpidl report {out}")
     if doc["failed_runs"]:

@@ -1,4 +1,5 @@
-"""What a study records about where it ran: CPU, GPU, cores, MPI, NCCL, Horovod, torch, commit.
+"""What a study records about where it ran: CPU, GPU, cores, MPI, NCCL, Horovod, torch, commit,
+and the environment variables that tune communication (MCA parameters, HOROVOD_*, NCCL_*).
 
 `probe()` asks a child interpreter (the one the ranks run), so the study's own process never
 initialises MPI: `python -m mpidl.scaling.environment` prints the same as JSON.
@@ -84,10 +85,20 @@ def _collect() -> dict:
     return out
 
 
+# Environment variables that change how ranks communicate or compute (MCA parameters, Horovod's
+# fusion and cycle, NCCL's algorithms, threads): a study records the ones set.
+TUNING_PREFIXES = ("OMPI_MCA_", "HOROVOD_", "NCCL_", "MPIDL_HOROVOD_", "OMP_NUM_THREADS")
+
+
+def tuning_env() -> dict[str, str]:
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(TUNING_PREFIXES)}
+
+
 def probe() -> dict:
     """The machine and the software stack, as the ranks will see it."""
     env = {"host": socket.gethostname(), "cpu_model": cpu_model(), "cores": cores(),
-           "cpu_count": os.cpu_count(), "os": platform.platform(), "commit": commit()}
+           "cpu_count": os.cpu_count(), "os": platform.platform(), "commit": commit(),
+           "tuning_env": tuning_env()}
     try:
         p = subprocess.run([sys.executable, "-m", "mpidl.scaling.environment"], capture_output=True, text=True,
                            timeout=300, cwd=REPO)

@@ -393,6 +393,8 @@ def _env_view(doc: dict) -> list[tuple[str, str]]:
     out = [(k, str(e.get(k))) for k in keys if k in e]
     launcher = e.get("launcher") or {}
     out.append(("launcher", f"{launcher.get('name')} ({launcher.get('version')}) {' '.join(launcher.get('args', []))}"))
+    if "tuning_env" in e:
+        out.append(("tuning environment", " ".join(f"{k}={v}" for k, v in e["tuning_env"].items()) or "none set"))
     out.append(("started / finished", f"{doc.get('started')} / {doc.get('finished', 'not finished')}"))
     return out
 

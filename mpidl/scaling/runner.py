@@ -145,6 +145,18 @@ def _progress_line(n: int, total: int, point: Point, reps: int, row: dict, over:
             f"({parts} ms){' [oversubscribed]' if over else ''}")
 
 
+class StudyFailed(RuntimeError):
+    """Every run of the first size failed: a broken set-up (launcher, environment), not bad input."""
+
+
+def _last_words(log_tail: str) -> str:
+    """The line of a failed run's output that says why: the last naming an error, else the last
+    with words in it (mpirun frames its messages in dashes)."""
+    lines = [ln.strip() for ln in log_tail.splitlines() if any(c.isalnum() for c in ln)]
+    errors = [ln for ln in lines if "error" in ln.lower()]
+    return (errors or lines or ["no output"])[-1]
+
+
 def write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -210,9 +222,8 @@ def run_study(study: Study, *, force: bool = False, echo: Callable[[str], None] 
             why = why.split("error: ", 1)[1] if "error: " in why else why
             raise BadInput(f"{study.origin}: run {point.key}: the trainer refused the job: {why}")
         if done.returncode or done.timed_out:
-            tail = [ln for ln in done.output_tail.strip().splitlines() if ln.strip()]
             row["error"] = ("timed out after %.0f s" % s.timeout_s if done.timed_out
-                            else f"exit {done.returncode}: {tail[-1].strip() if tail else ''}")
+                            else f"exit {done.returncode}: {_last_words(done.output_tail)}")
         else:
             try:
                 row.update(run_figures(run_dir, s.warmup_steps))
@@ -222,6 +233,10 @@ def run_study(study: Study, *, force: bool = False, echo: Callable[[str], None] 
         echo(_progress_line(n, len(points), point, s.repetitions, row, over))
         _summarise(doc, study)
         write_json(out / "study.json", doc)
+        if n == len(s.runs) and all(r.get("throughput") is None for r in doc["runs"]):
+            # every backend failed at the first size: the set-up is broken, not one point
+            raise StudyFailed(f"{out / 'study.json'}: the first {n} runs all failed, so the study stops; "
+                              f"the first: {doc['runs'][0]['error']} (see {out / doc['runs'][0]['run_dir']}/output.log)")
 
     doc["model_inputs"] = {"grad_params": _grad_params(study)}
     doc["failed_runs"] = sum(1 for r in doc["runs"] if r.get("throughput") is None)
