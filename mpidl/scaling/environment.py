@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,11 +36,19 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def commit() -> str:
+def commit(ignore: Optional[Path] = None) -> str:
+    """The checkout's commit, '-dirty' when tracked files differ from it (apart from `ignore`: a
+    committed study's own folder, which rerunning it rewrites)."""
+    spec = ["--", "."]
+    if ignore is not None:
+        try:
+            spec.append(f":(exclude){Path(ignore).resolve().relative_to(REPO)}")
+        except ValueError:
+            pass  # outside the checkout: nothing to leave out
     try:
         head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no", *spec],
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -94,10 +103,10 @@ def tuning_env() -> dict[str, str]:
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith(TUNING_PREFIXES)}
 
 
-def probe() -> dict:
-    """The machine and the software stack, as the ranks will see it."""
+def probe(output: Optional[Path] = None) -> dict:
+    """The machine and the software stack, as the ranks will see it (`output`: the study's folder)."""
     env = {"host": socket.gethostname(), "cpu_model": cpu_model(), "cores": cores(),
-           "cpu_count": os.cpu_count(), "os": platform.platform(), "commit": commit(),
+           "cpu_count": os.cpu_count(), "os": platform.platform(), "commit": commit(ignore=output),
            "tuning_env": tuning_env()}
     try:
         p = subprocess.run([sys.executable, "-m", "mpidl.scaling.environment"], capture_output=True, text=True,

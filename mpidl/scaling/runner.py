@@ -183,7 +183,7 @@ def run_study(study: Study, *, force: bool = False, echo: Callable[[str], None] 
     if study.allreduce is not None:
         shutil.copyfile(study.allreduce, out / "allreduce.json")
 
-    env = environment.probe()
+    env = environment.probe(out)
     launcher = launcher or make_launcher(s.launcher, env["cores"])
     env["launcher"] = launcher.describe()
     points = plan(s.sizes, s.runs, s.repetitions)
