@@ -438,6 +438,12 @@ def _notes(doc: dict, ar: Optional[dict]) -> list[str]:
         notes.append(f"Noise floor: at 1 rank the mpi backend and the baseline run the same code (nothing is "
                      f"sent), yet their medians differ: X_mpi(1) / X₀(1) = {_fmt(ratio)}. Differences between "
                      f"backends smaller than |1 − {_fmt(ratio)}| = {_fmt(abs(1 - ratio))} are not resolved by this study.")
+    ranges = [(r["throughput_max"] - r["throughput_min"]) / r["throughput"] for r in doc["table"]
+              if r.get("repetitions", 1) > 1 and r["throughput"]]
+    if ranges and statistics.median(ranges) > 0.1:
+        notes.append(f"Spread: the repetitions of one point range over {_fmt(statistics.median(ranges))} of their "
+                     f"median (max − min, the median over points; {_fmt(min(ranges))}–{_fmt(max(ranges))}), so a "
+                     "single goal comparison near its target can flip between two runs of this study.")
     loads = [r["load_before"] for r in doc["runs"] if r.get("load_before") is not None]
     cores = doc["environment"].get("cores") or 1
     if loads and statistics.median(loads) > cores:
