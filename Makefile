@@ -11,7 +11,7 @@ export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 export OMPI_MCA_rmaps_base_oversubscribe := 1
 export OMPI_MCA_btl_vader_single_copy_mechanism := none
 
-.PHONY: setup demo test doctor clean
+.PHONY: setup demo test doctor clean gpu-check-prepare gpu-check
 
 setup:
 	bash scripts/setup.sh
@@ -28,3 +28,11 @@ doctor: setup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# The GPU verification (benchmarks/gpu_check.sh): prepare here, with network; run on a CUDA
+# machine without it: results and logs under $(OUT) (default gpu-check-out).
+gpu-check-prepare: setup
+	bash benchmarks/gpu_check.sh prepare
+
+gpu-check:
+	bash benchmarks/gpu_check.sh run $(or $(OUT),gpu-check-out)

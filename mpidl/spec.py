@@ -212,18 +212,53 @@ def _set(tree: dict, dotted: str, raw: str, origin: str) -> None:
 
 
 def _one_line(e: ValidationError, origin: str, tree: dict) -> str:
-    err = e.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+    """The error a user should fix first, in one line: an unknown key (a typo) comes before
+    the missing key it usually causes, and is named with the nearest valid key."""
+    errors = e.errors()
+    unknown = [err for err in errors if err["type"] == "extra_forbidden"]
+    err = (unknown or errors)[0]
+    parts = [str(p) for p in err["loc"] if not str(p).startswith("function-after")]
+    loc = ".".join(parts)
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     if err["type"] == "extra_forbidden":
-        return f"{origin}: unknown key '{loc}'"
+        near = _nearest_key(parts)
+        hint = f" — did you mean '{'.'.join([*parts[:-1], near])}'?" if near else ""
+        return f"{origin}: unknown key '{loc}'{hint}{more}"
     if err["type"] == "missing":
-        return f"{origin}: missing key '{loc}'"
+        return f"{origin}: missing key '{loc}'{more}"
     if not loc:
         return f"{origin}: {err['msg'].removeprefix('Value error, ')}"
     value = err.get("input")
     shown = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
-    more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
     return f"{origin}: {loc} = {shown}: {err['msg']}{more}"
+
+
+def _nearest_key(parts: list[str]) -> Optional[str]:
+    """The valid key closest to the unknown last part of `parts`, in the section it sits in."""
+    import difflib
+
+    section: Any = JobSpec
+    for name in parts[:-1]:
+        field = section.model_fields.get(name) if isinstance(section, type) and issubclass(section, BaseModel) \
+            else None
+        if field is None:
+            return None
+        section = _section_model(field.annotation)
+    if not (isinstance(section, type) and issubclass(section, BaseModel)):
+        return None
+    found = difflib.get_close_matches(parts[-1], list(section.model_fields), n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def _section_model(annotation: Any) -> Any:
+    """The pydantic model inside Optional[...] or Union[...], if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        model = _section_model(arg)
+        if model is not None:
+            return model
+    return None
 
 
 def load_spec(path: Union[str, Path], overrides: Optional[list[str]] = None) -> JobSpec:

@@ -10,6 +10,10 @@
 #   MPIDL_SKIP_HOROVOD=1   set up everything but Horovod
 #   MPIDL_SKIP_CHROMIUM=1  no headless Chromium (only the report-rendering test needs it)
 #   PYTHON                 the interpreter the venv is made from (default python3)
+#   MPIDL_WHEELS           install offline: every Python package from this folder of wheels
+#                          (pip --no-index; `make gpu-check-prepare` fills one)
+#   MPIDL_EXTRAS           mpidl's extras to install (default dev)
+#   MPIDL_SKIP_SLURM=1     do not install SLURM for the local test cluster
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -87,6 +91,11 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 VPY="$VENV/bin/python"
 PIP=("$VPY" -m pip --disable-pip-version-check -q)
+OFFLINE_ARGS=()
+if [ -n "${MPIDL_WHEELS:-}" ]; then
+    OFFLINE_ARGS=(--no-index --find-links "$MPIDL_WHEELS")
+fi
+pip_install() { "${PIP[@]}" install "${OFFLINE_ARGS[@]}" "$@"; }
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want_stamp" ] \
     && "$VPY" -c 'import mpidl, torch, mpi4py.MPI, h5py, submitit' 2>/dev/null \
@@ -97,18 +106,18 @@ fi
 
 if ! "$VPY" -c 'import torch' 2>/dev/null; then
     say "installing torch==$TORCH_VERSION (CPU)"
-    "${PIP[@]}" install "torch==$TORCH_VERSION"
+    pip_install "torch==$TORCH_VERSION"
 fi
 
 # mpi4py is built against the MPI found on PATH so that it and mpirun agree;
 # pip caches the built wheel, so this compiles once per machine.
 if ! "$VPY" -c 'import mpi4py.MPI' 2>/dev/null; then
     say "building mpi4py against $(mpirun --version 2>/dev/null | head -1)"
-    "${PIP[@]}" install --no-binary mpi4py mpi4py
+    pip_install --no-binary mpi4py mpi4py
 fi
 
 say "installing mpidl and its Python dependencies"
-"${PIP[@]}" install -e "$ROOT[dev]"
+pip_install -e "$ROOT[${MPIDL_EXTRAS:-dev}]"
 
 # ---------------------------------------------------------------- Horovod
 build_horovod() {
@@ -135,6 +144,8 @@ build_horovod() {
         fi
         work="$(mktemp -d)"
         trap 'rm -rf "$work"' RETURN
+        # Built without isolation (setup.py imports torch): the venv itself needs the build tools.
+        "$VPY" -c 'import setuptools, wheel' 2>/dev/null || pip_install "setuptools>=61" wheel
         tar -xzf "$src" -C "$work"
         local tree="$work/horovod-$HOROVOD_VERSION"
         # PyTorch >= 2.1 needs C++17; 0.28.1 hard-codes C++14 (fixed upstream, never released).
@@ -168,9 +179,9 @@ build_horovod() {
         wheel="$(ls "$wheel_dir"/horovod-*.whl | head -1)"
         say "cached $(basename "$wheel") under $wheel_dir"
     fi
-    "${PIP[@]}" install --no-deps --force-reinstall "$wheel"
+    pip_install --no-deps --force-reinstall "$wheel"
     # The rest of what Horovod declares (pip would warn of each one missing).
-    "${PIP[@]}" install cffi cloudpickle psutil pyyaml packaging
+    pip_install cffi cloudpickle psutil pyyaml packaging
 }
 
 if [ "${MPIDL_SKIP_HOROVOD:-0}" != 1 ] && ! "$VPY" -c 'import horovod.torch' 2>/dev/null; then

@@ -93,7 +93,9 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-needs_cuda = pytest.mark.skipif(not has_cuda(), reason="no CUDA device")
+def needs_cuda(test):
+    """Runs only where CUDA works; marked `gpu`, so `pytest -m gpu` selects every such test."""
+    return pytest.mark.gpu(pytest.mark.skipif(not has_cuda(), reason="no CUDA device")(test))
 
 
 def _free_port() -> int:

@@ -23,3 +23,47 @@ def test_bench_train_resnet_workload_smoke():
     ratio, lo, hi = (float(inproc.group(i)) for i in (4, 5, 6))
     assert float(inproc.group(1)) > 0 and float(inproc.group(2)) > 0 and lo <= ratio <= hi
     assert "wrote" not in r.stdout
+
+
+def test_gpu_check_skips_cleanly_without_cuda(tmp_path):
+    """`make gpu-check` where torch has no CUDA: says so, records the skip, exits 0, touches nothing."""
+    import json
+
+    from conftest import has_cuda
+
+    if has_cuda():
+        import pytest
+
+        pytest.skip("CUDA is here: gpu_check.sh would run the whole check")
+    out = tmp_path / "out"
+    r = run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "run", str(out)], env={"PYTHON": sys.executable},
+            timeout=120)
+    assert r.returncode == 0, r.output
+    assert "no CUDA device" in r.stdout
+    summary = json.loads((out / "gpu-check.json").read_text())
+    assert summary["skipped"] == "no CUDA device" and summary["stages"] == [] and summary["failed"] is False
+    assert "no CUDA device" in (out / "gpu-check.log").read_text()
+
+
+def test_gpu_check_needs_an_output_folder(tmp_path):
+    r = run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "run"], env={"PYTHON": sys.executable, "OUT": ""},
+            timeout=60)
+    assert r.returncode == 1 and "give the output folder" in r.stderr
+
+
+def test_prepared_wheels_install_offline_for_python_3_11_and_3_12(tmp_path):
+    """Where `make gpu-check-prepare` has run: the folder alone (no index) resolves every requirement."""
+    import pytest
+
+    wheels = ROOT / "offline" / "wheels"
+    if not wheels.is_dir():
+        pytest.skip("offline/ not prepared (make gpu-check-prepare)")
+    reqs = run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "requirements"],
+               env={"PYTHON": sys.executable}).stdout.split()
+    assert "submitit>=1.5" in reqs and not any(r.startswith(("torch", "numpy")) for r in reqs)
+    for version in ("3.11", "3.12"):
+        r = run([sys.executable, "-m", "pip", "download", "-q", "--no-index", "--find-links", str(wheels),
+                 "--only-binary", ":all:", "--python-version", version, "--implementation", "cp",
+                 "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux2014_x86_64", "-d", str(tmp_path / version), *reqs,
+                 "cffi", "cloudpickle", "psutil", "setuptools>=61", "wheel"], timeout=120)
+        assert r.returncode == 0, (version, r.output[-2000:])

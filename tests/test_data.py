@@ -197,6 +197,29 @@ def test_cuda_batches_equal_cpu_batches(files, name):
             assert torch.equal(tg.cpu(), tc)
 
 
+@needs_cuda
+def test_cuda_loader_with_augmentation_never_synchronises(files):
+    """A training pass (crop, flip, scaling on the device) and an evaluation pass (masks) under
+    CUDA's sync debug mode "error": any call that stalls the host on the device raises."""
+    import mpidl
+    from mpidl.data import H5Source, ShardedLoader
+    from mpidl.data.preprocess import Pipeline
+
+    world = mpidl.init()
+    src = H5Source(str(files / "img-*.h5"), keys=["images", "labels"])
+    train = ShardedLoader(src, world, batch_size=32, device="cuda", prefetch=2,
+                          transform=Pipeline(scale_uint8=True, crop=4, padding=1, flip=True, seed=1))
+    evaluate = ShardedLoader(src, world, batch_size=32, device="cuda", evaluation=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        n = sum(x.shape[0] for x, _ in train)
+        seen = sum(mask.sum() for _, _, mask in evaluate)  # summed on the device
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert n == len(train) * 32 and int(seen) == len(src)
+
+
 @pytest.mark.parametrize("name", ["gzip.h5", "lzf.h5"])
 def test_compressed_sources(files, name):
     res = load(3, [str(files / name)], ["x", "y"], batch=20, shuffle="exact", x_of_y=(3, 0))
@@ -207,6 +230,50 @@ def test_pad_mode_covers_all_rows(files):
     res = load(3, [str(files / "float.h5")], ["x", "y"], batch=16, drop_last=False, epochs=1)
     flat = [y for r in res for y in r["epochs"][0]]
     assert len(flat) == 3 * 16 * 32 and set(flat) == set(range(1500))
+
+
+EVAL = """
+import json, sys, h5py, numpy as np, torch, mpidl
+from mpidl.data import H5Source, ShardedLoader
+path, rows, batch, chunks = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
+w = mpidl.init()
+if w.rank == 0:
+    with h5py.File(path, "w") as f:
+        f.create_dataset("x", data=np.arange(rows * 5, dtype=np.float32).reshape(rows, 5), chunks=chunks and tuple(chunks),
+                         compression="gzip" if chunks else None)
+        f["y"] = np.arange(rows)
+w.barrier()
+ld = ShardedLoader(H5Source(path), w, batch_size=batch, evaluation=True, prefetch=2)
+seen, sizes = [], []
+for i, (x, y, mask) in enumerate(ld):
+    assert mask.dtype == torch.bool and x.shape[0] == y.shape[0] == mask.shape[0] == batch
+    real = min(batch, max(0, ld.samples - i * batch))  # real rows first: countable on the host
+    assert torch.equal(mask, torch.arange(batch) < real)
+    assert torch.equal(x[:, 0], y.float() * 5)
+    seen.extend(y[mask].tolist())
+    total = w.comm.allreduce(int(mask.sum()))  # a collective per batch: ranks stay in step
+    sizes.append(total)
+out = w.comm.gather({"seen": seen, "steps": len(ld), "batches": len(sizes), "samples": ld.samples,
+                     "sizes": sizes}, root=0)
+if w.rank == 0:
+    print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+@pytest.mark.parametrize("rows,np_,batch,chunks", [
+    (360, 2, 32, None), (360, 3, 32, None), (361, 3, 32, [50, 5]), (2, 3, 4, None), (100, 3, 7, [16, 5]),
+])
+def test_evaluation_sees_every_row_once(tmp_path, rows, np_, batch, chunks):
+    r = mpirun(np_, pycode(EVAL) + [str(tmp_path / "val.h5"), str(rows), str(batch), json.dumps(chunks)],
+               timeout=180)
+    assert r.returncode == 0, r.output
+    res = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    seen = [y for rank in res for y in rank["seen"]]
+    assert sorted(seen) == list(range(rows))  # every held-out row exactly once across ranks
+    assert sum(rank["samples"] for rank in res) == rows
+    steps = -(-(-(-rows // np_)) // batch)
+    assert all(rank["steps"] == rank["batches"] == steps for rank in res)  # the same count on every rank
+    assert sum(res[0]["sizes"]) == rows
 
 
 def test_staging_reads_a_fixed_share(files, tmp_path):
@@ -240,6 +307,141 @@ def test_resume_mid_epoch_yields_the_rest():
         assert torch.equal(torch.cat([y for _, y in ld]), full)
     finally:
         os.remove(path)
+
+
+# ---------------------------------------------------------------- every read path against h5py
+# Each layout stores x = random values and y = the global row id, so a batch can be checked
+# against h5py's own read of the same rows, and how mpidl must read x. Chunks (n,) span whole rows.
+LAYOUTS = {
+    "contiguous": ([dict()], "bytes"),
+    "row chunks": ([dict(chunks=(64,))], "bytes"),
+    "auto chunks": ([dict(chunks=True)], "chunks"),
+    "split rows": ([dict(chunks=(50, 2, 8, 3))], "chunks"),
+    "gzip": ([dict(chunks=(64,), compression="gzip")], "chunks"),
+    "gzip shuffle": ([dict(chunks=(40, 3, 4, 8), compression="gzip", shuffle=True)], "chunks"),
+    "lzf": ([dict(chunks=(64,), compression="lzf")], "chunks"),
+    "lzf split": ([dict(chunks=(30, 3, 8, 4), compression="lzf", shuffle=True)], "chunks"),
+    "fletcher32": ([dict(chunks=(64,), fletcher32=True)], "h5py"),
+    "mixed files": ([dict(compression="gzip", chunks=(64,)), dict(), dict(chunks=True, compression="lzf")],
+                    None),
+}
+ROW_SHAPE = (3, 8, 8)  # 768 B of float32: the windowed path; WIDE rows (6 KiB) take the direct path
+
+
+def write_layout(folder, name, sizes=(1000,), row_shape=ROW_SHAPE, noise=True):
+    """Files of one layout; random values (with some incompressible chunks) and y = row id."""
+    kws = LAYOUTS[name][0]
+    rng = np.random.default_rng(len(name))
+    paths, start = [], 0
+    for n, (m, kw) in enumerate(zip(sizes, kws * len(sizes))):
+        x = rng.integers(0, 4, (m, *row_shape)).astype(np.float32)
+        if noise:  # incompressible rows: LZF stores such chunks raw (the filter mask says so)
+            x[: m // 3] = rng.random((m // 3, *row_shape), dtype=np.float32)
+        kw = dict(kw)
+        if isinstance(kw.get("chunks"), tuple):  # (rows,): whole rows; else an explicit split of ROW_SHAPE
+            kw["chunks"] = (min(kw["chunks"][0], m), *(kw["chunks"][1:] or row_shape))
+        path = folder / f"{name.replace(' ', '-')}-{n}.h5"
+        with h5py.File(path, "w") as f:
+            f.create_dataset("x", data=x, **kw)
+            f.create_dataset("y", data=np.arange(start, start + m), **{k: v for k, v in kw.items() if k != "chunks"},
+                             **({"chunks": True} if "chunks" in kw or kw else {}))
+        paths.append(str(path))
+        start += m
+    return paths
+
+
+def reference(paths, rows):
+    """h5py's own read of global rows `rows` (any order)."""
+    xs = []
+    for p in paths:
+        with h5py.File(p, "r", locking=False) as f:
+            xs.append(f["x"][:])
+    full = np.concatenate(xs)
+    return full[np.asarray(rows)]
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_reader_paths_match_h5py(tmp_path, name):
+    """Ranges (with and without a scatter order) and single rows read as h5py reads them."""
+    from mpidl.data import H5Source
+
+    sizes = (400, 333, 267) if name == "mixed files" else (1000,)
+    paths = write_layout(tmp_path, name, sizes)
+    src = H5Source(paths)
+    n = len(src)
+    rng = np.random.default_rng(1)
+    with src.open(workers=3) as reader:
+        want = LAYOUTS[name][1]
+        got_paths = reader.paths("x")
+        assert got_paths == ([want] * len(paths) if want else ["chunks", "bytes", "chunks"]), got_paths
+        out = np.empty((n, *ROW_SHAPE), np.float32)
+        reader.read("x", 0, n, out)
+        np.testing.assert_array_equal(out, reference(paths, np.arange(n)))
+        for _ in range(5):  # scattered ranges across chunk and file boundaries, in any order
+            cuts = rng.choice(np.arange(1, n), 12, replace=False)
+            ranges = [(int(min(a, b)), int(max(a, b))) for a, b in zip(cuts[0::2], cuts[1::2])]
+            ranges += [(int(a), int(a) + 1) for a in rng.integers(0, n, 40)]  # single rows, some repeated
+            rows = np.concatenate([np.arange(a, b) for a, b in ranges])
+            out = np.zeros((rows.size, *ROW_SHAPE), np.float32)
+            y = np.zeros(rows.size, np.int64)
+            reader.start({"x": out, "y": y}, ranges).wait()
+            np.testing.assert_array_equal(y, rows)
+            np.testing.assert_array_equal(out, reference(paths, rows))
+        if all(p == "bytes" for p in got_paths):
+            pick = rng.permutation(n)[:100]
+            out = np.empty((100, *ROW_SHAPE), np.float32)
+            reader.read_rows("x", pick, out)
+            np.testing.assert_array_equal(out, reference(paths, pick))
+
+
+def test_row_range_of_compressed_source(tmp_path):
+    from mpidl.data import H5Source
+
+    paths = write_layout(tmp_path, "gzip")
+    src = H5Source(paths, rows=(123, 877))
+    with src.open(workers=2) as reader:
+        out = np.empty((754, *ROW_SHAPE), np.float32)
+        reader.read("x", 0, 754, out)
+    np.testing.assert_array_equal(out, reference(paths, np.arange(123, 877)))
+
+
+CHECK = """
+import json, sys, h5py, numpy as np, mpidl
+from mpidl.data import H5Source, ShardedLoader
+cfg = json.loads(sys.argv[1])
+w = mpidl.init()
+full = np.concatenate([h5py.File(p, "r")["x"][:] for p in cfg["files"]])
+ld = ShardedLoader(H5Source(cfg["files"]), w, batch_size=cfg["batch"], seed=3, shuffle=cfg["shuffle"],
+                   prefetch=2, workers=cfg["workers"], block=cfg.get("block"), window=cfg.get("window"))
+epochs = []
+for e in range(2):
+    ld.set_epoch(e)
+    ys = []
+    for x, y in ld:
+        assert np.array_equal(x.numpy(), full[y.numpy()]), "batch differs from h5py's read of its rows"
+        ys.extend(y.tolist())
+    epochs.append(ys)
+out = w.comm.gather({"epochs": epochs, "direct": ld.group > 1}, root=0)
+if w.rank == 0:
+    print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+@pytest.mark.parametrize("name,np_,shuffle", [
+    ("row chunks", 2, "block"), ("auto chunks", 3, "block"), ("gzip shuffle", 2, "block"), ("lzf", 3, "exact"),
+    ("mixed files", 2, "block"), ("mixed files", 3, "exact"), ("contiguous", 2, "block"), ("lzf split", 2, "block"),
+])
+def test_loader_batches_equal_h5py_reads(tmp_path, name, np_, shuffle):
+    """Every batch on every rank holds exactly h5py's values of its rows; shards stay disjoint."""
+    sizes = (700, 611, 456) if name == "mixed files" else (1767,)
+    wide = name in ("row chunks", "contiguous")  # 6 KiB rows: read straight into batch slots
+    paths = write_layout(tmp_path, name, sizes, row_shape=(3, 16, 32) if wide else ROW_SHAPE)
+    cfg = dict(files=paths, batch=32, shuffle=shuffle, workers=2, block=None if wide else 64, window=256)
+    r = mpirun(np_, pycode(CHECK) + [json.dumps(cfg)], timeout=240)
+    assert r.returncode == 0, r.output
+    res = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert all(rank["direct"] == wide for rank in res)
+    check_epochs(res, sum(sizes), np_, 32)
 
 
 # ---------------------------------------------------------------- validation, on every rank
@@ -299,6 +501,76 @@ def test_check_accepts_good_source(bad):
     assert "ok: 1 file(s), 100 rows" in r.stdout and "5 steps per epoch" in r.stdout
 
 
+# ---------------------------------------------------------------- value scans: labels, non-finite values
+SCAN = """
+import json, sys, mpidl
+from mpidl.data import H5Source
+from mpidl.data.scan import check_labels, label_range, nonfinite
+from mpidl.errors import BadInput
+w = mpidl.init()
+src = H5Source(sys.argv[1:])
+out = {"range": label_range(src, w, "y"), "nonfinite": str(nonfinite(src, w, "x"))}
+try:
+    check_labels(src, w, "y", 10)
+    out["check"] = None
+except BadInput as e:
+    out["check"] = str(e)
+out["ok13"] = check_labels(src, w, "y", 13)
+res = w.comm.gather(out, root=0)
+if w.rank == 0:
+    print("RESULT " + json.dumps(res), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    """Three files, labels 0..9 except 11 at row 40 and 12 at row 90 of the second; x finite
+    except one NaN in the third file's row 7 and an infinity in its row 8."""
+    d = tmp_path_factory.mktemp("labels")
+    paths = []
+    for i, n in enumerate([100, 120, 37]):
+        y = np.arange(n) % 10
+        x = np.ones((n, 2, 3), np.float32)
+        if i == 1:
+            y[40], y[90] = 11, 12
+        if i == 2:
+            x[7, 1, 2], x[8, 0, 0] = np.nan, np.inf
+        with h5py.File(d / f"part-{i}.h5", "w") as f:
+            f.create_dataset("x", data=x, chunks=(16, 2, 3), compression="gzip")
+            f["y"] = y
+        paths.append(str(d / f"part-{i}.h5"))
+    return paths
+
+
+@pytest.mark.parametrize("np_", [1, 3])
+def test_label_range_and_first_offender_collectively(labelled, np_):
+    r = mpirun(np_, pycode(SCAN) + labelled, timeout=120)
+    assert r.returncode == 0, r.output
+    res = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert all(rank == res[0] for rank in res)  # every rank holds the same answer
+    assert res[0]["range"] == [0, 12] and res[0]["ok13"] == [0, 12]
+    msg = res[0]["check"]
+    assert msg.startswith(f"{labelled[1]}: dataset 'y' row 40 holds label 11, outside [0, 10) for 10 classes"), msg
+    assert "2 such labels" in msg
+    assert res[0]["nonfinite"] == f"(2, Where(path='{labelled[2]}', key='x', row=7))"
+
+
+def test_data_check_reports_values(labelled, bad):
+    r = mpirun(2, mpidl_cmd("data", "check", *labelled, "--batch", "8"), timeout=120)
+    assert r.returncode == 2, r.output
+    assert "x: 2 non-finite values, the first in row 7 of " + labelled[2] in r.stdout
+    assert "y: integer labels 0..12" in r.stdout
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and f"{labelled[2]}: dataset 'x' row 7 holds non-finite values" in errors[0], r.stderr
+    r = mpirun(3, mpidl_cmd("data", "check", *labelled, "--keys", "y", "--classes", "10"), timeout=120)
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert r.returncode == 2 and len(errors) == 1, r.output
+    assert f"{labelled[1]}: dataset 'y' row 40 holds label 11, outside [0, 10) for 10 classes" in errors[0]
+    r = mpirun(2, mpidl_cmd("data", "check", "good.h5", "--classes", "3"), cwd=bad, timeout=120)
+    assert r.returncode == 0, r.output
+    assert "x: no non-finite values" in r.stdout and "y: integer labels 0..0" in r.stdout
+
+
 # ---------------------------------------------------------------- statistics
 STATS = """
 import sys, json, mpidl
@@ -339,6 +611,42 @@ def test_crop_and_flip_are_seeded_and_shape_preserving():
     assert float(a.max()) <= 1.0
     ev = Pipeline(scale_uint8=True, crop=6, train=False)((x, torch.zeros(2)))[0]
     torch.testing.assert_close(ev, x[:, :, 1:7, 1:7].float() / 255)
+
+
+@needs_cuda
+def test_crop_and_flip_on_cuda_never_synchronise_and_match_cpu():
+    """Draws reach the device through pinned memory, asynchronously: under CUDA's sync debug
+    mode "error" any synchronising call raises. Same seed, same crops and flips as on CPU."""
+    from mpidl.data.preprocess import Pipeline
+
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    want = Pipeline(scale_uint8=True, crop=32, padding=4, flip=True, seed=9)((x, torch.zeros(64)))[0]
+    pipe = Pipeline(scale_uint8=True, crop=32, padding=4, flip=True, seed=9)
+    xc = x.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = pipe((xc, torch.zeros(64, device="cuda")))[0]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert got.is_cuda and torch.equal(got.cpu(), want)
+
+
+def test_crop_and_flip_draw_from_the_pipeline_generator_alone():
+    """The draws come from the pipeline's own generator (reseeded by the trainer each step),
+    never the global one, and reach the batch's device (on CPU: no copy at all)."""
+    from mpidl.data.preprocess import Pipeline, _on
+
+    x = torch.arange(4 * 3 * 8 * 8, dtype=torch.uint8).reshape(4, 3, 8, 8)
+    pipe = Pipeline(scale_uint8=True, crop=6, padding=1, flip=True, seed=4)
+    torch.manual_seed(0)
+    a = pipe((x, torch.zeros(4)))[0]
+    torch.manual_seed(1)
+    pipe.generator.manual_seed(4)
+    b = pipe((x, torch.zeros(4)))[0]
+    assert torch.equal(a, b)
+    host = torch.ones(3)
+    assert _on(torch.device("cpu"), host) is host
 
 
 # ---------------------------------------------------------------- tools

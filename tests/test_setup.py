@@ -18,6 +18,13 @@ def test_setup_without_root_names_missing_packages():
         pytest.skip("needs root to run the script as an unprivileged user")
     tmp_path = Path(tempfile.mkdtemp(prefix="mpidl-setup-"))  # pytest's tmp is private to root
     tmp_path.chmod(0o755)
+    # The script runs from a copy `nobody` can read: the checkout may sit where it cannot enter.
+    checkout = tmp_path / "checkout"
+    (checkout / "scripts").mkdir(parents=True)
+    for part in ("scripts/setup.sh", "setup.cfg"):
+        shutil.copy(ROOT / part, checkout / part)
+    for folder in (checkout, checkout / "scripts"):
+        folder.chmod(0o755)
     # A PATH with the basics but no MPI, compilers or CMake: what a bare login node looks like.
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -26,7 +33,7 @@ def test_setup_without_root_names_missing_packages():
         if found:
             (bin_dir / tool).symlink_to(found)
     bin_dir.chmod(0o755)
-    p = subprocess.run([runuser, "-u", "nobody", "--", str(bin_dir / "bash"), str(ROOT / "scripts" / "setup.sh")],
+    p = subprocess.run([runuser, "-u", "nobody", "--", str(bin_dir / "bash"), str(checkout / "scripts" / "setup.sh")],
                        capture_output=True, text=True, timeout=60,
                        env={"PATH": str(bin_dir), "HOME": str(tmp_path), "PYTHON": "python3"})
     assert p.returncode != 0

@@ -82,6 +82,38 @@ def test_bad_values_give_one_line_naming_the_key(tmp_path, overrides, expect):
     assert expect in error(spec_file(tmp_path), overrides)
 
 
+@pytest.mark.parametrize("rename,expect", [
+    (("optimizer", "optimizr"), "unknown key 'optimizr' — did you mean 'optimizer'?"),
+    (("data.batch", "data.bach"), "unknown key 'data.bach' — did you mean 'data.batch'?"),
+    (("model.name", "model.nmae"), "unknown key 'model.nmae' — did you mean 'model.name'?"),
+])
+def test_a_typo_is_reported_as_itself_not_as_the_key_it_misses(tmp_path, rename, expect):
+    """The misspelt key is what the user wrote: name it (with the nearest valid key) before
+    the required key its absence leaves missing."""
+    tree = yaml.safe_load(yaml.safe_dump(BASE))
+    *path, old = rename[0].split(".")
+    node = tree
+    for p in path:
+        node = node[p]
+    node[rename[1].split(".")[-1]] = node.pop(old)
+    msg = error(spec_file(tmp_path, tree))
+    assert expect in msg and "missing" not in msg, msg
+
+
+@pytest.mark.parametrize("overrides,expect", [
+    (["data.preprocess.flipp=true"], "unknown key 'data.preprocess.flipp' — did you mean 'data.preprocess.flip'?"),
+    (["data.synth.kind=images", "data.synth.rows=9", "data.synth.clases=3"],
+     "unknown key 'data.synth.clases' — did you mean 'data.synth.classes'?"),
+    (["checkpoint.every_step=5"], "unknown key 'checkpoint.every_step' — did you mean 'checkpoint.every_steps'?"),
+    (["zzzz=1"], "unknown key 'zzzz'"),
+])
+def test_unknown_keys_at_any_depth_name_the_nearest(tmp_path, overrides, expect):
+    msg = error(spec_file(tmp_path), overrides)
+    assert msg.endswith(expect), msg
+    if "did you" not in expect:
+        assert "did you mean" not in msg  # nothing close: no guess
+
+
 def test_several_errors_are_counted_not_listed(tmp_path):
     msg = error(spec_file(tmp_path), ["optimizer.lr=-1", "data.batch=0"])
     assert "(and 1 more)" in msg

@@ -121,6 +121,7 @@ def test_parameters_identical_across_ranks(tmp_path, backend):
     (["--set", "data.files=nowhere.h5", "--set", "data.synth=null"], "nowhere.h5: file not found"),
     (["--set", "data.batch=5000"], "fewer than ranks × batch"),
     (["--resume"], "no checkpoint (ckpt-*.pt) is there"),
+    (["--set", "model.args.num_classes=ten"], "model.args.num_classes = 'ten': a class count must be a positive"),
 ])
 def test_bad_spec_exits_2_with_one_line(tmp_path, setting, expect):
     """Under 2 ranks: one line in all, exit 2 (spec checks alone are in test_spec.py)."""
@@ -274,3 +275,90 @@ def test_a_fresh_run_into_an_old_runs_folder_is_refused(tmp_path):
     r = mpirun(2, mpidl_cmd("train", str(job), "--overwrite", "--set", "steps=4"), timeout=120)
     assert r.returncode == 0, r.output[-2000:]
     assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("ckpt-*.pt")] == ["ckpt-000000004.pt"]
+
+
+def _tabular(path: Path, labels, rows: int = 2000, features: int = 8) -> None:
+    """Float rows whose label is learnable; `labels(y)` may then plant bad values."""
+    import h5py
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((rows, features)).astype(np.float32)
+    y = labels((x[:, 0] > 0).astype(np.int64) + 2 * (x[:, 1] > 0))
+    with h5py.File(path, "w") as f:
+        f["x"], f["y"] = x, y
+
+
+def _planted(at: dict):
+    def plant(y):
+        for row, value in at.items():
+            y[row] = value
+        return y
+    return plant
+
+
+@pytest.mark.parametrize("classes,planted,row,value,count,lo,hi", [
+    (10, {1500: 11, 1700: 12}, 1500, 11, 2, 0, 12),   # the spec's count, a bad training row
+    (4, {1900: 4}, 1900, 4, 1, 0, 4),                 # only in the held-out split (its rows 1800..)
+    (None, {1600: -1}, 1600, -1, 1, -1, 3),           # inferred count: a negative label
+])
+def test_labels_outside_the_classes_stop_every_rank_before_training(tmp_path, classes, planted, row, value,
+                                                                    count, lo, hi):
+    data = tmp_path / "labels.h5"
+    _tabular(data, _planted(planted))
+    args = {"hidden": [16], **({"num_classes": classes} if classes else {})}
+    job = write_job(tmp_path, data__files=str(data), data__synth=None, model={"name": "mlp", "args": args})
+    r = mpirun(2, mpidl_cmd("train", str(job)), timeout=180)
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.output, r.output[-3000:]
+    n = classes or hi + 1
+    assert errors[0].endswith(f"error: {data}: dataset 'y' row {row} holds label {value}, outside [0, {n}) for "
+                              f"{n} classes ({count} such labels; they range {lo}..{hi})"), errors[0]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped before the first step
+
+
+def test_class_count_inferred_from_the_labels(tmp_path):
+    data = tmp_path / "five.h5"
+    _tabular(data, _planted({7: 4}))  # labels 0..3, and one 4
+    job = write_job(tmp_path, data__files=str(data), data__synth=None, epochs=1,
+                    model={"name": "mlp", "args": {"hidden": [16]}})
+    r = mpirun(2, mpidl_cmd("train", str(job)), timeout=180)
+    assert r.returncode == 0, r.output[-3000:]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["classes"] == 5
+    last = sorted((tmp_path / "run" / "checkpoints").glob("ckpt-*.pt"))[-1]
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    head = [v for k, v in state["model"].items() if k.endswith("weight")][-1]
+    assert head.shape == (5, 16)
+    assert state["spec"]["model"]["args"]["num_classes"] == 5  # the run rebuilds its model from it
+
+
+def test_evaluation_sees_every_held_out_row_once(tmp_path):
+    """201 held-out rows on 2 ranks, batch 16 (shares 100 and 101: neither a multiple of the
+    batch): all 201 evaluated once, the same accuracy and loss as one process over those rows."""
+    import h5py
+
+    from mpidl.data import H5Source
+    from mpidl.train.runs import build_model, load_run
+
+    data = tmp_path / "eval.h5"
+    _tabular(data, lambda y: y, rows=2010)
+    job = write_job(tmp_path, data__files=str(data), data__synth=None, epochs=1,
+                    model={"name": "mlp", "args": {"hidden": [16], "num_classes": 4}})
+    r = mpirun(2, mpidl_cmd("train", str(job)), timeout=180)
+    assert r.returncode == 0, r.output[-3000:]
+    final = json.loads((tmp_path / "run" / "summary.json").read_text())["final"]
+    assert final["val_samples"] == 201
+    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [rec["val_samples"] for rec in recs if "val_loss" in rec] == [201]
+
+    # One process, one batch, the final checkpoint (written at the step evaluated) on the same rows.
+    model = build_model(load_run(str(tmp_path / "run"), "test"), H5Source(str(data)), "test")
+    with h5py.File(data, "r") as f:
+        x, y = torch.from_numpy(f["x"][2010 - 201:]), torch.from_numpy(f["y"][2010 - 201:])
+    with torch.no_grad():
+        out = model(x)
+    correct = int((out.argmax(1) == y).sum())
+    assert correct > 0
+    assert round(final["val_accuracy"] * 201) == correct and abs(final["val_accuracy"] - correct / 201) < 1e-9
+    loss = float(torch.nn.functional.cross_entropy(out, y))
+    assert abs(final["val_loss"] - loss) <= 1e-5 * loss, (final["val_loss"], loss)

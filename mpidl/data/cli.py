@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
+
 
 def cmd_synth(args: argparse.Namespace) -> int:
     import mpidl
@@ -41,20 +43,48 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Validate a source for a job shape on every rank, as training would, before submitting."""
+    """Validate a source for a job shape on every rank, as training would, before submitting.
+
+    Unless --quick, also scans the values (each rank a share): non-finite values in float
+    datasets and the range of integer labels, against --classes when given.
+    """
     import mpidl
     from mpidl.data import H5Source
+    from mpidl.data.scan import check_labels, label_range, nonfinite
     from mpidl.data.shard import check_shape
+    from mpidl.errors import BadInput
 
     world = mpidl.init()
     src = H5Source(args.files, keys=args.keys)
     world.agree(src.validate)
     ranks = args.ranks or world.size
     world.agree(lambda: check_shape(len(src), ranks, args.batch))
+    if args.classes is not None and args.labels not in src.keys:
+        raise BadInput(f"--labels '{args.labels}' is not among the keys {list(src.keys)}")
+    lines, problems = [], []
+    for key in ([] if args.quick else src.keys):
+        kind = src.dtypes[key].kind
+        if kind == "f":
+            count, where = nonfinite(src, world, key)
+            lines.append(f"  {key}: " + (f"{count} non-finite values, the first in row {where.row} of {where.path}"
+                                         if where else "no non-finite values"))
+            if where:
+                problems.append(f"{where} holds non-finite values ({count} in '{key}')")
+        elif kind in "iu" and int(np.prod(src.shapes[key], dtype=np.int64)) == 1:
+            lo, hi = label_range(src, world, key)
+            lines.append(f"  {key}: integer labels {lo}..{hi}")
+            if key == args.labels and args.classes is not None:
+                try:
+                    check_labels(src, world, key, args.classes)
+                except BadInput as e:
+                    problems.append(str(e))
     if world.rank == 0:
         shapes = ", ".join(f"{k} {src.shapes[k]} {src.dtypes[k]}" for k in src.keys)
-        print(f"ok: {len(src.files)} file(s), {len(src)} rows ({shapes}); "
-              f"{len(src) // (ranks * args.batch)} steps per epoch at {ranks} ranks × batch {args.batch}")
+        print(f"{'checked' if problems else 'ok'}: {len(src.files)} file(s), {len(src)} rows ({shapes}); "
+              f"{len(src) // (ranks * args.batch)} steps per epoch at {ranks} ranks × batch {args.batch}", flush=True)
+        print("\n".join(lines), flush=True)
+    if problems:  # every rank holds the same findings: one line, exit 2 everywhere
+        raise BadInput(problems[0], collective=world.size > 1)
     return 0
 
 
@@ -93,6 +123,9 @@ def register(sub) -> None:
     s.add_argument("--keys", nargs="+", default=["x", "y"])
     s.add_argument("--batch", type=int, default=1, help="batch per rank")
     s.add_argument("--ranks", type=int, default=None, help="default: the ranks of this launch")
+    s.add_argument("--classes", type=int, default=None, help="labels must lie in [0, classes)")
+    s.add_argument("--labels", default="y", help="the labels dataset that --classes checks (default: y)")
+    s.add_argument("--quick", action="store_true", help="metadata only: skip scanning the values")
     s.set_defaults(func=cmd_check)
 
     s = dsub.add_parser("inspect", help="layout, chunking, compression, size, and advice")

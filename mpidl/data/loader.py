@@ -1,32 +1,39 @@
 """ShardedLoader: this rank's rows of an HDF5 source, reshuffled per epoch, prefetched.
 
-One background reader thread fills a ring of reused batch buffers, `prefetch` batches
-ahead of the consumer, so reading overlaps the model's compute. Per dataset key it takes
-the cheaper of two paths:
+A background reader thread hands batches to the consumer, `prefetch` ahead, so reading
+overlaps the model's compute; a pool of `workers` threads does the reading and decoding
+(HDF5's global lock is never taken on these paths: see source.py and chunks.py). Per key:
 
-    large rows (>= 4 KiB) of contiguous datasets: each batch's rows are read straight from
-        the file into the batch buffer, one `pread` per run of consecutive rows (the plan
-        moves rows in runs of a few, ~192 KiB each) — one copy, no HDF5 call per read;
-    everything else (small rows, chunked or compressed data): the window's rows are read
-        with a few large `read_direct` calls, then gathered into batches with np.take.
+    large rows (>= 4 KiB) stored as plain bytes (contiguous, or unfiltered chunks of whole
+        rows): each batch's rows are read straight into a batch slot, one `pread` per run of
+        consecutive rows (the plan moves rows in runs of ~192 KiB), several batches at once;
+    everything else (small rows, compressed chunks, chunks that split rows): a window of
+        whole blocks is read or decoded by the pool into a window buffer, rows in file
+        order, and each batch gathers its rows from there into its slot. Two window
+        buffers: the pool fills the next while batches are cut from this one.
 
-Memory is bounded by one window of small-row keys plus `prefetch + 2` batches, whatever the
-dataset's size. On CUDA the ring is pinned and the consumer copies each batch to the device
-with non_blocking=True; a buffer is reused only after its copy has finished.
+Batches are assembled by `workers` threads at once and handed on in order. Memory is bounded
+by two windows of the windowed keys plus `prefetch + 2 + workers` batch slots, whatever the
+dataset's size. On CUDA the slots are pinned and the consumer copies each batch with
+non_blocking=True; a slot is refilled only after its copy has finished.
+`loader.spent` tells where the reader's time went in the last pass.
 """
 from __future__ import annotations
 
 import os
 import queue
 import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
 
-from mpidl.data.shard import RankPlan, check_shape, plan_rank, steps_per_epoch
-from mpidl.data.source import H5Source
+from mpidl.data.shard import RankPlan, check_shape, eval_steps, plan_eval, plan_rank, steps_per_epoch
+from mpidl.data.source import H5Source, Pending
 from mpidl.errors import BadInput
 
 _DONE = object()
@@ -63,27 +70,31 @@ RUN_BYTES = 192 << 10    # target bytes per direct read: amortises the call, kee
 
 
 class _Pipeline:
-    """The reader thread of one pass over a RankPlan, and the ring of batch buffers it fills."""
+    """The reader thread of one pass over a RankPlan, and the buffers it fills.
 
-    def __init__(self, source: H5Source, plan: RankPlan, start_step: int, prefetch: int, pinned: bool):
-        self.source, self.plan = source, plan
+    Windows are read (or decoded) by the reader's pool into one of two window buffers, rows in
+    file order; the next window is read while batches are cut from this one. A batch is
+    assembled in a slot of a ring of reused batch buffers by an assembler thread (several
+    batches at once): rows of windowed keys gathered from the window, large rows of byte-
+    addressable keys read straight from the file. Batches are handed on in order; a slot is
+    reused once the consumer has released it (on CUDA: once its copy to the device is done),
+    a window buffer once every batch cut from it is assembled.
+    """
+
+    def __init__(self, source: H5Source, plan: RankPlan, start_step: int, prefetch: int, pinned: bool,
+                 workers: int = 1):
+        self.source, self.plan, self.workers = source, plan, workers
         self.keys = source.keys
         self.shapes, self.dtypes = source.shapes, source.dtypes
-        self.batch = plan.batch
+        self.batch, self.pinned = plan.batch, pinned
+        # Where the reader thread's time goes (seconds), for benchmarks and slow-input diagnosis.
+        self.spent = dict.fromkeys(("window_wait", "slot_wait", "assembly_wait", "consumer_wait"), 0.0)
         self.stop = threading.Event()
         self.batches: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
         # Batches are written into a ring of reused buffers: fresh arrays per batch would cost
         # a page fault per 4 KiB and halve throughput. A slot is free again once the consumer
         # has asked for the batch after it (and, on CUDA, once its copy to the device is done).
-        self.pinned = pinned
-        self.ring: list[dict[str, Any]] = []
-        for _ in range(prefetch + 2):
-            if pinned:
-                self.ring.append({k: torch.empty((self.batch, *self.shapes[k]), dtype=_torch_dtype(self.dtypes[k]),
-                                                 pin_memory=True) for k in self.keys})
-            else:
-                self.ring.append({k: torch.from_numpy(np.empty((self.batch, *self.shapes[k]), self.dtypes[k]))
-                                  for k in self.keys})
+        self.ring = [{k: self._alloc(k) for k in self.keys} for _ in range(prefetch + 2 + workers)]
         self.ring_events: list[Optional[torch.cuda.Event]] = [None] * len(self.ring)
         self.free_slots: queue.Queue = queue.Queue()
         for i in range(len(self.ring)):
@@ -97,6 +108,12 @@ class _Pipeline:
         self.thread = threading.Thread(target=self._guard, daemon=True, name="mpidl-reader")
         self.thread.start()
 
+    def _alloc(self, key: str) -> torch.Tensor:
+        shape, dtype = (self.batch, *self.shapes[key]), self.dtypes[key]
+        if self.pinned:
+            return torch.empty(shape, dtype=_torch_dtype(dtype), pin_memory=True)
+        return torch.from_numpy(np.empty(shape, dtype))
+
     def _guard(self) -> None:
         try:
             self._read()
@@ -104,58 +121,100 @@ class _Pipeline:
             _put(self.batches, _Failed(e), self.stop)
 
     def _read(self) -> None:
-        src = self.source
-        with src.open() as reader:
-            direct = [k for k in self.keys if src.row_bytes_of(k) >= DIRECT_ROW_BYTES and reader.byte_addressable(k)]
+        src, clock, spent = self.source, time.perf_counter, self.spent
+        with src.open(self.workers) as reader, ThreadPoolExecutor(self.workers, "mpidl-batch") as assembler:
+            direct = [k for k in self.keys if src.row_bytes_of(k) >= DIRECT_ROW_BYTES and reader.addressable(k)]
             windowed = [k for k in self.keys if k not in direct]
-            max_rows = max((w.rows for w in self.plan.windows), default=0)
-            buf = {k: np.empty((max_rows, *self.shapes[k]), self.dtypes[k]) for k in windowed}
+            windows = self.plan.windows[self.first_window:]
+            max_rows = max((w.rows for w in windows), default=0)
+            bufs = [{k: np.empty((max_rows, *self.shapes[k]), self.dtypes[k]) for k in windowed}
+                    for _ in range(min(2, len(windows)))]
+            cut: list[list[Future]] = [[], []]  # assembly of batches cut from each window buffer
+
+            def fill(n: int) -> Pending:  # window n into buffer n % 2, once no batch still reads it
+                for f in cut[n % 2]:
+                    f.result()
+                cut[n % 2] = []
+                return reader.start(bufs[n % 2], _coalesce(windows[n].ranges))
+
+            def assemble(slot: int, buf: dict, idx: np.ndarray, rows: Optional[np.ndarray]) -> None:
+                out = self.ring[slot]
+                for k in windowed:  # mode "raise" would buffer the whole output first
+                    np.take(buf[k], idx, axis=0, out=out[k].numpy(), mode="clip")
+                for k in direct:
+                    reader.read_rows(k, rows, out[k].numpy())
+
+            inflight: deque = deque()  # (assembly, slot) in batch order
+
+            def hand_on() -> bool:  # the oldest batch, once assembled, to the consumer
+                done, slot = inflight.popleft()
+                t = clock()
+                done.result()
+                spent["assembly_wait"] += clock() - t
+                return _put(self.batches, (slot, self.ring[slot]), self.stop)
+
+            pending = fill(0) if windows else None
             skip = self.skip_rows
-            for w in self.plan.windows[self.first_window:]:
-                pos = 0
-                starts = []
-                for a, b in _coalesce(w.ranges):
-                    for k in windowed:
-                        reader.read(k, a, b, buf[k][pos:pos + b - a])
-                    starts.append((pos, a))
-                    pos += b - a
-                if direct:  # window position -> source row
-                    rows_at = np.concatenate([np.arange(a, a + n) for (p, a), n in
-                                              zip(starts, np.diff([p for p, _ in starts] + [pos]))])
+            for n, w in enumerate(windows):
+                assert pending is not None
+                t = clock()
+                pending.wait()
+                spent["window_wait"] += clock() - t
+                buf = bufs[n % 2]
+                if n + 1 < len(windows):
+                    pending = fill(n + 1)
+                rows_at = np.concatenate([np.arange(a, z) for a, z in w.ranges]) if direct else None
                 for s in range(skip, w.rows, self.batch):
-                    idx = w.order[s:s + self.batch]
+                    t = clock()
                     slot = _get(self.free_slots, self.stop)
                     if slot is _DONE:
                         return
                     ev = self.ring_events[slot]
                     if ev is not None:
                         ev.synchronize()  # its last copy to the device has finished
-                    out = self.ring[slot]
-                    for k in windowed:
-                        np.take(buf[k], idx, axis=0, out=out[k].numpy())
-                    for k in direct:
-                        reader.read_rows(k, rows_at[idx], out[k].numpy())
-                    if not _put(self.batches, (slot, out), self.stop):
+                    spent["slot_wait"] += clock() - t
+                    idx = w.order[s:s + self.batch]
+                    done = assembler.submit(assemble, slot, buf, idx, None if rows_at is None else rows_at[idx])
+                    cut[n % 2].append(done)
+                    inflight.append((done, slot))
+                    if len(inflight) >= self.workers and not hand_on():
                         return
                 skip = 0
+            while inflight:
+                if not hand_on():
+                    return
         _put(self.batches, _DONE, self.stop)
 
     def __iter__(self) -> Iterator[tuple[int, dict]]:
         while True:
+            t = time.perf_counter()
             item = _get(self.batches, self.stop)
+            self.spent["consumer_wait"] += time.perf_counter() - t
             if item is _DONE:
                 return
             if isinstance(item, _Failed):
                 raise item.exc
             yield item
 
-    def release(self, slot: int) -> None:
-        """The consumer is done with this slot's batch (on CUDA: once its copy completes)."""
+    def release(self, slot: int, event: Optional[torch.cuda.Event] = None) -> None:
+        """The consumer is done with this slot's batch; on CUDA, once `event` (its copy) has passed."""
+        self.ring_events[slot] = event
         self.free_slots.put(slot)
 
     def close(self) -> None:
         self.stop.set()
         self.thread.join(timeout=10)
+
+
+def default_workers(world) -> int:
+    """Reading threads for one rank: the cores it may run on, and no more than its share of
+    the node's cores (ranks bound to a socket would otherwise each take the whole socket)."""
+    cores = os.cpu_count() or 1
+    try:
+        mine = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        mine = cores
+    return max(1, min(16, mine, cores // max(1, getattr(world, "local_size", 1))))
 
 
 def _torch_dtype(dtype: np.dtype) -> torch.dtype:
@@ -173,6 +232,19 @@ def _coalesce(ranges) -> list[tuple[int, int]]:
     return out
 
 
+class _Masks:
+    """The evaluation mask of each batch in turn: True for real rows, False for padding."""
+
+    def __init__(self, batch: int, plan: RankPlan, device: torch.device, start_step: int):
+        self.batch, self.valid, self.step = batch, plan.valid, start_step
+        self.arange = torch.arange(batch, device=device)
+
+    def next(self) -> torch.Tensor:  # a fresh tensor each time: the consumer may change it in place
+        left = self.valid - self.step * self.batch
+        self.step += 1
+        return self.arange < left
+
+
 class ShardedLoader:
     """This rank's batches of `source`, a fresh disjoint shard and order every epoch.
 
@@ -184,6 +256,13 @@ class ShardedLoader:
     shuffle: "block" (chunk-aligned blocks in a global random order, rows shuffled within a
     window — reads stay large), "exact" (one global per-row permutation, reads scattered),
     or "none". drop_last=False pads the last batches by repeating rows instead.
+    evaluation=True: every row exactly once across ranks, in file order (rank r reads the r-th
+    contiguous share); every rank runs the same number of full batches, so collectives per
+    batch stay matched, and each batch ends with a bool `mask` tensor marking its real rows
+    (padding repeats real rows and must be left out: `loss[mask].sum()`, `mask.sum()`).
+    `len(loader)` is that number of batches, `loader.samples` this rank's real rows. Real rows
+    come first: batch i holds min(batch, samples - i·batch) of them (≥ 0), so a consumer on
+    CUDA can count or slice them on the host without reading the mask back.
     A batch is a tuple of tensors in `source.keys` order, on `device` (default world.device),
     passed through `transform` when given. On CPU, a batch's tensors share memory with the
     loader's buffers and stay valid until the next batch is requested: `.clone()` one to keep
@@ -195,12 +274,21 @@ class ShardedLoader:
     def __init__(self, source: H5Source, world, batch_size: int, seed: int = 0, shuffle: str = "block",
                  drop_last: bool = True, prefetch: int = 4, device: Optional[str] = None,
                  transform: Optional[Callable[[tuple], tuple]] = None, stage_dir: Optional[str] = None,
-                 block: Optional[int] = None, window: Optional[int] = None):
+                 block: Optional[int] = None, window: Optional[int] = None, workers: Optional[int] = None,
+                 evaluation: bool = False):
         self.world = world
         self.source = source
         world.agree(source.validate)
         rows = len(source)
-        world.agree(lambda: check_shape(rows, world.size, batch_size, shuffle))
+        self.evaluation = evaluation
+        if evaluation:
+            if stage_dir is not None:
+                raise BadInput("an evaluation loader reads its rows once: stage_dir does not apply")
+            shuffle = "none"
+            if batch_size < 1:
+                raise BadInput(f"batch size must be >= 1, got {batch_size}")
+        else:
+            world.agree(lambda: check_shape(rows, world.size, batch_size, shuffle))
         if prefetch < 1:
             raise BadInput(f"prefetch must be >= 1, got {prefetch}")
         self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
@@ -215,16 +303,18 @@ class ShardedLoader:
         self.block = block
         # Large rows are read straight into batches in runs of `group` rows (see the module doc).
         big = max(source.row_bytes_of(k) for k in source.keys)
-        direct = big >= DIRECT_ROW_BYTES and all(lay.chunk_rows is None and lay.compression is None
-                                                 for lay in source.layouts)
+        direct = big >= DIRECT_ROW_BYTES and all(source.row_addressable(k) for k in source.keys
+                                                 if source.row_bytes_of(k) >= DIRECT_ROW_BYTES)
         self.group = max(1, min(batch_size // 16, -(-RUN_BYTES // big))) if direct else 1
         # The window is the shuffle buffer. Rows read directly never sit in it, so it can span
         # more blocks for free; otherwise it holds whole rows and stays a few blocks large.
         self.window = window or max((16 if direct else 4) * self.block, 4 * batch_size)
+        self.workers = workers or default_workers(world)
         self.stage_dir = stage_dir
         self._staged: Optional[H5Source] = None
         self.epoch, self.start_step = 0, 0
         self._pipe: Optional[_Pipeline] = None
+        self.spent: dict[str, float] = {}  # the last pass's reader-thread time, by where it went
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Select the epoch's shard and order; start_step skips that many batches (resume)."""
@@ -233,11 +323,21 @@ class ShardedLoader:
         self.epoch, self.start_step = epoch, start_step
 
     def __len__(self) -> int:
+        if self.evaluation:
+            return eval_steps(len(self.source), self.world.size, self.batch_size)
         return steps_per_epoch(len(self.source), self.world.size, self.batch_size, self.drop_last)
+
+    @property
+    def samples(self) -> int:
+        """Real rows this rank yields in one pass (evaluation: its share; else every row it reads)."""
+        plan = self.plan()
+        return plan.rows if plan.valid is None else plan.valid
 
     def plan(self, epoch: Optional[int] = None) -> RankPlan:
         """This rank's plan for `epoch` (default: the current one)."""
         epoch = self.epoch if epoch is None else epoch
+        if self.evaluation:
+            return plan_eval(len(self.source), self.world.size, self.world.rank, self.batch_size, window=self.window)
         if self.stage_dir is not None:
             staged = self._stage()
             return plan_rank(len(staged), 1, 0, self.batch_size, self.seed, epoch, block=self.block,
@@ -251,28 +351,32 @@ class ShardedLoader:
         source = self._staged if self.stage_dir is not None else self.source
         assert source is not None
         cuda = self.device.type == "cuda"
-        pipe = _Pipeline(source, plan, self.start_step, self.prefetch, pinned=cuda)
+        pipe = _Pipeline(source, plan, self.start_step, self.prefetch, pinned=cuda, workers=self.workers)
         self._pipe = pipe
         stream = torch.cuda.current_stream(self.device) if cuda else None
         held: Optional[int] = None
+        masks = _Masks(self.batch_size, plan, self.device, self.start_step) if plan.valid is not None else None
         try:
             for slot, arrays in pipe:
                 if held is not None:
                     pipe.release(held)
+                    held = None
                 if cuda:
                     batch = tuple(arrays[k].to(self.device, non_blocking=True) for k in source.keys)
-                    ev = torch.cuda.Event()
+                    ev = torch.cuda.Event(blocking=True)  # the reader thread sleeps on it, not spins
                     ev.record(stream)
-                    pipe.ring_events[slot] = ev
-                    pipe.release(slot)  # reusable once the event has passed; the batcher waits on it
+                    pipe.release(slot, ev)  # reusable once the copy has passed; the reader waits on it
                 else:
                     batch = tuple(arrays[k] for k in source.keys)
                     held = slot
                 if self.transform is not None:
                     batch = self.transform(batch)
+                if masks is not None:
+                    batch = (*batch, masks.next())
                 yield batch
         finally:
             pipe.close()
+            self.spent = dict(pipe.spent)
             self._pipe = None
         self.start_step = 0  # a later pass over the same epoch starts at its beginning
 

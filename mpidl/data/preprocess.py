@@ -111,16 +111,31 @@ def _cache_path(source: H5Source, key: str, per: str, cache_dir: Optional[str]) 
     return folder / f".mpidl-stats-{source.signature()}-{key}-{per}.npz"
 
 
+def _on(device: torch.device, host: torch.Tensor) -> torch.Tensor:
+    """A small host tensor on `device` without stalling the host: copied from pinned memory
+    asynchronously (a pageable copy would wait for the device to finish its queued work).
+    The pinned block is not reused before the copy is done (PyTorch's pinned-memory cache
+    records the copy's stream)."""
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def random_crop(x: torch.Tensor, size: int, padding: int = 0, generator: Optional[torch.Generator] = None
                 ) -> torch.Tensor:
-    """A random size×size crop of each image of an N×C×H×W batch (after zero padding)."""
+    """A random size×size crop of each image of an N×C×H×W batch (after zero padding).
+
+    Offsets are drawn on the host (the same crops on every device for a seed) and reach the
+    device without a synchronisation.
+    """
     if padding:
         x = torch.nn.functional.pad(x, (padding, padding, padding, padding))
     n, c, h, w = x.shape
     if size > h or size > w:
         raise BadInput(f"crop size {size} is larger than the images ({h}×{w} after padding {padding})")
-    oy = torch.randint(0, h - size + 1, (n,), generator=generator, device="cpu").to(x.device)
-    ox = torch.randint(0, w - size + 1, (n,), generator=generator, device="cpu").to(x.device)
+    oy = torch.randint(0, h - size + 1, (n,), generator=generator)
+    ox = torch.randint(0, w - size + 1, (n,), generator=generator)
+    oy, ox = _on(x.device, torch.stack((oy, ox)))
     ar = torch.arange(size, device=x.device)
     rows = (oy[:, None] + ar)[:, None, :, None]
     cols = (ox[:, None] + ar)[:, None, None, :]
@@ -130,8 +145,8 @@ def random_crop(x: torch.Tensor, size: int, padding: int = 0, generator: Optiona
 
 
 def random_flip(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Mirror each image left-right with probability 1/2."""
-    mask = torch.rand(x.shape[0], generator=generator, device="cpu").lt(0.5).to(x.device)
+    """Mirror each image left-right with probability 1/2 (drawn on the host, as for crops)."""
+    mask = _on(x.device, torch.rand(x.shape[0], generator=generator).lt(0.5))
     return torch.where(mask[:, None, None, None], x.flip(-1), x)
 
 

@@ -18,7 +18,7 @@ coalesces them, at a measured cost). `none` keeps file order.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -46,12 +46,17 @@ class Window:
 
 @dataclass(frozen=True)
 class RankPlan:
-    """One rank's epoch: `steps` batches of `batch` rows, in windows of whole batches."""
+    """One rank's epoch: `steps` batches of `batch` rows, in windows of whole batches.
+
+    valid: how many of the rows, counted in the order they are yielded, are real; the rest
+    pad the last batches (evaluation plans only; None: all rows are real).
+    """
 
     rank: int
     batch: int
     steps: int
     windows: tuple[Window, ...]
+    valid: Optional[int] = None
 
     @property
     def rows(self) -> int:
@@ -202,3 +207,40 @@ def _emit_order(srt: np.ndarray) -> np.ndarray:
 def plan_epoch(rows: int, ranks: int, batch: int, seed: int, epoch: int, **kw) -> list[RankPlan]:
     """Every rank's plan for `epoch` (see `plan_rank` for the keywords)."""
     return [plan_rank(rows, ranks, r, batch, seed, epoch, **kw) for r in range(ranks)]
+
+
+def eval_steps(rows: int, ranks: int, batch: int) -> int:
+    """Batches every rank runs in an evaluation pass: enough for the largest share."""
+    return -(-(-(-rows // ranks)) // batch)
+
+
+def plan_eval(rows: int, ranks: int, rank: int, batch: int, *, window: int = 16384) -> RankPlan:
+    """Rank `rank`'s evaluation pass: every row of the source exactly once across ranks.
+
+    Rank r takes the contiguous share [r·rows/ranks, (r+1)·rows/ranks) (shares differ by at
+    most one row) in file order, padded to `eval_steps` full batches by repeating its own
+    rows (row 0 when its share is empty); `valid` says how many rows are real. Every rank
+    runs the same number of batches of the same size, so a collective per batch is safe.
+    """
+    if batch < 1 or ranks < 1 or rows < 1:
+        raise BadInput(f"evaluation needs rows, ranks and batch >= 1; got {rows}, {ranks}, {batch}")
+    if not 0 <= rank < ranks:
+        raise BadInput(f"rank {rank} outside 0..{ranks - 1}")
+    steps = eval_steps(rows, ranks, batch)
+    lo, hi = rows * rank // ranks, rows * (rank + 1) // ranks
+    share = [(lo, hi)] if hi > lo else [(0, 1)]
+    size = max(1, hi - lo)
+    ranges = list(share)
+    pad = steps * batch - (hi - lo)
+    while pad > 0:  # repeat the share (or row 0) until the batches are full
+        take = min(pad, size)
+        ranges.append((share[0][0], share[0][0] + take))
+        pad -= take
+    if hi == lo:
+        ranges = ranges[1:]  # an empty share is all padding
+    per_rank = steps * batch
+    window_rows = max(batch, -(-int(window) // batch) * batch)
+    counts = [min(window_rows, per_rank - s) for s in range(0, per_rank, window_rows)]
+    windows = tuple(Window(tuple(piece), np.arange(sum(b - a for a, b in piece)))
+                    for piece in _split_ranges(ranges, counts))
+    return RankPlan(rank, batch, steps, windows, valid=hi - lo)

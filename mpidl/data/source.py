@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import glob
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
+from mpidl.data.chunks import ChunkIndex, native
 from mpidl.errors import BadInput
 
 Files = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
@@ -44,8 +47,9 @@ def expand_files(files: Files) -> list[str]:
 class FileLayout:
     path: str
     rows: int
-    chunk_rows: Optional[int]  # rows per chunk of the first key, None when contiguous
-    compression: Optional[str]
+    chunk_rows: Optional[int]  # rows per chunk of the key with the largest chunks; None: all contiguous
+    compression: Optional[str]  # that key's compression
+    addressable: frozenset[str] = frozenset()  # keys whose rows are runs of bytes at known offsets
 
 
 class H5Source:
@@ -119,9 +123,7 @@ class H5Source:
                             d[d.shape[0] - 1]
                     except (OSError, RuntimeError) as e:
                         raise BadInput(f"{path}: dataset '{key}' cannot be read ({str(e).splitlines()[0]})") from None
-                first = f[self.keys[0]]
-                layouts.append(FileLayout(path, int(rows), first.chunks[0] if first.chunks else None,
-                                          first.compression))
+                layouts.append(_layout_of(path, int(rows), {k: f[k] for k in self.keys}))
         total = sum(lay.rows for lay in layouts)
         if total == 0:
             raise BadInput(f"{self.files[0]}: zero rows in dataset '{self.keys[0]}'"
@@ -185,95 +187,232 @@ class H5Source:
         h.update(f"{self.keys}|{self.row_range}".encode())
         return h.hexdigest()[:16]
 
-    def open(self) -> "Reader":
-        return Reader(self)
+    def row_addressable(self, key: str) -> bool:
+        """True when every file stores `key`'s rows as plain bytes (contiguous or whole-row
+        unfiltered chunks), so they can be read straight into a batch (metadata only)."""
+        return all(key in lay.addressable for lay in self._need())
+
+    def open(self, workers: int = 1) -> "Reader":
+        """File handles for one thread, decoding chunks on `workers` threads."""
+        return Reader(self, workers)
+
+
+def _layout_of(path: str, rows: int, dsets: dict) -> FileLayout:
+    """What sharded reading needs to know of one file's datasets (metadata only)."""
+    biggest = max(dsets.values(),
+                  key=lambda d: int(np.prod(d.chunks, dtype=np.int64)) * d.dtype.itemsize if d.chunks else 0)
+    addressable = frozenset(
+        k for k, d in dsets.items()
+        if native(d.dtype) and d.id.get_create_plist().get_nfilters() == 0
+        and (d.chunks is None or tuple(d.chunks[1:]) == tuple(d.shape[1:])))
+    return FileLayout(path, rows, biggest.chunks[0] if biggest.chunks else None, biggest.compression, addressable)
+
+
+PIECE_BYTES = 4 << 20  # rows the pool reads as one task: large reads, enough tasks to share out
+
+
+class _Contiguous:
+    """An unfiltered contiguous dataset: row r at offset + r * row_bytes."""
+
+    row_addressable = True
+
+    def __init__(self, offset: int, row_bytes: int):
+        self.offset, self.row_bytes = offset, row_bytes
+
+    def row_offsets(self, rows: np.ndarray) -> np.ndarray:
+        return self.offset + rows * self.row_bytes
+
+
+Storage = Union[_Contiguous, ChunkIndex, None]  # None: h5py reads it
 
 
 class Reader:
-    """Open file handles of one source, for one thread or process. Use as a context manager.
+    """Open file handles of one source, for one thread and its pool. Use as a context manager.
 
-    Contiguous, uncompressed datasets are read as plain bytes at their offset in the file
-    (`pread` into the caller's buffer, no HDF5 call per read, the GIL released); chunked or
-    compressed ones go through h5py's `read_direct`.
+    Each dataset in each file is read the cheapest way its storage allows:
+      contiguous or whole-row unfiltered chunks: rows are bytes at known offsets, read with
+          `pread` straight into the caller's buffer (no HDF5 call, the GIL released);
+      other chunked data (compressed, or chunks that split rows): chunks read with `pread` and
+          decoded on a pool of `workers` threads (see chunks.py), then copied into place;
+      anything else (other filters, unwritten chunks, external storage): h5py's read_direct.
+    `start` submits a window's reads to the pool and returns at once; `read` waits.
     """
 
-    def __init__(self, source: H5Source):
+    def __init__(self, source: H5Source, workers: int = 1):
         import h5py
 
         self.source = source
         layouts = source._need()
+        self.keys = source.keys
+        self._paths = [lay.path for lay in layouts]
         # A chunk cache that holds a read's worth of chunks avoids re-decompressing when a
-        # block boundary splits a chunk.
-        self._files = [h5py.File(lay.path, "r", locking=False, rdcc_nbytes=64 << 20, rdcc_nslots=10007)
-                       for lay in layouts]
+        # block boundary splits a chunk (for what h5py still reads itself).
+        self._files = [h5py.File(p, "r", locking=False, rdcc_nbytes=64 << 20, rdcc_nslots=10007)
+                       for p in self._paths]
         self._dsets = [{k: f[k] for k in source.keys} for f in self._files]
-        self._fds: list[Optional[int]] = []
-        self._offsets: list[dict[str, Optional[int]]] = []
-        for lay, dsets in zip(layouts, self._dsets):
-            offs = {k: _byte_offset(d) for k, d in dsets.items()}
-            self._offsets.append(offs)
-            self._fds.append(os.open(lay.path, os.O_RDONLY) if any(o is not None for o in offs.values()) else None)
-        self._row_bytes = {k: int(np.prod(source.shapes[k], dtype=np.int64)) * source.dtypes[k].itemsize
-                           for k in source.keys}
+        self._fds = [os.open(p, os.O_RDONLY) for p in self._paths]
+        self._row_bytes = {k: source.row_bytes_of(k) for k in source.keys}
+        cache = source.__dict__.setdefault("_chunk_indexes", {})
+        self._storage: list[dict[str, Storage]] = []
+        for path, fd, dsets in zip(self._paths, self._fds, self._dsets):
+            self._storage.append({k: _storage_of(d, fd, self._row_bytes[k], cache, (path, k))
+                                  for k, d in dsets.items()})
         self._starts = np.cumsum([0] + [lay.rows for lay in layouts])
         self._base = source.row_range[0] if source.row_range else 0
+        self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="mpidl-decode")
 
-    def read(self, key: str, start: int, stop: int, out: np.ndarray) -> None:
-        """Rows [start, stop) of the source (its own numbering) into out[0:stop-start]."""
-        a, b = start + self._base, stop + self._base
-        pos = 0
-        i = int(np.searchsorted(self._starts, a, side="right")) - 1
-        while a < b:
-            file_stop = int(self._starts[i + 1])
-            n = min(b, file_stop) - a
-            local = a - int(self._starts[i])
-            offset = self._offsets[i][key]
-            if offset is not None and out.flags.c_contiguous:
-                rb = self._row_bytes[key]
-                view = memoryview(out[pos:pos + n]).cast("B")
-                got = os.preadv(self._fds[i], [view], offset + local * rb)
-                if got != n * rb:
-                    raise OSError(f"{self.source.files[i]}: short read of '{key}' rows {local}..{local + n} "
-                                  f"({got} of {n * rb} bytes): the file is truncated")
-            else:
-                self._dsets[i][key].read_direct(out, np.s_[local:local + n], np.s_[pos:pos + n])
-            pos += n
-            a += n
-            i += 1
+    # ------------------------------------------------------------------ what each key allows
+    def addressable(self, key: str) -> bool:
+        """True when every file stores `key`'s rows as bytes at known offsets (see read_rows)."""
+        return all(getattr(st[key], "row_addressable", False) for st in self._storage)
 
-    def byte_addressable(self, key: str) -> bool:
-        """True when every file holds `key` contiguously, so rows can be read as bytes."""
-        return all(offs[key] is not None for offs in self._offsets)
+    def paths(self, key: str) -> list[str]:
+        """How `key` is read, per file: 'bytes' (contiguous or whole-row chunks, pread),
+        'chunks' (pread and decode on the pool) or 'h5py' (read_direct)."""
+        return ["bytes" if getattr(st[key], "row_addressable", False) else "chunks" if st[key] is not None
+                else "h5py" for st in self._storage]
 
+    # ------------------------------------------------------------------ rows, any order
     def read_rows(self, key: str, rows: np.ndarray, out: np.ndarray) -> None:
-        """Source rows `rows` (any order) into out[0:len(rows)], one read per consecutive run.
-
-        For byte-addressable keys (see above); the caller groups rows so runs are long.
-        """
-        rows = rows + self._base
-        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-        starts = np.concatenate(([0], breaks))
-        lengths = np.diff(np.concatenate((starts, [rows.size])))
-        first = rows[starts]
-        files = np.searchsorted(self._starts, first, side="right") - 1
+        """Source rows `rows` (any order) into out[0:len(rows)], one pread per run of rows
+        that lie back to back in the file. For addressable keys; the caller groups rows so
+        runs are long. Runs here, in the calling thread."""
+        rows = np.asarray(rows, np.int64) + self._base
+        if rows.size == 0:
+            return
+        files = np.searchsorted(self._starts, rows, side="right") - 1
+        offsets = np.empty(rows.size, np.int64)
+        for i in (np.unique(files) if len(self._fds) > 1 else (0,)):
+            sel = files == i if len(self._fds) > 1 else slice(None)
+            offsets[sel] = self._storage[i][key].row_offsets(rows[sel] - int(self._starts[i]))
         rb = self._row_bytes[key]
         flat = memoryview(out.reshape(out.shape[0], -1)).cast("B")
-        for dst, src, n, i in zip(starts.tolist(), first.tolist(), lengths.tolist(), files.tolist()):
-            local = src - int(self._starts[i])
-            if src + n > self._starts[i + 1]:  # a run across a file boundary: the general path
-                self.read(key, src - self._base, src - self._base + n, out[dst:dst + n])
-                continue
-            got = os.preadv(self._fds[i], [flat[dst * rb:(dst + n) * rb]], self._offsets[i][key] + local * rb)
-            if got != n * rb:
-                raise OSError(f"{self.source.files[i]}: short read of '{key}' at row {local} "
-                              f"({got} of {n * rb} bytes): the file is truncated")
+        breaks = np.flatnonzero((np.diff(offsets) != rb) | (np.diff(files) != 0)) + 1
+        starts = np.concatenate(([0], breaks))
+        ends = np.concatenate((breaks, [rows.size]))
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            i, offset = int(files[a]), int(offsets[a])
+            got = os.preadv(self._fds[i], [flat[a * rb:b * rb]], offset)
+            if got != (b - a) * rb:
+                raise OSError(f"{self._paths[i]}: short read of '{key}' at byte {offset} "
+                              f"({got} of {(b - a) * rb} bytes): the file is truncated")
+
+    def start_rows(self, outs: dict[str, np.ndarray], rows: np.ndarray) -> "Pending":
+        """read_rows of each key of `outs` as one task on the pool; returns at once."""
+        def read() -> None:
+            for key, out in outs.items():
+                self.read_rows(key, rows, out)
+        return Pending([self._pool.submit(read)])
+
+    # ------------------------------------------------------------------ row ranges
+    def read(self, key: str, start: int, stop: int, out: np.ndarray) -> None:
+        """Rows [start, stop) of the source (its own numbering) into out[0:stop-start]."""
+        self.start({key: out}, [(start, stop)]).wait()
+
+    def start(self, outs: dict[str, np.ndarray], ranges: Sequence[tuple[int, int]]) -> "Pending":
+        """Begin reading `ranges` (source rows, laid end to end) of each key into outs[key].
+
+        Returns at once; the reads run on the pool. `wait()` before touching the buffers.
+        """
+        futures = [self._pool.submit(task) for key, out in outs.items() for task in self._tasks(key, ranges, out)]
+        return Pending(futures)
+
+    def _tasks(self, key: str, ranges: Sequence[tuple[int, int]], out: np.ndarray) -> list[Callable[[], None]]:
+        """The reads of `ranges` as pool tasks of about a MiB or more each: many small ranges
+        (an exact shuffle's) share a task, large ones are cut so the pool can share them out."""
+        tasks: list[Callable[[], None]] = []
+        pieces: dict[tuple[int, int], list[tuple[int, int, int]]] = {}  # (file, chunk row) -> (r0, r1, pos)
+        step = max(1, PIECE_BYTES // max(1, self._row_bytes[key]))
+        segments: list[tuple[int, int, int, int]] = []  # (file, local row, rows, pos), read without decoding
+        pending_rows = 0
+        pos = 0
+        for start, stop in ranges:
+            a, b = start + self._base, stop + self._base
+            i = int(np.searchsorted(self._starts, a, side="right")) - 1
+            while a < b:
+                n = min(b, int(self._starts[i + 1])) - a
+                local = a - int(self._starts[i])
+                st = self._storage[i][key]
+                if isinstance(st, ChunkIndex) and not st.row_addressable:
+                    per = st.rows_per_chunk
+                    for j in range(local // per, (local + n - 1) // per + 1):
+                        r0, r1 = max(local, j * per), min(local + n, (j + 1) * per)
+                        pieces.setdefault((i, j), []).append((r0 - j * per, r1 - j * per, pos + r0 - local))
+                else:
+                    for p in range(0, n, step):
+                        m = min(step, n - p)
+                        segments.append((i, local + p, m, pos + p))
+                        pending_rows += m
+                        if pending_rows >= step:
+                            tasks.append(partial(self._segments, key, segments, out))
+                            segments, pending_rows = [], 0
+                pos += n
+                a += n
+                i += 1
+        if segments:
+            tasks.append(partial(self._segments, key, segments, out))
+        # Chunk rows go to the pool in groups of about a MiB: fewer, larger tasks.
+        group: list[tuple[int, int]] = []
+        size = 0
+        for (i, j) in pieces:
+            group.append((i, j))
+            index = self._storage[i][key]
+            size += index.chunk_bytes * len(index.trailing_chunks)
+            if size >= 1 << 20:
+                tasks.append(partial(self._decode, key, group, pieces, out))
+                group, size = [], 0
+        if group:
+            tasks.append(partial(self._decode, key, group, pieces, out))
+        return tasks
+
+    def _segments(self, key: str, segments: list[tuple[int, int, int, int]], out: np.ndarray) -> None:
+        """Rows of (file, local row, rows, pos) segments into out[pos:...] (runs on the pool).
+
+        Byte-addressable rows go in one read_rows call (it coalesces their runs), straight
+        into `out` when their places are consecutive there, as they usually are.
+        """
+        rows, places = [], []
+        for i, local, m, pos in segments:
+            if self._storage[i][key] is None:
+                into = np.empty((m, *out.shape[1:]), out.dtype)  # read_direct needs a whole array
+                self._dsets[i][key].read_direct(into, np.s_[local:local + m])
+                out[pos:pos + m] = into
+            else:
+                rows.append(np.arange(local, local + m) + int(self._starts[i]) - self._base)
+                places.append(np.arange(pos, pos + m))
+        if not rows:
+            return
+        flat, at = np.concatenate(rows), np.concatenate(places)
+        first = int(at[0])
+        if out.flags.c_contiguous and int(at[-1]) - first + 1 == at.size:  # consecutive places
+            self.read_rows(key, flat, out[first:first + at.size])
+        else:
+            into = np.empty((at.size, *out.shape[1:]), out.dtype)
+            self.read_rows(key, flat, into)
+            out[at] = into
+
+    def _decode(self, key: str, group: list[tuple[int, int]], pieces: dict, out: np.ndarray) -> None:
+        """Decode chunk rows `group` and copy their pieces into place (runs on the pool).
+
+        A chunk that splits rows fills its columns of the pieces' rows: a strided copy, rows
+        in file order (the batch gathers them later, whole).
+        """
+        for i, j in group:
+            index: ChunkIndex = self._storage[i][key]
+            wanted = pieces[(i, j)]
+            lo, hi = min(r0 for r0, _, _ in wanted), max(r1 for _, r1, _ in wanted)
+            for at, dst in index.trailing_chunks:
+                chunk = index.rows_of(self._fds[i], (j, *at), lo, hi, self._paths[i])
+                src = tuple(slice(0, s.stop - s.start) for s in dst)
+                for r0, r1, p in wanted:
+                    out[(slice(p, p + r1 - r0), *dst)] = chunk[(slice(r0 - lo, r1 - lo), *src)]
 
     def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)  # no task may outlive the descriptors
         for f in self._files:
             f.close()
         for fd in self._fds:
-            if fd is not None:
-                os.close(fd)
+            os.close(fd)
         self._files, self._fds = [], []
 
     def __enter__(self) -> "Reader":
@@ -283,11 +422,40 @@ class Reader:
         self.close()
 
 
+class Pending:
+    """Reads in flight on a Reader's pool."""
+
+    def __init__(self, futures: list[Future]):
+        self.futures = futures
+
+    def wait(self) -> None:
+        for f in self.futures:
+            f.result()  # re-raises a worker's error here, in the caller's thread
+
+
+def _storage_of(d, fd: int, row_bytes: int, cache: dict, name: tuple[str, str]) -> Storage:
+    """How to read dataset `d` without HDF5, checked against HDF5 on its first bytes; None: use h5py."""
+    if d.chunks is None:
+        offset = _byte_offset(d)
+        return None if offset is None else _Contiguous(offset, row_bytes)
+    if name not in cache:
+        cache[name] = ChunkIndex.of(d)
+    index = cache[name]
+    if index is None or index.offsets.size == 0:
+        return None
+    # The offsets come from HDF5's own index; one chunk's stored bytes confirm they are file offsets.
+    first = (0,) * len(index.chunks)
+    _mask, stored = d.id.read_direct_chunk(first)
+    if os.pread(fd, len(stored), int(index.offsets[first])) != stored:
+        return None
+    return index
+
+
 def _byte_offset(d) -> Optional[int]:
     """The file offset of a contiguous, unfiltered, native-order dataset; else None."""
-    if d.chunks is not None or d.compression is not None or d.dtype.byteorder not in ("=", "|", "<"):
+    if d.chunks is not None or d.compression is not None or not native(d.dtype):
         return None
-    if d.dtype.byteorder == "<" and np.little_endian is False:
+    if d.id.get_create_plist().get_nfilters():
         return None
     try:
         return d.id.get_offset()

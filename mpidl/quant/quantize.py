@@ -34,6 +34,7 @@ from torch import nn
 
 from mpidl.data import ShardedLoader
 from mpidl.errors import BadInput
+from mpidl.train.evaluate import real_rows
 from mpidl.train.inputs import build_inputs
 from mpidl.train.objectives import default_for
 from mpidl.train.record import versions
@@ -86,9 +87,8 @@ def held_out(world, model: nn.Module, loader: ShardedLoader, classify: bool) -> 
     """val_loss (and val_accuracy) of `model` over all ranks' shares of the held-out rows."""
     objective = default_for(classify)
     sums = {"loss": 0.0, "count": 0.0, **{k: 0.0 for k in objective.counts_keys()}}
-    loader.set_epoch(0)
     with torch.no_grad():
-        for x, y in loader:
+        for x, y in real_rows(loader):  # every held-out row once across ranks
             loss, out = objective(model, x, y)
             sums["loss"] += float(loss) * x.shape[0]
             sums["count"] += x.shape[0]

@@ -8,6 +8,7 @@ from typing import Optional
 from mpidl import log
 from mpidl.data import H5Source, ShardedLoader
 from mpidl.data.preprocess import Pipeline, Standardizer
+from mpidl.data.scan import check_labels, label_range
 from mpidl.errors import BadInput
 from mpidl.spec import JobSpec
 
@@ -62,19 +63,76 @@ class Inputs:
     train_transform: Pipeline
     eval_transform: Pipeline
     loader: ShardedLoader
-    val_loader: Optional[ShardedLoader]
+    val_loader: Optional[ShardedLoader]  # an evaluation loader: every held-out row once across ranks
+    classes: Optional[int] = None        # classification: the spec's class count, or the labels'
 
     @property
     def classify(self) -> bool:
         """Integer targets: a classification job."""
-        src = self.train_source
-        return src.dtypes[src.keys[1]].kind in "iu"
+        return _classify(self.train_source)
+
+
+def _classify(src: H5Source) -> bool:
+    return src.dtypes[src.keys[1]].kind in "iu"
+
+
+def _class_arg(spec: JobSpec) -> str:
+    """The model argument that sets its number of outputs for classification."""
+    return "out_features" if spec.model.name == "linear" else "num_classes"
+
+
+def spec_classes(spec: JobSpec) -> Optional[int]:
+    """The class count a spec gives: model.args (num_classes, a linear model's out_features),
+    else data.synth.classes; None when it gives none."""
+    arg = _class_arg(spec)
+    given = spec.model.args.get(arg)
+    if given is not None:
+        if not isinstance(given, int) or isinstance(given, bool) or given < 1:
+            raise BadInput(f"model.args.{arg} = {given!r}: a class count must be a positive integer")
+        return given
+    return spec.data.synth.classes if spec.data.synth is not None else None
+
+
+def count_classes(spec: JobSpec, world, train: H5Source, val: Optional[H5Source]) -> int:
+    """The job's class count, checked against every label of both splits (collective, one
+    scan of the labels): the spec's, or one more than the largest label when the spec gives
+    none. BadInput on every rank, naming file, dataset, row and value, for a label outside
+    [0, classes)."""
+    key = train.keys[1]
+    given = world.agree(lambda: spec_classes(spec))
+    if given is not None:
+        for src in (train, val):
+            if src is not None:
+                check_labels(src, world, key, given)
+        return given
+    ranges = [label_range(src, world, key) for src in (train, val) if src is not None]
+    classes = max(hi for _, hi in ranges) + 1
+    for src, (lo, _) in zip((train, val), ranges):
+        if lo < 0:
+            check_labels(src, world, key, classes)  # names the first negative label
+    if classes < 2:
+        raise BadInput(f"{train.files[0]}: dataset '{key}': every label is {classes - 1}, a classifier needs "
+                       f"at least 2 classes (model.args.{_class_arg(spec)} sets the count)", collective=world.size > 1)
+    return classes
+
+
+def with_classes(spec: JobSpec, classes: Optional[int]) -> JobSpec:
+    """`spec` with the class count in model.args where its model would not take it from the
+    spec otherwise: every piece that builds the model, and the checkpoint's copy of the spec,
+    then agree on it."""
+    arg = _class_arg(spec)
+    if classes is None or arg in spec.model.args or (spec_classes(spec) is not None and arg == "num_classes"):
+        return spec
+    model = spec.model.model_copy(update={"args": {**spec.model.args, arg: classes}})
+    return spec.model_copy(update={"model": model})
 
 
 def build_inputs(spec: JobSpec, world) -> Inputs:
-    """Data on disk, validated on every rank, and the loaders of this rank's shards."""
+    """Data on disk, validated on every rank (labels too), and the loaders of this rank's shards."""
     ensure_data(spec, world)
     train_src, val_src = sources(spec, world)
+    # Labels before anything costly: a label a model cannot take stops the job here.
+    classes = count_classes(spec, world, train_src, val_src) if _classify(train_src) else None
     d, pre = spec.data, spec.data.preprocess
     standardizer = None
     if pre.standardize:
@@ -85,12 +143,9 @@ def build_inputs(spec: JobSpec, world) -> Inputs:
     loader = ShardedLoader(train_src, world, d.batch, seed=spec.seed, shuffle=d.shuffle, drop_last=d.drop_last,
                            prefetch=d.prefetch, transform=train_tf, stage_dir=d.stage_dir)
     val_loader = None
-    if val_src is not None:
-        eval_batch = min(d.batch, len(val_src) // world.size)
-        if eval_batch >= 1:
-            val_loader = ShardedLoader(val_src, world, eval_batch, seed=spec.seed, shuffle="none",
-                                       prefetch=2, transform=eval_tf)
-    return Inputs(train_src, val_src, train_tf, eval_tf, loader, val_loader)
+    if val_src is not None:  # every held-out row exactly once, on any number of ranks
+        val_loader = ShardedLoader(val_src, world, d.batch, prefetch=2, transform=eval_tf, evaluation=True)
+    return Inputs(train_src, val_src, train_tf, eval_tf, loader, val_loader, classes)
 
 
 def steps_per_epoch(spec: JobSpec, world, inputs: Inputs) -> int:

@@ -50,7 +50,7 @@ from mpidl.train.backends import make_backend
 from mpidl.train.callbacks import Callback
 from mpidl.train.evaluate import evaluate
 from mpidl.train.finite import FiniteLoss
-from mpidl.train.inputs import build_inputs, steps_per_epoch
+from mpidl.train.inputs import build_inputs, steps_per_epoch, with_classes
 from mpidl.train.models import model_for
 from mpidl.train.objectives import Objective
 from mpidl.train.optim import build_optimizer, build_scheduler, lr_scale
@@ -79,6 +79,10 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
     return _mix(_mix(_mix(seed & _U64) ^ step) ^ rank)
 
 
+def _shown(metrics: dict) -> str:
+    return " ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4f}" for k, v in metrics.items())
+
+
 class Trainer:
     """One job on this rank. The constructor sets everything up (a collective); `fit` runs it."""
 
@@ -93,6 +97,9 @@ class Trainer:
         torch.manual_seed(spec.seed)
 
         self.inputs = build_inputs(spec, world)
+        # The class count the labels gave, where the spec gives none: the model, a distillation
+        # student and the checkpoint's copy of the spec all take it from here.
+        self.spec = spec = with_classes(spec, self.inputs.classes)
         self.steps_per_epoch = steps_per_epoch(spec, world, self.inputs)
         self.total_steps = spec.steps or spec.epochs * self.steps_per_epoch
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
@@ -250,8 +257,7 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_record(self, rec)
             self.recorder.write(rec)
-            self.recorder.show(f"epoch {rec['epoch']:.2f}/{self.epochs} "
-                               + " ".join(f"{k} {v:.4f}" for k, v in res.items()), final=True)
+            self.recorder.show(f"epoch {rec['epoch']:.2f}/{self.epochs} " + _shown(res), final=True)
         self.last_eval = res
         return res
 
@@ -336,7 +342,8 @@ class Trainer:
         timing = self.backend.average({k: totals[k] / steps for k in BUCKETS})
         summary = {
             "name": spec.name, "backend": self.backend.name, "model": spec.model.name, "precision": spec.precision,
-            "world": {**world.as_dict(), "size": world.size}, "epochs": pos.epoch, "global_step": pos.global_step,
+            "world": {**world.as_dict(), "size": world.size}, "classes": self.inputs.classes,
+            "epochs": pos.epoch, "global_step": pos.global_step,
             "steps_this_run": totals["steps"], "resumed_from": self.resumed_from, "preempted": self.preempted,
             "wall_seconds": wall, "samples_per_s": totals["samples"] / wall if wall > 0 else 0.0,
             "step_time_breakdown_s": timing, "final": self.last_eval,
@@ -351,7 +358,7 @@ class Trainer:
         if world.rank == 0:
             self.log.info("done: %d steps in %.1f s, %.0f samples/s; %s", totals["steps"], wall,
                           summary["samples_per_s"],
-                          " ".join(f"{k} {v:.4f}" for k, v in self.last_eval.items()) or "no held-out split")
+                          _shown(self.last_eval) or "no held-out split")
         return summary
 
     def close(self) -> None:
