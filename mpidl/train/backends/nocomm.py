@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mpidl import log
 from mpidl.train.backends import Backend, broadcast_module
 
 
@@ -26,6 +27,9 @@ class NoCommBackend(Backend):
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         broadcast_module(self.world, model)  # the same start as the other backends
+        if self.world.size > 1 and self.world.rank == 0:
+            log.get().warning("backend none: ranks do not average gradients (a scaling study's baseline): "
+                              "their models diverge, and checkpoints hold rank 0's weights")
         return model, optimizer
 
     def sync_gradients(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
