@@ -326,7 +326,7 @@ class JobSpec(Strict):
     steps: Optional[int] = Field(default=None, gt=0, description="stop after this many optimizer steps")
     accumulate: int = Field(default=1, ge=1, description="batches per optimizer step")
     precision: Literal["fp32", "bf16"] = "fp32"
-    backend: Literal["horovod", "ddp", "mpi"] = "horovod"
+    backend: Literal["horovod", "ddp", "mpi", "none"] = "horovod"
     horovod: HorovodSpec = Field(default_factory=HorovodSpec)
     ddp: DDPSpec = Field(default_factory=DDPSpec)
     mpi: MPISpec = Field(default_factory=MPISpec)
