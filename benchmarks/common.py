@@ -10,10 +10,11 @@ import os
 import platform
 import socket
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Iterable
+
+from mpidl.scaling.environment import commit, cpu_model  # one definition for studies and benchmarks
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
@@ -29,27 +30,6 @@ def machine_name() -> str:
     except ImportError:
         pass
     return f"cpu{os.cpu_count()}"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def environment() -> dict:
@@ -75,9 +55,9 @@ def environment() -> dict:
         pass
     return {
         "machine": {"name": machine_name(), "host": socket.gethostname(), "cpus": os.cpu_count(),
-                    "cpu_model": _cpu_model(), "gpu": gpu},
+                    "cpu_model": cpu_model(), "gpu": gpu},
         "versions": versions,
-        "commit": _commit(),
+        "commit": commit(),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

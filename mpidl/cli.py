@@ -87,12 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_net)
 
     from mpidl.data.cli import register as register_data
+    from mpidl.slurm.cli import register as register_slurm
+    from mpidl.scaling.cli import register as register_scaling
     from mpidl.quant.cli import register as register_quantize
     from mpidl.sweep.cli import register as register_sweep
     from mpidl.train.cli import register as register_train
 
     register_data(sub)
     register_train(sub)
+    register_slurm(sub)
+    register_scaling(sub)
     register_quantize(sub)
     register_sweep(sub)
     return p

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError,
-                      model_serializer, model_validator)
+                      field_validator, model_serializer, model_validator)
 
 from mpidl.errors import BadInput
 
@@ -150,6 +151,178 @@ class DistillSpec(Strict):
     temperature: float = Field(default=4.0, gt=0)
 
 
+_SLURM_TIME = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
+
+
+def slurm_time_seconds(text: str) -> int:
+    """Seconds in a SLURM time limit: M, M:S, H:M:S, D-H, D-H:M or D-H:M:S (ValueError otherwise)."""
+    m = _SLURM_TIME.fullmatch(text.strip())
+    if not m:
+        raise ValueError("not a SLURM time limit")
+    days, a, b, c = (None if g is None else int(g) for g in m.groups())
+    if days is not None:                      # D-H, D-H:M, D-H:M:S
+        hours, minutes, seconds = a, b or 0, c or 0
+        if hours > 23:
+            raise ValueError("hours after a day count must be below 24")
+    elif c is not None:                       # H:M:S
+        hours, minutes, seconds = a, b, c
+    else:                                     # M or M:S: the minutes may run past 59
+        hours, minutes, seconds = 0, a, b or 0
+    if (days is not None or c is not None) and minutes > 59:
+        raise ValueError("minutes must be below 60")
+    if seconds > 59:
+        raise ValueError("seconds must be below 60")
+    total = (((days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
+    if total <= 0:
+        raise ValueError("a time limit must be positive")
+    return total
+
+
+def sbatch_problem(value: str) -> Optional[str]:
+    """Why `value` cannot pass through an #SBATCH line, or None: sbatch reads one line per
+    option, and submitit's quoting of #SBATCH values loses backslashes."""
+    if any(ord(c) < 32 or c in "\\\x7f" for c in value):
+        return "newlines, control characters and backslashes cannot pass through an #SBATCH line"
+    return None
+
+
+def _sbatch_safe(value: str) -> str:
+    problem = sbatch_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+# Options mpidl writes itself; setting them under slurm.sbatch would contradict the section.
+OWNED_SBATCH = {"job-name", "partition", "account", "qos", "nodes", "ntasks", "ntasks-per-node",
+                "gpus-per-node", "gres", "cpus-per-task", "mem", "time", "t", "constraint", "exclusive",
+                "signal", "requeue", "no-requeue", "output", "error", "open-mode", "array", "wrap"}
+
+
+class SlurmSpec(Strict):
+    """How `mpidl submit` asks SLURM for the job. Not part of the checkpoint fingerprint:
+    resources may change across a requeue or a resubmission."""
+
+    job_name: Optional[str] = Field(default=None, description="default: the job's name")
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    nodes: int = Field(default=1, ge=1)
+    tasks_per_node: Optional[int] = Field(default=None, ge=1, description="ranks per node; default: one per GPU, else 1")
+    gpus_per_node: int = Field(default=0, ge=0)
+    cpus_per_task: Optional[int] = Field(default=None, ge=1, description="default: cpus_per_node split evenly")
+    cpus_per_node: Optional[int] = Field(default=None, ge=1, description="the node's CPUs, to split among its ranks")
+    mem: Optional[str] = Field(default=None, description="per node, SLURM units: 64G, 4000M; 0 = all")
+    time: str = Field(default="1:00:00", description="SLURM format: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S")
+    constraint: Optional[str] = None
+    exclusive: bool = False
+    sbatch: dict[str, Union[str, int, bool]] = Field(default_factory=dict, description="more #SBATCH options")
+    setup: list[str] = Field(default_factory=list, description="shell lines run before the ranks start")
+    env: dict[str, str] = Field(default_factory=dict, description="exported to every rank")
+    venv: Optional[str] = Field(default=None, description="the virtual environment on the compute nodes; "
+                                                          "default: the one running `mpidl submit`")
+    launcher: Literal["srun", "mpirun"] = "srun"
+    signal: Literal["USR2", "TERM"] = Field(default="USR2", description="the warning SLURM sends before the end")
+    signal_lead_s: int = Field(default=90, ge=1, le=65535, description="seconds before the end")
+    requeue_limit: int = Field(default=3, ge=0, description="requeues after preemption or time limit")
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _time(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool):
+            v = str(v)  # a bare number is minutes, as in sbatch
+        if isinstance(v, str):
+            try:
+                slurm_time_seconds(v)
+            except ValueError as e:
+                raise ValueError(f"{e} (M, M:S, H:M:S, D-H, D-H:M or D-H:M:S)") from None
+        return v
+
+    @field_validator("mem", mode="before")
+    @classmethod
+    def _mem(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool):
+            v = str(v)
+        if isinstance(v, str) and not re.fullmatch(r"\d+[KMGT]?", v):
+            raise ValueError("SLURM memory is a number with an optional K, M, G or T (e.g. 64G; 0 = all of it)")
+        return v
+
+    @field_validator("job_name", "partition", "account", "qos", "constraint")
+    @classmethod
+    def _one_line(cls, v: Optional[str]) -> Optional[str]:
+        return None if v is None else _sbatch_safe(v)
+
+    @field_validator("sbatch")
+    @classmethod
+    def _extra(cls, v: dict) -> dict:
+        for key, value in v.items():
+            if not re.fullmatch(r"[a-z][a-z0-9-]*", key):
+                raise ValueError(f"'{key}' is not an sbatch long option name (e.g. mail-type)")
+            if key in OWNED_SBATCH:
+                raise ValueError(f"'{key}' is set from the section's own keys (or by mpidl), not here")
+            if value is False:
+                raise ValueError(f"'{key}': false; leave the option out instead")
+            _sbatch_safe(str(value))
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict) -> dict:
+        for key in v:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+                raise ValueError(f"'{key}' is not an environment variable name")
+        return v
+
+    @field_validator("setup")
+    @classmethod
+    def _setup(cls, v: list) -> list:
+        for line in v:
+            if "\n" in line:
+                raise ValueError("one shell line per list item")
+        return v
+
+    @field_validator("gpus_per_node")
+    @classmethod
+    def _gpus_fit(cls, v: int, info) -> int:
+        tasks = info.data.get("tasks_per_node")
+        if v and tasks is not None:
+            if v > tasks:
+                raise ValueError(f"more GPUs than the {tasks} rank(s) per node (tasks_per_node) can use; "
+                                 "leave tasks_per_node out for one rank per GPU")
+            if tasks % v:
+                raise ValueError(f"tasks_per_node = {tasks} ranks cannot share {v} GPUs evenly")
+        return v
+
+    @field_validator("cpus_per_node")
+    @classmethod
+    def _cpus_fit(cls, v: Optional[int], info) -> Optional[int]:
+        tasks = info.data.get("tasks_per_node") or max(1, info.data.get("gpus_per_node") or 0)
+        each = info.data.get("cpus_per_task") or 1
+        if v is not None and tasks * each > v:
+            raise ValueError(f"fewer than tasks_per_node × cpus_per_task = {tasks} × {each}")
+        return v
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tasks_per_node or max(1, self.gpus_per_node)
+
+    @property
+    def ranks(self) -> int:
+        return self.nodes * self.ranks_per_node
+
+    @property
+    def time_seconds(self) -> int:
+        return slurm_time_seconds(self.time)
+
+    def cpus_for_each_task(self) -> Optional[int]:
+        """cpus_per_task, else the node's CPUs split evenly among its ranks, else None (SLURM's default)."""
+        if self.cpus_per_task is not None:
+            return self.cpus_per_task
+        if self.cpus_per_node is not None:
+            return max(1, self.cpus_per_node // self.ranks_per_node)
+        return None
+
+
 class JobSpec(Strict):
     name: str = "job"
     seed: int = 0
@@ -157,7 +330,7 @@ class JobSpec(Strict):
     steps: Optional[int] = Field(default=None, gt=0, description="stop after this many optimizer steps")
     accumulate: int = Field(default=1, ge=1, description="batches per optimizer step")
     precision: Literal["fp32", "bf16"] = "fp32"
-    backend: Literal["horovod", "ddp", "mpi"] = "horovod"
+    backend: Literal["horovod", "ddp", "mpi", "none"] = "horovod"
     horovod: HorovodSpec = Field(default_factory=HorovodSpec)
     ddp: DDPSpec = Field(default_factory=DDPSpec)
     mpi: MPISpec = Field(default_factory=MPISpec)
@@ -170,6 +343,7 @@ class JobSpec(Strict):
     log_every: int = Field(default=20, gt=0)
     timing: Literal["sync", "off"] = Field(default="sync", description="synchronise CUDA to split step time")
     target_accuracy: Optional[float] = Field(default=None, gt=0, le=1, description="reported, not enforced")
+    slurm: SlurmSpec = Field(default_factory=SlurmSpec)
     distill: Optional[DistillSpec] = None
 
     @model_validator(mode="after")
@@ -188,12 +362,46 @@ class JobSpec(Strict):
 
     def fingerprint(self) -> str:
         """What a checkpoint must match to be resumed: the model, optimizer, schedule and data
-        it was trained with. Length, backend, output and logging may change across a resume."""
+        it was trained with. Length, backend, output, logging and the slurm section (resources
+        may change across a requeue) may change across a resume."""
         keep = self.model_dump(mode="json", include={"seed", "accumulate", "precision", "model", "optimizer",
                                                      "schedule", "data"})
         keep["data"] = {k: keep["data"][k] for k in ("keys", "batch", "val_fraction", "shuffle", "drop_last",
                                                      "preprocess")}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 without base-60 numbers: `time: 1:30:00` stays the text SLURM expects
+    (PyYAML's safe_load would read it as the integer 5400)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
+               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
+def quoted(value: str) -> str:
+    """`value` as a YAML double-quoted scalar: `--set key=<this>` reads back exactly `value`
+    (JSON's escapes, with characters beyond U+FFFF as YAML's \\U escapes, not surrogate pairs)."""
+    def pair(m: re.Match) -> str:
+        hi, lo = int(m.group(1), 16), int(m.group(2), 16)
+        return f"\\U{0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00):08x}"
+
+    return re.sub(r"\\u(d[89ab][0-9a-f]{2})\\u(d[c-f][0-9a-f]{2})", pair, json.dumps(value))
 
 
 def _set(tree: dict, dotted: str, raw: str, origin: str) -> None:
@@ -210,7 +418,7 @@ def _set(tree: dict, dotted: str, raw: str, origin: str) -> None:
             raise BadInput(f"{origin}: --set {dotted}: '{p}' is a value, not a section")
         node = nxt
     try:
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        node[parts[-1]] = _yaml(raw) if raw != "" else ""
     except yaml.YAMLError:
         node[parts[-1]] = raw
 
@@ -234,7 +442,7 @@ def _one_line(e: ValidationError, origin: str, tree: dict) -> str:
         return f"{origin}: {err['msg'].removeprefix('Value error, ')}"
     value = err.get("input")
     shown = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
-    return f"{origin}: {loc} = {shown}: {err['msg']}{more}"
+    return f"{origin}: {loc} = {shown}: {err['msg'].removeprefix('Value error, ')}{more}"
 
 
 def _nearest_key(parts: list[str]) -> Optional[str]:
@@ -265,17 +473,27 @@ def _section_model(annotation: Any) -> Any:
     return None
 
 
-def load_spec(path: Union[str, Path], overrides: Optional[list[str]] = None) -> JobSpec:
-    """Read and validate a job spec; BadInput with one line on any problem."""
-    origin = str(path)
+def read_spec_text(path: Union[str, Path]) -> str:
+    """The job spec file's text; BadInput naming the file when it cannot be read."""
     try:
-        text = Path(path).read_text()
+        return Path(path).read_text()
     except FileNotFoundError:
-        raise BadInput(f"{origin}: job spec not found") from None
+        raise BadInput(f"{path}: job spec not found") from None
     except OSError as e:
-        raise BadInput(f"{origin}: cannot read job spec ({e.strerror})") from None
+        raise BadInput(f"{path}: cannot read job spec ({e.strerror})") from None
+
+
+def load_spec(path: Union[str, Path], overrides: Optional[list[str]] = None, text: Optional[str] = None) -> JobSpec:
+    """Read and validate a job spec; BadInput with one line on any problem.
+
+    text: the spec's YAML as read earlier (a submitted job keeps what was validated at
+    submission); messages still name `path`.
+    """
+    origin = str(path)
+    if text is None:
+        text = read_spec_text(path)
     try:
-        tree = yaml.safe_load(text) or {}
+        tree = _yaml(text) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -8,6 +8,7 @@
 #                          (default ${XDG_CACHE_HOME:-$HOME/.cache}/mpidl)
 #   MPIDL_HOROVOD_SDIST    a horovod-0.28.1.tar.gz to use instead of downloading one
 #   MPIDL_SKIP_HOROVOD=1   set up everything but Horovod
+#   MPIDL_SKIP_CHROMIUM=1  no headless Chromium (only the report-rendering test needs it)
 #   PYTHON                 the interpreter the venv is made from (default python3)
 #   MPIDL_WHEELS           install offline: every Python package from this folder of wheels
 #                          (pip --no-index; `make gpu-check-prepare` fills one)
@@ -46,6 +47,12 @@ can_apt=0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then can_apt=1; fi
 if [ "$can_apt" = 1 ] && [ "${MPIDL_SKIP_SLURM:-0}" != 1 ]; then
     command -v slurmctld >/dev/null || missing+=(slurmctld slurmd slurm-client munge)
+fi
+
+# Headless Chromium: only for the test that opens `mpidl report`'s HTML page (it skips only where
+# this cannot install it). Debian's package is a real browser; Ubuntu's is a snap stub containers cannot run.
+if [ "$can_apt" = 1 ] && [ "${MPIDL_SKIP_CHROMIUM:-0}" != 1 ] && grep -qs '^ID=debian' /etc/os-release; then
+    command -v chromium >/dev/null || missing+=(chromium)
 fi
 
 if [ ${#missing[@]} -gt 0 ]; then

@@ -52,6 +52,11 @@ SlurmctldHost=$1
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# A requeued job may start again cred_expire seconds after its requeue (SLURM's default: 120).
+AuthInfo=cred_expire=10
+# ...and is started at the next scheduler pass: every second here (SLURM's defaults: 30 s for
+# backfill, 60 s for the main loop).
+SchedulerParameters=bf_interval=1,sched_interval=1
 StateSaveLocation=$DIR/state
 SlurmctldLogFile=$DIR/log/slurmctld.log
 SlurmctldPidFile=$DIR/run/slurmctld.pid
@@ -335,12 +340,19 @@ start() {
 }
 
 stop() {
-    if [ -f "$MADE" ]; then stop_nodes; fi
-    for d in slurmd slurmctld munged; do
+    local ours others
+    if [ -f "$MADE" ]; then stop_nodes; fi   # emulated nodes: their daemons end (and are waited for) here
+    ours="$(cat "$DIR/run/slurmd.pid" "$DIR/run/slurmctld.pid" 2>/dev/null || true)"
+    for d in slurmd slurmctld; do
         if alive "$DIR/run/$d.pid"; then
             kill "$(cat "$DIR/run/$d.pid")"
         fi
     done
+    # munged serves every SLURM cluster on this machine: leave it while another one runs.
+    others="$(pgrep -x 'slurmctld|slurmd' | grep -vxF "${ours:-none}" || true)"
+    if [ -z "$others" ] && alive "$DIR/run/munged.pid"; then
+        kill "$(cat "$DIR/run/munged.pid")"
+    fi
     say "stopped"
 }
 

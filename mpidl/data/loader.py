@@ -7,14 +7,20 @@ overlaps the model's compute; a pool of `workers` threads does the reading and d
     large rows (>= 4 KiB) stored as plain bytes (contiguous, or unfiltered chunks of whole
         rows): each batch's rows are read straight into a batch slot, one `pread` per run of
         consecutive rows (the plan moves rows in runs of ~192 KiB), several batches at once;
-    everything else (small rows, compressed chunks, chunks that split rows): a window of
-        whole blocks is read or decoded by the pool into a window buffer, rows in file
-        order, and each batch gathers its rows from there into its slot. Two window
-        buffers: the pool fills the next while batches are cut from this one.
+    chunks that cut only the last axis (h5py's auto chunks of wide rows: a row spans many
+        chunks): a window's chunk rows are decoded (or read, when stored raw) by the pool
+        straight into a window buffer laid out as the chunks are, and each batch gathers
+        every row's pieces from there into its slot (one copy of the bytes after the read);
+    everything else (small rows, other compressed chunks, other splits): a window of whole
+        blocks is read or decoded by the pool into a window buffer, rows in file order, and
+        each batch gathers its rows from there into its slot.
+Two window buffers: the pool fills the next while batches are cut from this one.
 
-Batches are assembled by `workers` threads at once and handed on in order. Memory is bounded
-by two windows of the windowed keys plus `prefetch + 2 + workers` batch slots, whatever the
-dataset's size. On CUDA the slots are pinned and the consumer copies each batch with
+Batches are assembled by `workers` threads, each with one batch queued behind the one it
+works on, and handed on in order as soon as they are ready. Free slots are reused last-
+released-first, so that when the consumer keeps up a few slots cycle in the CPU's cache. Memory
+is bounded by two windows of the windowed keys (plus the chunk rows a window's edges cut, for
+chunks read as stored) and `prefetch + 2 + workers` batch slots, whatever the dataset's size. On CUDA the slots are pinned and the consumer copies each batch with
 non_blocking=True; a slot is refilled only after its copy has finished.
 `loader.spent` tells where the reader's time went in the last pass.
 """
@@ -67,6 +73,7 @@ def _get(q: queue.Queue, stop: threading.Event) -> Any:
 
 DIRECT_ROW_BYTES = 4096  # rows at least this large are read straight into their batch slot
 RUN_BYTES = 192 << 10    # target bytes per direct read: amortises the call, keeps batches mixed
+QUEUED_PER_WORKER = 2    # batches assigned to each assembler thread at once
 
 
 class _Pipeline:
@@ -94,9 +101,14 @@ class _Pipeline:
         # Batches are written into a ring of reused buffers: fresh arrays per batch would cost
         # a page fault per 4 KiB and halve throughput. A slot is free again once the consumer
         # has asked for the batch after it (and, on CUDA, once its copy to the device is done).
-        self.ring = [{k: self._alloc(k) for k in self.keys} for _ in range(prefetch + 2 + workers)]
+        slots = prefetch + 2 + workers
+        rings = {k: self._alloc(k, slots) for k in self.keys}
+        self.ring = [{k: rings[k][i] for k in self.keys} for i in range(slots)]
         self.ring_events: list[Optional[torch.cuda.Event]] = [None] * len(self.ring)
-        self.free_slots: queue.Queue = queue.Queue()
+        # On the CPU, last released first reused: when the consumer keeps up, a few slots cycle
+        # and stay in the CPU's cache (a FIFO walks the whole ring, ~24 MiB of 3 MiB batches).
+        # On CUDA, oldest first: the slot released last may still be copying to the device.
+        self.free_slots: queue.Queue = queue.Queue() if pinned else queue.LifoQueue()
         for i in range(len(self.ring)):
             self.free_slots.put(i)
         # Skip whole windows before start_step; the rest is skipped inside the first one.
@@ -108,11 +120,15 @@ class _Pipeline:
         self.thread = threading.Thread(target=self._guard, daemon=True, name="mpidl-reader")
         self.thread.start()
 
-    def _alloc(self, key: str) -> torch.Tensor:
+    def _alloc(self, key: str, slots: int) -> list[torch.Tensor]:
+        """`slots` batch buffers of `key`. On the CPU they are views of one array: at 4 MiB and
+        more numpy asks the kernel for transparent huge pages (fewer TLB misses on the copies
+        into the ring; a 3 MiB batch on its own gets none)."""
         shape, dtype = (self.batch, *self.shapes[key]), self.dtypes[key]
         if self.pinned:
-            return torch.empty(shape, dtype=_torch_dtype(dtype), pin_memory=True)
-        return torch.from_numpy(np.empty(shape, dtype))
+            return [torch.empty(shape, dtype=_torch_dtype(dtype), pin_memory=True) for _ in range(slots)]
+        block = np.empty((slots, *shape), dtype)
+        return [torch.from_numpy(block[i]) for i in range(slots)]
 
     def _guard(self) -> None:
         try:
@@ -124,23 +140,49 @@ class _Pipeline:
         src, clock, spent = self.source, time.perf_counter, self.spent
         with src.open(self.workers) as reader, ThreadPoolExecutor(self.workers, "mpidl-batch") as assembler:
             direct = [k for k in self.keys if src.row_bytes_of(k) >= DIRECT_ROW_BYTES and reader.addressable(k)]
-            windowed = [k for k in self.keys if k not in direct]
             windows = self.plan.windows[self.first_window:]
+            # Keys whose rows span several chunks are held as the chunks store them (whole chunk
+            # rows, decoded in place); the other windowed keys as rows in file order.
+            columnar = {k: reader.column_chunks(k) for k in self.keys if k not in direct}
+            columnar = {k: shape for k, shape in columnar.items() if shape is not None}
+            windowed = [k for k in self.keys if k not in direct and k not in columnar]
+            chunk_rows = {k: [reader.chunk_rows(k, _coalesce(w.ranges)) for w in windows] for k in columnar}
             max_rows = max((w.rows for w in windows), default=0)
             bufs = [{k: np.empty((max_rows, *self.shapes[k]), self.dtypes[k]) for k in windowed}
                     for _ in range(min(2, len(windows)))]
+            for k, (per, parts, _sub) in columnar.items():
+                most = max(len(rows) for rows, _ in chunk_rows[k])
+                chunk = (per, *self.shapes[k][:-1], self.shapes[k][-1] // parts)
+                for b in bufs:
+                    b[k] = np.empty((most, parts, *chunk), self.dtypes[k])
+            # Per columnar key: the sub-row offsets of a row's pieces, shaped (S, C), added to
+            # where a row starts (chunk_rows) they index the buffer's sub-rows of one column chunk.
+            pieces = {k: np.arange(sub)[:, None] + np.arange(parts)[None, :] * per * sub
+                      for k, (per, parts, sub) in columnar.items()}
             cut: list[list[Future]] = [[], []]  # assembly of batches cut from each window buffer
 
             def fill(n: int) -> Pending:  # window n into buffer n % 2, once no batch still reads it
+                while inflight and not all(f.done() for f in cut[n % 2]):
+                    if not hand_on():
+                        break  # stopped: the reader returns at its next slot
                 for f in cut[n % 2]:
                     f.result()
                 cut[n % 2] = []
-                return reader.start(bufs[n % 2], _coalesce(windows[n].ranges))
+                buf = bufs[n % 2]
+                pending = reader.start({k: buf[k] for k in windowed}, _coalesce(windows[n].ranges))
+                for k in columnar:
+                    pending.futures += reader.start_chunk_rows(k, chunk_rows[k][n][0], buf[k]).futures
+                return pending
 
-            def assemble(slot: int, buf: dict, idx: np.ndarray, rows: Optional[np.ndarray]) -> None:
-                out = self.ring[slot]
+            def assemble(slot: int, n: int, idx: np.ndarray, rows: Optional[np.ndarray]) -> None:
+                out, buf = self.ring[slot], bufs[n % 2]
                 for k in windowed:  # mode "raise" would buffer the whole output first
                     np.take(buf[k], idx, axis=0, out=out[k].numpy(), mode="clip")
+                for k, (per, parts, sub) in columnar.items():  # each row from its C pieces
+                    at = chunk_rows[k][n][1][idx]
+                    flat = buf[k].reshape(-1, buf[k].shape[-1])
+                    into = out[k].numpy()[:idx.size].reshape(idx.size, sub, parts, -1)
+                    np.take(flat, at[:, None, None] + pieces[k], axis=0, out=into, mode="clip")
                 for k in direct:
                     reader.read_rows(k, rows, out[k].numpy())
 
@@ -157,14 +199,23 @@ class _Pipeline:
             skip = self.skip_rows
             for n, w in enumerate(windows):
                 assert pending is not None
+                while inflight and not pending.done():  # the consumer gets batches while it waits
+                    if not hand_on():
+                        return
                 t = clock()
                 pending.wait()
                 spent["window_wait"] += clock() - t
-                buf = bufs[n % 2]
                 if n + 1 < len(windows):
                     pending = fill(n + 1)
                 rows_at = np.concatenate([np.arange(a, z) for a, z in w.ranges]) if direct else None
                 for s in range(skip, w.rows, self.batch):
+                    # Each assembler has a batch queued behind the one it assembles, so it never
+                    # waits for this thread (a wake-up on a busy machine costs milliseconds); no
+                    # more, so that few slots cycle and stay in the CPU's cache. Batches go on in order.
+                    while inflight and (inflight[0][0].done() or self.free_slots.empty()
+                                        or len(inflight) >= QUEUED_PER_WORKER * self.workers):
+                        if not hand_on():
+                            return
                     t = clock()
                     slot = _get(self.free_slots, self.stop)
                     if slot is _DONE:
@@ -174,11 +225,9 @@ class _Pipeline:
                         ev.synchronize()  # its last copy to the device has finished
                     spent["slot_wait"] += clock() - t
                     idx = w.order[s:s + self.batch]
-                    done = assembler.submit(assemble, slot, buf, idx, None if rows_at is None else rows_at[idx])
+                    done = assembler.submit(assemble, slot, n, idx, None if rows_at is None else rows_at[idx])
                     cut[n % 2].append(done)
                     inflight.append((done, slot))
-                    if len(inflight) >= self.workers and not hand_on():
-                        return
                 skip = 0
             while inflight:
                 if not hand_on():

@@ -233,7 +233,8 @@ class Reader:
       contiguous or whole-row unfiltered chunks: rows are bytes at known offsets, read with
           `pread` straight into the caller's buffer (no HDF5 call, the GIL released);
       other chunked data (compressed, or chunks that split rows): chunks read with `pread` and
-          decoded on a pool of `workers` threads (see chunks.py), then copied into place;
+          decoded on a pool of `workers` threads (see chunks.py), then copied into place, or,
+          for chunks that cut only the last axis, kept as stored (start_chunk_rows);
       anything else (other filters, unwritten chunks, external storage): h5py's read_direct.
     `start` submits a window's reads to the pool and returns at once; `read` waits.
     """
@@ -303,6 +304,66 @@ class Reader:
             for key, out in outs.items():
                 self.read_rows(key, rows, out)
         return Pending([self._pool.submit(read)])
+
+    # ------------------------------------------------------------------ whole chunk rows
+    def column_chunks(self, key: str) -> Optional[tuple[int, int, int]]:
+        """(R, C, S) when every file stores `key` in chunks of R rows that cut only the last
+        axis, into C equal parts (h5py's auto chunks of wide rows); S: the sub-rows of a row
+        (the product of the axes between the first and the last). Else None.
+
+        A row then spans C chunks, and copying each chunk's piece into whole rows would
+        cost a strided copy per piece: such keys are read as whole chunk rows, each chunk
+        decoded (or read, when stored raw) straight into its place, and batches gather from
+        them (start_chunk_rows)."""
+        found = set()
+        for st in self._storage:
+            index = st[key]
+            if not isinstance(index, ChunkIndex) or index.row_addressable or len(index.shape) < 2:
+                return None
+            if index.chunks[1:-1] != index.shape[1:-1] or index.shape[-1] % index.chunks[-1]:
+                return None
+            found.add(index.chunks)
+        if len(found) != 1:
+            return None
+        chunks = found.pop()
+        return chunks[0], self.source.shapes[key][-1] // chunks[-1], int(np.prod(chunks[1:-1], dtype=np.int64))
+
+    def chunk_rows(self, key: str, ranges: Sequence[tuple[int, int]]) -> tuple[list[tuple[int, int]], np.ndarray]:
+        """The chunk rows (file, chunk row) that `ranges` (source rows, laid end to end) touch,
+        in order, and where each of those rows lies once they are read into a buffer shaped
+        (chunk rows, C, R, S, last axis / C) by start_chunk_rows: as an index of that buffer's
+        sub-rows (flattened to (-1, last axis / C)), the first of the row's first column chunk."""
+        shape = self.column_chunks(key)
+        assert shape is not None, key
+        per, parts, sub = shape
+        slots: dict[tuple[int, int], int] = {}
+        where = np.empty(sum(b - a for a, b in ranges), np.int64)
+        pos = 0
+        for start, stop in ranges:
+            a, b = start + self._base, stop + self._base
+            i = int(np.searchsorted(self._starts, a, side="right")) - 1
+            while a < b:
+                n = min(b, int(self._starts[i + 1])) - a
+                local = a - int(self._starts[i])
+                for j in range(local // per, (local + n - 1) // per + 1):
+                    r0, r1 = max(local, j * per), min(local + n, (j + 1) * per)
+                    k = slots.setdefault((i, j), len(slots))
+                    where[pos + r0 - local:pos + r1 - local] = (k * parts * per + np.arange(r0 - j * per, r1 - j * per)) * sub
+                pos += n
+                a += n
+                i += 1
+        return list(slots), where
+
+    def start_chunk_rows(self, key: str, rows: Sequence[tuple[int, int]], out: np.ndarray) -> "Pending":
+        """Read chunk rows `rows` (file, chunk row) of `key` whole into out[0], out[1], ...
+        (out shaped (chunk rows, C, *chunk shape)), each chunk straight into its place;
+        one pool task per chunk row. Returns at once."""
+        def read(k: int, i: int, j: int) -> None:
+            index: ChunkIndex = self._storage[i][key]
+            middle = (0,) * (len(index.chunks) - 2)
+            for c in range(out.shape[1]):
+                index.decode(self._fds[i], (j, *middle, c), self._paths[i], into=out[k, c])
+        return Pending([self._pool.submit(read, k, i, j) for k, (i, j) in enumerate(rows)])
 
     # ------------------------------------------------------------------ row ranges
     def read(self, key: str, start: int, stop: int, out: np.ndarray) -> None:
@@ -427,6 +488,9 @@ class Pending:
 
     def __init__(self, futures: list[Future]):
         self.futures = futures
+
+    def done(self) -> bool:
+        return all(f.done() for f in self.futures)
 
     def wait(self) -> None:
         for f in self.futures:

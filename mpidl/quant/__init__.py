@@ -1,6 +1,4 @@
-"""Post-training quantization of trained runs (`mpidl quantize RUN_DIR`)."""
-from __future__ import annotations
+"""Post-training quantization of trained runs (`mpidl quantize RUN_DIR`): see quantize.py.
 
-from mpidl.quant.quantize import quantize_run, render
-
-__all__ = ["quantize_run", "render"]
+Kept empty so that registering the command does not import torch.
+"""

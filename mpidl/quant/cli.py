@@ -7,7 +7,7 @@ import json
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     import mpidl
-    from mpidl.quant import quantize_run
+    from mpidl.quant.quantize import quantize_run
 
     world = mpidl.init()
     report = quantize_run(args.run_dir, world, calibrate=args.calibrate, log=None if args.json else print)

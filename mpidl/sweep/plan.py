@@ -213,7 +213,7 @@ def load(path: str) -> tuple[SweepSpec, list[Task]]:
         except ValidationError as e:
             shown = " ".join(f"{k}={json.dumps(v)}" for k, v in params.items())
             raise BadInput(_one_line(e, f"{origin}: task {index} ({shown})", tree_i)) from None
-        resolved = spec.model_dump(mode="json", exclude={"name", "output"})
+        resolved = spec.model_dump(mode="json", exclude={"name", "output", "slurm"})  # resources: not the task
         tid = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:10]
         if tid in seen:  # a repeated grid value or random draw: the same job, run once
             continue

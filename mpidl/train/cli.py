@@ -6,12 +6,17 @@ import argparse
 
 def cmd_train(args: argparse.Namespace) -> int:
     import mpidl
+    from mpidl.slurm import requeue
     from mpidl.spec import load_spec
     from mpidl.train.trainer import train
 
     world = mpidl.init()
     spec = world.agree(lambda: load_spec(args.job, args.set))  # the same one-line error on every rank
-    summary = train(spec, resume=args.resume, stop_at=args.stop_at, overwrite=args.overwrite)
+    resume = requeue.resume_mode(args.resume) if args.requeue else args.resume
+    summary = train(spec, resume=resume, stop_at=args.stop_at, overwrite=args.overwrite)
+    if summary.get("preempted"):
+        return requeue.after_preemption(world, summary, spec.slurm.requeue_limit,
+                                        requeue.scontrol_requeue() if args.requeue else None)
     if args.require_target and summary["reached_target"] is False:
         if world.rank == 0:
             print(f"target accuracy {spec.target_accuracy} not reached: {summary['final']}")
@@ -29,6 +34,9 @@ def register(sub) -> None:
                    help="start afresh even where the run folder holds an earlier run's checkpoints (they are removed)")
     s.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                    help="leave after this optimizer step with a checkpoint, as if preempted (resume continues)")
+    s.add_argument("--requeue", action="store_true",
+                   help="in an sbatch job: on preemption, requeue it (up to slurm.requeue_limit); once "
+                        "requeued, resume from the newest checkpoint by itself")
     s.add_argument("--require-target", action="store_true",
                    help="exit 1 when the spec's target_accuracy is not reached")
     s.set_defaults(func=cmd_train)

@@ -1,4 +1,5 @@
-"""Gradient averaging behind one small interface: horovod (default), ddp, mpi.
+"""Gradient averaging behind one small interface: horovod (default), ddp, mpi; and none,
+the no-communication baseline of scaling studies (each rank keeps its own gradients).
 
     backend = make_backend("horovod", world, options)
     model, optimizer = backend.prepare(model, optimizer)   # wrap; rank 0's state everywhere
@@ -11,6 +12,8 @@ horovod  allreduces start in backward hooks and overlap it; sync waits for the r
 ddp      bucketed allreduces run inside backward (overlapped); sync is a no-op, so the
          trainer's "sync" time is zero and the communication sits in forward+backward.
 mpi      nothing overlaps: sync flattens gradients into buckets and runs MPI Allreduce.
+none     no gradient is sent and ranks never wait for each other; a log window's step time is
+         the slowest rank's (the pace a synchronous step could at best keep).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from torch import nn
 
 from mpidl.errors import BadInput
 
-NAMES = ("horovod", "ddp", "mpi")
+NAMES = ("horovod", "ddp", "mpi", "none")
 
 
 class Backend:
@@ -105,4 +108,8 @@ def make_backend(name: str, world, options: dict) -> Backend:
         from mpidl.train.backends.mpi import MPIBackend
 
         return MPIBackend(world, options)
+    if name == "none":
+        from mpidl.train.backends.nocomm import NoCommBackend
+
+        return NoCommBackend(world, options)
     raise BadInput(f"backend: unknown backend {name!r} (choose from {', '.join(NAMES)})")

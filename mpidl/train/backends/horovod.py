@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from typing import Iterator
 
 import torch
@@ -25,6 +26,28 @@ from mpidl.world import before_finalize
 # and stall_shutdown_s + stall_check_s after a stall began (30-40 s here), and the job ends after.
 STALL_DEFAULTS = {"stall_check_s": 10, "stall_shutdown_s": 30}
 
+# Environment Horovod reads at init, set here unless the user's environment already has it
+# (the job's fusion_threshold_mb / cycle_time_ms win over both). Measured by
+# benchmarks/bench_allreduce.py, which runs Horovod with these same defaults.
+DEFAULTS: dict[str, str] = {}
+
+# How the training thread waits for allreduces still in flight. Horovod's synchronize() spins
+# (sched_yield in a loop) until each one is done, and that thread shares its core with
+# Horovod's background thread, which is the one driving MPI: the spin takes the core's time
+# from the transfer. "sleep" polls with a short sleep instead; "spin" keeps Horovod's own wait.
+WAIT_ENV = "MPIDL_HOROVOD_WAIT"
+
+
+def wait(handles) -> None:
+    """Return once every Horovod handle is done (then synchronize() no longer blocks)."""
+    if os.environ.get(WAIT_ENV, "sleep") == "spin":
+        return
+    delay = 20e-6
+    for h in handles:
+        while not hvd.poll(h):
+            time.sleep(delay)
+            delay = min(2 * delay, 200e-6)  # at most ~0.2 ms late: small beside a gradient allreduce
+
 
 class HorovodBackend(Backend):
     name = "horovod"
@@ -34,6 +57,8 @@ class HorovodBackend(Backend):
 
     def __init__(self, world, options: dict):
         super().__init__(world, options)
+        for key, value in DEFAULTS.items():
+            os.environ.setdefault(key, value)
         if options.get("fusion_threshold_mb") is not None:
             os.environ["HOROVOD_FUSION_THRESHOLD"] = str(int(float(options["fusion_threshold_mb"]) * 2**20))
         if options.get("cycle_time_ms") is not None:
@@ -69,6 +94,9 @@ class HorovodBackend(Backend):
         return model, dist
 
     def sync_gradients(self, model: nn.Module, optimizer) -> None:
+        # The allreduces backward started; entries are (handle, ctx), a handle None or a
+        # callable where Horovod has not started one yet (synchronize() does those).
+        wait([h for h, _ in getattr(optimizer, "_handles", {}).values() if isinstance(h, int)])
         optimizer.synchronize()
 
     def step(self, optimizer) -> None:

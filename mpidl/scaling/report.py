@@ -1,0 +1,624 @@
+"""`mpidl report STUDY_DIR`: plots, CSV, Markdown and a self-contained HTML page of a study.
+
+Writes into STUDY_DIR: throughput.png, efficiency.png, breakdown.png, allreduce.png (when an
+allreduce measurement is there), prediction.png, points.csv, runs.csv, report.md and
+report.html (the same content, images embedded, nothing fetched from elsewhere).
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import statistics
+from pathlib import Path
+from typing import Optional
+
+from mpidl.errors import BadInput
+from mpidl.scaling import efficiency, model
+
+BASELINE = "none"
+COLORS = {"horovod": "#1f77b4", "mpi": "#2ca02c", "ddp": "#d62728", BASELINE: "#555555", "torch-gloo": "#d62728",
+          "torch-nccl": "#d62728", "horovod-stock": "#9467bd"}
+SPARE = ["#ff7f0e", "#17becf", "#8c564b", "#e377c2", "#bcbd22", "#7f7f7f"]
+
+
+def _color(name: str, others: list[str]) -> str:
+    """A fixed colour for the known backends, a distinct spare one for any other variant."""
+    if name in COLORS:
+        return COLORS[name]
+    extra = sorted(n for n in others if n not in COLORS)
+    return SPARE[extra.index(name) % len(SPARE)]
+BUCKET_COLORS = {"data": "#9ecae1", "compute": "#3182bd", "sync": "#e6550d", "optimizer": "#31a354"}
+LABEL = {BASELINE: "no-comm baseline"}
+
+POINT_COLUMNS = ["backend", "size", "oversubscribed", "repetitions", "throughput", "throughput_min", "throughput_max",
+                 "step_time", "data", "compute", "sync", "optimizer", "speedup", "efficiency",
+                 "efficiency_vs_lone_rank", "machine_limit", "of_limit", "comm_share", "sync_share", "karp_flatt",
+                 "flagged"]
+RUN_COLUMNS = ["order", "rep", "size", "backend", "oversubscribed", "batch_per_rank", "global_batch", "returncode",
+               "seconds", "load_before", "load_after", "throughput", "step_time", "data", "compute", "sync", "optimizer", "breakdown_source",
+               "windows", "error", "run_dir"]
+
+
+def load(study_dir: Path) -> dict:
+    path = study_dir / "study.json"
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BadInput(f"{path}: no study here (run `mpidl scale STUDY.yaml` first)") from None
+    except (OSError, ValueError) as e:
+        raise BadInput(f"{path}: unreadable study ({e})") from None
+    if doc.get("kind") != "mpidl scaling study" or "table" not in doc:
+        raise BadInput(f"{path}: not an mpidl scaling study")
+    return doc
+
+
+def _label(b: str) -> str:
+    return LABEL.get(b, b)
+
+
+def _backends(table: list[dict]) -> list[str]:
+    names = sorted({r["backend"] for r in table}, key=lambda b: (b == BASELINE, b))
+    return names
+
+
+def _series(table: list[dict], backend: str, key: str) -> tuple[list[int], list[float], list[bool]]:
+    rows = sorted((r for r in table if r["backend"] == backend and r.get(key) is not None), key=lambda r: r["size"])
+    return [r["size"] for r in rows], [r[key] for r in rows], [r["oversubscribed"] for r in rows]
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _ranks_axis(ax, sizes: list[int]) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes)
+    ax.set_xticklabels([str(s) for s in sizes])
+    ax.set_xlabel("ranks")
+    ax.grid(True, alpha=0.3)
+
+
+def _shade_oversubscribed(ax, table: list[dict]) -> None:
+    over = sorted({r["size"] for r in table if r["oversubscribed"]})
+    if over:
+        ax.axvspan(over[0] / 2**0.5, over[-1] * 2**0.5, color="#f4cccc", alpha=0.4, lw=0,
+                   label="oversubscribed (more ranks than cores)")
+
+
+def plot_throughput(doc: dict) -> bytes:
+    plt = _plt()
+    table = doc["table"]
+    sizes = sorted({r["size"] for r in table})
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    _shade_oversubscribed(ax, table)
+    for b in _backends(table):
+        xs, ys, _ = _series(table, b, "throughput")
+        rows = sorted((r for r in table if r["backend"] == b), key=lambda r: r["size"])
+        lo = [r["throughput"] - r["throughput_min"] for r in rows]
+        hi = [r["throughput_max"] - r["throughput"] for r in rows]
+        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, color=COLORS.get(b), label=_label(b),
+                    ls="--" if b == BASELINE else "-")
+    base1 = next((r for r in table if r["backend"] == BASELINE and r["size"] == 1), None)
+    ref = base1 or next((r for r in table if r["size"] == 1), None)
+    if ref:
+        per = ref["throughput"] if doc["study"]["mode"] == "weak" else ref["throughput"]
+        ax.plot(sizes, [per * p for p in sizes], ":", color="black",
+                label=f"ideal: p × {_label(ref['backend'])} at 1 rank")
+    _ranks_axis(ax, sizes)
+    ax.set_ylabel("samples/s (all ranks)")
+    ax.set_title(f"{doc['study']['name']}: throughput ({doc['study']['mode']} scaling; median, min–max bars)")
+    ax.legend(fontsize=8)
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def plot_efficiency(doc: dict) -> bytes:
+    plt = _plt()
+    table = doc["table"]
+    sizes = sorted({r["size"] for r in table})
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.3), sharey=True)
+    for ax, key, title in ((a1, "efficiency", "E(p) = X(p) / (p·X(1)), each backend's own 1 rank"),
+                           (a2, "efficiency_vs_lone_rank", "E*(p) = X(p) / (p·X₀(1)) and the machine's limit L(p)")):
+        _shade_oversubscribed(ax, table)
+        for b in _backends(table):
+            if b == BASELINE and key == "efficiency_vs_lone_rank":
+                xs, ys, _ = _series(table, b, "machine_limit")
+                ax.plot(xs, ys, "s--", color=COLORS[b], lw=2.5, label="L(p): no-comm baseline (machine limit)")
+                continue
+            xs, ys, _ = _series(table, b, key)
+            ax.plot(xs, ys, "o-" if b != BASELINE else "s--", color=COLORS.get(b), label=_label(b))
+        ax.axhline(1.0, color="black", ls=":", lw=1)
+        ax.axhline(doc["study"].get("flag_below", 0.8), color="#cc0000", ls=":", lw=1,
+                   label=f"flag below {doc['study'].get('flag_below', 0.8)}")
+        _ranks_axis(ax, sizes)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    a1.set_ylabel("efficiency")
+    top = max([1.0] + [r.get(k) or 0 for r in table for k in ("efficiency", "efficiency_vs_lone_rank")])
+    a1.set_ylim(0, 1.1 * top)
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def plot_breakdown(doc: dict) -> bytes:
+    plt = _plt()
+    table = doc["table"]
+    sizes = sorted({r["size"] for r in table})
+    backends = _backends(table)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(sizes) * len(backends)), 4.5))
+    width = 0.8 / len(backends)
+    labels_done = set()
+    ticks, ticklabels = [], []
+    for i, p in enumerate(sizes):
+        for j, b in enumerate(backends):
+            r = next((r for r in table if r["backend"] == b and r["size"] == p), None)
+            if r is None:
+                continue
+            x = i + (j - (len(backends) - 1) / 2) * width
+            bottom = 0.0
+            for k in efficiency.BUCKETS:
+                v = 1e3 * (r.get(k) or 0.0)
+                ax.bar(x, v, width * 0.9, bottom=bottom, color=BUCKET_COLORS[k],
+                       label=k if k not in labels_done else None, hatch="//" if r["oversubscribed"] else None,
+                       edgecolor="white")
+                labels_done.add(k)
+                bottom += v
+            ax.plot([x - width * 0.45, x + width * 0.45], [1e3 * r["step_time"]] * 2, color="black", lw=1)
+            ticks.append(x)
+            ticklabels.append(f"{_label(b)}\np={p}" + (" (over)" if r["oversubscribed"] else ""))
+    ax.set_xticks(ticks)
+    ax.set_xticklabels(ticklabels, fontsize=7)
+    ax.set_ylabel("ms per step (medians; black line: measured step time)")
+    ax.set_title(f"where a step's time goes ({doc['points'][0]['breakdown_source'] if doc['points'] else ''})",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def plot_allreduce(ar: dict) -> bytes:
+    plt = _plt()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    styles = ["-", "--", "-.", ":"]
+    ranks = sorted({s["ranks"] for s in ar["summary"]})
+    names = sorted({s["backend"] for s in ar["summary"]})
+    for b in names:
+        for i, n in enumerate(ranks):
+            pts = sorted((s for s in ar["summary"] if s["backend"] == b and s["ranks"] == n), key=lambda s: s["bytes"])
+            if pts:
+                a1.plot([s["bytes"] for s in pts], [s["busbw_GBps"] for s in pts], styles[i % 4], marker=".",
+                        color=_color(b, names), label=f"{b}, {n} ranks")
+    a1.set_xscale("log", base=2)
+    a1.set_xlabel("message size (bytes)")
+    a1.set_ylabel("busbw (GB/s) = algbw · 2(n−1)/n")
+    a1.set_title("allreduce bus bandwidth (median over repeats)", fontsize=9)
+    a1.grid(True, alpha=0.3)
+    a1.legend(fontsize=7)
+    variants = sorted({r["variant"] for r in ar.get("ratios", [])})
+    for i, n in enumerate(ranks):
+        for j, v in enumerate(variants):
+            pts = sorted((r for r in ar["ratios"] if r["ranks"] == n and r["variant"] == v), key=lambda r: r["bytes"])
+            a2.plot([r["bytes"] for r in pts], [r["ratio"] for r in pts], styles[i % 4], marker="os^vD"[j % 5],
+                    color=_color(v, names), label=f"{v} / raw MPI, {n} ranks")
+    a2.axhline(0.9, color="#cc0000", ls=":", label="goal 0.9 at ≥ 16 MiB")
+    a2.axvline(16 * 2**20, color="gray", ls=":")
+    a2.set_xscale("log", base=2)
+    a2.set_xlabel("message size (bytes)")
+    a2.set_ylabel("busbw ratio")
+    a2.set_title("Horovod busbw / raw MPI busbw (medians of paired repeats)", fontsize=9)
+    a2.grid(True, alpha=0.3)
+    a2.legend(fontsize=7)
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def prediction(doc: dict, allreduce: Optional[Path]) -> tuple[Optional[dict], str]:
+    """The model's rows from the study's inputs out to predict.max_ranks, or why not."""
+    try:
+        work, machine, assumed = model.from_study(doc, allreduce=allreduce)
+        measured = sorted({r["size"] for r in doc["table"]})
+        top = assumed["max_ranks"]
+        sizes = sorted(set(model.powers_of_two(top)) | set(measured))
+        sizes = [p for p in sizes if p <= machine.ranks_per_node or p % machine.ranks_per_node == 0]
+        rows = model.predict(work, machine, sizes, assumed["overlap"], assumed["bucket_mb"] * 2**20)
+    except BadInput as e:
+        return None, str(e)
+    fits = {}
+    law = "amdahl" if doc["study"]["mode"] == "strong" else "gustafson"
+    fit = model.fit_amdahl if law == "amdahl" else model.fit_gustafson
+    for b in _backends(doc["table"]):
+        pts = [r for r in doc["table"] if r["backend"] == b and r.get("speedup") and not r["oversubscribed"]]
+        s = fit([r["size"] for r in pts], [r["speedup"] for r in pts])
+        if s is not None:
+            fits[b] = {"law": law, "serial_fraction": s, "points": len(pts)}
+    return {"assumed": assumed, "rows": rows, "fits": fits}, ""
+
+
+def plot_prediction(doc: dict, pred: dict) -> bytes:
+    plt = _plt()
+    rows = pred["rows"]
+    sizes = [r["size"] for r in rows]
+    table = doc["table"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.6))
+    for key, ax in (("throughput", a1), ("efficiency", a2)):
+        for variant, style, label in (("hierarchical_overlap", "-", "model: hierarchical, overlap ω"),
+                                      ("ring_overlap", "--", "model: ring, overlap ω"),
+                                      ("ring_no_overlap", ":", "model: ring, no overlap")):
+            ax.plot(sizes, [r[variant][key] for r in rows], style, color="black", lw=1.3, label=label)
+        for b in _backends(table):
+            src = "efficiency" if key == "efficiency" else "throughput"
+            xs, ys, over = _series(table, b, src if b != BASELINE or key != "efficiency" else "machine_limit")
+            ax.scatter([x for x, o in zip(xs, over) if not o], [y for y, o in zip(ys, over) if not o], s=40,
+                       color=COLORS.get(b), zorder=3, label=f"measured {_label(b)}")
+            if any(over):
+                ax.scatter([x for x, o in zip(xs, over) if o], [y for y, o in zip(ys, over) if o], s=40,
+                           facecolors="none", edgecolors=COLORS.get(b), zorder=3)
+        best = _best_fit(pred["fits"])
+        if best:
+            b, f = best
+            x1 = next((r["throughput"] for r in table if r["backend"] == b and r["size"] == 1), None)
+            law = model.amdahl if f["law"] == "amdahl" else model.gustafson
+            if x1:
+                vals = [law(f["serial_fraction"], p) for p in sizes]
+                ys = [x1 * v for v in vals] if key == "throughput" else [v / p for v, p in zip(vals, sizes)]
+                ax.plot(sizes, ys, "-.", color=COLORS.get(b), alpha=0.7,
+                        label=f"{f['law'].capitalize()} fit to {_label(b)} (s = {f['serial_fraction']:.3g})")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("ranks (GPUs)")
+        ax.grid(True, alpha=0.3, which="both")
+    a1.set_yscale("log")
+    a1.set_ylabel("samples/s")
+    a2.set_ylabel("efficiency E(p)")
+    a2.set_ylim(0, 1.1)
+    a = pred["assumed"]
+    fig.suptitle(f"measured points and the model to {sizes[-1]} ranks: {a['ranks_per_node']} ranks/node, "
+                 f"intra {a['intra']['name']}, inter {a['inter']['name']}", fontsize=9)
+    a1.legend(fontsize=7)
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def _best_fit(fits: dict) -> Optional[tuple[str, dict]]:
+    cands = [(b, f) for b, f in fits.items() if b != BASELINE]
+    return min(cands, key=lambda bf: bf[1]["serial_fraction"]) if cands else None
+
+
+# ---------------------------------------------------------------- tables and text
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else ""
+    if isinstance(v, float):
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        return f"{v:.{digits}g}" if abs(v) < 1 else f"{v:.{digits + 1}g}"
+    return str(v)
+
+
+def _csv(rows: list[dict], columns: list[str]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in columns})
+    return buf.getvalue()
+
+
+def _run_rows(doc: dict) -> list[dict]:
+    out = []
+    for r in doc["runs"]:
+        row = {**r, **(r.get("breakdown") or {})}
+        row["windows"] = len(r.get("windows") or [])
+        out.append(row)
+    return out
+
+
+def _points_view(doc: dict) -> tuple[list[str], list[list[str]]]:
+    head = ["backend", "p", "samples/s (min–max)", "ms/step", "data", "compute", "sync", "opt", "S(p)", "E(p)",
+            "E*(p)", "L(p)", "X/X₀", "comm share", "sync share", "KF"]
+    body = []
+    for r in doc["table"]:
+        flags = (" ⚑" if r["flagged"] else "") + (" (oversubscribed)" if r["oversubscribed"] else "")
+        body.append([_label(r["backend"]), f"{r['size']}{flags}",
+                     f"{_fmt(r['throughput'])} ({_fmt(r['throughput_min'])}–{_fmt(r['throughput_max'])})",
+                     _fmt(1e3 * r["step_time"]),
+                     *[_fmt(1e3 * r[k]) if r.get(k) is not None else "–" for k in efficiency.BUCKETS],
+                     _fmt(r.get("speedup")), _fmt(r.get("efficiency")), _fmt(r.get("efficiency_vs_lone_rank")),
+                     _fmt(r.get("machine_limit")), _fmt(r.get("of_limit")), _fmt(r.get("comm_share")),
+                     _fmt(r.get("sync_share")), _fmt(r.get("karp_flatt"))])
+    return head, body
+
+
+def _goals_view(doc: dict, ar: Optional[dict]) -> tuple[list[str], list[list[str]]]:
+    head = ["goal", "size", "measured", "target", "met"]
+    body = [[g["goal"], f"{g['size']}" + (" (oversubscribed)" if g["oversubscribed"] else ""), _fmt(g["value"]),
+             _fmt(g["target"]), "yes" if g["met"] else "NO"] for g in doc.get("goals", [])]
+    for g in _allreduce_goals(ar):
+        body.append([g["goal"], f"{g['ranks']} ranks, {g['bytes'] // 2**20} MiB", _fmt(g["value"]), _fmt(g["target"]),
+                     "yes" if g["met"] else "NO"])
+    return head, body
+
+
+def _allreduce_goals(ar: Optional[dict]) -> list[dict]:
+    """The goal is judged on Horovod as mpidl runs it; other variants are notes."""
+    return [g for g in (ar or {}).get("goals", []) if g.get("variant", "horovod") == "horovod"]
+
+
+def _other_variants(ar: Optional[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for g in (ar or {}).get("goals", []):
+        if g.get("variant", "horovod") != "horovod":
+            out.setdefault(g["variant"], []).append(g)
+    return out
+
+
+def _prediction_view(pred: dict) -> tuple[list[str], list[list[str]]]:
+    head = ["ranks", "nodes", "T_c ms", "ring ms", "hier ms", "T ms (best, ω)", "samples/s", "E (best, ω)",
+            "E ring no overlap", "best"]
+    body = []
+    for r in pred["rows"]:
+        pr, no = r["predicted"], r["ring_no_overlap"]
+        body.append([str(r["size"]), str(r["nodes"]), _fmt(1e3 * r["compute_s"]), _fmt(1e3 * r["allreduce_ring_s"]),
+                     _fmt(1e3 * r["allreduce_hierarchical_s"]), _fmt(1e3 * pr["step_s"]), _fmt(pr["throughput"]),
+                     _fmt(pr["efficiency"]), _fmt(no["efficiency"]), r["best"]])
+    return head, body
+
+
+def _env_view(doc: dict) -> list[tuple[str, str]]:
+    e = doc["environment"]
+    keys = ["host", "cpu_model", "cores", "cpu_count", "gpu", "gpus", "os", "python", "torch", "cuda", "nccl", "mpi",
+            "mpi4py", "horovod", "numpy", "h5py", "commit"]
+    out = [(k, str(e.get(k))) for k in keys if k in e]
+    launcher = e.get("launcher") or {}
+    out.append(("launcher", f"{launcher.get('name')} ({launcher.get('version')}) {' '.join(launcher.get('args', []))}"))
+    if "tuning_env" in e:
+        out.append(("tuning environment", " ".join(f"{k}={v}" for k, v in e["tuning_env"].items()) or "none set"))
+    out.append(("started / finished", f"{doc.get('started')} / {doc.get('finished', 'not finished')}"))
+    return out
+
+
+def _settings(doc: dict) -> list[tuple[str, str]]:
+    s = doc["study"]
+    batch = (f"{s['batch_per_rank'] or doc['job']['data']['batch']} per rank" if s["mode"] == "weak"
+             else f"{s['global_batch']} global (÷ p per rank)")
+    return [("job", f"{doc['job_file']} ({doc['job']['model']['name']}, {doc['job']['precision']})"),
+            ("overrides", " ".join(s["set"]) or "–"), ("mode", s["mode"]), ("batch", batch),
+            ("sizes", ", ".join(map(str, s["sizes"]))), ("backends", ", ".join(s["backends"])
+                                                           + (" + no-comm baseline" if s["baseline"] else "")),
+            ("steps", f"{s['warmup_steps']} warm-up + {s['steps']} measured, windows of {s['window']}"),
+            ("repetitions", f"{s['repetitions']} (interleaved: sizes up/down alternately, backends rotated)"),
+            ("threads per rank", str(s["threads_per_rank"] or "unset")),
+            ("breakdown from", doc["points"][0]["breakdown_source"] if doc["points"] else "–"),
+            ("gradient parameters", _fmt((doc.get("model_inputs") or {}).get("grad_params")))]
+
+
+def _notes(doc: dict, ar: Optional[dict]) -> list[str]:
+    """What falls short, said plainly, from the numbers."""
+    notes = []
+    for g in doc.get("goals", []):
+        if not g["met"]:
+            r = next((r for r in doc["table"] if r["backend"] == g["goal"].split()[0] and r["size"] == g["size"]), {})
+            why = (f" There its step takes {_fmt(1e3 * r.get('step_time', 0))} ms (data {_fmt(1e3 * (r.get('data') or 0))}, "
+                   f"compute {_fmt(1e3 * (r.get('compute') or 0))}, sync {_fmt(1e3 * (r.get('sync') or 0))}, optimizer "
+                   f"{_fmt(1e3 * (r.get('optimizer') or 0))} ms); its communication share c = 1 − T₀/T is "
+                   f"{_fmt(r.get('comm_share'))}.") if r else ""
+            notes.append(f"Not met: {g['goal']} at {g['size']} ranks: {_fmt(g['value'])} vs {_fmt(g['target'])}."
+                         + (" (oversubscribed point)" if g["oversubscribed"] else "") + why)
+    for g in _allreduce_goals(ar):
+        if not g["met"]:
+            notes.append(f"Not met: {g['goal']} at {g['ranks']} ranks, {g['bytes'] // 2**20} MiB: {_fmt(g['value'])}.")
+    for v, gs in _other_variants(ar).items():
+        notes.append(f"Other Horovod setting {v}: busbw / raw MPI at ≥ 16 MiB {_fmt(min(g['value'] for g in gs))}"
+                     f"–{_fmt(max(g['value'] for g in gs))} (see allreduce.json).")
+    at1 = {r["backend"]: r for r in doc["table"] if r["size"] == 1}
+    if "mpi" in at1 and BASELINE in at1:
+        ratio = at1["mpi"]["throughput"] / at1[BASELINE]["throughput"]
+        notes.append(f"Noise floor: at 1 rank the mpi backend and the baseline run the same code (nothing is "
+                     f"sent), yet their medians differ: X_mpi(1) / X₀(1) = {_fmt(ratio)}. Differences between "
+                     f"backends smaller than |1 − {_fmt(ratio)}| = {_fmt(abs(1 - ratio))} are not resolved by this study.")
+    ranges = [(r["throughput_max"] - r["throughput_min"]) / r["throughput"] for r in doc["table"]
+              if r.get("repetitions", 1) > 1 and r["throughput"]]
+    if ranges and statistics.median(ranges) > 0.1:
+        notes.append(f"Spread: the repetitions of one point range over {_fmt(statistics.median(ranges))} of their "
+                     f"median (max − min, the median over points; {_fmt(min(ranges))}–{_fmt(max(ranges))}), so a "
+                     "single goal comparison near its target can flip between two runs of this study.")
+    loads = [r["load_before"] for r in doc["runs"] if r.get("load_before") is not None]
+    cores = doc["environment"].get("cores") or 1
+    if loads and statistics.median(loads) > cores:
+        notes.append(f"The machine was shared: the load average before a run was {statistics.median(loads):.1f} "
+                     f"(median; {min(loads):.1f}–{max(loads):.1f}) on {cores} cores, so other processes competed "
+                     "with the ranks for the cores. Figures are medians of interleaved repetitions; ratios between "
+                     "backends at one size are more trustworthy than absolute rates.")
+    over = sorted({r["size"] for r in doc["table"] if r["oversubscribed"]})
+    if over:
+        notes.append(f"Sizes {over} run more ranks than the {doc['environment'].get('cores')} cores: ranks share cores, "
+                     "so these points measure time slicing, not scaling; they are shown hatched or hollow.")
+    flagged = [r for r in doc["table"] if r["flagged"] and r["backend"] != BASELINE]
+    for r in flagged:
+        notes.append(f"Flagged: {r['backend']} at p={r['size']}: E* = {_fmt(r.get('efficiency_vs_lone_rank'))} "
+                     f"< {doc['study'].get('flag_below')}.")
+    failed = [r for r in doc["runs"] if r.get("throughput") is None]
+    for r in failed:
+        notes.append(f"Run {r['run_dir']} failed: {r.get('error')}.")
+    return notes
+
+
+def _html_table(head: list[str], body: list[list[str]]) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
+
+
+def _md_table(head: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def _kv_html(pairs: list[tuple[str, str]]) -> str:
+    return "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in pairs) \
+        + "</table>"
+
+
+def _kv_md(pairs: list[tuple[str, str]]) -> str:
+    return "\n".join(f"- **{k}**: {v}" for k, v in pairs)
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.6em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;text-align:left}
+th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}pre{background:#f7f7f7;padding:.8em;overflow:auto;
+font-size:12px}.note{background:#fff4e5;border-left:4px solid #f0a020;padding:.4em .8em;margin:.4em 0}"""
+
+
+def write_report(study_dir: Path, allreduce: Optional[Path] = None) -> list[Path]:
+    doc = load(study_dir)
+    if not doc["table"]:
+        raise BadInput(f"{study_dir / 'study.json'}: no successful run to report")
+    ar_path = allreduce or (study_dir / "allreduce.json")
+    ar = None
+    if ar_path.exists():
+        try:
+            ar = json.loads(ar_path.read_text())
+            ar["summary"]
+        except (OSError, ValueError, KeyError):
+            raise BadInput(f"{ar_path}: not a bench_allreduce result") from None
+    elif allreduce is not None:
+        raise BadInput(f"{allreduce}: allreduce results not found")
+
+    pred, why_not = prediction(doc, ar_path if ar is not None else None)
+    images: dict[str, tuple[bytes, str]] = {
+        "throughput.png": (plot_throughput(doc), "Throughput against ranks, with the ideal line"),
+        "efficiency.png": (plot_efficiency(doc), "Efficiency against ranks, with the no-communication baseline"),
+        "breakdown.png": (plot_breakdown(doc), "Step time breakdown per size and backend"),
+    }
+    if ar is not None:
+        images["allreduce.png"] = (plot_allreduce(ar), "Allreduce bus bandwidth against message size per backend")
+    if pred is not None:
+        images["prediction.png"] = (plot_prediction(doc, pred),
+                                    f"Measured points and the model's prediction to {pred['rows'][-1]['size']} ranks")
+    written = []
+    for name, (png, _) in images.items():
+        (study_dir / name).write_bytes(png)
+        written.append(study_dir / name)
+    points_csv = _csv(doc["table"], POINT_COLUMNS)
+    runs_csv = _csv(_run_rows(doc), RUN_COLUMNS)
+    (study_dir / "points.csv").write_text(points_csv)
+    (study_dir / "runs.csv").write_text(runs_csv)
+    written += [study_dir / "points.csv", study_dir / "runs.csv"]
+    if pred is not None:
+        (study_dir / "prediction.json").write_text(json.dumps(pred, indent=2) + "\n")
+        written.append(study_dir / "prediction.json")
+
+    s = doc["study"]
+    title = f"Scaling study {s['name']}: {s['mode']} scaling of {doc['job']['model']['name']}"
+    ph, pb = _points_view(doc)
+    gh, gb = _goals_view(doc, ar)
+    notes = _notes(doc, ar)
+    formulas = [(name, f, why) for name, f, why in efficiency.FORMULAS]
+    pred_intro = ""
+    if pred is not None:
+        a = pred["assumed"]
+        pred_intro = (f"Inputs: compute {_fmt(1e3 * a['compute_s'])} ms per step ({a['compute_source']}); "
+                      f"{_fmt(a['grad_params'])} gradient parameters × {a['bytes_per_param']} B = "
+                      f"{a['grad_bytes'] / 2**20:.2f} MiB per step; {a['ranks_per_node']} ranks per node; intra "
+                      f"{a['intra']['name']} (α {a['intra']['alpha'] * 1e6:.2f} µs, "
+                      f"{a['intra']['bandwidth_GBps']:.2f} GB/s); inter {a['inter']['name']} "
+                      f"(α {a['inter']['alpha'] * 1e6:.2f} µs, {a['inter']['bandwidth_GBps']:.2f} GB/s per node); "
+                      f"overlap ω = {a['overlap']:.2f}; last bucket {a['bucket_mb']} MiB; contention L = "
+                      f"{ {k: round(v, 3) for k, v in (a['contention_limit'] or {}).items()} or 'none measured'}.")
+        fits = "; ".join(f"{f['law'].capitalize()} fit of {_label(b)}: s = {f['serial_fraction']:.4g} "
+                         f"({f['points']} points)" for b, f in pred["fits"].items())
+        pred_intro += (" " + fits + ".") if fits else ""
+    ar_text = ""
+    if ar is not None:
+        fits = ar.get("fits", {})
+        ar_text = "; ".join(f"{b} p={p}: α = {f['alpha_s'] * 1e6:.1f} µs, B = "
+                            + (f"{f['bandwidth_GBps']:.2f} GB/s" if f["bandwidth_GBps"] else "unreadable (noise)")
+                            for b, by in fits.items() for p, f in by.items())
+        tuning = ar.get("horovod_settings")
+        if tuning:
+            ar_text += f". Horovod settings: {json.dumps(tuning)}"
+
+    # ------------------------------------------------ Markdown
+    md = [f"# {title}", "", f"Machine: {doc['environment'].get('cpu_model')}, {doc['environment'].get('cores')} cores"
+          + (f", {doc['environment'].get('gpu')}" if doc['environment'].get('gpu') else "")
+          + f"; commit {doc['environment'].get('commit')}.", ""]
+    if not doc.get("complete"):
+        md += ["**This study did not finish: the figures cover the runs done so far.**", ""]
+    md += ["## Goals, as measured", "", _md_table(gh, gb) if gb else "No goal applies to this study.", ""]
+    md += ["## What falls short, and why", ""] + [f"- {n}" for n in notes] + ([""] if notes else ["Nothing.", ""])
+    md += ["## Points (medians over repetitions)", "", _md_table(ph, pb), "",
+           "⚑: efficiency E* below the flag threshold. Times in ms.", ""]
+    for name, (_, caption) in images.items():
+        md += [f"### {caption}", "", f"![{caption}]({name})", ""]
+    md += ["## Formulas", ""] + [f"- **{n}**: `{f}` — {w}" for n, f, w in formulas] + [""]
+    md += ["## The model", "", pred_intro or f"No prediction: {why_not}", "", "```", model.FORMULAS, "```", ""]
+    if pred is not None:
+        md += [_md_table(*_prediction_view(pred)), ""]
+    if ar_text:
+        md += ["## Allreduce fits (bench_allreduce)", "", ar_text, ""]
+    md += ["## Settings", "", _kv_md(_settings(doc)), "", "## Environment", "", _kv_md(_env_view(doc)), "",
+           "Raw numbers: [points.csv](points.csv), [runs.csv](runs.csv), [study.json](study.json)"
+           + (", [prediction.json](prediction.json)" if pred else "") + ".", ""]
+    (study_dir / "report.md").write_text("\n".join(md))
+    written.append(study_dir / "report.md")
+
+    # ------------------------------------------------ HTML (self-contained)
+    def img(name: str, caption: str) -> str:
+        b64 = base64.b64encode(images[name][0]).decode()
+        return f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{b64}"><figcaption>' \
+               f'{html.escape(caption)}</figcaption></figure>'
+
+    def download(name: str, text: str, mime: str) -> str:
+        b64 = base64.b64encode(text.encode()).decode()
+        return f'<a download="{name}" href="data:{mime};base64,{b64}">{name}</a>'
+
+    h = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+         f"<style>{CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>",
+         f"<p>{html.escape(md[2])}</p>"]
+    if not doc.get("complete"):
+        h.append("<p class='note'>This study did not finish: the figures cover the runs done so far.</p>")
+    h += ["<h2>Goals, as measured</h2>", _html_table(gh, gb) if gb else "<p>No goal applies to this study.</p>",
+          "<h2>What falls short, and why</h2>"]
+    h += [f"<p class='note'>{html.escape(n)}</p>" for n in notes] or ["<p>Nothing.</p>"]
+    h += ["<h2>Points (medians over repetitions)</h2>", _html_table(ph, pb),
+          "<p>⚑: efficiency E* below the flag threshold. Times in ms.</p>"]
+    h += [img(name, caption) for name, (_, caption) in images.items()]
+    h += ["<h2>Formulas</h2>", _html_table(["", "formula", "meaning"], [list(f) for f in formulas])]
+    h += ["<h2>The model</h2>", f"<p>{html.escape(pred_intro or 'No prediction: ' + why_not)}</p>",
+          f"<pre>{html.escape(model.FORMULAS)}</pre>"]
+    if pred is not None:
+        h.append(_html_table(*_prediction_view(pred)))
+    if ar_text:
+        h += ["<h2>Allreduce fits (bench_allreduce)</h2>", f"<p>{html.escape(ar_text)}</p>"]
+    h += ["<h2>Settings</h2>", _kv_html(_settings(doc)), "<h2>Environment</h2>", _kv_html(_env_view(doc)),
+          "<h2>Raw numbers</h2><p>", download("points.csv", points_csv, "text/csv"), " · ",
+          download("runs.csv", runs_csv, "text/csv"), " · ",
+          download("study.json", json.dumps(doc, indent=2), "application/json"), "</p>",
+          f"<details><summary>points.csv</summary><pre>{html.escape(points_csv)}</pre></details>",
+          f"<details><summary>runs.csv</summary><pre>{html.escape(runs_csv)}</pre></details>", "</body></html>"]
+    (study_dir / "report.html").write_text("\n".join(h))
+    written.append(study_dir / "report.html")
+    return written

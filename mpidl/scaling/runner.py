@@ -1,0 +1,255 @@
+"""Run a study: every (size, backend, repetition) point is a real `mpidl train` under the launcher.
+
+Order: repetitions are the outer loop; within one, sizes go up on even repetitions and down
+on odd ones, and at each size the backends (baseline included) rotate. Drift on a noisy
+machine then hits every size and backend alike, and a backend is always measured close in
+time to the baseline it is compared with at the same size.
+
+A run's figures come from the trainer's metrics.jsonl: log windows of `window` steps that
+start after `warmup_steps` (evaluation and checkpoints fall outside windows). Per run the
+median over its windows; per point the median, min and max over repetitions.
+
+Files: <output>/study.json (rewritten atomically after every run; `complete` at the end),
+<output>/runs/p<P>-<backend>-r<k>/ (metrics.jsonl, summary.json, output.log; checkpoints are
+removed), <output>/allreduce.json (when the study names a bench_allreduce result).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from mpidl.errors import BadInput
+from mpidl.scaling import efficiency, environment
+from mpidl.scaling.launch import Launcher, make_launcher
+from mpidl.scaling.study import BASELINE, Study, check_feasible
+from mpidl.spec import load_spec
+
+
+@dataclass(frozen=True)
+class Point:
+    order: int
+    rep: int
+    size: int
+    backend: str
+
+    @property
+    def key(self) -> str:
+        return f"p{self.size}-{self.backend}-r{self.rep}"
+
+
+def plan(sizes: list[int], backends: list[str], repetitions: int) -> list[Point]:
+    """The interleaved order of runs (see the module's docstring)."""
+    out = []
+    for rep in range(repetitions):
+        ordered = sorted(sizes, reverse=bool(rep % 2))
+        for size in ordered:
+            k = rep % len(backends)
+            for b in backends[k:] + backends[:k]:
+                out.append(Point(len(out), rep, size, b))
+    return out
+
+
+def overrides(study: Study, point: Point, run_dir: Path) -> list[str]:
+    """The study's --set items, then what the point fixes (those win)."""
+    s = study.spec
+    where = json.dumps(str(run_dir).replace("{", "{{").replace("}", "}}"))  # a YAML string; output is formatted
+    return [*s.set, f"name={json.dumps(f'{s.name}-{point.key}')}", f"steps={s.warmup_steps + s.steps}", "epochs=null",
+            f"log_every={s.window}", f"data.batch={study.batch_per_rank(point.size)}", f"backend={point.backend}",
+            f"output={where}", f"checkpoint.dir={json.dumps(str(run_dir / 'checkpoints'))}",
+            "checkpoint.every_steps=null", "checkpoint.every_epochs=null"]
+
+
+def windows(metrics: Path, warmup: int) -> list[dict]:
+    """The training log windows of a run that start at or after `warmup` steps."""
+    out, prev = [], 0
+    for line in metrics.read_text().splitlines():
+        rec = json.loads(line)
+        if "step_time" not in rec:
+            continue  # an evaluation record
+        start, prev = prev, rec["step"]
+        if start >= warmup:
+            w = {"start": start, "steps": rec["step"] - start, "step_time": rec["step_time"],
+                 "samples_per_s": rec["samples_per_s"]}
+            if isinstance(rec.get("time"), dict):
+                w["time"] = {k: rec["time"].get(k) for k in efficiency.BUCKETS}
+            out.append(w)
+    return out
+
+
+def run_figures(run_dir: Path, warmup: int) -> dict:
+    """A finished run's figures: medians over its measured windows."""
+    ws = windows(run_dir / "metrics.jsonl", warmup)
+    if not ws:
+        raise ValueError(f"{run_dir}: no log window after the {warmup} warm-up steps")
+    fig = {"windows": ws, "step_time": statistics.median(w["step_time"] for w in ws),
+           "throughput": statistics.median(w["samples_per_s"] for w in ws)}
+    if all("time" in w for w in ws):
+        fig["breakdown"] = {k: statistics.median(w["time"][k] for w in ws) for k in efficiency.BUCKETS}
+        fig["breakdown_source"] = "metrics.jsonl windows after warm-up"
+    else:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        fig["breakdown"] = {k: summary["step_time_breakdown_s"][k] for k in efficiency.BUCKETS}
+        fig["breakdown_source"] = "summary.json (the whole run, warm-up included)"
+    return fig
+
+
+def aggregate(runs: list[dict]) -> dict[tuple[str, int], dict]:
+    """Per (backend, size): median, min and max over the successful repetitions."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in runs:
+        if r.get("throughput") is not None:
+            groups.setdefault((r["backend"], r["size"]), []).append(r)
+    out = {}
+    for key, rs in groups.items():
+        out[key] = {"backend": key[0], "size": key[1], "oversubscribed": rs[0]["oversubscribed"],
+                    "batch_per_rank": rs[0]["batch_per_rank"], "global_batch": rs[0]["global_batch"],
+                    "throughput": efficiency.spread(r["throughput"] for r in rs),
+                    "step_time": efficiency.spread(r["step_time"] for r in rs),
+                    "breakdown": {k: efficiency.spread(r["breakdown"][k] for r in rs) for k in efficiency.BUCKETS},
+                    "breakdown_source": rs[0]["breakdown_source"]}
+    return out
+
+
+def _trainer() -> list[str]:
+    """`<venv>/bin/mpidl`, the console script beside this interpreter, or `python -m mpidl.cli`."""
+    script = Path(sys.executable).parent / "mpidl"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "mpidl.cli"]
+
+
+def _grad_params(study: Study) -> Optional[int]:
+    """Trainable parameters of the job's model (what each step allreduces), built as the trainer does."""
+    try:
+        from mpidl.data import H5Source
+        from mpidl.train.models import model_for
+
+        src = H5Source(study.job.data.files, keys=study.job.data.keys).validate()
+        return sum(p.numel() for p in model_for(study.job, src).parameters() if p.requires_grad)
+    except Exception:
+        return None
+
+
+def _progress_line(n: int, total: int, point: Point, reps: int, row: dict, over: bool) -> str:
+    head = f"[{n:>{len(str(total))}}/{total}] p={point.size} {point.backend} rep {point.rep + 1}/{reps}"
+    if row.get("throughput") is None:
+        return f"{head}: FAILED ({row['error']})"
+    b = row["breakdown"]
+    parts = " ".join(f"{k} {1e3 * b[k]:.1f}" for k in efficiency.BUCKETS)
+    return (f"{head}: {row['throughput']:,.0f} samples/s, {1e3 * row['step_time']:.1f} ms/step "
+            f"({parts} ms){' [oversubscribed]' if over else ''}")
+
+
+class StudyFailed(RuntimeError):
+    """Every run of the first size failed: a broken set-up (launcher, environment), not bad input."""
+
+
+def _last_words(log_tail: str) -> str:
+    """The line of a failed run's output that says why: the last naming an error, else the last
+    with words in it (mpirun frames its messages in dashes)."""
+    lines = [ln.strip() for ln in log_tail.splitlines() if any(c.isalnum() for c in ln)]
+    errors = [ln for ln in lines if "error" in ln.lower()]
+    return (errors or lines or ["no output"])[-1]
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def run_study(study: Study, *, force: bool = False, echo: Callable[[str], None] = print,
+              launcher: Optional[Launcher] = None) -> dict:
+    """Run every point; returns the study's JSON (also written to <output>/study.json)."""
+    s = study.spec
+    check_feasible(study)
+    out = study.output
+    if (out / "study.json").exists() and not force:
+        raise BadInput(f"{out}/study.json: a study is already there (mpidl scale --force replaces it)")
+    for p in s.sizes:  # every point's full job spec validates before the first run starts
+        for b in s.runs:
+            load_spec(study.job_path, overrides(study, Point(0, 0, p, b), out / "runs" / "x"))
+    if study.allreduce is not None and not study.allreduce.exists():
+        raise BadInput(f"{study.origin}: allreduce = {study.spec.allreduce}: file not found")
+    if force:
+        shutil.rmtree(out / "runs", ignore_errors=True)
+    created = not out.exists()
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    if study.allreduce is not None:
+        shutil.copyfile(study.allreduce, out / "allreduce.json")
+
+    env = environment.probe(out)
+    launcher = launcher or make_launcher(s.launcher, env["cores"])
+    env["launcher"] = launcher.describe()
+    points = plan(s.sizes, s.runs, s.repetitions)
+    doc: dict = {"kind": "mpidl scaling study", "complete": False, "study": s.model_dump(mode="json"),
+                 "study_file": str(study.origin), "job_file": str(study.job_path),
+                 "job": study.job.model_dump(mode="json"), "environment": env,
+                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": []}
+    echo(f"study {s.name}: {s.mode} scaling, sizes {s.sizes}, backends {', '.join(s.runs)}, "
+         f"{s.repetitions} repetition(s): {len(points)} runs of {s.warmup_steps}+{s.steps} steps -> {out}")
+    run_env = {**os.environ, "MPIDL_PROGRESS": "lines", "PYTHONUNBUFFERED": "1"}
+    if s.threads_per_rank:
+        run_env["OMP_NUM_THREADS"] = str(s.threads_per_rank)
+    for n, point in enumerate(points, 1):
+        run_dir = out / "runs" / point.key
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+        argv = [*_trainer(), "train", str(study.job_path)]
+        for item in overrides(study, point, run_dir):
+            argv += ["--set", item]
+        over = launcher.oversubscribed(point.size)
+        load_before = os.getloadavg()[0]
+        done = launcher.run(point.size, argv, env=run_env, cwd=Path.cwd(), timeout=s.timeout_s,
+                            log=run_dir / "output.log")
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        row: dict = {"order": point.order, "rep": point.rep, "size": point.size, "backend": point.backend,
+                     "oversubscribed": over, "batch_per_rank": study.batch_per_rank(point.size),
+                     "global_batch": study.global_batch(point.size), "returncode": done.returncode,
+                     "seconds": done.seconds, "run_dir": str(run_dir.relative_to(out)),
+                     # runnable processes on the machine (1-minute average), before and after: on a
+                     # shared machine, what else competed with the ranks for the cores
+                     "load_before": load_before, "load_after": os.getloadavg()[0]}
+        if done.returncode == 2:  # bad input the checks above could not see: leave nothing half-written
+            last = [ln for ln in done.output_tail.splitlines() if "error:" in ln] or done.output_tail.splitlines()
+            shutil.rmtree(out if created and not doc["runs"] else run_dir, ignore_errors=True)
+            why = last[-1].strip() if last else "exit 2"
+            why = why.split("error: ", 1)[1] if "error: " in why else why
+            raise BadInput(f"{study.origin}: run {point.key}: the trainer refused the job: {why}")
+        if done.returncode or done.timed_out:
+            row["error"] = ("timed out after %.0f s" % s.timeout_s if done.timed_out
+                            else f"exit {done.returncode}: {_last_words(done.output_tail)}")
+        else:
+            try:
+                row.update(run_figures(run_dir, s.warmup_steps))
+            except (OSError, ValueError, KeyError) as e:
+                row["error"] = str(e)
+        doc["runs"].append(row)
+        echo(_progress_line(n, len(points), point, s.repetitions, row, over))
+        _summarise(doc, study)
+        write_json(out / "study.json", doc)
+        if n == len(s.runs) and all(r.get("throughput") is None for r in doc["runs"]):
+            # every backend failed at the first size: the set-up is broken, not one point
+            raise StudyFailed(f"{out / 'study.json'}: the first {n} runs all failed, so the study stops; "
+                              f"the first: {doc['runs'][0]['error']} (see {out / doc['runs'][0]['run_dir']}/output.log)")
+
+    doc["model_inputs"] = {"grad_params": _grad_params(study)}
+    doc["failed_runs"] = sum(1 for r in doc["runs"] if r.get("throughput") is None)
+    doc["complete"] = True
+    doc["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    _summarise(doc, study)
+    write_json(out / "study.json", doc)
+    return doc
+
+
+def _summarise(doc: dict, study: Study) -> None:
+    s = study.spec
+    pts = aggregate(doc["runs"])
+    doc["points"] = list(pts.values())
+    doc["table"] = efficiency.table(pts, s.mode, BASELINE, s.flag_below)
+    doc["goals"] = efficiency.goals(doc["table"], s.mode, BASELINE)

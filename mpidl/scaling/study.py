@@ -1,0 +1,208 @@
+"""StudySpec: the YAML schema of a scaling study, validated strictly on load.
+
+    name: demo-weak
+    job: jobs/demo.yaml             # paths are relative to where mpidl runs, as in job specs
+    set: [data.val_fraction=0]      # --set overrides for every point
+    mode: weak                      # weak: fixed batch per rank; strong: fixed global batch
+    sizes: [1, 2, 4]
+    batch_per_rank: 64              # weak (default: the job's data.batch); strong: global_batch
+    warmup_steps: 20                # not measured
+    steps: 100                      # measured, in windows of `window` steps (the trainer's log_every)
+    window: 10
+    repetitions: 3
+    backends: [horovod, ddp, mpi]
+    baseline: true                  # also the no-communication baseline (backend none) at every size
+    launcher: {name: mpirun, args: []}
+
+Unknown keys, wrong types and impossible values give one line naming the file, the key and
+the value (BadInput, exit 2), as job specs do. `check_feasible` then refuses, before anything
+runs, sizes the batch or the data cannot serve and backends that are not installed.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from mpidl.errors import BadInput
+from mpidl.spec import JobSpec, Strict, _one_line, load_spec
+
+BASELINE = "none"  # the backend that skips gradient communication (mpidl/train/backends/nocomm.py)
+
+
+class LauncherSpec(Strict):
+    name: Literal["mpirun"] = "mpirun"
+    args: list[str] = Field(default_factory=list, description="extra launcher arguments, e.g. [--bind-to, core]")
+
+
+class LinkSpec(Strict):
+    alpha_s: float = Field(ge=0, description="latency per message step, seconds")
+    bandwidth_GBps: float = Field(gt=0, description="bus bandwidth of the link, GB/s (1e9 bytes/s)")
+
+
+class PredictSpec(Strict):
+    """What the report's prediction beyond the measured sizes assumes (see mpidl.scaling.model)."""
+
+    ranks_per_node: Optional[int] = Field(default=None, ge=1, description="default: the measured machine's cores or GPUs")
+    intra: Union[str, LinkSpec] = Field(default="measured", description="'measured', a preset name, or {alpha_s, bandwidth_GBps}")
+    inter: Union[str, LinkSpec] = "IB-100"
+    nics_per_node: int = Field(default=1, ge=1)
+    overlap: float = Field(default=2 / 3, ge=0, le=1, description="share of compute that can hide communication")
+    bucket_mb: float = Field(default=25, gt=0, description="the last bucket's size (it cannot overlap)")
+    bytes_per_param: int = Field(default=4, ge=1)
+    max_ranks: int = Field(default=4096, ge=1)
+
+
+class StudySpec(Strict):
+    name: str
+    job: str
+    set: list[str] = Field(default_factory=list)
+    mode: Literal["strong", "weak"]
+    sizes: list[int] = Field(min_length=1)
+    batch_per_rank: Optional[int] = Field(default=None, gt=0)
+    global_batch: Optional[int] = Field(default=None, gt=0)
+    warmup_steps: int = Field(default=20, ge=0)
+    steps: int = Field(default=100, gt=0)
+    window: int = Field(default=10, gt=0)
+    repetitions: int = Field(default=3, ge=1)
+    backends: list[Literal["horovod", "ddp", "mpi"]] = Field(min_length=1)
+    baseline: bool = True
+    threads_per_rank: int = Field(default=1, ge=0, description="OMP_NUM_THREADS per rank (0: leave unset)")
+    launcher: LauncherSpec = Field(default_factory=LauncherSpec)
+    timeout_s: float = Field(default=1800, gt=0, description="per run")
+    output: str = "runs/scale/{name}"
+    allreduce: Optional[str] = Field(default=None, description="a bench_allreduce JSON to show in the report")
+    flag_below: float = Field(default=0.8, ge=0, le=1, description="flag points whose efficiency is below this")
+    predict: PredictSpec = Field(default_factory=PredictSpec)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "StudySpec":
+        if any(p < 1 for p in self.sizes):
+            raise ValueError(f"sizes: every size is >= 1, got {self.sizes}")
+        if len(set(self.sizes)) != len(self.sizes):
+            raise ValueError(f"sizes: each size once, got {self.sizes}")
+        if len(set(self.backends)) != len(self.backends):
+            raise ValueError(f"backends: each backend once, got {self.backends}")
+        if self.mode == "weak" and self.global_batch is not None:
+            raise ValueError("global_batch is for mode strong; a weak study fixes batch_per_rank")
+        if self.mode == "strong" and self.batch_per_rank is not None:
+            raise ValueError("batch_per_rank is for mode weak; a strong study fixes global_batch")
+        if self.mode == "strong" and self.global_batch is None:
+            raise ValueError("mode strong needs global_batch (samples per step over all ranks)")
+        for key in ("warmup_steps", "steps"):
+            if getattr(self, key) % self.window:
+                raise ValueError(f"{key} = {getattr(self, key)} is not a multiple of window = {self.window}")
+        return self
+
+    @property
+    def runs(self) -> list[str]:
+        """The backends run at every size: the study's, then the no-communication baseline."""
+        return [*self.backends, *([BASELINE] if self.baseline else [])]
+
+
+class Study:
+    """A validated study with its paths resolved and its job spec loaded."""
+
+    def __init__(self, spec: StudySpec, origin: Path):
+        self.spec = spec
+        self.origin = origin
+        self.job_path = Path(spec.job).expanduser()
+        self.job: JobSpec = load_spec(self.job_path, spec.set)  # BadInput names the job file
+        self.output = Path(spec.output.format(name=spec.name))
+        self.allreduce = Path(spec.allreduce).expanduser() if spec.allreduce else None
+
+    def batch_per_rank(self, size: int) -> int:
+        s = self.spec
+        if s.mode == "weak":
+            return s.batch_per_rank or self.job.data.batch
+        assert s.global_batch is not None
+        return s.global_batch // size
+
+    def global_batch(self, size: int) -> int:
+        return self.batch_per_rank(size) * size
+
+
+def load_study(path: Union[str, Path]) -> Study:
+    """Read and validate a study; BadInput with one line on any problem."""
+    origin = Path(path)
+    try:
+        tree = yaml.safe_load(origin.read_text()) or {}
+    except FileNotFoundError:
+        raise BadInput(f"{origin}: study not found") from None
+    except OSError as e:
+        raise BadInput(f"{origin}: cannot read study ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise BadInput(f"{origin}: not valid YAML" + (f" at line {mark.line + 1}" if mark else "")) from None
+    if not isinstance(tree, dict):
+        raise BadInput(f"{origin}: a study is a mapping of keys, got {type(tree).__name__}")
+    try:
+        spec = StudySpec.model_validate(tree)
+    except ValidationError as e:
+        raise BadInput(_one_line(e, str(origin), tree)) from None
+    return Study(spec, origin)
+
+
+def training_rows(job: JobSpec) -> tuple[int, str]:
+    """(rows the trainer will train on, where that number comes from), without MPI."""
+    d = job.data
+    files = d.files
+    if isinstance(files, str) and not any(c in files for c in "*?[") and not os.path.exists(files) and d.synth:
+        rows, where = d.synth.rows, f"{files} (data.synth.rows, generated on first use)"
+    else:
+        from mpidl.data import H5Source
+
+        rows, where = len(H5Source(files, keys=d.keys).validate()), str(files)
+    if d.val_files is None:
+        rows -= int(round(rows * d.val_fraction))
+    return rows, where
+
+
+def check_feasible(study: Study) -> None:
+    """Refuse, before anything runs, what some point could not do (one line, BadInput)."""
+    s, origin = study.spec, study.origin
+    if s.mode == "strong":
+        assert s.global_batch is not None
+        bad = [p for p in s.sizes if s.global_batch % p]
+        if bad:
+            raise BadInput(f"{origin}: sizes: global_batch = {s.global_batch} does not divide by {bad[0]} ranks "
+                           "(strong scaling keeps the global batch: choose sizes that divide it)")
+    rows, where = training_rows(study.job)
+    acc = study.job.accumulate
+    for p in sorted(s.sizes, reverse=True):
+        need = p * study.batch_per_rank(p) * acc
+        if need > rows:
+            raise BadInput(f"{origin}: sizes: {p} ranks need {need} samples per step "
+                           f"({p} × batch {study.batch_per_rank(p)}{f' × accumulate {acc}' if acc > 1 else ''}), "
+                           f"more than the {rows} training rows of {where}")
+    missing = missing_backends(s.runs)
+    if missing:
+        name, why = missing[0]
+        raise BadInput(f"{origin}: backends: {name} is not installed here ({why})")
+    if shutil.which(s.launcher.name) is None:
+        raise BadInput(f"{origin}: launcher.name = {s.launcher.name!r}: not found on PATH")
+
+
+_PROBES = {
+    "horovod": "import horovod.torch",
+    "ddp": "import torch.distributed as d; assert d.is_available(), 'torch.distributed is not available'",
+    "mpi": "import mpi4py",
+    BASELINE: "import mpi4py",
+}
+
+
+def missing_backends(names: list[str]) -> list[tuple[str, str]]:
+    """Backends that do not import in the interpreter the ranks run (a subprocess: no MPI here)."""
+    out = []
+    for name in names:
+        p = subprocess.run([sys.executable, "-c", _PROBES[name]], capture_output=True, text=True, timeout=120)
+        if p.returncode:
+            lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
+            out.append((name, lines[-1] if lines else f"exit {p.returncode}"))
+    return out
