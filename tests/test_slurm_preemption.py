@@ -85,6 +85,13 @@ def _pending(pid: int, signum: int) -> bool:
     return any(int(m, 16) >> (signum - 1) & 1 for m in masks)
 
 
+def _stopped(pid: int) -> bool:
+    """Whether every thread of the process is stopped (the state field of /proc/PID/task/*/stat):
+    a thread still running could take a process-directed signal."""
+    return all(t.joinpath("stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+               for t in Path(f"/proc/{pid}/task").iterdir())
+
+
 def _signal_ranks_at_step(run_dir: Path, step: int, exclude: int, alive, send) -> None:
     """Once `step` steps are logged: stop the ranks, `send()` the warning signal, wait until
     every rank holds SIGUSR2 pending, and let them continue."""
@@ -97,6 +104,11 @@ def _signal_ranks_at_step(run_dir: Path, step: int, exclude: int, alive, send) -
     for pid in ranks:
         os.kill(pid, signal.SIGSTOP)
     try:
+        # Only a rank that has really stopped keeps the warning signal pending: one that is still
+        # runnable (a busy machine) would take SIGUSR2 before SIGSTOP, the lower number first.
+        while not all(_stopped(pid) for pid in ranks):
+            assert time.monotonic() < deadline, "the ranks did not stop"
+            time.sleep(0.01)
         send()
         while not all(_pending(pid, signal.SIGUSR2) for pid in ranks):
             assert time.monotonic() < deadline, "SIGUSR2 did not reach every rank"
