@@ -12,7 +12,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -338,21 +338,25 @@ class Reader:
         per, parts, sub = shape
         slots: dict[tuple[int, int], int] = {}
         where = np.empty(sum(b - a for a, b in ranges), np.int64)
+        for i, local, n, pos in self._spans(ranges):
+            for j, r0, r1 in _chunk_pieces(local, n, per):
+                k = slots.setdefault((i, j), len(slots))
+                where[pos + r0 - local:pos + r1 - local] = (k * parts * per + np.arange(r0 - j * per, r1 - j * per)) * sub
+        return list(slots), where
+
+    def _spans(self, ranges: Sequence[tuple[int, int]]) -> Iterator[tuple[int, int, int, int]]:
+        """`ranges` (source rows, laid end to end) cut at file boundaries: (file, first local
+        row, rows, position in the ranges' order)."""
         pos = 0
         for start, stop in ranges:
             a, b = start + self._base, stop + self._base
             i = int(np.searchsorted(self._starts, a, side="right")) - 1
             while a < b:
                 n = min(b, int(self._starts[i + 1])) - a
-                local = a - int(self._starts[i])
-                for j in range(local // per, (local + n - 1) // per + 1):
-                    r0, r1 = max(local, j * per), min(local + n, (j + 1) * per)
-                    k = slots.setdefault((i, j), len(slots))
-                    where[pos + r0 - local:pos + r1 - local] = (k * parts * per + np.arange(r0 - j * per, r1 - j * per)) * sub
+                yield i, a - int(self._starts[i]), n, pos
                 pos += n
                 a += n
                 i += 1
-        return list(slots), where
 
     def start_chunk_rows(self, key: str, rows: Sequence[tuple[int, int]], out: np.ndarray) -> "Pending":
         """Read chunk rows `rows` (file, chunk row) of `key` whole into out[0], out[1], ...
@@ -386,30 +390,20 @@ class Reader:
         step = max(1, PIECE_BYTES // max(1, self._row_bytes[key]))
         segments: list[tuple[int, int, int, int]] = []  # (file, local row, rows, pos), read without decoding
         pending_rows = 0
-        pos = 0
-        for start, stop in ranges:
-            a, b = start + self._base, stop + self._base
-            i = int(np.searchsorted(self._starts, a, side="right")) - 1
-            while a < b:
-                n = min(b, int(self._starts[i + 1])) - a
-                local = a - int(self._starts[i])
-                st = self._storage[i][key]
-                if isinstance(st, ChunkIndex) and not st.row_addressable:
-                    per = st.rows_per_chunk
-                    for j in range(local // per, (local + n - 1) // per + 1):
-                        r0, r1 = max(local, j * per), min(local + n, (j + 1) * per)
-                        pieces.setdefault((i, j), []).append((r0 - j * per, r1 - j * per, pos + r0 - local))
-                else:
-                    for p in range(0, n, step):
-                        m = min(step, n - p)
-                        segments.append((i, local + p, m, pos + p))
-                        pending_rows += m
-                        if pending_rows >= step:
-                            tasks.append(partial(self._segments, key, segments, out))
-                            segments, pending_rows = [], 0
-                pos += n
-                a += n
-                i += 1
+        for i, local, n, pos in self._spans(ranges):
+            st = self._storage[i][key]
+            if isinstance(st, ChunkIndex) and not st.row_addressable:
+                per = st.rows_per_chunk
+                for j, r0, r1 in _chunk_pieces(local, n, per):
+                    pieces.setdefault((i, j), []).append((r0 - j * per, r1 - j * per, pos + r0 - local))
+            else:
+                for p in range(0, n, step):
+                    m = min(step, n - p)
+                    segments.append((i, local + p, m, pos + p))
+                    pending_rows += m
+                    if pending_rows >= step:
+                        tasks.append(partial(self._segments, key, segments, out))
+                        segments, pending_rows = [], 0
         if segments:
             tasks.append(partial(self._segments, key, segments, out))
         # Chunk rows go to the pool in groups of about a MiB: fewer, larger tasks.
@@ -525,3 +519,9 @@ def _byte_offset(d) -> Optional[int]:
         return d.id.get_offset()
     except Exception:  # external storage or not yet allocated
         return None
+
+
+def _chunk_pieces(local: int, n: int, per: int) -> Iterator[tuple[int, int, int]]:
+    """Local rows [local, local + n) cut at chunk rows of `per` rows: (chunk row, r0, r1)."""
+    for j in range(local // per, (local + n - 1) // per + 1):
+        yield j, max(local, j * per), min(local + n, (j + 1) * per)
