@@ -70,8 +70,10 @@ def _series(table: list[dict], backend: str, key: str) -> tuple[list[int], list[
 
 
 def _png(fig) -> bytes:
+    """The figure as PNG bytes; the figure is closed (pyplot keeps every open one alive)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    _plt().close(fig)
     return buf.getvalue()
 
 
@@ -122,9 +124,7 @@ def plot_throughput(doc: dict) -> bytes:
     ax.set_ylabel("samples/s (all ranks)")
     ax.set_title(f"{doc['study']['name']}: throughput ({doc['study']['mode']} scaling; median, min–max bars)")
     ax.legend(fontsize=8)
-    data = _png(fig)
-    plt.close(fig)
-    return data
+    return _png(fig)
 
 
 def plot_efficiency(doc: dict) -> bytes:
@@ -151,9 +151,7 @@ def plot_efficiency(doc: dict) -> bytes:
     a1.set_ylabel("efficiency")
     top = max([1.0] + [r.get(k) or 0 for r in table for k in ("efficiency", "efficiency_vs_lone_rank")])
     a1.set_ylim(0, 1.1 * top)
-    data = _png(fig)
-    plt.close(fig)
-    return data
+    return _png(fig)
 
 
 def plot_breakdown(doc: dict) -> bytes:
@@ -189,9 +187,7 @@ def plot_breakdown(doc: dict) -> bytes:
                  fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(True, axis="y", alpha=0.3)
-    data = _png(fig)
-    plt.close(fig)
-    return data
+    return _png(fig)
 
 
 def plot_allreduce(ar: dict) -> bytes:
@@ -226,9 +222,7 @@ def plot_allreduce(ar: dict) -> bytes:
     a2.set_title("Horovod busbw / raw MPI busbw (medians of paired repeats)", fontsize=9)
     a2.grid(True, alpha=0.3)
     a2.legend(fontsize=7)
-    data = _png(fig)
-    plt.close(fig)
-    return data
+    return _png(fig)
 
 
 def prediction(doc: dict, allreduce: Optional[Path]) -> tuple[Optional[dict], str]:
@@ -293,9 +287,7 @@ def plot_prediction(doc: dict, pred: dict) -> bytes:
     fig.suptitle(f"measured points and the model to {sizes[-1]} ranks: {a['ranks_per_node']} ranks/node, "
                  f"intra {a['intra']['name']}, inter {a['inter']['name']}", fontsize=9)
     a1.legend(fontsize=7)
-    data = _png(fig)
-    plt.close(fig)
-    return data
+    return _png(fig)
 
 
 def _best_fit(fits: dict) -> Optional[tuple[str, dict]]:
