@@ -16,6 +16,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -536,3 +537,66 @@ def test_node_cut_off_the_network_ends_the_job(two_nodes, tmp_path, backend, lau
         restore_link(two_nodes, link)
     assert code != 0
     assert re.search(CUT_OFF[launcher], err), err[-3000:]
+
+
+# ------------------------------------------------------------------ the network's α/β, measured
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_allreduce  # noqa: E402
+
+BENCH_ALLREDUCE = [PYTHON, str(ROOT / "benchmarks" / "bench_allreduce.py"), "--repeats", "1",
+                   "--min-bytes", "256K", "--max-bytes", "1M"]
+
+
+@needs_nodes
+def test_bench_allreduce_across_nodes_fits_the_network(two_nodes, tmp_path):
+    """1 node × 2 ranks and 2 nodes × 1 under `mpirun -H` with the launch agent: the JSON says where
+    every rank ran and over which interface, fits shared memory and the network apart, and the
+    model takes the network's α/β from it."""
+    out = tmp_path / "ar.json"
+    r = run([*BENCH_ALLREDUCE, "--backends", "mpi,torch", "--placements", "1x2,2x1", "--hosts", "node1,node2",
+             "--launch-agent", AGENT, "--json", str(out)], env={**two_nodes.env, net.VAR: two_nodes.subnet},
+            timeout=300)
+    assert r.returncode == 0, r.output[-4000:]
+    doc = json.loads(out.read_text())
+    one, two = doc["placements"]["1x2"], doc["placements"]["2x1"]
+    assert (one["hosts"], one["ranks_per_node"], two["hosts"], two["ranks_per_node"]) == (
+        ["node1"], 2, ["node1", "node2"], 1)
+    assert two["launcher"] == "mpirun" and two["host_list_from"] == "--hosts" and two[net.VAR] == two_nodes.subnet
+    assert one["links"]["mpi"] == "shared memory"
+    assert two["links"] == {"mpi": "tcp between nodes, shared memory within: node1 mpidl0, node2 mpidl0",
+                            "torch-gloo": "tcp (gloo): node1 mpidl0, node2 mpidl0"}
+    assert set(doc["fits"]["mpi"]) == {"2"} and set(doc["inter_node_fits"]["mpi"]) == {"2x1"}
+    for name in ("mpi", "torch-gloo"):  # each fit is of its own placement's medians
+        for fits, label, key in ((doc["fits"], "1x2", "2"), (doc["inter_node_fits"], "2x1", "2x1")):
+            rows = sorted((s for s in doc["summary"] if (s["backend"], s["placement"]) == (name, label)),
+                          key=lambda s: s["bytes"])
+            assert [s["bytes"] for s in rows] == [2**18, 2**19, 2**20]
+            expect = bench_allreduce.fit([s["bytes"] for s in rows], [s["time_s"] for s in rows], 2)
+            assert fits[name][key]["alpha_s"] == pytest.approx(expect["alpha_s"])
+    assert "inter-node (the network between nodes), by placement:" in r.stdout and " 2x1: α = " in r.stdout
+    f = doc["inter_node_fits"]["mpi"]["2x1"]
+    p = run(mpidl_cmd("scale", "predict", "--mode", "weak", "--batch", "32", "--step-time", "0.1", "--params", "1e6",
+                      "--ranks-per-node", "1", "--inter", f"measured:{out}", "--intra", "NVLink", "--sizes", "4",
+                      "--json"))
+    if not f["bandwidth_GBps"]:  # 3 sizes, one repeat, a busy machine: the fit may find no slope
+        assert p.returncode == 2 and "no usable bandwidth (too noisy)" in p.stderr, p.output
+        return
+    assert p.returncode == 0, p.output
+    row = json.loads(p.stdout)["rows"][0]
+    assert row["allreduce_ring_s"] == pytest.approx(6 * f["alpha_s"] + 1.5 * 4e6 * f["beta_s_per_byte"])
+
+
+@needs_nodes
+def test_bench_allreduce_under_srun(two_nodes, tmp_path):
+    out = tmp_path / "ar.json"
+    r = run([*BENCH_ALLREDUCE, "--backends", "mpi", "--placements", "2x1", "--launcher", "srun", "--json", str(out)],
+            env=two_nodes.env, timeout=300)
+    assert r.returncode == 0, r.output[-4000:]
+    doc = json.loads(out.read_text())
+    two = doc["placements"]["2x1"]
+    assert (two["launcher"], two["hosts"], two[net.VAR]) == ("srun", ["node1", "node2"], None)
+    assert two["command"].startswith("srun -K -N 2 --ntasks-per-node=1 --mpi=pmix ")
+    # without MPIDL_NET: the interface each node routes to rank 0 through (never loopback)
+    assert two["links"]["mpi"] == "tcp between nodes, shared memory within: node1 mpidl0, node2 mpidl0"
+    assert doc["fits"] == {}
+    assert set(doc["inter_node_fits"]["mpi"]) == {"2x1"}

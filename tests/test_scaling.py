@@ -223,6 +223,112 @@ def test_predict_bad_input_is_one_line(args, expect):
     assert r.stderr.count("\n") == 1 and expect in r.stderr, r.stderr
 
 
+# ---------------------------------------------------------------- links measured across nodes
+
+INTRA, INTER = (2e-6, 4e9), (60e-6, 1.25e9)   # (α s, bandwidth B/s): shared memory, the network
+
+
+def _allreduce_json(path: Path, placements: str = "1x2,2x1") -> Path:
+    """A bench_allreduce result, through its own summary and fits, of ring-model times with known links."""
+    sizes = bench_allreduce.sizes_between(4096, 2**24)
+    pls = bench_allreduce.parse_placements(placements)
+    results = []
+    for pl in pls:
+        alpha, bw = INTRA if pl.nodes == 1 else INTER
+        n = pl.ranks
+        for s in sizes:
+            t = 2 * (n - 1) * alpha + 2 * (n - 1) / n * s / bw
+            results.append({"backend": "mpi", "placement": pl.label, "rep": 0, "bytes": s, "time_s": t,
+                            "busbw_GBps": bench_allreduce.busbw(s, t, n)})
+    figs = bench_allreduce.summarize(results, ["mpi"], pls, sizes)
+    path.write_text(json.dumps({"machine": {"name": "test"}, **figs}))
+    return path
+
+
+def test_inter_node_fit_is_recorded_apart_from_the_intra_node_fit(tmp_path):
+    doc = json.loads(_allreduce_json(tmp_path / "ar.json").read_text())
+    assert set(doc["fits"]["mpi"]) == {"2"} and set(doc["inter_node_fits"]["mpi"]) == {"2x1"}
+    f = doc["inter_node_fits"]["mpi"]["2x1"]
+    assert (f["nodes"], f["ranks_per_node"]) == (2, 1)
+    assert f["alpha_s"] == pytest.approx(INTER[0], rel=1e-6) and f["bandwidth_GBps"] == pytest.approx(1.25, rel=1e-6)
+    assert doc["fits"]["mpi"]["2"]["bandwidth_GBps"] == pytest.approx(4.0, rel=1e-6)
+    assert {(s["placement"], s["nodes"], s["per_node"]) for s in doc["summary"]} == {("1x2", 1, 2), ("2x1", 2, 1)}
+
+
+def test_predict_takes_the_inter_node_link_from_the_benchmark(tmp_path):
+    ar = _allreduce_json(tmp_path / "ar.json")
+    r = run(mpidl_cmd("scale", "predict", "--mode", "weak", "--batch", "32", "--step-time", "0.1", "--params", "1e6",
+                      "--ranks-per-node", "2", "--intra", f"measured:{ar}", "--inter", f"measured:{ar}",
+                      "--sizes", "2,4", "--overlap", "0", "--json"))
+    assert r.returncode == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["inputs"]["inter_node"]["alpha"] == pytest.approx(60e-6)
+    assert res["inputs"]["inter_node"]["bandwidth_GBps"] == pytest.approx(1.25)
+    assert res["inputs"]["inter_node"]["name"] == "measured mpi 2 nodes × 1 (test)"
+    rows = {row["size"]: row for row in res["rows"]}
+    S = 4e6  # 1e6 fp32 gradients
+    # one node of 2: the shared-memory ring, 2·1·2 µs + 2·(1/2)·S/4 GB/s
+    assert rows[2]["allreduce_ring_s"] == pytest.approx(4e-6 + 1e-3)
+    # 2 nodes × 2, hierarchical: that ring in each node, then 2·1·60 µs + 2·(1/2)·S/1.25 GB/s between them
+    assert rows[4]["allreduce_hierarchical_s"] == pytest.approx(4e-6 + 1e-3 + 120e-6 + 3.2e-3)
+    # flat ring over 4: 6 steps, each waits for the network hop, 60 µs + (S/4)/1.25 GB/s
+    assert rows[4]["allreduce_ring_s"] == pytest.approx(6 * (60e-6 + S / 4 / 1.25e9))
+    # a study's `predict.inter: measured` reads the study's allreduce.json alike
+    doc = {"study": {"mode": "weak", "predict": {"inter": "measured", "ranks_per_node": 2}},
+           "environment": {"cores": 2}, "model_inputs": {"grad_params": 1e6}, "points": [{"batch_per_rank": 32}],
+           "table": [{"backend": "mpi", "size": 1, "step_time": 0.1, "sync": 0.0, "oversubscribed": False}]}
+    _, machine, assumed = model.from_study(doc, allreduce=ar)
+    assert (machine.inter.alpha, machine.inter.bandwidth) == pytest.approx(INTER)
+    assert (machine.intra.alpha, machine.intra.bandwidth) == pytest.approx(INTRA)
+    assert assumed["inter"]["name"].startswith("measured mpi 2 nodes × 1")
+
+
+def test_predict_without_an_inter_node_fit_is_one_line(tmp_path):
+    ar = _allreduce_json(tmp_path / "one-node.json", "1x2")
+    r = run(mpidl_cmd("scale", "predict", "--mode", "weak", "--batch", "32", "--step-time", "0.1", "--params", "1e6",
+                      "--ranks-per-node", "2", "--inter", f"measured:{ar}"))
+    assert r.returncode == 2 and r.stdout == "", r.output
+    assert r.stderr.splitlines() == [
+        f"error: --inter = 'measured:{ar}': {ar}: no inter-node fit (inter_node_fits): bench_allreduce ran on one "
+        "node only: measure across nodes (--placements 2x1 --hosts A,B), or give a preset or numbers"]
+    doc = {"study": {"mode": "weak", "predict": {"inter": "measured"}}, "environment": {"cores": 2},
+           "model_inputs": {"grad_params": 1e6}, "points": [{"batch_per_rank": 32}],
+           "table": [{"backend": "mpi", "size": 1, "step_time": 0.1, "oversubscribed": False}]}
+    with pytest.raises(model.BadInput, match=r"^predict.inter = 'measured': .*no inter-node fit"):
+        model.from_study(doc, allreduce=ar)
+
+
+def test_bench_allreduce_launch_commands():
+    pl = bench_allreduce.Placement(2, 3)
+    env = {"MPIDL_NET": "10.0.0.0/24", "PATH": "/bin"}
+    cmd, e = bench_allreduce.launch_command("mpi", pl, bench_allreduce.Nodes("mpirun", ("a", "b", "c"), "agent x"),
+                                            [4096, 8192], {"HOROVOD_CYCLE_TIME": "1"}, 2, env)
+    worker = cmd[cmd.index(sys.executable):]
+    assert cmd[:cmd.index(sys.executable)] == ["mpirun", "-H", "a:3,b:3", "-np", "6", "--mca", "plm_rsh_agent",
+                                              "agent x", "-x", "HOROVOD_CYCLE_TIME", "-x", "MPIDL_NET", "-x",
+                                              "OMP_NUM_THREADS"]
+    assert worker[-4:] == ["--worker", "mpi", "--sizes", "4096,8192"]
+    assert e["OMPI_MCA_oob_tcp_if_include"] == "10.0.0.0/24" and e["HOROVOD_CYCLE_TIME"] == "1"  # mpirun's own
+    cmd, _ = bench_allreduce.launch_command("torch", pl, bench_allreduce.Nodes("srun"), [4096], {}, 2, env)
+    assert cmd[:6] == ["srun", "-K", "-N", "2", "--ntasks-per-node=3", "--mpi=pmix"] and cmd[6] == sys.executable
+    cmd, _ = bench_allreduce.launch_command("mpi", bench_allreduce.Placement(1, 4), bench_allreduce.Nodes(), [4096],
+                                            {}, 2, {})
+    assert cmd[:4] == ["mpirun", "-np", "4", "--oversubscribe"]
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--placements", "2x1"], "--placements: 2 nodes need hosts: give --hosts, run inside a SLURM allocation, "
+                              "or use --launcher srun"),
+    (["--placements", "2x1", "--hosts", "a"], "--placements: 2 nodes, but 1 host(s) from --hosts: a"),
+    (["--placements", "1x2,2"], "--placements = '1x2,2': give NODESxRANKS_PER_NODE items"),
+    (["--ranks", "2", "--launch-agent", "ssh"], "--launch-agent starts mpirun's daemons on --hosts"),
+])
+def test_bench_allreduce_bad_placement_is_one_line(args, expect):
+    r = run([sys.executable, str(ROOT / "benchmarks" / "bench_allreduce.py"), *args, "--no-write"])
+    assert r.returncode == 2 and r.stdout == "", r.output
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and expect in r.stderr, r.stderr
+
+
 # ---------------------------------------------------------------- a tiny real study, end to end
 
 def _job(tmp: Path, rows: int = 2048) -> Path:

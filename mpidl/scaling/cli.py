@@ -34,7 +34,8 @@ def _predict_parser() -> argparse.ArgumentParser:
         description="Predict step time, throughput and efficiency at sizes not measured "
                     "(ring and hierarchical allreduce, with and without overlap).",
         epilog="The model:\n" + model.FORMULAS + "\nLink presets (--intra/--inter):\n" + presets
-        + "\n  measured:FILE[:BACKEND]  the α/β fit of benchmarks/bench_allreduce.py (default backend mpi)"
+        + "\n  measured:FILE[:BACKEND]  the α/β fit of benchmarks/bench_allreduce.py (default backend mpi):"
+        + "\n                           --intra its one-node fit, --inter its fit across nodes; FILE.json alike"
         + "\n  ALPHA_S,BANDWIDTH_GBPS   numbers, e.g. 5e-6,12\n")
     p.add_argument("--study", metavar="DIR", help="take compute time, gradient size, links and measured points from "
                                                   "a study (explicit options below override)")
@@ -53,7 +54,8 @@ def _predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", help="total sizes to predict, e.g. 8,64,512 (multiples of g above g)")
     p.add_argument("--max-ranks", type=int, help="default sizes: powers of two up to this (default 4096)")
     p.add_argument("--intra", help="link inside a node (default: measured, else NVLink)")
-    p.add_argument("--inter", help="network between nodes, per NIC (default IB-100)")
+    p.add_argument("--inter", help="network between nodes, per NIC (default IB-100); measured:FILE: "
+                                        "bench_allreduce's fit across nodes")
     p.add_argument("--nics-per-node", type=int, help="NICs per node (the node's bandwidth = NICs × NIC)")
     p.add_argument("--overlap", type=float, help="ω, share of compute that can hide communication (default 2/3)")
     p.add_argument("--bucket-mb", type=float, help="the last gradient bucket, always exposed (default 25)")
@@ -179,7 +181,7 @@ def predict_inputs(a: argparse.Namespace) -> dict:
     intra = model.parse_link(a.intra, "--intra", measured_file) if a.intra else (
         machine.intra if machine else model.PRESETS["NVLink"])
     nics = a.nics_per_node or pred.get("nics_per_node", 1)
-    inter = model.node_link(model.parse_link(a.inter, "--inter", measured_file), nics) if a.inter else (
+    inter = model.node_link(model.parse_link(a.inter, "--inter", measured_file, inter=True), nics) if a.inter else (
         machine.inter if machine else model.node_link(model.PRESETS["IB-100"], nics))
     m = model.Machine(int(g), intra, inter)
     nodes = _split(a.nodes, "--nodes")

@@ -47,6 +47,16 @@ Fits to measured speedups S(p) = X(p)/X(1), least squares in the linear forms (p
   Amdahl (strong)     S(p) = 1 / (s + (1−s)/p):   s = Σ x·y / Σ x²,  x = 1 − 1/p, y = 1/S − 1/p
   Gustafson (weak)    S(p) = s + (1−s)·p:         s = Σ x·y / Σ x²,  x = p − 1,  y = p − S
   (s: the serial fraction; 0 is perfect scaling)
+Measured links (benchmarks/bench_allreduce.py; --intra/--inter measured[:FILE[:BACKEND]] or FILE.json):
+  each placement's median times t(S) fitted by least squares, weights 1/t², to the ring model
+  over its n ranks, t(S) = 2(n−1)·α + 2(n−1)/n · S·β (the formula the predictions use).
+  intra: the one-node fit (`fits`) at the largest rank count measured.
+  inter: the fit across nodes (`inter_node_fits`) of N nodes × 1 rank: every ring step crosses
+         the network, so α_e and β_e are the network's as an allreduce sees it, library and
+         TCP/verbs overheads included (with K ranks a node: the flat ring's slowest hop).
+  Assumed: that per-step cost holds at every node count (a non-blocking fabric: no congestion,
+  no topology), for one rank's path through the node's NIC; --nics-per-node multiplies it as
+  it does a preset.
 """
 
 
@@ -224,33 +234,60 @@ def powers_of_two(upto: int) -> list[int]:
     return [2**k for k in range(int(math.log2(upto)) + 1)]
 
 
-def measured_link(path: Path, backend: Optional[str] = None, ranks: Optional[int] = None) -> Link:
-    """α and bandwidth fitted by bench_allreduce (its JSON's `fits`): the named backend (default
-    mpi, else the first), at the named rank count (default the largest measured)."""
+def measured_link(path: Path, backend: Optional[str] = None, ranks: Optional[int] = None,
+                  inter: bool = False) -> Link:
+    """α and bandwidth fitted by bench_allreduce: the named backend (default mpi, else the first).
+
+    Intra-node (its JSON's `fits`, by rank count): at the named rank count, default the largest
+    measured. Inter-node (`inter_node_fits`, by placement NxK): the placement with one rank per
+    node and the most nodes (every ring step crosses the network), else the one with most ranks.
+    """
+    key, what = ("inter_node_fits", "inter-node") if inter else ("fits", "intra-node")
     try:
         data = json.loads(Path(path).read_text())
-        fits = data["fits"]
     except FileNotFoundError:
         raise BadInput(f"{path}: allreduce results not found") from None
-    except (OSError, ValueError, KeyError):
-        raise BadInput(f"{path}: not a bench_allreduce result (no 'fits')") from None
-    name = backend or ("mpi" if "mpi" in fits else next(iter(fits), None))
+    except (OSError, ValueError):
+        data = None
+    if not isinstance(data, dict) or "fits" not in data:
+        raise BadInput(f"{path}: not a bench_allreduce result (no 'fits')")
+    fits = data.get(key) or {}
+    if not fits:
+        how = ("bench_allreduce ran on one node only: measure across nodes (--placements 2x1 --hosts A,B), "
+               "or give a preset or numbers" if inter else "bench_allreduce ran no one-node placement (--ranks 2)")
+        raise BadInput(f"{path}: no {what} fit ({key}): {how}")
+    name = backend or ("mpi" if "mpi" in fits else next(iter(fits)))
     if name not in fits:
-        raise BadInput(f"{path}: no fit for backend {name!r} (have: {', '.join(fits) or 'none'})")
-    by_p = fits[name]
-    p = str(ranks) if ranks is not None else max(by_p, key=int)
-    if p not in by_p:
-        raise BadInput(f"{path}: backend {name} was not measured at {ranks} ranks (have: {', '.join(by_p)})")
-    f = by_p[p]
+        raise BadInput(f"{path}: no {what} fit for backend {name!r} (have: {', '.join(fits)})")
+    by = fits[name]
+    if inter:
+        where = max(by, key=lambda k: (by[k].get("ranks_per_node") == 1, by[k]["nodes"] * by[k]["ranks_per_node"]))
+        label = f"{by[where]['nodes']} nodes × {by[where]['ranks_per_node']}"
+    else:
+        where = str(ranks) if ranks is not None else max(by, key=int)
+        if where not in by:
+            raise BadInput(f"{path}: backend {name} was not measured at {ranks} ranks (have: {', '.join(by)})")
+        label = f"p={where}"
+    f = by[where]
     if not f.get("bandwidth_GBps") or f.get("alpha_s") is None or f["alpha_s"] < 0:
-        raise BadInput(f"{path}: the {name} fit at {p} ranks has no usable bandwidth (too noisy): rerun bench_allreduce")
+        raise BadInput(f"{path}: the {what} {name} fit at {label} has no usable bandwidth (too noisy): "
+                       "rerun bench_allreduce")
     machine = data.get("machine", {}).get("name", "")
-    return Link(f"measured {name} p={p}" + (f" ({machine})" if machine else ""), f["alpha_s"], f["bandwidth_GBps"] * GB,
-                f"fitted by bench_allreduce on {machine or 'this machine'}")
+    return Link(f"measured {name} {label}" + (f" ({machine})" if machine else ""), f["alpha_s"],
+                f["bandwidth_GBps"] * GB, f"fitted by bench_allreduce on {machine or 'this machine'}"
+                + (f", {label} across nodes" if inter else ""))
 
 
-def parse_link(text: str, where: str, default_file: Optional[Path] = None) -> Link:
-    """A preset name, 'measured[:FILE[:BACKEND]]', or 'ALPHA_S,BANDWIDTH_GBPS'."""
+def _measured(where: str, text: str, path: Path, backend: Optional[str], inter: bool) -> Link:
+    try:
+        return measured_link(path, backend, inter=inter)
+    except BadInput as e:  # name the option too: which of --intra/--inter (or predict.*) asked
+        raise BadInput(f"{where} = {text!r}: {e}") from None
+
+
+def parse_link(text: str, where: str, default_file: Optional[Path] = None, inter: bool = False) -> Link:
+    """A preset name, 'measured[:FILE[:BACKEND]]', a bench_allreduce JSON's path, or
+    'ALPHA_S,BANDWIDTH_GBPS'. `inter`: the link between nodes (the JSON's inter-node fit)."""
     if text in PRESETS:
         return PRESETS[text]
     if text == "measured" or text.startswith("measured:"):
@@ -258,14 +295,16 @@ def parse_link(text: str, where: str, default_file: Optional[Path] = None) -> Li
         path = Path(parts[1]) if len(parts) > 1 and parts[1] else default_file
         if path is None:
             raise BadInput(f"{where} = {text!r}: name the bench_allreduce JSON (measured:FILE[:BACKEND])")
-        return measured_link(path, parts[2] if len(parts) > 2 else None)
+        return _measured(where, text, path, parts[2] if len(parts) > 2 else None, inter)
+    if text.endswith(".json"):
+        return _measured(where, text, Path(text), None, inter)
     try:
         a, bw = (float(v) for v in text.split(","))
         if a < 0 or bw <= 0:
             raise ValueError
     except ValueError:
         raise BadInput(f"{where} = {text!r}: give a preset ({', '.join(PRESETS)}), measured:FILE[:BACKEND], "
-                       "or ALPHA_S,BANDWIDTH_GBPS") from None
+                       "a bench_allreduce JSON, or ALPHA_S,BANDWIDTH_GBPS") from None
     return Link(f"α={a:g}s B={bw:g}GB/s", a, bw * GB)
 
 
@@ -303,14 +342,14 @@ def from_study(doc: dict, intra: Optional[str] = None, inter: Optional[str] = No
     batch = points[0]["batch_per_rank"] if s["mode"] == "weak" else points[0]["global_batch"]
     work = Workload(s["mode"], batch, params * pred.get("bytes_per_param", 4), step_s=step_s, limit=limit or None)
 
-    def link(spec, where: str) -> Link:
+    def link(spec, where: str, between_nodes: bool) -> Link:
         if isinstance(spec, dict):
             return Link(f"α={spec['alpha_s']:g}s B={spec['bandwidth_GBps']:g}GB/s", spec["alpha_s"],
                         spec["bandwidth_GBps"] * GB)
-        return parse_link(spec, where, allreduce)
+        return parse_link(spec, where, allreduce, inter=between_nodes)
 
-    machine = Machine(int(gpn), link(intra or pred.get("intra", "measured"), "predict.intra"),
-                      node_link(link(inter or pred.get("inter", "IB-100"), "predict.inter"),
+    machine = Machine(int(gpn), link(intra or pred.get("intra", "measured"), "predict.intra", False),
+                      node_link(link(inter or pred.get("inter", "IB-100"), "predict.inter", True),
                                 int(pred.get("nics_per_node", 1))))
     assumed = {"compute_source": source, "compute_s": step_s, "grad_params": params,
                "bytes_per_param": pred.get("bytes_per_param", 4), "grad_bytes": work.grad_bytes,

@@ -190,18 +190,28 @@ def plot_breakdown(doc: dict) -> bytes:
     return _png(fig)
 
 
+def _placement(row: dict) -> tuple[int, int]:
+    """(nodes, ranks per node) of a bench_allreduce row; rows from before placements: one node."""
+    return row.get("nodes", 1), row.get("per_node", row["ranks"])
+
+
+def _placement_label(nodes: int, per_node: int) -> str:
+    return f"{per_node} ranks" if nodes == 1 else f"{nodes} nodes × {per_node}"
+
+
 def plot_allreduce(ar: dict) -> bytes:
     plt = _plt()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
     styles = ["-", "--", "-.", ":"]
-    ranks = sorted({s["ranks"] for s in ar["summary"]})
+    places = sorted({_placement(s) for s in ar["summary"]}, key=lambda p: (p[0] > 1, p[0] * p[1], p))
     names = sorted({s["backend"] for s in ar["summary"]})
     for b in names:
-        for i, n in enumerate(ranks):
-            pts = sorted((s for s in ar["summary"] if s["backend"] == b and s["ranks"] == n), key=lambda s: s["bytes"])
+        for i, pl in enumerate(places):
+            pts = sorted((s for s in ar["summary"] if s["backend"] == b and _placement(s) == pl),
+                         key=lambda s: s["bytes"])
             if pts:
                 a1.plot([s["bytes"] for s in pts], [s["busbw_GBps"] for s in pts], styles[i % 4], marker=".",
-                        color=_color(b, names), label=f"{b}, {n} ranks")
+                        color=_color(b, names), label=f"{b}, {_placement_label(*pl)}")
     a1.set_xscale("log", base=2)
     a1.set_xlabel("message size (bytes)")
     a1.set_ylabel("busbw (GB/s) = algbw · 2(n−1)/n")
@@ -209,11 +219,13 @@ def plot_allreduce(ar: dict) -> bytes:
     a1.grid(True, alpha=0.3)
     a1.legend(fontsize=7)
     variants = sorted({r["variant"] for r in ar.get("ratios", [])})
-    for i, n in enumerate(ranks):
+    for i, pl in enumerate(places):
         for j, v in enumerate(variants):
-            pts = sorted((r for r in ar["ratios"] if r["ranks"] == n and r["variant"] == v), key=lambda r: r["bytes"])
-            a2.plot([r["bytes"] for r in pts], [r["ratio"] for r in pts], styles[i % 4], marker="os^vD"[j % 5],
-                    color=_color(v, names), label=f"{v} / raw MPI, {n} ranks")
+            pts = sorted((r for r in ar["ratios"] if _placement(r) == pl and r["variant"] == v),
+                         key=lambda r: r["bytes"])
+            if pts:
+                a2.plot([r["bytes"] for r in pts], [r["ratio"] for r in pts], styles[i % 4], marker="os^vD"[j % 5],
+                        color=_color(v, names), label=f"{v} / raw MPI, {_placement_label(*pl)}")
     a2.axhline(0.9, color="#cc0000", ls=":", label="goal 0.9 at ≥ 16 MiB")
     a2.axvline(16 * 2**20, color="gray", ls=":")
     a2.set_xscale("log", base=2)
