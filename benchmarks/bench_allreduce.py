@@ -9,9 +9,10 @@ node or across nodes.
 Across nodes: a placement NxK puts K ranks on each of N nodes (`--ranks 4` is `1x4`). The nodes
 are `--hosts` (mpirun -H, started through ssh or `--launch-agent`), else, inside a SLURM
 allocation (salloc, sbatch), the allocation's nodes; `--launcher srun` runs every measurement
-as `srun -N N --ntasks-per-node=K --mpi=pmix` instead (inside an allocation or not). Every
-placement runs on the first N of those nodes, one-node placements on the first, so shared
-memory and the network are measured on the same machines. On the emulated two-node cluster:
+as `srun -N N --ntasks-per-node=K --mpi=pmix` instead (inside an allocation or not; SLURM picks
+the nodes unless --hosts names them). Placements run on the first N of the hosts, one-node
+placements on the first, so shared memory and the network are measured on the same machines;
+a run whose ranks land elsewhere than asked stops. On the emulated two-node cluster:
 
     slurm/cluster.sh start --nodes 2 && eval "$(slurm/cluster.sh env)"      # SLURM_CONF, MPIDL_NET
     .venv/bin/python benchmarks/bench_allreduce.py --placements 1x2,2x1 --hosts node1,node2 \\
@@ -20,7 +21,7 @@ memory and the network are measured on the same machines. On the emulated two-no
 MPIDL_NET (mpidl/net.py) names the network between nodes, as for training; the JSON records
 where every rank ran and the interface it used (`placements`).
 
-Every backend runs in its own `mpirun` (raw MPI never shares a process with Horovod, whose
+Every backend runs in its own launch (raw MPI never shares a process with Horovod, whose
 background thread polls and slows MPI calls made beside it). Runs alternate backends and
 placements, repeat by repeat, so drift hits all. Each rank allreduces (sum, float32, in place) a
 buffer of each size `iters = clamp(64 MiB / size, 2, 200)` times after 2 warm-up calls (1 from
