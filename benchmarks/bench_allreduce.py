@@ -4,7 +4,8 @@ node or across nodes.
     .venv/bin/python benchmarks/bench_allreduce.py                      # 2 … cores ranks, 3 repeats
     options: [--ranks 2,4,8 | --placements 1x2,2x1] [--hosts node1,node2 [--launch-agent CMD]]
              [--launcher mpirun|srun] [--repeats N] [--min-bytes 4K] [--max-bytes 256M]
-             [--backends mpi,horovod,torch] [--horovod NAME:K=V,K=V ...] [--no-write | --json PATH]
+             [--backends mpi,horovod,torch] [--horovod NAME:K=V,K=V ...] [--mpi NAME:K=V,K=V ...]
+             [--no-write | --json PATH]
 
 Across nodes: a placement NxK puts K ranks on each of N nodes (`--ranks 4` is `1x4`). The nodes
 are `--hosts` (mpirun -H, started through ssh or `--launch-agent`), else, inside a SLURM
@@ -44,7 +45,10 @@ are Horovod's). Two Horovod variants by default: `horovod`, as mpidl's backend r
 (mpidl.train.backends.horovod: its DEFAULTS environment, and it waits for a handle by polling
 with a short sleep), and `horovod-stock`, Horovod as shipped (hvd.synchronize spins in the
 calling thread). `--horovod NAME:K=V,...` adds a variant of mpidl's with more environment
-(e.g. `cycle0.2:HOROVOD_CYCLE_TIME=0.2`). Results: benchmarks/results/allreduce-<machine>.json
+(e.g. `cycle0.2:HOROVOD_CYCLE_TIME=0.2`), `--mpi NAME:K=V,...` one of raw MPI (e.g.
+`yield:OMPI_MCA_mpi_yield_when_idle=1`: ranks that wait give their core away, which a machine
+with fewer cores than busy processes needs: a spinning rank delays the kernel's own network
+work, ksoftirqd, by a scheduler tick). Results: benchmarks/results/allreduce-<machine>.json
 (allreduce-<N>nodes-<machine>.json across nodes).
 """
 from __future__ import annotations
@@ -460,6 +464,8 @@ def main() -> None:
     ap.add_argument("--backends", default="mpi,horovod,torch")
     ap.add_argument("--horovod", action="append", default=[], metavar="NAME:K=V,K=V",
                     help="an extra Horovod variant with these environment variables")
+    ap.add_argument("--mpi", action="append", default=[], metavar="NAME:K=V,K=V",
+                    help="an extra raw-MPI variant with these environment variables")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--json", metavar="PATH", help="write the result here instead of benchmarks/results/")
     a = ap.parse_args()
@@ -521,11 +527,13 @@ def bench(a: argparse.Namespace) -> None:
             variants[b] = (b, {})
         else:
             raise BadInput(f"--backends = {a.backends!r}: {b!r} is not one of mpi, horovod, torch")
-    for item in a.horovod:
-        name, _, kv = item.partition(":")
-        envs = dict(base)
-        envs.update(dict(pair.split("=", 1) for pair in kv.split(",") if pair))
-        variants[f"horovod-{name}"] = ("horovod", envs)
+    for kind, items in (("horovod", a.horovod), ("mpi", a.mpi)):
+        for item in items:
+            name, _, kv = item.partition(":")
+            pairs = [pair.split("=", 1) for pair in kv.split(",") if pair]
+            if not name or not pairs or any(len(p) != 2 or not p[0] for p in pairs):
+                raise BadInput(f"--{kind} = {item!r}: give NAME:KEY=VALUE,KEY=VALUE")
+            variants[f"{kind}-{name}"] = (kind, {**(base if kind == "horovod" else {}), **dict(pairs)})
     names = list(variants)
     where = f"on {','.join(nodes.hosts)} ({nodes.source}, {nodes.launcher})" if nodes.hosts else \
         f"under {nodes.launcher}" + ("" if nodes.launcher == "srun" else " on this host")

@@ -322,6 +322,7 @@ def test_bench_allreduce_launch_commands():
     (["--placements", "2x1", "--hosts", "a"], "--placements: 2 nodes, but 1 host(s) from --hosts: a"),
     (["--placements", "1x2,2"], "--placements = '1x2,2': give NODESxRANKS_PER_NODE items"),
     (["--ranks", "2", "--launch-agent", "ssh"], "--launch-agent starts mpirun's daemons on --hosts"),
+    (["--ranks", "2", "--mpi", "yield"], "--mpi = 'yield': give NAME:KEY=VALUE,KEY=VALUE"),
 ])
 def test_bench_allreduce_bad_placement_is_one_line(args, expect):
     r = run([sys.executable, str(ROOT / "benchmarks" / "bench_allreduce.py"), *args, "--no-write"])
