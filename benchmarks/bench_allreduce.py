@@ -3,7 +3,7 @@ node or across nodes.
 
     .venv/bin/python benchmarks/bench_allreduce.py                      # 2 … cores ranks, 3 repeats
     options: [--ranks 2,4,8 | --placements 1x2,2x1] [--hosts node1,node2 [--launch-agent CMD]]
-             [--launcher mpirun|srun] [--repeats N] [--min-bytes 4K] [--max-bytes 256M]
+             [--launcher mpirun|srun] [--bind-to none] [--repeats N] [--min-bytes 4K] [--max-bytes 256M]
              [--backends mpi,horovod,torch] [--horovod NAME:K=V,K=V ...] [--mpi NAME:K=V,K=V ...]
              [--no-write | --json PATH]
 
@@ -17,10 +17,13 @@ a run whose ranks land elsewhere than asked stops. On the emulated two-node clus
 
     slurm/cluster.sh start --nodes 2 && eval "$(slurm/cluster.sh env)"      # SLURM_CONF, MPIDL_NET
     .venv/bin/python benchmarks/bench_allreduce.py --placements 1x2,2x1 --hosts node1,node2 \\
-        --launch-agent "$PWD/slurm/cluster.sh exec" --json benchmarks/results/allreduce-2nodes.json
+        --launch-agent "$PWD/slurm/cluster.sh exec" --bind-to none --json benchmarks/results/allreduce-2nodes.json
 
 MPIDL_NET (mpidl/net.py) names the network between nodes, as for training; the JSON records
-where every rank ran and the interface it used (`placements`).
+where every rank ran, on which cores, and the interface it used (`placements`). `--bind-to none`:
+each node's mpirun daemon takes the machine's cores for its own and binds its first rank to
+core 0, so ranks of emulated nodes (one machine) would all take turns on core 0; a run where
+ranks of different hosts on one kernel are bound to the same cores stops and says so.
 
 Every backend runs in its own launch (raw MPI never shares a process with Horovod, whose
 background thread polls and slows MPI calls made beside it). Runs alternate backends and
@@ -46,9 +49,7 @@ are Horovod's). Two Horovod variants by default: `horovod`, as mpidl's backend r
 with a short sleep), and `horovod-stock`, Horovod as shipped (hvd.synchronize spins in the
 calling thread). `--horovod NAME:K=V,...` adds a variant of mpidl's with more environment
 (e.g. `cycle0.2:HOROVOD_CYCLE_TIME=0.2`), `--mpi NAME:K=V,...` one of raw MPI (e.g.
-`yield:OMPI_MCA_mpi_yield_when_idle=1`: ranks that wait give their core away, which a machine
-with fewer cores than busy processes needs: a spinning rank delays the kernel's own network
-work, ksoftirqd, by a scheduler tick). Results: benchmarks/results/allreduce-<machine>.json
+`yield:OMPI_MCA_mpi_yield_when_idle=1`: a rank that waits gives its core away). Results: benchmarks/results/allreduce-<machine>.json
 (allreduce-<N>nodes-<machine>.json across nodes).
 """
 from __future__ import annotations
@@ -157,7 +158,9 @@ def _where_am_i(kind: str, across: bool, toward: str) -> dict:
     """This rank's host and the path its data takes: shared memory within a node (MPI, Horovod),
     else the interface (MPIDL_NET's; Gloo's; else the one this host routes to rank 0 through,
     which is what OpenMPI's TCP transport picks unless btl_tcp_if_include says otherwise)."""
-    me: dict = {"host": socket.gethostname()}
+    cpus = os.sched_getaffinity(0)
+    me: dict = {"host": socket.gethostname(), "cpus": cpu_list(cpus), "bound": len(cpus) < (os.cpu_count() or 1),
+                "kernel": boot_id()}
     if kind != "torch" and not across:
         me["transport"] = "shared memory"
         return me
@@ -168,6 +171,34 @@ def _where_am_i(kind: str, across: bool, toward: str) -> dict:
     if kind != "torch" and os.environ.get("OMPI_MCA_btl_tcp_if_include"):
         me["btl_tcp_if_include"] = os.environ["OMPI_MCA_btl_tcp_if_include"]
     return me
+
+
+def cpu_list(cpus) -> str:
+    """{0, 1, 2, 5} -> '0-2,5'."""
+    out: list[list[int]] = []
+    for c in sorted(cpus):
+        if out and out[-1][1] == c - 1:
+            out[-1][1] = c
+        else:
+            out.append([c, c])
+    return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in out)
+
+
+def parse_cpu_list(text: str) -> set[int]:
+    out: set[int] = set()
+    for part in text.split(","):
+        a, _, b = part.partition("-")
+        out.update(range(int(a), int(b or a) + 1))
+    return out
+
+
+def boot_id() -> str:
+    """This kernel's boot id: ranks on 'different' hosts with the same one share a machine
+    (containers, emulated nodes), and its cores."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
 
 
 def worker_mpi(sizes: list[int]) -> tuple[int, list[float], list[dict]]:
@@ -273,6 +304,7 @@ class Nodes:
     launcher: str = "mpirun"            # mpirun | srun
     hosts: Optional[tuple[str, ...]] = None
     agent: Optional[str] = None         # mpirun's plm_rsh_agent (ssh when None)
+    bind_to: Optional[str] = None       # mpirun's --bind-to (None: mpirun's default, core for 2 ranks)
     source: str = "this host"           # where the host list came from
 
     def check(self, placements: list[Placement]) -> None:
@@ -306,20 +338,22 @@ def launch_command(kind: str, placement: Placement, nodes: Nodes, sizes: list[in
         return ["srun", "-K", "-N", str(placement.nodes), f"--ntasks-per-node={placement.per_node}", "--mpi=pmix",
                 *where, *worker], env
     # -x: what ranks on other hosts would not see otherwise (ssh carries no environment)
+    bind = ["--bind-to", nodes.bind_to] if nodes.bind_to else []
     forward = sorted({*env_extra, "OMP_NUM_THREADS", *([net.VAR] if env.get(net.VAR) else [])})
     exports = [a for k in forward for a in ("-x", k)]
     if nodes.hosts:
         hosts = ",".join(f"{h}:{placement.per_node}" for h in nodes.hosts[:placement.nodes])
         agent = ["--mca", "plm_rsh_agent", nodes.agent] if nodes.agent else []
-        return ["mpirun", "-H", hosts, "-np", str(placement.ranks), *agent, *exports, *worker], \
+        return ["mpirun", "-H", hosts, "-np", str(placement.ranks), *agent, *bind, *exports, *worker], \
             {**env, **net.launcher_env(env)}
     over = ["--oversubscribe"] if placement.ranks > cores else []
-    return ["mpirun", "-np", str(placement.ranks), *over, *exports, *worker], env
+    return ["mpirun", "-np", str(placement.ranks), *over, *bind, *exports, *worker], env
 
 
 def launch(kind: str, placement: Placement, nodes: Nodes, sizes: list[int], env_extra: dict[str, str],
-           cores: int) -> tuple[list[float], list[dict], str]:
-    """Run one measurement: the slowest rank's seconds per size, each rank's whereabouts, the command."""
+           cores: int) -> tuple[list[float], list[dict], str, bool]:
+    """Run one measurement: the slowest rank's seconds per size, each rank's whereabouts, the
+    command, and whether all its ranks ran on one machine (one kernel)."""
     cmd, env = launch_command(kind, placement, nodes, sizes, env_extra, cores, dict(os.environ))
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     line = next((ln for ln in p.stdout.splitlines() if ln.startswith(RESULT)), None)
@@ -328,7 +362,9 @@ def launch(kind: str, placement: Placement, nodes: Nodes, sizes: list[int], env_
                          f"{p.stdout[-2000:]}{p.stderr[-3000:]}")
     got = json.loads(line[len(RESULT):])
     check_placement(got["ranks"], placement, f"{kind} on {placement}")
-    return got["times"], got["ranks"], portable(cmd[:cmd.index("--sizes")])
+    kernels = [r.pop("kernel") for r in got["ranks"]]  # boot ids: compared, not kept
+    one_machine = bool(kernels[0]) and len(set(kernels)) == 1
+    return got["times"], got["ranks"], portable(cmd[:cmd.index("--sizes")]), one_machine
 
 
 def portable(cmd: list[str]) -> str:
@@ -338,12 +374,22 @@ def portable(cmd: list[str]) -> str:
 
 
 def check_placement(ranks: list[dict], placement: Placement, what: str) -> None:
-    """The ranks ran where they were asked to: N hosts, K ranks on each (else the figures lie)."""
+    """The ranks ran where they were asked to (else the figures lie): N hosts, K ranks on each;
+    and ranks of different hosts on one machine (emulated nodes, containers) were not bound to
+    the same cores, as each node's mpirun daemon does when it takes the machine's cores for its own."""
     per_host: dict[str, int] = {}
     for r in ranks:
         per_host[r["host"]] = per_host.get(r["host"], 0) + 1
     if len(per_host) != placement.nodes or set(per_host.values()) != {placement.per_node}:
         raise SystemExit(f"{what}: asked for {placement}, the ranks ran on {per_host}")
+    for i, a in enumerate(ranks):
+        for b in ranks[i + 1:]:
+            if a["host"] != b["host"] and a["kernel"] and a["kernel"] == b["kernel"] and a["bound"] and b["bound"]:
+                shared = parse_cpu_list(a["cpus"]) & parse_cpu_list(b["cpus"])
+                if shared:
+                    raise SystemExit(f"{what}: ranks on {a['host']} and {b['host']} share one machine and are bound "
+                                     f"to the same cores ({cpu_list(shared)}): they would take turns on them. "
+                                     "Emulated nodes? Run with --bind-to none")
 
 
 def placement_record(runs: list[dict], placement: Placement, nodes: Nodes) -> dict:
@@ -362,6 +408,10 @@ def placement_record(runs: list[dict], placement: Placement, nodes: Nodes) -> di
             **({"hosts_by_run": [list(h) for h in seen]} if len(seen) > 1 else {}), "launcher": nodes.launcher,
             "host_list_from": nodes.source if nodes.hosts else None,
             "launch_agent": portable(shlex.split(nodes.agent)) if nodes.agent else None,
+            # several hosts on one kernel: emulated nodes (or containers) sharing one machine's cores
+            "one_machine": bool(mine) and all(r["one_machine"] for r in mine),
+            "bind_to": nodes.bind_to or f"{nodes.launcher}'s default",
+            "rank_cpus": [f"{x['host']}: {x['cpus']}" for x in mine[0]["ranks"]] if mine else [],
             net.VAR: os.environ.get(net.VAR) or None, "links": links, "command": command}
 
 
@@ -456,6 +506,8 @@ def main() -> None:
     ap.add_argument("--launch-agent", metavar="CMD",
                     help="mpirun's agent to start its daemons on --hosts (default ssh); "
                          "\"$PWD/slurm/cluster.sh exec\" for the emulated nodes")
+    ap.add_argument("--bind-to", metavar="WHAT", help="mpirun's --bind-to (none, core, socket...); none for emulated "
+                                                      "nodes, which share one machine's cores")
     ap.add_argument("--launcher", choices=("mpirun", "srun"), default="mpirun",
                     help="srun: each measurement is `srun -N N --ntasks-per-node=K --mpi=pmix`")
     ap.add_argument("--repeats", type=int, default=3)
@@ -488,16 +540,19 @@ def plan(a: argparse.Namespace, cores: int) -> tuple[list[Placement], Nodes]:
         placements = parse_placements(",".join(f"1x{r.strip()}" for r in a.ranks.split(",")), "--ranks")
     else:
         placements = [Placement(1, 2**k) for k in range(1, 12) if 2**k <= max(2, cores)]
+    if a.bind_to and a.launcher != "mpirun":
+        raise BadInput(f"--bind-to {a.bind_to}: mpirun's option; under srun set SLURM's (--cpu-bind, SLURM_CPU_BIND)")
     if a.launch_agent and not a.hosts:
         raise BadInput("--launch-agent starts mpirun's daemons on --hosts: give --hosts too")
     if a.hosts:
         hosts = [h for h in a.hosts.replace(" ", "").split(",") if h]
         if not hosts or len(set(hosts)) != len(hosts):
             raise BadInput(f"--hosts = {a.hosts!r}: give distinct host names separated by commas")
-        nodes = Nodes(a.launcher, tuple(hosts), a.launch_agent, "--hosts")
+        nodes = Nodes(a.launcher, tuple(hosts), a.launch_agent, a.bind_to, "--hosts")
     else:
         found = allocation_hosts()
-        nodes = Nodes(a.launcher, tuple(found), None, "the SLURM allocation") if found else Nodes(a.launcher)
+        nodes = Nodes(a.launcher, tuple(found) if found else None, None, a.bind_to,
+                      "the SLURM allocation" if found else "this host")
     nodes.check(placements)
     return placements, nodes
 
@@ -549,9 +604,9 @@ def bench(a: argparse.Namespace) -> None:
                 kind, env_extra = variants[name]
                 t0 = time.monotonic()
                 load = os.getloadavg()[0]  # what else ran: on a shared machine it decides the figures
-                times, ranks, command = launch(kind, pl, nodes, sizes, env_extra, cores)
+                times, ranks, command, one_machine = launch(kind, pl, nodes, sizes, env_extra, cores)
                 runs.append({"backend": name, "kind": kind, "placement": pl.label, "rep": rep, "command": command,
-                             "ranks": ranks})
+                             "ranks": ranks, "one_machine": one_machine})
                 at16 = next((i for i, s in enumerate(sizes) if s >= GOAL_BYTES), len(sizes) - 1)
                 print(f"  rep {rep + 1} {name:>18} {pl.label:>4}: busbw {busbw(sizes[at16], times[at16], pl.ranks):.2f}"
                       f" GB/s at {human(sizes[at16])} ({time.monotonic() - t0:.0f} s, load {load:.1f})", flush=True)

@@ -554,14 +554,17 @@ def test_bench_allreduce_across_nodes_fits_the_network(two_nodes, tmp_path):
     model takes the network's α/β from it."""
     out = tmp_path / "ar.json"
     r = run([*BENCH_ALLREDUCE, "--backends", "mpi,torch", "--placements", "1x2,2x1", "--hosts", "node1,node2",
-             "--launch-agent", AGENT, "--json", str(out)], env={**two_nodes.env, net.VAR: two_nodes.subnet},
-            timeout=300)
+             "--launch-agent", AGENT, "--bind-to", "none", "--json", str(out)],
+            env={**two_nodes.env, net.VAR: two_nodes.subnet}, timeout=300)
     assert r.returncode == 0, r.output[-4000:]
     doc = json.loads(out.read_text())
     one, two = doc["placements"]["1x2"], doc["placements"]["2x1"]
     assert (one["hosts"], one["ranks_per_node"], two["hosts"], two["ranks_per_node"]) == (
         ["node1"], 2, ["node1", "node2"], 1)
     assert two["launcher"] == "mpirun" and two["host_list_from"] == "--hosts" and two[net.VAR] == two_nodes.subnet
+    assert two["one_machine"] and two["bind_to"] == "none"
+    cores = f"0-{os.cpu_count() - 1}" if os.cpu_count() > 1 else "0"
+    assert two["rank_cpus"] == [f"node1: {cores}", f"node2: {cores}"]
     assert one["links"]["mpi"] == "shared memory"
     assert two["links"] == {"mpi": "tcp between nodes, shared memory within: node1 mpidl0, node2 mpidl0",
                             "torch-gloo": "tcp (gloo): node1 mpidl0, node2 mpidl0"}
@@ -584,6 +587,19 @@ def test_bench_allreduce_across_nodes_fits_the_network(two_nodes, tmp_path):
     assert p.returncode == 0, p.output
     row = json.loads(p.stdout)["rows"][0]
     assert row["allreduce_ring_s"] == pytest.approx(6 * f["alpha_s"] + 1.5 * 4e6 * f["beta_s_per_byte"])
+
+
+@needs_nodes
+def test_bench_allreduce_refuses_emulated_nodes_sharing_a_core(two_nodes, tmp_path):
+    """mpirun's default binding on the emulated nodes: each node's daemon binds its rank to core 0,
+    so both ranks take turns on one core; the benchmark stops instead of timing that."""
+    r = run([*BENCH_ALLREDUCE, "--backends", "mpi", "--placements", "2x1", "--hosts", "node1,node2",
+             "--launch-agent", AGENT, "--no-write", "--min-bytes", "4K", "--max-bytes", "8K"], env=two_nodes.env,
+            timeout=300)
+    assert r.returncode == 1, r.output[-3000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        "mpi on 2 nodes × 1: ranks on node1 and node2 share one machine and are bound to the same cores (0): "
+        "they would take turns on them. Emulated nodes? Run with --bind-to none"), r.stderr[-3000:]
 
 
 @needs_nodes

@@ -323,6 +323,7 @@ def test_bench_allreduce_launch_commands():
     (["--placements", "1x2,2"], "--placements = '1x2,2': give NODESxRANKS_PER_NODE items"),
     (["--ranks", "2", "--launch-agent", "ssh"], "--launch-agent starts mpirun's daemons on --hosts"),
     (["--ranks", "2", "--mpi", "yield"], "--mpi = 'yield': give NAME:KEY=VALUE,KEY=VALUE"),
+    (["--placements", "2x1", "--launcher", "srun", "--bind-to", "none"], "--bind-to none: mpirun's option"),
 ])
 def test_bench_allreduce_bad_placement_is_one_line(args, expect):
     r = run([sys.executable, str(ROOT / "benchmarks" / "bench_allreduce.py"), *args, "--no-write"])
