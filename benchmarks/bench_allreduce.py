@@ -409,7 +409,7 @@ def placement_record(runs: list[dict], placement: Placement, nodes: Nodes) -> di
             "host_list_from": nodes.source if nodes.hosts else None,
             "launch_agent": portable(shlex.split(nodes.agent)) if nodes.agent else None,
             # several hosts on one kernel: emulated nodes (or containers) sharing one machine's cores
-            "one_machine": bool(mine) and all(r["one_machine"] for r in mine),
+            "one_machine": placement.nodes > 1 and bool(mine) and all(r["one_machine"] for r in mine),
             "bind_to": nodes.bind_to or f"{nodes.launcher}'s default",
             "rank_cpus": [f"{x['host']}: {x['cpus']}" for x in mine[0]["ranks"]] if mine else [],
             net.VAR: os.environ.get(net.VAR) or None, "links": links, "command": command}
