@@ -187,9 +187,19 @@ class SlurmLauncher:
 
         done = _supervise(self.command(ranks, nodes, argv), env=env, cwd=cwd, timeout=timeout, log=log,
                           on_timeout=cancel)
-        for pickle in (log.parent / "slurm").glob("*.pkl"):  # submitit's task and result: its logs stay
-            pickle.unlink()
-        return done
+        # submitit's folder: the job's script and pickles, every rank's log. Rank 0's log is in
+        # `log` already; the rest is kept where the job failed, to find out why.
+        folder = log.parent / "slurm"
+        if done.returncode == 0 and not done.timed_out:
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            for pickle in folder.glob("*.pkl"):
+                pickle.unlink()
+        # Paths below the working directory as relative ones, as mpidl's scripts name them: a
+        # committed study's logs then say nothing about the machine it ran on.
+        text = log.read_text(errors="replace").replace(f"{Path(cwd).absolute()}/", "")
+        log.write_text(text)
+        return Finished(done.returncode, done.seconds, done.timed_out, text[-4000:])
 
     def describe(self) -> dict:
         def ask(cmd: list[str]) -> str:

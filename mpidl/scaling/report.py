@@ -129,6 +129,9 @@ def _plt():
 
 def _ranks_axis(ax, sizes: list[int]) -> None:
     ax.set_xscale("log", base=2)
+    lim = ax.dataLim
+    if not 0 < lim.x0 <= lim.x1 < float("inf"):  # nothing drawn (no 1-rank point to compare with)
+        ax.set_xlim(min(sizes) / 1.5, max(sizes) * 1.5)
     ax.set_xticks(sizes)
     ax.set_xticklabels([str(s) for s in sizes])
     ax.set_xlabel("ranks")

@@ -59,14 +59,20 @@ class LauncherSpec(Strict):
             raise ValueError("more than one node needs name: slurm (mpirun starts ranks on this machine only)")
         return sorted(v)
 
-    @model_validator(mode="after")
-    def _own_keys(self) -> "LauncherSpec":
-        if self.name == "slurm" and self.args:
+    @field_validator("args")
+    @classmethod
+    def _args(cls, v: list[str], info) -> list[str]:
+        if v and info.data.get("name") == "slurm":
             raise ValueError("args are mpirun's; the slurm launcher takes its resources from the job's slurm: "
                              "section (set slurm.* in the study's set)")
-        if self.name == "mpirun" and self.partition is not None:
+        return v
+
+    @field_validator("partition")
+    @classmethod
+    def _partition(cls, v: Optional[str], info) -> Optional[str]:
+        if v is not None and info.data.get("name") != "slurm":
             raise ValueError("partition is for name: slurm")
-        return self
+        return v
 
 
 class LinkSpec(Strict):
