@@ -180,10 +180,19 @@ class SlurmLauncher:
 
     def run(self, ranks: int, argv: list[str], *, nodes: int = 1, env: dict, cwd: Path, timeout: float,
             log: Path) -> Finished:
-        def cancel(text: str) -> None:  # ending `mpidl submit --wait` would leave the job running
+        def cancel(text: str) -> None:
+            """Ending `mpidl submit --wait` would leave the job running: cancel it, and wait until its
+            ranks are gone (on SIGTERM they still write a checkpoint and a summary)."""
             found = re.findall(r"^submitted job (\d+)", text, re.M)
-            if found:
-                subprocess.run(["scancel", found[-1]], env=env, capture_output=True, timeout=60)
+            if not found:
+                return
+            subprocess.run(["scancel", found[-1]], env=env, capture_output=True, timeout=60)
+            for _ in range(120):
+                left = subprocess.run(["squeue", "-h", "-j", found[-1], "-o", "%t"], env=env, capture_output=True,
+                                      text=True, timeout=60)
+                if left.returncode or not left.stdout.strip():
+                    return
+                time.sleep(0.5)
 
         done = _supervise(self.command(ranks, nodes, argv), env=env, cwd=cwd, timeout=timeout, log=log,
                           on_timeout=cancel)
@@ -213,7 +222,8 @@ class SlurmLauncher:
         default = next((p for p in partitions if p.endswith("*")), partitions[0] if partitions else "")
         return {"name": self.name, "version": ask(["sinfo", "--version"]) or "unknown",
                 "partition": self.partition or default.rstrip("*") or "unknown",
-                "nodes": ask(["sinfo", "-h", "-N", "-o", "%N", *where]).split(), "cpus_per_node": self.node_cpus(),
+                "nodes": list(dict.fromkeys(ask(["sinfo", "-h", "-N", "-o", "%N", *where]).split())),
+                "cpus_per_node": self.node_cpus(),
                 "launch": "mpidl submit --wait, one job per point; srun --mpi=pmix", "args": []}
 
 
@@ -221,7 +231,7 @@ def unreachable(name: str) -> Optional[str]:
     """Why the launcher cannot start anything here, or None."""
     if name == "mpirun":
         return None if shutil.which("mpirun") else "not found on PATH"
-    for command in ("sbatch", "scontrol", "sinfo", "scancel"):
+    for command in ("sbatch", "scontrol", "sinfo", "squeue", "scancel"):
         if shutil.which(command) is None:
             return f"{command} not found on PATH (each point is a SLURM job: the SLURM client commands are needed)"
     from mpidl.slurm import controller

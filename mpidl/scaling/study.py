@@ -32,6 +32,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from mpidl.errors import BadInput
+from mpidl.scaling.launch import unreachable
 from mpidl.spec import JobSpec, Strict, _one_line, load_spec
 
 BASELINE = "none"  # the backend that skips gradient communication (mpidl/train/backends/nocomm.py)
@@ -227,8 +228,6 @@ def check_feasible(study: Study) -> None:
             raise BadInput(f"{origin}: sizes: {p} ranks need {need} samples per step "
                            f"({p} × batch {study.batch_per_rank(p)}{f' × accumulate {acc}' if acc > 1 else ''}), "
                            f"more than the {rows} training rows of {where}")
-    from mpidl.scaling.launch import unreachable
-
     why_not = unreachable(s.launcher.name)
     if why_not:
         raise BadInput(f"{origin}: launcher.name = {s.launcher.name!r}: {why_not}")
