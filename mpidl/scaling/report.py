@@ -106,6 +106,12 @@ def _on(nodes: int, multi: bool) -> str:
     return f" on {_nodes_text(nodes)}" if multi else ""
 
 
+def _dodge(xs: list[int], nodes: int) -> list[float]:
+    """x positions of an n-node series nudged right, so points at one size on several placements
+    stay apart (one node: where they are)."""
+    return [x * 2 ** (0.04 * (nodes - 1)) for x in xs]
+
+
 def _where(size: int, nodes: int, multi: bool) -> str:
     return f"{size}{_on(nodes, multi)}"
 
@@ -158,7 +164,7 @@ def plot_throughput(doc: dict) -> bytes:
         lo = [r["throughput"] - r["throughput_min"] for r in rows]
         hi = [r["throughput_max"] - r["throughput"] for r in rows]
         marker, ls = _style(b, n)
-        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o" if n == 1 else marker, capsize=3, color=COLORS.get(b),
+        ax.errorbar(_dodge(xs, n), ys, yerr=[lo, hi], marker="o" if n == 1 else marker, capsize=3, color=COLORS.get(b),
                     label=_line_label(b, n, multi), ls=ls)
     base1 = next((r for r in table if r["backend"] == BASELINE and r["size"] == 1), None)
     ref = base1 or next((r for r in table if r["size"] == 1), None)
@@ -186,11 +192,11 @@ def plot_efficiency(doc: dict) -> bytes:
             marker, ls = _style(b, n)
             if b == BASELINE and key == "efficiency_vs_lone_rank":
                 xs, ys, _ = _series(table, b, "machine_limit", n)
-                ax.plot(xs, ys, marker + ls, color=COLORS[b], lw=2.5,
+                ax.plot(_dodge(xs, n), ys, marker + ls, color=COLORS[b], lw=2.5,
                         label="L(p): no-comm baseline (machine limit)" + (f", {_nodes_text(n)}" if multi else ""))
                 continue
             xs, ys, _ = _series(table, b, key, n)
-            ax.plot(xs, ys, marker + ls, color=COLORS.get(b), label=_line_label(b, n, multi))
+            ax.plot(_dodge(xs, n), ys, marker + ls, color=COLORS.get(b), label=_line_label(b, n, multi))
         ax.axhline(1.0, color="black", ls=":", lw=1)
         ax.axhline(doc["study"].get("flag_below", 0.8), color="#cc0000", ls=":", lw=1,
                    label=f"flag below {doc['study'].get('flag_below', 0.8)}")
