@@ -251,7 +251,7 @@ def main() -> None:
     ap.add_argument("--workload", choices=sorted(WORKLOADS), default="small")
     ap.add_argument("--steps", type=int, default=None, help="per run (default: small 600, resnet50 300)")
     ap.add_argument("--log-every", type=int, default=None, help="window (default: small 50, resnet50 20)")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=5, help="end-to-end repeats (0: the in-process table only)")
     ap.add_argument("--backends", default=None, help="comma-separated (default: all that import)")
     for name in ("model", "size", "batch", "rows"):
         ap.add_argument(f"--{name}", type=str if name == "model" else int, default=None,
@@ -327,6 +327,8 @@ def main() -> None:
             print(f"{b:<10}{pl_ms:>10.2f}{mp_ms:>10.2f}{adds * 1e6:>14.0f}{ratio:>9.3f}  [{lo:.3f}, {hi:.3f}]",
                   flush=True)
 
+        if a.repeats == 0:  # the in-process table only
+            return
         # 2. End to end, separate processes: the whole `mpidl train` against the plain loop.
         runs: dict[str, list[float]] = {"plain": []}
         for b in backends:

@@ -80,9 +80,12 @@ def test_spread_and_aggregate_over_repetitions():
              "throughput": x, "step_time": 16 / x, "breakdown": dict.fromkeys(efficiency.BUCKETS, 0.001),
              "breakdown_source": "test"} for x in (100.0, 300.0, 200.0)]
     runs.append({"backend": "mpi", "size": 2, "throughput": None, "error": "exit 1"})  # a failed run is left out
-    pt = aggregate(runs)[("mpi", 2)]
+    runs.append({**runs[0], "nodes": 2, "throughput": 50.0})  # another placement: a point of its own
+    pts = aggregate(runs)
+    pt = pts[("mpi", 2, 1)]  # (backend, size, nodes); runs without a node count ran on one node
     assert pt["throughput"]["median"] == 200.0 and pt["throughput"]["n"] == 3
     assert pt["step_time"]["max"] == pytest.approx(0.16)
+    assert pts[("mpi", 2, 2)]["throughput"]["median"] == 50.0 and pts[("mpi", 2, 2)]["ranks_per_node"] == 1
 
 
 def test_plan_interleaves_sizes_and_backends():

@@ -36,23 +36,24 @@ def _summary(run_dir: Path) -> dict:
 
 
 @pytest.mark.timeout(900)  # a whole training job; slow when the machine is shared
-def test_submit_wait_trains_the_demo_to_its_accuracy(slurm_cluster, demo_data, tmp_path):
+def test_submit_wait_trains_the_demo(slurm_cluster, demo_data, tmp_path):
+    # One epoch: submission is under test here; the demo's accuracy is test_train's
     r = submit("--wait", DEMO, "--set", f"data.files={demo_data}", "--set", f"output={tmp_path}/run",
-               env=slurm_cluster, cwd=tmp_path)
+               "--set", "epochs=1", env=slurm_cluster, cwd=tmp_path)
     assert r.returncode == 0, r.output[-3000:]
     job_id = re.search(r"submitted job (\d+)", r.stdout).group(1)
     assert f"[mpidl] job {job_id} ended: COMPLETED, exit status 0, 0 restart(s)" in r.stdout
     assert "val_accuracy" in r.stdout  # rank 0's log was followed
     s = _summary(tmp_path / "run")
     assert s["world"]["size"] == 2 and s["world"]["launcher"] == "srun"
-    assert s["reached_target"] is True and s["final"]["val_accuracy"] >= 0.8
+    assert s["epochs"] == 1 and s["final"]["val_accuracy"] > 0.3  # it learned: chance is 0.1
     assert (tmp_path / "run" / "slurm" / f"{job_id}_submission.sh").exists()
 
 
 @pytest.mark.timeout(900)  # a whole training job; slow when the machine is shared
 def test_standalone_script_through_plain_sbatch(slurm_cluster, demo_data, tmp_path):
     r = submit("--dry-run", "--standalone", DEMO, "--set", f"data.files={demo_data}",
-               "--set", f"output={tmp_path}/run", env=slurm_cluster, cwd=tmp_path)
+               "--set", f"output={tmp_path}/run", "--set", "epochs=1", env=slurm_cluster, cwd=tmp_path)
     assert r.returncode == 0, r.output
     path, answer = r.stdout.splitlines()
     assert path == "slurm/generated/demo.sbatch" and answer.startswith("sbatch --test-only: Job "), r.stdout
@@ -65,7 +66,7 @@ def test_standalone_script_through_plain_sbatch(slurm_cluster, demo_data, tmp_pa
     assert r.returncode == 0, r.output + log[-3000:]
     assert log.rstrip().endswith("[mpidl] job step exit status 0 (restart 0)")
     s = _summary(tmp_path / "run")
-    assert s["world"]["size"] == 2 and s["reached_target"] is True and s["final"]["val_accuracy"] >= 0.8
+    assert s["world"]["size"] == 2 and s["epochs"] == 1 and s["final"]["val_accuracy"] > 0.3
 
 
 def _allreduce() -> tuple:

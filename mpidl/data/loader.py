@@ -17,7 +17,9 @@ overlaps the model's compute; a pool of `workers` threads does the reading and d
 Two window buffers: the pool fills the next while batches are cut from this one.
 
 Batches are assembled by `workers` threads, each with one batch queued behind the one it
-works on, and handed on in order as soon as they are ready. Free slots are reused last-
+works on, and handed on in order as soon as they are ready; batches under 1 MiB are cut by the
+reader thread itself. The reader refills the consumer's queue once it has drained to half, so
+it takes the GIL from the training thread once per several batches. Free slots are reused last-
 released-first, so that when the consumer keeps up a few slots cycle in the CPU's cache. Memory
 is bounded by two windows of the windowed keys (plus the chunk rows a window's edges cut, for
 chunks read as stored) and `prefetch + 2 + workers` batch slots, whatever the dataset's size. On CUDA the slots are pinned and the consumer copies each batch with
@@ -51,15 +53,45 @@ class _Failed:
         self.exc = exc
 
 
-def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
-    """Put unless asked to stop; False when stopped."""
-    while not stop.is_set():
-        try:
-            q.put(item, timeout=0.05)
-            return True
-        except queue.Full:
-            continue
-    return False
+class _Handoff:
+    """Batches from the reader thread to the consumer, at most `depth` waiting.
+
+    A full queue makes the reader sleep until the consumer has drained it to half, so the
+    reader wakes once per several batches, not once per batch: each wake-up takes the GIL from
+    the training thread at a moment it does not choose, which on a small model costs more
+    than the batch's copy. One reader and one consumer share one condition: the consumer waits
+    only on an empty queue and the reader only on a full one, never both at once.
+    """
+
+    def __init__(self, depth: int, stop: threading.Event):
+        self.items: deque = deque()
+        self.depth, self.low = max(1, depth), max(1, depth) // 2
+        self.stop = stop
+        self.ready = threading.Condition(threading.Lock())
+
+    def put(self, item: Any) -> bool:
+        """Queue `item`, unless asked to stop (False)."""
+        with self.ready:
+            if len(self.items) >= self.depth:
+                while len(self.items) > self.low:
+                    if self.stop.is_set():
+                        return False
+                    self.ready.wait(0.05)
+            self.items.append(item)
+            self.ready.notify()
+        return True
+
+    def get(self) -> Any:
+        """The oldest batch; _DONE once asked to stop."""
+        with self.ready:
+            while not self.items:
+                if self.stop.is_set():
+                    return _DONE
+                self.ready.wait(0.05)
+            item = self.items.popleft()
+            if len(self.items) == self.low:
+                self.ready.notify()
+            return item
 
 
 def _get(q: queue.Queue, stop: threading.Event) -> Any:
@@ -74,6 +106,9 @@ def _get(q: queue.Queue, stop: threading.Event) -> Any:
 DIRECT_ROW_BYTES = 4096  # rows at least this large are read straight into their batch slot
 RUN_BYTES = 192 << 10    # target bytes per direct read: amortises the call, keeps batches mixed
 QUEUED_PER_WORKER = 2    # batches assigned to each assembler thread at once
+INLINE_BATCH_BYTES = 1 << 20  # smaller batches are cut by the reader thread itself
+_ASSEMBLED: Future = Future()
+_ASSEMBLED.set_result(None)
 
 
 class _Pipeline:
@@ -94,10 +129,11 @@ class _Pipeline:
         self.keys = source.keys
         self.shapes, self.dtypes = source.shapes, source.dtypes
         self.batch, self.pinned = plan.batch, pinned
+        self.batch_bytes = plan.batch * sum(source.row_bytes_of(k) for k in self.keys)
         # Where the reader thread's time goes (seconds), for benchmarks and slow-input diagnosis.
         self.spent = dict.fromkeys(("window_wait", "slot_wait", "assembly_wait", "consumer_wait"), 0.0)
         self.stop = threading.Event()
-        self.batches: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        self.batches = _Handoff(prefetch, self.stop)
         # Batches are written into a ring of reused buffers: fresh arrays per batch would cost
         # a page fault per 4 KiB and halve throughput. A slot is free again once the consumer
         # has asked for the batch after it (and, on CUDA, once its copy to the device is done).
@@ -134,7 +170,7 @@ class _Pipeline:
         try:
             self._read()
         except BaseException as e:  # handed to the consumer, which raises it in its own thread
-            _put(self.batches, _Failed(e), self.stop)
+            self.batches.put(_Failed(e))
 
     def _read(self) -> None:
         src, clock, spent = self.source, time.perf_counter, self.spent
@@ -193,8 +229,11 @@ class _Pipeline:
                 t = clock()
                 done.result()
                 spent["assembly_wait"] += clock() - t
-                return _put(self.batches, (slot, self.ring[slot]), self.stop)
+                return self.batches.put((slot, self.ring[slot]))
 
+            # Small batches are cut by this thread: a hop through the pool (two wake-ups, the
+            # GIL handed back and forth) would cost more than the copy.
+            inline = not direct and self.batch_bytes < INLINE_BATCH_BYTES
             pending = fill(0) if windows else None
             skip = self.skip_rows
             for n, w in enumerate(windows):
@@ -225,19 +264,23 @@ class _Pipeline:
                         ev.synchronize()  # its last copy to the device has finished
                     spent["slot_wait"] += clock() - t
                     idx = w.order[s:s + self.batch]
-                    done = assembler.submit(assemble, slot, n, idx, None if rows_at is None else rows_at[idx])
+                    if inline:
+                        assemble(slot, n, idx, None)
+                        done = _ASSEMBLED
+                    else:
+                        done = assembler.submit(assemble, slot, n, idx, None if rows_at is None else rows_at[idx])
                     cut[n % 2].append(done)
                     inflight.append((done, slot))
                 skip = 0
             while inflight:
                 if not hand_on():
                     return
-        _put(self.batches, _DONE, self.stop)
+        self.batches.put(_DONE)
 
     def __iter__(self) -> Iterator[tuple[int, dict]]:
         while True:
             t = time.perf_counter()
-            item = _get(self.batches, self.stop)
+            item = self.batches.get()
             self.spent["consumer_wait"] += time.perf_counter() - t
             if item is _DONE:
                 return

@@ -13,13 +13,16 @@ SCALE_HELP = """\
 Run a scaling study: every (size, backend, repetition) is a real `mpidl train` under the
 launcher, plus the no-communication baseline (backend none) at every size. Writes
 <output>/study.json and the runs; `mpidl report <output>` turns them into plots and a page.
+With `launcher: {name: slurm, nodes: [1, 2]}` every run is one SLURM job (`mpidl submit
+--wait`), and each size runs at every node count that divides it.
 
   mpidl scale STUDY.yaml [--force]     run it (--force replaces a study already in <output>)
   mpidl scale predict [options]        the performance model (mpidl scale predict --help)
 
 Study keys: name, job, set, mode (strong|weak), sizes, batch_per_rank (weak) or global_batch
 (strong), warmup_steps, steps, window, repetitions, backends, baseline, threads_per_rank,
-launcher {name: mpirun, args}, timeout_s, output, allreduce, flag_below, predict {...}.
+launcher {name: mpirun|slurm, args (mpirun), nodes, partition (slurm)}, timeout_s, output,
+allreduce, flag_below, predict {...}.
 See mpidl/scaling/study.py and benchmarks/studies/*.yaml.
 """
 
@@ -137,7 +140,9 @@ def predict_inputs(a: argparse.Namespace) -> dict:
     if a.study:
         path = Path(a.study) / "study.json"
         try:
-            study_doc = json.loads(path.read_text())
+            from mpidl.scaling.efficiency import on_one_node
+
+            study_doc = on_one_node(json.loads(path.read_text()))  # the model's node: the one-node points
         except FileNotFoundError:
             raise BadInput(f"{path}: no study here (run mpidl scale STUDY.yaml first)") from None
         except (OSError, ValueError) as e:

@@ -21,6 +21,15 @@ Notation (per backend b, world size p; X = global samples/s, T = seconds per ste
 
 The baseline (backend `none`) is b = 0. T_0(p) comes from the same size, so c_b(p) separates
 communication from what ranks lose to sharing the machine.
+
+Placement: a study may run a size p on n nodes (p/n ranks each); a point is then (b, p, n), one
+node when not said. E is still against the backend's 1 rank, and the baseline is taken at the
+same size and placement: L(p, n) = X_0(p, n) / (p · X_0(1)), c_b(p, n) = 1 − T_0(p, n) / T_b(p, n).
+Crossing nodes, p ranks on n nodes against the same p on one node:
+
+  R_b(p, n) = X_b(p, n) / X_b(p, 1)                   throughput ratio (1: crossing costs nothing)
+  C_b(p, n) = T_b(p, n) − T_0(p, n)                   exposed communication per step
+  ΔC_b(p, n) = C_b(p, n) − C_b(p, 1)                  what the network between nodes adds per step
 """
 from __future__ import annotations
 
@@ -75,19 +84,28 @@ def karp_flatt(s: float, p: int) -> Optional[float]:
     return None if p == 1 else (1 / s - 1 / p) / (1 - 1 / p)
 
 
-def table(points: dict[tuple[str, int], dict], mode: str, baseline: str = "none",
-          flag_below: float = 0.8) -> list[dict]:
-    """One row per (backend, size) from aggregated points.
+CROSSING_FORMULAS = [
+    ("crossing ratio", "R(p, n) = X(p, n) / X(p, 1)", "p ranks on n nodes against the same p ranks on one node"),
+    ("communication share", "c(p, n) = 1 − T₀(p, n) / T(p, n)", "the baseline at the same size and placement"),
+    ("exposed communication", "C(p, n) = T(p, n) − T₀(p, n)", "seconds per step the baseline does not spend"),
+    ("crossing cost", "ΔC(p, n) = C(p, n) − C(p, 1)", "what the network between the nodes adds per step"),
+]
 
-    points[(backend, size)] holds at least `throughput` and `step_time` (spread dicts),
-    `breakdown` (bucket -> spread dict or None) and `oversubscribed`.
+
+def table(points: dict[tuple, dict], mode: str, baseline: str = "none", flag_below: float = 0.8) -> list[dict]:
+    """One row per (backend, size, nodes) from aggregated points.
+
+    points[(backend, size, nodes)] (or [(backend, size)]: one node) holds at least `throughput`
+    and `step_time` (spread dicts), `breakdown` (bucket -> spread dict or None) and `oversubscribed`.
     """
+    points = {(*key, 1)[:3]: pt for key, pt in points.items()}
     rows = []
-    for (b, p), pt in sorted(points.items(), key=lambda kv: (kv[0][0] == baseline, kv[0][0], kv[0][1])):
+    for (b, p, n), pt in sorted(points.items(), key=lambda kv: (kv[0][0] == baseline, *kv[0])):
         x, t = pt["throughput"]["median"], pt["step_time"]["median"]
-        one = points.get((b, 1))
-        base, base_one = points.get((baseline, p)), points.get((baseline, 1))
-        row = {"backend": b, "size": p, "oversubscribed": pt["oversubscribed"], "throughput": x, "step_time": t,
+        one = points.get((b, 1, 1))
+        base, base_one = points.get((baseline, p, n)), points.get((baseline, 1, 1))
+        row = {"backend": b, "size": p, "nodes": n, "ranks_per_node": p // n, "oversubscribed": pt["oversubscribed"],
+               "throughput": x, "step_time": t,
                "throughput_min": pt["throughput"]["min"], "throughput_max": pt["throughput"]["max"],
                "repetitions": pt["throughput"]["n"]}
         for k in BUCKETS:
@@ -116,32 +134,64 @@ def table(points: dict[tuple[str, int], dict], mode: str, baseline: str = "none"
 
 
 def goals(rows: list[dict], mode: str, baseline: str = "none") -> list[dict]:
-    """The issue's goals, per size, as measured (weak studies; strong ones report, not judge).
+    """The issue's goals, per size and placement, as measured (weak studies; strong ones report,
+    not judge).
 
-    best backend: the one of horovod/mpi with the highest E* at the largest size that is not
-    oversubscribed.
+    best backend: the one of horovod/mpi with the highest E* at the largest size on one node
+    that is not oversubscribed.
       (a) E_best(p) ≥ E_ddp(p) and E*_best(p) ≥ E*_ddp(p) at every size (E* = X_best ≥ X_ddp)
       (b) X_best(p) / X_0(p) ≥ 0.95 at every size
     """
-    by = {(r["backend"], r["size"]): r for r in rows}
-    sizes = sorted({r["size"] for r in rows})
+    by = {(r["backend"], r["size"], r.get("nodes", 1)): r for r in rows}
+    places = sorted({(r["size"], r.get("nodes", 1)) for r in rows})
     cands = [b for b in ("horovod", "mpi") if any(k[0] == b for k in by)]
     out: list[dict] = []
     if not cands or mode != "weak":
         return out
+    sizes = sorted({p for p, n in places if n == 1}) or sorted({p for p, _ in places})
     fair = [p for p in sizes if not any(r["oversubscribed"] for r in rows if r["size"] == p)]
     top = max(fair or sizes)  # the largest size the cores can hold decides which backend is best
-    best = max(cands, key=lambda b: (by.get((b, top)) or {}).get("efficiency_vs_lone_rank") or 0.0)
-    for p in sizes:
-        r = by.get((best, p))
+    best = max(cands, key=lambda b: (by.get((b, top, 1)) or {}).get("efficiency_vs_lone_rank") or 0.0)
+    for p, n in places:
+        r = by.get((best, p, n))
         if r is None:
             continue
-        ddp = by.get(("ddp", p))
+        ddp = by.get(("ddp", p, n))
         for key, sym in (("efficiency", "E"), ("efficiency_vs_lone_rank", "E*")):
             if ddp and r.get(key) is not None and ddp.get(key) is not None:
-                out.append({"goal": f"{best} {sym} ≥ ddp {sym}", "size": p, "value": r[key], "target": ddp[key],
-                            "met": r[key] >= ddp[key], "oversubscribed": r["oversubscribed"]})
+                out.append({"goal": f"{best} {sym} ≥ ddp {sym}", "size": p, "nodes": n, "value": r[key],
+                            "target": ddp[key], "met": r[key] >= ddp[key], "oversubscribed": r["oversubscribed"]})
         if r.get("of_limit") is not None:
-            out.append({"goal": f"{best} X / X₀ ≥ 0.95", "size": p, "value": r["of_limit"], "target": 0.95,
-                        "met": r["of_limit"] >= 0.95, "oversubscribed": r["oversubscribed"]})
+            out.append({"goal": f"{best} X / X₀ ≥ 0.95", "size": p, "nodes": n, "value": r["of_limit"],
+                        "target": 0.95, "met": r["of_limit"] >= 0.95, "oversubscribed": r["oversubscribed"]})
     return out
+
+
+def crossing(rows: list[dict], baseline: str = "none") -> list[dict]:
+    """Per backend, p ranks on n > 1 nodes against the same p on one node (see CROSSING_FORMULAS)."""
+    by = {(r["backend"], r["size"], r.get("nodes", 1)): r for r in rows}
+    out = []
+    for r in rows:
+        n = r.get("nodes", 1)
+        one = by.get((r["backend"], r["size"], 1))
+        if n == 1 or one is None:
+            continue
+        row = {"backend": r["backend"], "size": r["size"], "nodes": n, "ranks_per_node": r["size"] // n,
+               "throughput_one_node": one["throughput"], "throughput": r["throughput"],
+               "ratio": r["throughput"] / one["throughput"], "step_time_one_node": one["step_time"],
+               "step_time": r["step_time"], "sync_one_node": one.get("sync"), "sync": r.get("sync"),
+               "comm_share_one_node": one.get("comm_share"), "comm_share": r.get("comm_share"),
+               "exposed_one_node": None, "exposed": None, "crossing_cost": None}
+        base, base_one = by.get((baseline, r["size"], n)), by.get((baseline, r["size"], 1))
+        if r["backend"] != baseline and base and base_one:
+            row["exposed_one_node"] = one["step_time"] - base_one["step_time"]
+            row["exposed"] = r["step_time"] - base["step_time"]
+            row["crossing_cost"] = row["exposed"] - row["exposed_one_node"]
+        out.append(row)
+    return out
+
+
+def on_one_node(doc: dict) -> dict:
+    """The study as if it had measured one node only: what the single-node model and fits take."""
+    return {**doc, "table": [r for r in doc.get("table", []) if r.get("nodes", 1) == 1],
+            "points": [pt for pt in doc.get("points", []) if pt.get("nodes", 1) == 1]}

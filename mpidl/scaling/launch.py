@@ -1,22 +1,36 @@
-"""How a study starts the trainer on p ranks: a small interface, one implementation per launcher.
+"""How a study starts the trainer on p ranks (on n nodes): a small interface, one implementation
+per launcher.
 
-    launcher = make_launcher(spec.launcher, cores)
-    launcher.run(ranks, argv, env=env, cwd=cwd, timeout=s, log=path) -> Finished
+    launcher = make_launcher(study, cores)
+    launcher.check(ranks, nodes, argv)      # before anything runs: BadInput if it cannot start
+    launcher.run(ranks, argv, nodes=n, env=env, cwd=cwd, timeout=s, log=path) -> Finished
 
-`mpirun` runs here, now. A batch launcher (SLURM through `mpidl submit`, one job per size or
-an array) plugs in by implementing the same `run`: it must return once the job has ended, with
-its exit status, and leave the trainer's files in the run folder named on the command line
-(`--set output=...`); the runner reads nothing else.
+argv is the trainer's command line, `mpidl train JOB --set ...`. `mpirun` runs it here, now, on
+one node. `slurm` makes each point one SLURM job through `mpidl submit --wait` (the same job and
+`--set` items, plus the placement: slurm.nodes, slurm.tasks_per_node, srun --mpi=pmix). Either
+returns once the ranks (the job) have ended, with the exit status, and leaves the trainer's
+files in the run folder named on the command line (`--set output=...`), where `log` lies too;
+the runner reads nothing else.
 """
 from __future__ import annotations
 
+import json
+import math
 import os
+import re
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Optional, Protocol
+
+from mpidl.errors import BadInput
+
+if TYPE_CHECKING:
+    from mpidl.scaling.study import Study
 
 
 @dataclass(frozen=True)
@@ -30,14 +44,43 @@ class Finished:
 class Launcher(Protocol):
     name: str
 
-    def oversubscribed(self, ranks: int) -> bool:
-        """More ranks than this machine (or allocation) has cores: figures are marked."""
+    def oversubscribed(self, ranks: int, nodes: int = 1) -> bool:
+        """More ranks than this machine (or a node) has cores: figures are marked."""
 
-    def run(self, ranks: int, argv: list[str], *, env: dict, cwd: Path, timeout: float, log: Path) -> Finished:
+    def check(self, ranks: int, nodes: int, argv: list[str]) -> None:
+        """What can be known before anything runs; BadInput (one line) when this placement cannot start."""
+
+    def run(self, ranks: int, argv: list[str], *, nodes: int = 1, env: dict, cwd: Path, timeout: float,
+            log: Path) -> Finished:
         ...
 
     def describe(self) -> dict:
         ...
+
+
+def _supervise(cmd: list[str], *, env: dict, cwd: Path, timeout: float, log: Path,
+               on_timeout=None) -> Finished:
+    """Run cmd with its output in `log`; past `timeout`, call on_timeout (the text so far), then end
+    its session (TERM, KILL 30 s later)."""
+    t0 = time.monotonic()
+    timed_out = False
+    with open(log, "w") as out:
+        # A session of its own, so a run past its time is ended with everything it started.
+        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+        try:
+            rc = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            if on_timeout is not None:
+                on_timeout(log.read_text(errors="replace"))
+            os.killpg(p.pid, signal.SIGTERM)
+            try:
+                rc = p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                rc = p.wait()
+    text = log.read_text(errors="replace")
+    return Finished(rc, time.monotonic() - t0, timed_out, text[-4000:])
 
 
 class MpirunLauncher:
@@ -49,32 +92,20 @@ class MpirunLauncher:
         self.args = list(args)
         self.cores = cores
 
-    def oversubscribed(self, ranks: int) -> bool:
+    def oversubscribed(self, ranks: int, nodes: int = 1) -> bool:
         return ranks > self.cores
 
     def command(self, ranks: int, argv: list[str]) -> list[str]:
         extra = ["--oversubscribe"] if self.oversubscribed(ranks) else []
         return ["mpirun", "-np", str(ranks), *extra, *self.args, *argv]
 
-    def run(self, ranks: int, argv: list[str], *, env: dict, cwd: Path, timeout: float, log: Path) -> Finished:
-        t0 = time.monotonic()
-        timed_out = False
-        with open(log, "w") as out:
-            # A session of its own, so a run past its time is ended with everything it started.
-            p = subprocess.Popen(self.command(ranks, argv), stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                 start_new_session=True)
-            try:
-                rc = p.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                os.killpg(p.pid, signal.SIGTERM)
-                try:
-                    rc = p.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(p.pid, signal.SIGKILL)
-                    rc = p.wait()
-        text = log.read_text(errors="replace")
-        return Finished(rc, time.monotonic() - t0, timed_out, text[-4000:])
+    def check(self, ranks: int, nodes: int, argv: list[str]) -> None:
+        assert nodes == 1, "the study schema gives mpirun one node"
+
+    def run(self, ranks: int, argv: list[str], *, nodes: int = 1, env: dict, cwd: Path, timeout: float,
+            log: Path) -> Finished:
+        assert nodes == 1, "the study schema gives mpirun one node"
+        return _supervise(self.command(ranks, argv), env=env, cwd=cwd, timeout=timeout, log=log)
 
     def describe(self) -> dict:
         try:
@@ -85,7 +116,137 @@ class MpirunLauncher:
         return {"name": self.name, "version": version, "args": self.args, "cores": self.cores}
 
 
-def make_launcher(spec, cores: int) -> Launcher:
-    if spec.name == "mpirun":
-        return MpirunLauncher(spec.args, cores)
-    raise ValueError(f"unknown launcher {spec.name!r}")  # the study schema admits only the names above
+class SlurmLauncher:
+    """One SLURM job per point: `mpidl submit --wait JOB --set ...` with the point's placement.
+
+    The job is the trainer's command line with `train` replaced by `submit --wait` (both take a
+    job spec and `--set` items), plus what the study fixes for SLURM: the node count and ranks per
+    node, srun --mpi=pmix, one CPU per thread of a rank (so 1 node × 2 ranks and 2 nodes × 1 rank
+    run the same threads), a time limit just past the study's per-run timeout, and no requeue (a
+    run that restarts would measure its restart).
+    """
+
+    name = "slurm"
+
+    def __init__(self, partition: Optional[str], threads_per_rank: int, timeout_s: float, cores: int):
+        self.partition = partition
+        self.threads_per_rank = threads_per_rank
+        self.minutes = math.ceil(timeout_s / 60) + 2  # the launcher's own timeout (and scancel) comes first
+        self.cores = cores
+        self._node_cpus: Optional[int] = None
+
+    def placement(self, ranks: int, nodes: int) -> list[str]:
+        """The `--set` items that place `ranks` ranks on `nodes` nodes."""
+        sets = [f"slurm.nodes={nodes}", f"slurm.tasks_per_node={ranks // nodes}", "slurm.launcher=srun",
+                f"slurm.time={self.minutes}", "slurm.requeue_limit=0"]
+        if self.threads_per_rank:
+            sets.append(f"slurm.cpus_per_task={self.threads_per_rank}")
+        if self.partition is not None:
+            sets.append(f"slurm.partition={json.dumps(self.partition)}")
+        return sets
+
+    def submission(self, ranks: int, nodes: int, argv: list[str]) -> tuple[list[str], str, list[str]]:
+        """(the mpidl command, the job file, the --set items) of the point's job."""
+        i = argv.index("train")
+        job, rest = argv[i + 1], argv[i + 2:]
+        if len(rest) % 2 or any(flag != "--set" for flag in rest[::2]):
+            raise ValueError(f"expected `mpidl train JOB --set ...`, got {argv}")
+        return argv[:i], job, [*rest[1::2], *self.placement(ranks, nodes)]
+
+    def command(self, ranks: int, nodes: int, argv: list[str]) -> list[str]:
+        mpidl, job, sets = self.submission(ranks, nodes, argv)
+        return [*mpidl, "submit", "--wait", job, *[x for item in sets for x in ("--set", item)]]
+
+    def node_cpus(self) -> int:
+        if self._node_cpus is None:
+            from mpidl.slurm import controller
+
+            self._node_cpus = controller.node_cpus(self.partition) or self.cores
+        return self._node_cpus
+
+    def oversubscribed(self, ranks: int, nodes: int = 1) -> bool:
+        return ranks // nodes > self.node_cpus()
+
+    def check(self, ranks: int, nodes: int, argv: list[str]) -> None:
+        """The point's job as `mpidl submit` would send it, judged by `sbatch --test-only`."""
+        from mpidl.slurm import controller, submit
+
+        _, job, sets = self.submission(ranks, nodes, argv)
+        prepared = submit.prepare(job, sets, array=[], standalone_script=False, cwd=Path.cwd(), overwrite=True)
+        with tempfile.NamedTemporaryFile("w", prefix="mpidl-scale-", suffix=".sh") as f:
+            f.write(prepared.text)
+            f.flush()
+            controller.test_only(Path(f.name), prepared.plans[0].slurm)
+
+    def run(self, ranks: int, argv: list[str], *, nodes: int = 1, env: dict, cwd: Path, timeout: float,
+            log: Path) -> Finished:
+        def cancel(text: str) -> None:
+            """Ending `mpidl submit --wait` would leave the job running: cancel it, and wait until its
+            ranks are gone (on SIGTERM they still write a checkpoint and a summary)."""
+            found = re.findall(r"^submitted job (\d+)", text, re.M)
+            if not found:
+                return
+            subprocess.run(["scancel", found[-1]], env=env, capture_output=True, timeout=60)
+            for _ in range(120):
+                left = subprocess.run(["squeue", "-h", "-j", found[-1], "-o", "%t"], env=env, capture_output=True,
+                                      text=True, timeout=60)
+                if left.returncode or not left.stdout.strip():
+                    return
+                time.sleep(0.5)
+
+        done = _supervise(self.command(ranks, nodes, argv), env=env, cwd=cwd, timeout=timeout, log=log,
+                          on_timeout=cancel)
+        # submitit's folder: the job's script and pickles, every rank's log. Rank 0's log is in
+        # `log` already; the rest is kept where the job failed, to find out why.
+        folder = log.parent / "slurm"
+        if done.returncode == 0 and not done.timed_out:
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            for pickle in folder.glob("*.pkl"):
+                pickle.unlink()
+        # Paths below the working directory as relative ones, as mpidl's scripts name them: a
+        # committed study's logs then say nothing about the machine it ran on.
+        text = log.read_text(errors="replace").replace(f"{Path(cwd).absolute()}/", "")
+        log.write_text(text)
+        return Finished(done.returncode, done.seconds, done.timed_out, text[-4000:])
+
+    def describe(self) -> dict:
+        def ask(cmd: list[str]) -> str:
+            try:
+                return subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip()
+            except (OSError, subprocess.SubprocessError):
+                return ""
+
+        where = ["-p", self.partition] if self.partition else []
+        partitions = ask(["sinfo", "-h", "-o", "%P", *where]).split()
+        default = next((p for p in partitions if p.endswith("*")), partitions[0] if partitions else "")
+        return {"name": self.name, "version": ask(["sinfo", "--version"]) or "unknown",
+                "partition": self.partition or default.rstrip("*") or "unknown",
+                "nodes": list(dict.fromkeys(ask(["sinfo", "-h", "-N", "-o", "%N", *where]).split())),
+                "cpus_per_node": self.node_cpus(),
+                "launch": "mpidl submit --wait, one job per point; srun --mpi=pmix", "args": []}
+
+
+def unreachable(name: str) -> Optional[str]:
+    """Why the launcher cannot start anything here, or None."""
+    if name == "mpirun":
+        return None if shutil.which("mpirun") else "not found on PATH"
+    for command in ("sbatch", "scontrol", "sinfo", "squeue", "scancel"):
+        if shutil.which(command) is None:
+            return f"{command} not found on PATH (each point is a SLURM job: the SLURM client commands are needed)"
+    from mpidl.slurm import controller
+
+    try:
+        controller.require_controller()
+    except BadInput as e:
+        return str(e)
+    return None
+
+
+def make_launcher(study: "Study", cores: int) -> Launcher:
+    s = study.spec
+    if s.launcher.name == "mpirun":
+        return MpirunLauncher(s.launcher.args, cores)
+    if s.launcher.name == "slurm":
+        return SlurmLauncher(s.launcher.partition or study.job.slurm.partition, s.threads_per_rank, s.timeout_s, cores)
+    raise ValueError(f"unknown launcher {s.launcher.name!r}")  # the study schema admits only the names above

@@ -3,6 +3,9 @@
 Writes into STUDY_DIR: throughput.png, efficiency.png, breakdown.png, allreduce.png (when an
 allreduce measurement is there), prediction.png, points.csv, runs.csv, report.md and
 report.html (the same content, images embedded, nothing fetched from elsewhere).
+
+A study that placed sizes on several node counts labels its rows and plot series by placement,
+adds a "crossing nodes" section (and crossing.csv), and gives the model its one-node points.
 """
 from __future__ import annotations
 
@@ -37,6 +40,9 @@ POINT_COLUMNS = ["backend", "size", "oversubscribed", "repetitions", "throughput
                  "step_time", "data", "compute", "sync", "optimizer", "speedup", "efficiency",
                  "efficiency_vs_lone_rank", "machine_limit", "of_limit", "comm_share", "sync_share", "karp_flatt",
                  "flagged"]
+CROSSING_COLUMNS = ["backend", "size", "nodes", "ranks_per_node", "throughput_one_node", "throughput", "ratio",
+                    "step_time_one_node", "step_time", "sync_one_node", "sync", "comm_share_one_node", "comm_share",
+                    "exposed_one_node", "exposed", "crossing_cost"]
 RUN_COLUMNS = ["order", "rep", "size", "backend", "oversubscribed", "batch_per_rank", "global_batch", "returncode",
                "seconds", "load_before", "load_after", "throughput", "step_time", "data", "compute", "sync", "optimizer", "breakdown_source",
                "windows", "error", "run_dir"]
@@ -64,9 +70,50 @@ def _backends(table: list[dict]) -> list[str]:
     return names
 
 
-def _series(table: list[dict], backend: str, key: str) -> tuple[list[int], list[float], list[bool]]:
-    rows = sorted((r for r in table if r["backend"] == backend and r.get(key) is not None), key=lambda r: r["size"])
+def _series(table: list[dict], backend: str, key: str, nodes: int = 1) -> tuple[list[int], list[float], list[bool]]:
+    rows = sorted((r for r in table if r["backend"] == backend and r.get("nodes", 1) == nodes
+                   and r.get(key) is not None), key=lambda r: r["size"])
     return [r["size"] for r in rows], [r[key] for r in rows], [r["oversubscribed"] for r in rows]
+
+
+def _multinode(table: list[dict]) -> bool:
+    """Some size ran on more than one node: rows and series then say their placement."""
+    return any(r.get("nodes", 1) > 1 for r in table)
+
+
+def _lines(table: list[dict]) -> list[tuple[str, int]]:
+    """The plotted series, (backend, node count), the baseline last."""
+    return sorted({(r["backend"], r.get("nodes", 1)) for r in table}, key=lambda bn: (bn[0] == BASELINE, *bn))
+
+
+def _nodes_text(n: int) -> str:
+    return f"{n} node{'s' if n > 1 else ''}"
+
+
+def _line_label(b: str, n: int, multi: bool) -> str:
+    return f"{_label(b)}, {_nodes_text(n)}" if multi else _label(b)
+
+
+def _style(b: str, n: int) -> tuple[str, str]:
+    """(marker, line style): one node as always; more nodes dash-dotted (the baseline dotted)."""
+    if n == 1:
+        return ("s", "--") if b == BASELINE else ("o", "-")
+    return ("D", ":") if b == BASELINE else ("^v<>"[(n - 2) % 4], "-.")
+
+
+def _on(nodes: int, multi: bool) -> str:
+    """' on n nodes' where the study has several placements, else nothing."""
+    return f" on {_nodes_text(nodes)}" if multi else ""
+
+
+def _dodge(xs: list[int], nodes: int) -> list[float]:
+    """x positions of an n-node series nudged right, so points at one size on several placements
+    stay apart (one node: where they are)."""
+    return [x * 2 ** (0.04 * (nodes - 1)) for x in xs]
+
+
+def _where(size: int, nodes: int, multi: bool) -> str:
+    return f"{size}{_on(nodes, multi)}"
 
 
 def _png(fig) -> bytes:
@@ -88,6 +135,9 @@ def _plt():
 
 def _ranks_axis(ax, sizes: list[int]) -> None:
     ax.set_xscale("log", base=2)
+    lim = ax.dataLim
+    if not 0 < lim.x0 <= lim.x1 < float("inf"):  # nothing drawn (no 1-rank point to compare with)
+        ax.set_xlim(min(sizes) / 1.5, max(sizes) * 1.5)
     ax.set_xticks(sizes)
     ax.set_xticklabels([str(s) for s in sizes])
     ax.set_xlabel("ranks")
@@ -107,13 +157,15 @@ def plot_throughput(doc: dict) -> bytes:
     sizes = sorted({r["size"] for r in table})
     fig, ax = plt.subplots(figsize=(7, 4.5))
     _shade_oversubscribed(ax, table)
-    for b in _backends(table):
-        xs, ys, _ = _series(table, b, "throughput")
-        rows = sorted((r for r in table if r["backend"] == b), key=lambda r: r["size"])
+    multi = _multinode(table)
+    for b, n in _lines(table):
+        xs, ys, _ = _series(table, b, "throughput", n)
+        rows = sorted((r for r in table if r["backend"] == b and r.get("nodes", 1) == n), key=lambda r: r["size"])
         lo = [r["throughput"] - r["throughput_min"] for r in rows]
         hi = [r["throughput_max"] - r["throughput"] for r in rows]
-        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, color=COLORS.get(b), label=_label(b),
-                    ls="--" if b == BASELINE else "-")
+        marker, ls = _style(b, n)
+        ax.errorbar(_dodge(xs, n), ys, yerr=[lo, hi], marker="o" if n == 1 else marker, capsize=3, color=COLORS.get(b),
+                    label=_line_label(b, n, multi), ls=ls)
     base1 = next((r for r in table if r["backend"] == BASELINE and r["size"] == 1), None)
     ref = base1 or next((r for r in table if r["size"] == 1), None)
     if ref:
@@ -132,16 +184,19 @@ def plot_efficiency(doc: dict) -> bytes:
     table = doc["table"]
     sizes = sorted({r["size"] for r in table})
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.3), sharey=True)
+    multi = _multinode(table)
     for ax, key, title in ((a1, "efficiency", "E(p) = X(p) / (p·X(1)), each backend's own 1 rank"),
                            (a2, "efficiency_vs_lone_rank", "E*(p) = X(p) / (p·X₀(1)) and the machine's limit L(p)")):
         _shade_oversubscribed(ax, table)
-        for b in _backends(table):
+        for b, n in _lines(table):
+            marker, ls = _style(b, n)
             if b == BASELINE and key == "efficiency_vs_lone_rank":
-                xs, ys, _ = _series(table, b, "machine_limit")
-                ax.plot(xs, ys, "s--", color=COLORS[b], lw=2.5, label="L(p): no-comm baseline (machine limit)")
+                xs, ys, _ = _series(table, b, "machine_limit", n)
+                ax.plot(_dodge(xs, n), ys, marker + ls, color=COLORS[b], lw=2.5,
+                        label="L(p): no-comm baseline (machine limit)" + (f", {_nodes_text(n)}" if multi else ""))
                 continue
-            xs, ys, _ = _series(table, b, key)
-            ax.plot(xs, ys, "o-" if b != BASELINE else "s--", color=COLORS.get(b), label=_label(b))
+            xs, ys, _ = _series(table, b, key, n)
+            ax.plot(_dodge(xs, n), ys, marker + ls, color=COLORS.get(b), label=_line_label(b, n, multi))
         ax.axhline(1.0, color="black", ls=":", lw=1)
         ax.axhline(doc["study"].get("flag_below", 0.8), color="#cc0000", ls=":", lw=1,
                    label=f"flag below {doc['study'].get('flag_below', 0.8)}")
@@ -158,17 +213,18 @@ def plot_breakdown(doc: dict) -> bytes:
     plt = _plt()
     table = doc["table"]
     sizes = sorted({r["size"] for r in table})
-    backends = _backends(table)
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(sizes) * len(backends)), 4.5))
-    width = 0.8 / len(backends)
+    lines = _lines(table)
+    multi = _multinode(table)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(sizes) * len(lines)), 4.5))
+    width = 0.8 / len(lines)
     labels_done = set()
     ticks, ticklabels = [], []
     for i, p in enumerate(sizes):
-        for j, b in enumerate(backends):
-            r = next((r for r in table if r["backend"] == b and r["size"] == p), None)
+        for j, (b, n) in enumerate(lines):
+            r = next((r for r in table if r["backend"] == b and r["size"] == p and r.get("nodes", 1) == n), None)
             if r is None:
                 continue
-            x = i + (j - (len(backends) - 1) / 2) * width
+            x = i + (j - (len(lines) - 1) / 2) * width
             bottom = 0.0
             for k in efficiency.BUCKETS:
                 v = 1e3 * (r.get(k) or 0.0)
@@ -179,7 +235,8 @@ def plot_breakdown(doc: dict) -> bytes:
                 bottom += v
             ax.plot([x - width * 0.45, x + width * 0.45], [1e3 * r["step_time"]] * 2, color="black", lw=1)
             ticks.append(x)
-            ticklabels.append(f"{_label(b)}\np={p}" + (" (over)" if r["oversubscribed"] else ""))
+            ticklabels.append(f"{_label(b)}\np={p}" + (f"\n{_nodes_text(n)}" if multi else "")
+                              + (" (over)" if r["oversubscribed"] else ""))
     ax.set_xticks(ticks)
     ax.set_xticklabels(ticklabels, fontsize=7)
     ax.set_ylabel("ms per step (medians; black line: measured step time)")
@@ -339,13 +396,23 @@ def _run_rows(doc: dict) -> list[dict]:
     return out
 
 
+def _with_nodes(columns: list[str], multi: bool, extra: tuple[str, ...] = ("nodes", "ranks_per_node")) -> list[str]:
+    """CSV columns, with the placement after the size where the study has several."""
+    if not multi:
+        return columns
+    i = columns.index("size") + 1
+    return [*columns[:i], *extra, *columns[i:]]
+
+
 def _points_view(doc: dict) -> tuple[list[str], list[list[str]]]:
-    head = ["backend", "p", "samples/s (min–max)", "ms/step", "data", "compute", "sync", "opt", "S(p)", "E(p)",
-            "E*(p)", "L(p)", "X/X₀", "comm share", "sync share", "KF"]
+    multi = _multinode(doc["table"])
+    head = ["backend", "p", *(["nodes × ranks"] if multi else []), "samples/s (min–max)", "ms/step", "data",
+            "compute", "sync", "opt", "S(p)", "E(p)", "E*(p)", "L(p)", "X/X₀", "comm share", "sync share", "KF"]
     body = []
     for r in doc["table"]:
         flags = (" ⚑" if r["flagged"] else "") + (" (oversubscribed)" if r["oversubscribed"] else "")
-        body.append([_label(r["backend"]), f"{r['size']}{flags}",
+        n = r.get("nodes", 1)
+        body.append([_label(r["backend"]), f"{r['size']}{flags}", *([f"{n} × {r['size'] // n}"] if multi else []),
                      f"{_fmt(r['throughput'])} ({_fmt(r['throughput_min'])}–{_fmt(r['throughput_max'])})",
                      _fmt(1e3 * r["step_time"]),
                      *[_fmt(1e3 * r[k]) if r.get(k) is not None else "–" for k in efficiency.BUCKETS],
@@ -357,8 +424,9 @@ def _points_view(doc: dict) -> tuple[list[str], list[list[str]]]:
 
 def _goals_view(doc: dict, ar: Optional[dict]) -> tuple[list[str], list[list[str]]]:
     head = ["goal", "size", "measured", "target", "met"]
-    body = [[g["goal"], f"{g['size']}" + (" (oversubscribed)" if g["oversubscribed"] else ""), _fmt(g["value"]),
-             _fmt(g["target"]), "yes" if g["met"] else "NO"] for g in doc.get("goals", [])]
+    multi = _multinode(doc["table"])
+    body = [[g["goal"], _where(g["size"], g.get("nodes", 1), multi) + (" (oversubscribed)" if g["oversubscribed"] else ""),
+             _fmt(g["value"]), _fmt(g["target"]), "yes" if g["met"] else "NO"] for g in doc.get("goals", [])]
     for g in _allreduce_goals(ar):
         body.append([g["goal"], f"{g['ranks']} ranks, {g['bytes'] // 2**20} MiB", _fmt(g["value"]), _fmt(g["target"]),
                      "yes" if g["met"] else "NO"])
@@ -375,6 +443,36 @@ def _other_variants(ar: Optional[dict]) -> dict[str, list[dict]]:
     for g in (ar or {}).get("goals", []):
         if g.get("variant", "horovod") != "horovod":
             out.setdefault(g["variant"], []).append(g)
+    return out
+
+
+def _crossing_view(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    head = ["backend", "p", "nodes × ranks", "samples/s, 1 node", "samples/s, n nodes", "R = X(p,n)/X(p,1)",
+            "ms/step, 1 node", "ms/step, n nodes", "sync ms, 1 node", "sync ms, n nodes", "c, 1 node", "c, n nodes",
+            "C ms, 1 node", "C ms, n nodes", "ΔC ms"]
+    ms = lambda v: _fmt(None if v is None else 1e3 * v)  # noqa: E731
+    body = [[_label(r["backend"]), str(r["size"]), f"{r['nodes']} × {r['ranks_per_node']}",
+             _fmt(r["throughput_one_node"]), _fmt(r["throughput"]), _fmt(r["ratio"]), ms(r["step_time_one_node"]),
+             ms(r["step_time"]), ms(r["sync_one_node"]), ms(r["sync"]), _fmt(r["comm_share_one_node"]),
+             _fmt(r["comm_share"]), ms(r["exposed_one_node"]), ms(r["exposed"]), ms(r["crossing_cost"])]
+            for r in rows]
+    return head, body
+
+
+def _crossing_lines(rows: list[dict]) -> list[str]:
+    """Each crossing row in a sentence."""
+    out = []
+    for r in rows:
+        head = (f"{_label(r['backend'])}: {r['size']} ranks on {_nodes_text(r['nodes'])} ({r['ranks_per_node']} each) "
+                f"run at {_fmt(r['ratio'])} of the pace of {r['size']} ranks on one node "
+                f"({_fmt(r['throughput'])} against {_fmt(r['throughput_one_node'])} samples/s)")
+        if r["crossing_cost"] is not None:
+            head += (f"; exposed communication {_fmt(1e3 * r['exposed_one_node'])} → {_fmt(1e3 * r['exposed'])} ms "
+                     f"per step (ΔC = {_fmt(1e3 * r['crossing_cost'])} ms), communication share "
+                     f"{_fmt(r['comm_share_one_node'])} → {_fmt(r['comm_share'])}")
+        elif r["backend"] == BASELINE:
+            head += "; the baseline sends nothing, so this is what the placement alone changes"
+        out.append(head + ".")
     return out
 
 
@@ -396,7 +494,13 @@ def _env_view(doc: dict) -> list[tuple[str, str]]:
             "mpi4py", "horovod", "numpy", "h5py", "commit"]
     out = [(k, str(e.get(k))) for k in keys if k in e]
     launcher = e.get("launcher") or {}
-    out.append(("launcher", f"{launcher.get('name')} ({launcher.get('version')}) {' '.join(launcher.get('args', []))}"))
+    if launcher.get("name") == "slurm":
+        out.append(("launcher", f"slurm ({launcher.get('version')}): partition {launcher.get('partition')}, nodes "
+                                f"{', '.join(launcher.get('nodes') or []) or '?'} ({launcher.get('cpus_per_node')} CPUs "
+                                f"each); {launcher.get('launch')}"))
+    else:
+        out.append(("launcher", f"{launcher.get('name')} ({launcher.get('version')}) "
+                                f"{' '.join(launcher.get('args', []))}"))
     if "tuning_env" in e:
         out.append(("tuning environment", " ".join(f"{k}={v}" for k, v in e["tuning_env"].items()) or "none set"))
     out.append(("started / finished", f"{doc.get('started')} / {doc.get('finished', 'not finished')}"))
@@ -409,8 +513,10 @@ def _settings(doc: dict) -> list[tuple[str, str]]:
              else f"{s['global_batch']} global (÷ p per rank)")
     return [("job", f"{doc['job_file']} ({doc['job']['model']['name']}, {doc['job']['precision']})"),
             ("overrides", " ".join(s["set"]) or "–"), ("mode", s["mode"]), ("batch", batch),
-            ("sizes", ", ".join(map(str, s["sizes"]))), ("backends", ", ".join(s["backends"])
-                                                           + (" + no-comm baseline" if s["baseline"] else "")),
+            ("sizes", ", ".join(map(str, s["sizes"]))),
+            *([("nodes", ", ".join(map(str, s["launcher"]["nodes"])) + " (each size at every node count that "
+                         "divides it)")] if _multinode(doc["table"]) else []),
+            ("backends", ", ".join(s["backends"]) + (" + no-comm baseline" if s["baseline"] else "")),
             ("steps", f"{s['warmup_steps']} warm-up + {s['steps']} measured, windows of {s['window']}"),
             ("repetitions", f"{s['repetitions']} (interleaved: sizes up/down alternately, backends rotated)"),
             ("threads per rank", str(s["threads_per_rank"] or "unset")),
@@ -421,14 +527,17 @@ def _settings(doc: dict) -> list[tuple[str, str]]:
 def _notes(doc: dict, ar: Optional[dict]) -> list[str]:
     """What falls short, said plainly, from the numbers."""
     notes = []
+    multi = _multinode(doc["table"])
     for g in doc.get("goals", []):
         if not g["met"]:
-            r = next((r for r in doc["table"] if r["backend"] == g["goal"].split()[0] and r["size"] == g["size"]), {})
+            r = next((r for r in doc["table"] if r["backend"] == g["goal"].split()[0] and r["size"] == g["size"]
+                      and r.get("nodes", 1) == g.get("nodes", 1)), {})
             why = (f" There its step takes {_fmt(1e3 * r.get('step_time', 0))} ms (data {_fmt(1e3 * (r.get('data') or 0))}, "
                    f"compute {_fmt(1e3 * (r.get('compute') or 0))}, sync {_fmt(1e3 * (r.get('sync') or 0))}, optimizer "
                    f"{_fmt(1e3 * (r.get('optimizer') or 0))} ms); its communication share c = 1 − T₀/T is "
                    f"{_fmt(r.get('comm_share'))}.") if r else ""
-            notes.append(f"Not met: {g['goal']} at {g['size']} ranks: {_fmt(g['value'])} vs {_fmt(g['target'])}."
+            notes.append(f"Not met: {g['goal']} at {g['size']} ranks{_on(g.get('nodes', 1), multi)}: "
+                         f"{_fmt(g['value'])} vs {_fmt(g['target'])}."
                          + (" (oversubscribed point)" if g["oversubscribed"] else "") + why)
     for g in _allreduce_goals(ar):
         if not g["met"]:
@@ -461,7 +570,7 @@ def _notes(doc: dict, ar: Optional[dict]) -> list[str]:
                      "so these points measure time slicing, not scaling; they are shown hatched or hollow.")
     flagged = [r for r in doc["table"] if r["flagged"] and r["backend"] != BASELINE]
     for r in flagged:
-        notes.append(f"Flagged: {r['backend']} at p={r['size']}: E* = {_fmt(r.get('efficiency_vs_lone_rank'))} "
+        notes.append(f"Flagged: {r['backend']} at p={r['size']}{_on(r.get('nodes', 1), multi)}: E* = {_fmt(r.get('efficiency_vs_lone_rank'))} "
                      f"< {doc['study'].get('flag_below')}.")
     failed = [r for r in doc["runs"] if r.get("throughput") is None]
     for r in failed:
@@ -496,6 +605,12 @@ th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}pre{background:#f
 font-size:12px}.note{background:#fff4e5;border-left:4px solid #f0a020;padding:.4em .8em;margin:.4em 0}"""
 
 
+CROSSING_TITLE = "Crossing nodes: p ranks on n nodes against the same p on one node"
+CROSSING_INTRO = ("The same ranks and cores, placed differently: on one node the ranks talk through shared memory, "
+                  "across nodes over the network between them. The baseline sends nothing; its "
+                  "ratio shows what the placement changes apart from communication.")
+
+
 def write_report(study_dir: Path, allreduce: Optional[Path] = None) -> list[Path]:
     doc = load(study_dir)
     if not doc["table"]:
@@ -511,7 +626,9 @@ def write_report(study_dir: Path, allreduce: Optional[Path] = None) -> list[Path
     elif allreduce is not None:
         raise BadInput(f"{allreduce}: allreduce results not found")
 
-    pred, why_not = prediction(doc, ar_path if ar is not None else None)
+    multi = _multinode(doc["table"])
+    one_node = efficiency.on_one_node(doc)  # the model's machine is one node of ranks: its measured points
+    pred, why_not = prediction(one_node, ar_path if ar is not None else None)
     images: dict[str, tuple[bytes, str]] = {
         "throughput.png": (plot_throughput(doc), "Throughput against ranks, with the ideal line"),
         "efficiency.png": (plot_efficiency(doc), "Efficiency against ranks, with the no-communication baseline"),
@@ -520,17 +637,22 @@ def write_report(study_dir: Path, allreduce: Optional[Path] = None) -> list[Path
     if ar is not None:
         images["allreduce.png"] = (plot_allreduce(ar), "Allreduce bus bandwidth against message size per backend")
     if pred is not None:
-        images["prediction.png"] = (plot_prediction(doc, pred),
+        images["prediction.png"] = (plot_prediction(one_node, pred),
                                     f"Measured points and the model's prediction to {pred['rows'][-1]['size']} ranks")
     written = []
     for name, (png, _) in images.items():
         (study_dir / name).write_bytes(png)
         written.append(study_dir / name)
-    points_csv = _csv(doc["table"], POINT_COLUMNS)
-    runs_csv = _csv(_run_rows(doc), RUN_COLUMNS)
+    points_csv = _csv(doc["table"], _with_nodes(POINT_COLUMNS, multi))
+    runs_csv = _csv(_run_rows(doc), _with_nodes(RUN_COLUMNS, multi, ("nodes",)))
     (study_dir / "points.csv").write_text(points_csv)
     (study_dir / "runs.csv").write_text(runs_csv)
     written += [study_dir / "points.csv", study_dir / "runs.csv"]
+    cross = efficiency.crossing(doc["table"], BASELINE)
+    crossing_csv = _csv(cross, CROSSING_COLUMNS)
+    if cross:
+        (study_dir / "crossing.csv").write_text(crossing_csv)
+        written.append(study_dir / "crossing.csv")
     if pred is not None:
         (study_dir / "prediction.json").write_text(json.dumps(pred, indent=2) + "\n")
         written.append(study_dir / "prediction.json")
@@ -555,6 +677,8 @@ def write_report(study_dir: Path, allreduce: Optional[Path] = None) -> list[Path
         fits = "; ".join(f"{f['law'].capitalize()} fit of {_label(b)}: s = {f['serial_fraction']:.4g} "
                          f"({f['points']} points)" for b, f in pred["fits"].items())
         pred_intro += (" " + fits + ".") if fits else ""
+        if multi:
+            pred_intro += " The model and the fits take the one-node points; the others are under crossing nodes."
     ar_text = ""
     if ar is not None:
         fits = ar.get("fits", {})
@@ -575,6 +699,10 @@ def write_report(study_dir: Path, allreduce: Optional[Path] = None) -> list[Path
     md += ["## What falls short, and why", ""] + [f"- {n}" for n in notes] + ([""] if notes else ["Nothing.", ""])
     md += ["## Points (medians over repetitions)", "", _md_table(ph, pb), "",
            "⚑: efficiency E* below the flag threshold. Times in ms.", ""]
+    if cross:
+        md += [f"## {CROSSING_TITLE}", "", CROSSING_INTRO, ""] + [f"- {line}" for line in _crossing_lines(cross)]
+        md += ["", _md_table(*_crossing_view(cross)), ""]
+        md += [f"- **{n}**: `{f}` — {w}" for n, f, w in efficiency.CROSSING_FORMULAS] + [""]
     for name, (_, caption) in images.items():
         md += [f"### {caption}", "", f"![{caption}]({name})", ""]
     md += ["## Formulas", ""] + [f"- **{n}**: `{f}` — {w}" for n, f, w in formulas] + [""]
@@ -585,6 +713,7 @@ def write_report(study_dir: Path, allreduce: Optional[Path] = None) -> list[Path
         md += ["## Allreduce fits (bench_allreduce)", "", ar_text, ""]
     md += ["## Settings", "", _kv_md(_settings(doc)), "", "## Environment", "", _kv_md(_env_view(doc)), "",
            "Raw numbers: [points.csv](points.csv), [runs.csv](runs.csv), [study.json](study.json)"
+           + (", [crossing.csv](crossing.csv)" if cross else "")
            + (", [prediction.json](prediction.json)" if pred else "") + ".", ""]
     (study_dir / "report.md").write_text("\n".join(md))
     written.append(study_dir / "report.md")
@@ -609,6 +738,11 @@ def write_report(study_dir: Path, allreduce: Optional[Path] = None) -> list[Path
     h += [f"<p class='note'>{html.escape(n)}</p>" for n in notes] or ["<p>Nothing.</p>"]
     h += ["<h2>Points (medians over repetitions)</h2>", _html_table(ph, pb),
           "<p>⚑: efficiency E* below the flag threshold. Times in ms.</p>"]
+    if cross:
+        h += [f"<h2>{html.escape(CROSSING_TITLE)}</h2>", f"<p>{html.escape(CROSSING_INTRO)}</p>", "<ul>"]
+        h += [f"<li>{html.escape(line)}</li>" for line in _crossing_lines(cross)] + ["</ul>"]
+        h += [_html_table(*_crossing_view(cross)),
+              _html_table(["", "formula", "meaning"], [list(f) for f in efficiency.CROSSING_FORMULAS])]
     h += [img(name, caption) for name, (_, caption) in images.items()]
     h += ["<h2>Formulas</h2>", _html_table(["", "formula", "meaning"], [list(f) for f in formulas])]
     h += ["<h2>The model</h2>", f"<p>{html.escape(pred_intro or 'No prediction: ' + why_not)}</p>",
@@ -620,6 +754,7 @@ def write_report(study_dir: Path, allreduce: Optional[Path] = None) -> list[Path
     h += ["<h2>Settings</h2>", _kv_html(_settings(doc)), "<h2>Environment</h2>", _kv_html(_env_view(doc)),
           "<h2>Raw numbers</h2><p>", download("points.csv", points_csv, "text/csv"), " · ",
           download("runs.csv", runs_csv, "text/csv"), " · ",
+          *([download("crossing.csv", crossing_csv, "text/csv"), " · "] if cross else []),
           download("study.json", json.dumps(doc, indent=2), "application/json"), "</p>",
           f"<details><summary>points.csv</summary><pre>{html.escape(points_csv)}</pre></details>",
           f"<details><summary>runs.csv</summary><pre>{html.escape(runs_csv)}</pre></details>", "</body></html>"]

@@ -1,17 +1,21 @@
-"""Run a study: every (size, backend, repetition) point is a real `mpidl train` under the launcher.
+"""Run a study: every (size, nodes, backend, repetition) point is a real `mpidl train` under the
+launcher (a size runs at every node count of `launcher.nodes` that divides it; 1 by default).
 
 Order: repetitions are the outer loop; within one, sizes go up on even repetitions and down
-on odd ones, and at each size the backends (baseline included) rotate. Drift on a noisy
-machine then hits every size and backend alike, and a backend is always measured close in
-time to the baseline it is compared with at the same size.
+on odd ones, and so do a size's node counts; at each placement the backends (baseline
+included) rotate. Drift on a noisy machine then hits every size and backend alike, and a
+backend is always measured close in time to the baseline it is compared with at the same size
+and placement.
 
 A run's figures come from the trainer's metrics.jsonl: log windows of `window` steps that
 start after `warmup_steps` (evaluation and checkpoints fall outside windows). Per run the
 median over its windows; per point the median, min and max over repetitions.
 
 Files: <output>/study.json (rewritten atomically after every run; `complete` at the end),
-<output>/runs/p<P>-<backend>-r<k>/ (metrics.jsonl, summary.json, output.log; checkpoints are
-removed), <output>/allreduce.json (when the study names a bench_allreduce result).
+<output>/runs/p<P>-<backend>-r<k>/ (on one node) or p<P>-n<N>-<backend>-r<k>/ (on N nodes):
+metrics.jsonl, summary.json, output.log (the launcher's), checkpoints removed; the slurm
+launcher adds submitit's logs under slurm/. <output>/allreduce.json (when the study names a
+bench_allreduce result).
 """
 from __future__ import annotations
 
@@ -38,21 +42,24 @@ class Point:
     rep: int
     size: int
     backend: str
+    nodes: int = 1
 
     @property
     def key(self) -> str:
-        return f"p{self.size}-{self.backend}-r{self.rep}"
+        where = f"-n{self.nodes}" if self.nodes > 1 else ""  # one node: the names studies always had
+        return f"p{self.size}{where}-{self.backend}-r{self.rep}"
 
 
-def plan(sizes: list[int], backends: list[str], repetitions: int) -> list[Point]:
+def plan(sizes: list[int], backends: list[str], repetitions: int, nodes: tuple[int, ...] = (1,)) -> list[Point]:
     """The interleaved order of runs (see the module's docstring)."""
     out = []
     for rep in range(repetitions):
-        ordered = sorted(sizes, reverse=bool(rep % 2))
-        for size in ordered:
-            k = rep % len(backends)
-            for b in backends[k:] + backends[:k]:
-                out.append(Point(len(out), rep, size, b))
+        down = bool(rep % 2)
+        for size in sorted(sizes, reverse=down):
+            for n in sorted((n for n in nodes if size % n == 0), reverse=down):
+                k = rep % len(backends)
+                for b in backends[k:] + backends[:k]:
+                    out.append(Point(len(out), rep, size, b, n))
     return out
 
 
@@ -100,15 +107,16 @@ def run_figures(run_dir: Path, warmup: int) -> dict:
     return fig
 
 
-def aggregate(runs: list[dict]) -> dict[tuple[str, int], dict]:
-    """Per (backend, size): median, min and max over the successful repetitions."""
-    groups: dict[tuple[str, int], list[dict]] = {}
+def aggregate(runs: list[dict]) -> dict[tuple[str, int, int], dict]:
+    """Per (backend, size, nodes): median, min and max over the successful repetitions."""
+    groups: dict[tuple[str, int, int], list[dict]] = {}
     for r in runs:
         if r.get("throughput") is not None:
-            groups.setdefault((r["backend"], r["size"]), []).append(r)
+            groups.setdefault((r["backend"], r["size"], r.get("nodes", 1)), []).append(r)
     out = {}
     for key, rs in groups.items():
-        out[key] = {"backend": key[0], "size": key[1], "oversubscribed": rs[0]["oversubscribed"],
+        out[key] = {"backend": key[0], "size": key[1], "nodes": key[2], "ranks_per_node": key[1] // key[2],
+                    "oversubscribed": rs[0]["oversubscribed"],
                     "batch_per_rank": rs[0]["batch_per_rank"], "global_batch": rs[0]["global_batch"],
                     "throughput": efficiency.spread(r["throughput"] for r in rs),
                     "step_time": efficiency.spread(r["step_time"] for r in rs),
@@ -135,8 +143,9 @@ def _grad_params(study: Study) -> Optional[int]:
         return None
 
 
-def _progress_line(n: int, total: int, point: Point, reps: int, row: dict, over: bool) -> str:
-    head = f"[{n:>{len(str(total))}}/{total}] p={point.size} {point.backend} rep {point.rep + 1}/{reps}"
+def _progress_line(n: int, total: int, point: Point, reps: int, row: dict, over: bool, multinode: bool) -> str:
+    where = f" on {point.nodes} node{'s' if point.nodes > 1 else ''}" if multinode else ""
+    head = f"[{n:>{len(str(total))}}/{total}] p={point.size}{where} {point.backend} rep {point.rep + 1}/{reps}"
     if row.get("throughput") is None:
         return f"{head}: FAILED ({row['error']})"
     b = row["breakdown"]
@@ -155,6 +164,24 @@ def _last_words(log_tail: str) -> str:
     lines = [ln.strip() for ln in log_tail.splitlines() if any(c.isalnum() for c in ln)]
     errors = [ln for ln in lines if "error" in ln.lower()]
     return (errors or lines or ["no output"])[-1]
+
+
+def _argv(study: Study, point: Point, run_dir: Path) -> list[str]:
+    """The trainer's command line for a point: `mpidl train JOB --set ...`."""
+    argv = [*_trainer(), "train", str(study.job_path)]
+    for item in overrides(study, point, run_dir):
+        argv += ["--set", item]
+    return argv
+
+
+def _misplaced(run_dir: Path, point: Point) -> Optional[str]:
+    """Why the ranks did not run where the point says (rank 0's node held size / nodes ranks), or None."""
+    world = json.loads((run_dir / "summary.json").read_text()).get("world") or {}
+    want = point.size // point.nodes
+    if world.get("local_size", want) != want:
+        return (f"placement: {point.nodes} node(s) × {want} rank(s) asked, but rank 0's node ({world.get('host')}) "
+                f"held {world['local_size']} rank(s)")
+    return None
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -176,6 +203,14 @@ def run_study(study: Study, *, force: bool = False, echo: Callable[[str], None] 
             load_spec(study.job_path, overrides(study, Point(0, 0, p, b), out / "runs" / "x"))
     if study.allreduce is not None and not study.allreduce.exists():
         raise BadInput(f"{study.origin}: allreduce = {study.spec.allreduce}: file not found")
+    launcher = launcher or make_launcher(study, environment.cores())
+    for p in s.sizes:  # and the launcher can place it (SLURM: sbatch --test-only of each placement)
+        for n in s.node_counts(p):
+            point = Point(0, 0, p, s.runs[0], n)
+            try:
+                launcher.check(p, n, _argv(study, point, out / "runs" / point.key))
+            except BadInput as e:
+                raise BadInput(f"{study.origin}: launcher.nodes: {p} ranks on {n} node(s): {e}") from None
     if force:
         shutil.rmtree(out / "runs", ignore_errors=True)
     created = not out.exists()
@@ -184,15 +219,18 @@ def run_study(study: Study, *, force: bool = False, echo: Callable[[str], None] 
         shutil.copyfile(study.allreduce, out / "allreduce.json")
 
     env = environment.probe(out)
-    launcher = launcher or make_launcher(s.launcher, env["cores"])
     env["launcher"] = launcher.describe()
-    points = plan(s.sizes, s.runs, s.repetitions)
+    multinode = s.launcher.nodes != [1]
+    points = plan(s.sizes, s.runs, s.repetitions, tuple(s.launcher.nodes))
     doc: dict = {"kind": "mpidl scaling study", "complete": False, "study": s.model_dump(mode="json"),
                  "study_file": str(study.origin), "job_file": str(study.job_path),
                  "job": study.job.model_dump(mode="json"), "environment": env,
                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": []}
-    echo(f"study {s.name}: {s.mode} scaling, sizes {s.sizes}, backends {', '.join(s.runs)}, "
-         f"{s.repetitions} repetition(s): {len(points)} runs of {s.warmup_steps}+{s.steps} steps -> {out}")
+    echo(f"study {s.name}: {s.mode} scaling, sizes {s.sizes}"
+         + (f" on {s.launcher.nodes} nodes (each size at every count that divides it)" if multinode else "")
+         + f", backends {', '.join(s.runs)}, {s.repetitions} repetition(s): {len(points)} runs of "
+         f"{s.warmup_steps}+{s.steps} steps" + (" (one SLURM job each)" if s.launcher.name == "slurm" else "")
+         + f" -> {out}")
     run_env = {**os.environ, "MPIDL_PROGRESS": "lines", "PYTHONUNBUFFERED": "1"}
     if s.threads_per_rank:
         run_env["OMP_NUM_THREADS"] = str(s.threads_per_rank)
@@ -200,16 +238,14 @@ def run_study(study: Study, *, force: bool = False, echo: Callable[[str], None] 
         run_dir = out / "runs" / point.key
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True)
-        argv = [*_trainer(), "train", str(study.job_path)]
-        for item in overrides(study, point, run_dir):
-            argv += ["--set", item]
-        over = launcher.oversubscribed(point.size)
+        over = launcher.oversubscribed(point.size, point.nodes)
         load_before = os.getloadavg()[0]
-        done = launcher.run(point.size, argv, env=run_env, cwd=Path.cwd(), timeout=s.timeout_s,
-                            log=run_dir / "output.log")
+        done = launcher.run(point.size, _argv(study, point, run_dir), nodes=point.nodes, env=run_env,
+                            cwd=Path.cwd(), timeout=s.timeout_s, log=run_dir / "output.log")
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        row: dict = {"order": point.order, "rep": point.rep, "size": point.size, "backend": point.backend,
-                     "oversubscribed": over, "batch_per_rank": study.batch_per_rank(point.size),
+        row: dict = {"order": point.order, "rep": point.rep, "size": point.size, "nodes": point.nodes,
+                     "backend": point.backend, "oversubscribed": over,
+                     "batch_per_rank": study.batch_per_rank(point.size),
                      "global_batch": study.global_batch(point.size), "returncode": done.returncode,
                      "seconds": done.seconds, "run_dir": str(run_dir.relative_to(out)),
                      # runnable processes on the machine (1-minute average), before and after: on a
@@ -226,11 +262,15 @@ def run_study(study: Study, *, force: bool = False, echo: Callable[[str], None] 
                             else f"exit {done.returncode}: {_last_words(done.output_tail)}")
         else:
             try:
-                row.update(run_figures(run_dir, s.warmup_steps))
+                misplaced = _misplaced(run_dir, point)
+                if misplaced:
+                    row["error"] = misplaced
+                else:
+                    row.update(run_figures(run_dir, s.warmup_steps))
             except (OSError, ValueError, KeyError) as e:
                 row["error"] = str(e)
         doc["runs"].append(row)
-        echo(_progress_line(n, len(points), point, s.repetitions, row, over))
+        echo(_progress_line(n, len(points), point, s.repetitions, row, over, multinode))
         _summarise(doc, study)
         write_json(out / "study.json", doc)
         if n == len(s.runs) and all(r.get("throughput") is None for r in doc["runs"]):
@@ -253,3 +293,4 @@ def _summarise(doc: dict, study: Study) -> None:
     doc["points"] = list(pts.values())
     doc["table"] = efficiency.table(pts, s.mode, BASELINE, s.flag_below)
     doc["goals"] = efficiency.goals(doc["table"], s.mode, BASELINE)
+    doc["crossing"] = efficiency.crossing(doc["table"], BASELINE)

@@ -13,6 +13,8 @@
     backends: [horovod, ddp, mpi]
     baseline: true                  # also the no-communication baseline (backend none) at every size
     launcher: {name: mpirun, args: []}
+    # or, one SLURM job per point, each size at every node count that divides it:
+    # launcher: {name: slurm, nodes: [1, 2], partition: debug}
 
 Unknown keys, wrong types and impossible values give one line naming the file, the key and
 the value (BadInput, exit 2), as job specs do. `check_feasible` then refuses, before anything
@@ -21,24 +23,57 @@ runs, sizes the batch or the data cannot serve and backends that are not install
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Literal, Optional, Union
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from mpidl.errors import BadInput
+from mpidl.scaling.launch import unreachable
 from mpidl.spec import JobSpec, Strict, _one_line, load_spec
 
 BASELINE = "none"  # the backend that skips gradient communication (mpidl/train/backends/nocomm.py)
 
 
 class LauncherSpec(Strict):
-    name: Literal["mpirun"] = "mpirun"
-    args: list[str] = Field(default_factory=list, description="extra launcher arguments, e.g. [--bind-to, core]")
+    """How ranks start: `mpirun` on this machine, or `slurm`: one job per point through `mpidl submit
+    --wait` (srun --mpi=pmix), placed on each node count in `nodes` that divides the point's size."""
+
+    name: Literal["mpirun", "slurm"] = "mpirun"
+    args: list[str] = Field(default_factory=list, description="mpirun: extra arguments, e.g. [--bind-to, core]")
+    nodes: list[int] = Field(default_factory=lambda: [1], min_length=1,
+                             description="node counts; each size runs at every count that divides it (slurm)")
+    partition: Optional[str] = Field(default=None, description="slurm: default the job's slurm.partition, "
+                                                               "else the cluster's default partition")
+
+    @field_validator("nodes")
+    @classmethod
+    def _nodes(cls, v: list[int], info) -> list[int]:
+        if any(n < 1 for n in v):
+            raise ValueError("node counts are >= 1")
+        if len(set(v)) != len(v):
+            raise ValueError("each node count once")
+        if info.data.get("name") == "mpirun" and v != [1]:
+            raise ValueError("more than one node needs name: slurm (mpirun starts ranks on this machine only)")
+        return sorted(v)
+
+    @field_validator("args")
+    @classmethod
+    def _args(cls, v: list[str], info) -> list[str]:
+        if v and info.data.get("name") == "slurm":
+            raise ValueError("args are mpirun's; the slurm launcher takes its resources from the job's slurm: "
+                             "section (set slurm.* in the study's set)")
+        return v
+
+    @field_validator("partition")
+    @classmethod
+    def _partition(cls, v: Optional[str], info) -> Optional[str]:
+        if v is not None and info.data.get("name") != "slurm":
+            raise ValueError("partition is for name: slurm")
+        return v
 
 
 class LinkSpec(Strict):
@@ -98,12 +133,24 @@ class StudySpec(Strict):
         for key in ("warmup_steps", "steps"):
             if getattr(self, key) % self.window:
                 raise ValueError(f"{key} = {getattr(self, key)} is not a multiple of window = {self.window}")
+        nodes = self.launcher.nodes
+        for p in self.sizes:
+            if not any(p % n == 0 for n in nodes):
+                raise ValueError(f"sizes: {p} ranks cannot be spread evenly over any of launcher.nodes {nodes} "
+                                 "(each size runs at every node count that divides it)")
+        for n in nodes:
+            if not any(p % n == 0 for p in self.sizes):
+                raise ValueError(f"launcher.nodes: {n} nodes divide none of the sizes {self.sizes}")
         return self
 
     @property
     def runs(self) -> list[str]:
         """The backends run at every size: the study's, then the no-communication baseline."""
         return [*self.backends, *([BASELINE] if self.baseline else [])]
+
+    def node_counts(self, size: int) -> list[int]:
+        """The placements of `size` ranks: every node count of the launcher that divides it."""
+        return [n for n in self.launcher.nodes if size % n == 0]
 
 
 class Study:
@@ -181,12 +228,13 @@ def check_feasible(study: Study) -> None:
             raise BadInput(f"{origin}: sizes: {p} ranks need {need} samples per step "
                            f"({p} × batch {study.batch_per_rank(p)}{f' × accumulate {acc}' if acc > 1 else ''}), "
                            f"more than the {rows} training rows of {where}")
+    why_not = unreachable(s.launcher.name)
+    if why_not:
+        raise BadInput(f"{origin}: launcher.name = {s.launcher.name!r}: {why_not}")
     missing = missing_backends(s.runs)
     if missing:
         name, why = missing[0]
         raise BadInput(f"{origin}: backends: {name} is not installed here ({why})")
-    if shutil.which(s.launcher.name) is None:
-        raise BadInput(f"{origin}: launcher.name = {s.launcher.name!r}: not found on PATH")
 
 
 _PROBES = {

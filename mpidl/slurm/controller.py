@@ -73,6 +73,7 @@ def require_controller() -> None:
     out = _run(["scontrol", "ping"], timeout=15)
     if out.returncode != 0 or " UP" not in out.stdout:
         said = (out.stdout + out.stderr).strip().splitlines()
+        said = [ln for ln in said if "fatal" in ln] or said  # no configuration: the last line says so
         raise BadInput(f"scontrol ping: the SLURM controller does not answer ({said[0] if said else 'no output'})")
 
 
