@@ -322,7 +322,10 @@ def allocation_hosts(env=os.environ) -> Optional[list[str]]:
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if not nodelist:
         return None
-    p = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=60)
+    try:
+        p = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise BadInput(f"SLURM_JOB_NODELIST = {nodelist!r}: no scontrol here to expand it: give --hosts") from None
     if p.returncode != 0 or not p.stdout.split():
         raise BadInput(f"SLURM_JOB_NODELIST = {nodelist!r}: scontrol cannot expand it ({p.stderr.strip()})")
     return p.stdout.split()
