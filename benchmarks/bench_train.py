@@ -179,8 +179,9 @@ def run_mpidl(job: Path, np_: int, w: Workload) -> list[float]:
 def inprocess(w: Workload, job: Path, windows: int, window_steps: int) -> dict:
     """mpidl's trainer step and the plain step alternately in this one process, same model.
 
-    The plain step: a fixed uint8 batch already in memory, scaled, forward, backward, SGD step,
-    the loss read (as a loop that logs does). The mpidl step: one step of `Trainer.steps()`
+    The plain step is the end-to-end plain loop's: a uint8 batch gathered at random from the
+    dataset held in memory (workload "memory"; "synthetic": one batch already on the device),
+    scaled, forward, backward, SGD step, the loss read (as a loop that logs does). The mpidl step: one step of `Trainer.steps()`
     (loader hand-off, transform, objective, backend, schedule, metrics, preemption check).
     Both train copies of the same model with the same optimizer settings. Alternating short
     windows puts both in the same speed mode of the machine, so their difference per step is
@@ -205,14 +206,20 @@ def inprocess(w: Workload, job: Path, windows: int, window_steps: int) -> dict:
     loss_fn = torch.nn.CrossEntropyLoss()
     fmt = torch.channels_last if w.channels_last else torch.contiguous_format
     with h5py.File(json.loads(job.read_text())["data"]["files"], "r") as f:
-        x_u8 = torch.from_numpy(f["x"][: w.batch]).to(device)
-        y = torch.from_numpy(f["y"][: w.batch]).to(device)
+        x_all, y_all = torch.from_numpy(f["x"][:]), torch.from_numpy(f["y"][:])
+    g = torch.Generator().manual_seed(0)
+    x_u8, y = x_all[: w.batch].to(device), y_all[: w.batch].to(device)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if w.precision == "bf16"
                 else contextlib.nullcontext())
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def plain_step() -> None:
-        plain_update(net, opt, loss_fn, x_u8.float().div_(255).contiguous(memory_format=fmt), y, autocast)
+        if w.plain_data == "memory":  # as the end-to-end plain loop: a random batch of the data in memory
+            idx = torch.randint(0, len(y_all), (w.batch,), generator=g)
+            x, t = x_all[idx].to(device), y_all[idx].to(device)
+        else:  # one batch already on the device
+            x, t = x_u8, y
+        plain_update(net, opt, loss_fn, x.float().div_(255).contiguous(memory_format=fmt), t, autocast)
 
     steps = trainer.steps()
     plain_s, mpidl_s = [], []
