@@ -57,6 +57,24 @@ def run(cmd: list[str], *, timeout: float = 120, env: dict | None = None, cwd: P
     return Ran(p.returncode, p.stdout, p.stderr, time.monotonic() - t0)
 
 
+def sbatch_wait(script: Path | str, *, env: dict, cwd: Path | str | None = None, timeout: float = 600) -> tuple[str, str]:
+    """Submit a batch script and wait for its end: (job id, "State ExitCode" as scontrol tells them).
+    Polls scontrol twice a second; `sbatch --wait` polls ever more slowly (tens of seconds a job)."""
+    r = run(["sbatch", "--parsable", str(script)], env=env, cwd=cwd)
+    assert r.returncode == 0, r.output
+    job = r.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = dict(f.split("=", 1) for f in run(["scontrol", "-o", "show", "job", job], env=env).stdout.split()
+                    if "=" in f)
+        if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+                                    "BOOT_FAIL", "DEADLINE", "PREEMPTED"):
+            return job, f"{info['JobState']} {info.get('ExitCode')}"
+        time.sleep(0.5)
+    run(["scancel", job], env=env)
+    raise AssertionError(f"batch job {job} did not end within {timeout:.0f} s")
+
+
 def mpirun(np_: int, args: list[str], *, timeout: float = 180, env: dict | None = None,
            cwd: Path | str | None = None) -> Ran:
     """`mpirun -np N <args>` with a hard timeout: a hang fails the test instead of CI."""

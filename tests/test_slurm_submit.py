@@ -11,7 +11,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-from conftest import PYTHON, ROOT, needs_horovod, pycode, run
+from conftest import PYTHON, ROOT, needs_horovod, pycode, run, sbatch_wait
 from test_train import write_job
 
 DEMO = str(ROOT / "jobs" / "demo.yaml")
@@ -60,10 +60,9 @@ def test_standalone_script_through_plain_sbatch(slurm_cluster, demo_data, tmp_pa
     script = (tmp_path / path).read_text()
     assert "#SBATCH --cpus-per-task=1" in script  # the node's 2 CPUs split between 2 ranks
     assert 'srun --mpi=pmix "$MPIDL" train ' in script and "submitit" not in script
-    r = run(["sbatch", "--parsable", "--wait", path], env=slurm_cluster, cwd=tmp_path, timeout=900)
-    job_id = r.stdout.strip()
+    job_id, state = sbatch_wait(path, env=slurm_cluster, cwd=tmp_path, timeout=900)
     log = (tmp_path / f"slurm-{job_id}.out").read_text()
-    assert r.returncode == 0, r.output + log[-3000:]
+    assert state == "COMPLETED 0:0", state + "\n" + log[-3000:]
     assert log.rstrip().endswith("[mpidl] job step exit status 0 (restart 0)")
     s = _summary(tmp_path / "run")
     assert s["world"]["size"] == 2 and s["epochs"] == 1 and s["final"]["val_accuracy"] > 0.3

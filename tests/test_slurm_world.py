@@ -5,7 +5,7 @@ import json
 import shlex
 import time
 
-from conftest import PYTHON, ROOT, run
+from conftest import PYTHON, ROOT, run, sbatch_wait
 
 
 def _rows(text: str) -> list[dict]:
@@ -33,8 +33,8 @@ def test_mpirun_inside_sbatch_sees_true_ranks(slurm_cluster, tmp_path):
         f"cd {shlex.quote(str(ROOT))}\n"
         f"mpirun -np 2 {shlex.quote(PYTHON)} -m mpidl.cli info --json\n"
     )
-    r = run(["sbatch", "--wait", str(script)], env=slurm_cluster, timeout=180)
-    assert r.returncode == 0, r.output + (out.read_text() if out.exists() else "")
+    _, state = sbatch_wait(script, env=slurm_cluster, timeout=180)
+    assert state == "COMPLETED 0:0", state + "\n" + (out.read_text() if out.exists() else "")
     for _ in range(20):  # the output file is flushed by slurmd as the job ends
         if out.exists() and len(_rows(out.read_text())) == 2:
             break
