@@ -25,7 +25,7 @@ import h5py
 import pytest
 
 from conftest import (CLUSTER_SH, MPIRUN, PYTHON, ROOT, clean_env, has_horovod, multinode_unavailable, mpidl_cmd,
-                      pycode, run, start_nodes, stop_nodes)
+                      pycode, run, sbatch_wait, start_nodes, stop_nodes)
 from mpidl import net
 
 BACKENDS = ["horovod", "ddp", "mpi"] if has_horovod() else ["ddp", "mpi"]
@@ -172,14 +172,11 @@ def test_mpirun_inside_sbatch_across_nodes(two_nodes, tmp_path):
         f"#SBATCH -N 2 --ntasks-per-node=2 -o {shlex.quote(str(out))}\n"
         f"cd {shlex.quote(str(ROOT))}\n"
         f"mpirun {shlex.join(mpidl_cmd('info', '--json'))}\n")
-    r = run(["sbatch", "--parsable", str(script)], env=two_nodes.env, timeout=60)
-    assert r.returncode == 0, r.output
-    job = r.stdout.strip().split(";")[0]
-    for _ in range(480):  # sbatch --wait polls every few seconds; this is quicker
-        state = run(["scontrol", "-o", "show", "job", job], env=two_nodes.env).stdout
-        if "JobState=COMPLETED" in state and out.exists() and len(rows(out.read_text())) == 4:
+    _, state = sbatch_wait(script, env=two_nodes.env, timeout=240)
+    assert state == "COMPLETED 0:0", state + "\n" + (out.read_text() if out.exists() else "")
+    for _ in range(20):  # the output file is flushed by slurmd as the job ends
+        if out.exists() and len(rows(out.read_text())) == 4:
             break
-        assert "JobState=FAILED" not in state and "JobState=CANCELLED" not in state, state + out.read_text()
         time.sleep(0.5)
     got = rows(out.read_text())
     assert [(w["rank"], w["host"], w["local_rank"], w["local_size"], w["launcher"]) for w in got] == [
