@@ -181,8 +181,9 @@ def inprocess(w: Workload, job: Path, windows: int, window_steps: int) -> dict:
 
     The plain step is the end-to-end plain loop's: a uint8 batch gathered at random from the
     dataset held in memory (workload "memory"; "synthetic": one batch already on the device),
-    scaled, forward, backward, SGD step, the loss read (as a loop that logs does). The mpidl step: one step of `Trainer.steps()`
-    (loader hand-off, transform, objective, backend, schedule, metrics, preemption check).
+    scaled, forward, backward, SGD step, the loss read (as a loop that logs does). The mpidl
+    step: one step of `Trainer.steps()` (loader hand-off, transform, objective, backend,
+    schedule, metrics, preemption check).
     Both train copies of the same model with the same optimizer settings. Alternating short
     windows puts both in the same speed mode of the machine, so their difference per step is
     what mpidl adds.
@@ -206,7 +207,9 @@ def inprocess(w: Workload, job: Path, windows: int, window_steps: int) -> dict:
     loss_fn = torch.nn.CrossEntropyLoss()
     fmt = torch.channels_last if w.channels_last else torch.contiguous_format
     with h5py.File(json.loads(job.read_text())["data"]["files"], "r") as f:
-        x_all, y_all = torch.from_numpy(f["x"][:]), torch.from_numpy(f["y"][:])
+        # the whole set only where batches are gathered from it
+        rows = slice(None) if w.plain_data == "memory" else slice(w.batch)
+        x_all, y_all = torch.from_numpy(f["x"][rows]), torch.from_numpy(f["y"][rows])
     g = torch.Generator().manual_seed(0)
     x_u8, y = x_all[: w.batch].to(device), y_all[: w.batch].to(device)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if w.precision == "bf16"

@@ -57,7 +57,8 @@ def run(cmd: list[str], *, timeout: float = 120, env: dict | None = None, cwd: P
     return Ran(p.returncode, p.stdout, p.stderr, time.monotonic() - t0)
 
 
-def sbatch_wait(script: Path | str, *, env: dict, cwd: Path | str | None = None, timeout: float = 600) -> tuple[str, str]:
+def sbatch_wait(script: Path | str, *, env: dict, cwd: Path | str | None = None,
+                timeout: float = 600) -> tuple[str, str]:
     """Submit a batch script and wait for its end: (job id, "State ExitCode" as scontrol tells them).
     Polls scontrol twice a second; `sbatch --wait` polls ever more slowly (tens of seconds a job)."""
     r = run(["sbatch", "--parsable", str(script)], env=env, cwd=cwd)
