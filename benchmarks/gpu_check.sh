@@ -6,8 +6,9 @@
 #
 # prepare: the Horovod source package (from the mpidl cache, else downloaded) and the wheels a
 #   machine that already has torch, mpi4py, h5py and numpy lacks (mpidl's other requirements,
-#   the test tools, Horovod's runtime and build requirements), binary ones for CPython 3.11 and
-#   3.12, into offline/ (ignored by git; carry it with the checkout).
+#   the test tools, Horovod's runtime and build requirements), binary ones for the GPU machine's
+#   CPython (GPU_CHECK_PYTHONS, default 3.12), into offline/ (ignored by git; carry it with the
+#   checkout: it must fit the device call's 64 MiB with the tree, so what that machine has is left out).
 # run: without CUDA it says so, records the skip and exits 0. With CUDA: a venv that reuses the
 #   machine's CUDA torch (--system-site-packages), everything installed from offline/ with
 #   pip --no-index, Horovod built with NCCL, then the GPU tests (pytest -m gpu), ResNet-50 of
@@ -16,8 +17,8 @@
 #   device. A failed stage does not stop the later ones; the exit status is 1 if any failed.
 #
 # Knobs: PYTHON (the interpreter with CUDA torch, default python3), GPU_CHECK_TRAIN_ARGS (extra
-# bench_train.py arguments; default "--repeats 1 --steps 200" keeps the run within 8 minutes on a
-# 16-core H100 machine), HOROVOD_BUILD_CUDA_CC_LIST (default 90).
+# bench_train.py arguments; default "--repeats 1 --steps 100 --windows 20" keeps the run within
+# 8 minutes on a 16-core H100 machine), HOROVOD_BUILD_CUDA_CC_LIST (default 90).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -58,13 +59,16 @@ prepare() {
     # Horovod's runtime requirements, and what building it and mpidl needs in a bare venv.
     reqs+=(cffi cloudpickle psutil pyyaml packaging "setuptools>=61" wheel)
     local v
-    for v in 3.11 3.12; do
+    for v in ${GPU_CHECK_PYTHONS:-3.12}; do
         say "wheels for CPython $v: ${reqs[*]}"
         "$vpy" -m pip download -q --only-binary :all: --python-version "$v" --implementation cp \
             --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
             -d "$OFFLINE/wheels" "${reqs[@]}" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
     done
     ls "$OFFLINE"/wheels/*.whl >/dev/null 2>&1 || die "no wheels were downloaded"
+    # Dependencies of the above that the GPU machine's python has (numpy, by way of matplotlib):
+    # the venv sees that python's packages, and these would only weigh down the carried folder.
+    rm -f "$OFFLINE"/wheels/{torch,numpy,mpi4py,h5py}-*.whl
     (cd "$OFFLINE" && sha256sum horovod-*.tar.gz wheels/*.whl > MANIFEST)
     say "ready: $(du -sh "$OFFLINE" | cut -f1) in $(basename "$OFFLINE")/ ($(ls "$OFFLINE"/wheels | wc -l) wheels)"
 }
@@ -108,6 +112,16 @@ print("horovod", hvd.__version__, "nccl_built", hvd.nccl_built(), "torch", torch
 assert hvd.nccl_built(), "Horovod was built without NCCL"'
 }
 
+machine_facts() {  # what the results were measured on, and the tools the build relies on
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
+    "$PY" -c 'import sys, torch; print(sys.version.split()[0], sys.prefix, "torch", torch.__version__, "cuda", torch.version.cuda)'
+    "$PY" -c 'import mpi4py.MPI as M, h5py, numpy; print("mpi4py", M.Get_library_version().splitlines()[0], "h5py", h5py.__version__, "numpy", numpy.__version__)'
+    command -v nvcc cmake mpicc mpirun g++
+    nvcc --version | tail -2; mpirun --version | head -1; cmake --version | head -1
+    ls /usr/include/nccl.h
+    echo "cores $(nproc), memory $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo)"
+}
+
 run() {
     OUT="${1:-${OUT:-}}"
     [ -n "$OUT" ] || die "give the output folder: gpu_check.sh run OUT (or set \$OUT)"
@@ -124,10 +138,11 @@ run() {
     export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1 \
         OMPI_MCA_btl_vader_single_copy_mechanism=none MAKEFLAGS="-j$(nproc)"
     local vpy="$ROOT/.venv/bin/python"
+    stage machine machine_facts
     stage install install_offline
     stage gpu-tests "$vpy" -m pytest -q -m gpu -p no:cacheprovider --junitxml "$OUT/gpu-tests.xml" "$ROOT/tests"
     # shellcheck disable=SC2086
-    stage bench-train "$vpy" "$ROOT/benchmarks/bench_train.py" --workload resnet50 ${GPU_CHECK_TRAIN_ARGS:---repeats 1 --steps 200}
+    stage bench-train "$vpy" "$ROOT/benchmarks/bench_train.py" --workload resnet50 ${GPU_CHECK_TRAIN_ARGS:---repeats 1 --steps 100 --windows 20}
     cp "$ROOT"/benchmarks/results/train-resnet50-*.json "$OUT/" 2>/dev/null || true
     stage bench-data "$vpy" "$ROOT/benchmarks/bench_data.py" --gpu-only --out "$OUT"
     summary null
