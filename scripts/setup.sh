@@ -149,8 +149,9 @@ build_horovod() {
         fi
         work="$(mktemp -d)"
         trap 'rm -rf "$work"' RETURN
-        # Built without isolation (setup.py imports torch): the venv itself needs the build tools.
-        "$VPY" -c 'import setuptools, wheel' 2>/dev/null || pip_install "setuptools>=61" wheel
+        # Built without isolation (setup.py imports torch): the venv itself needs the build tools,
+        # and cffi, which Horovod's setup_requires would otherwise fetch past pip (and its --no-index).
+        "$VPY" -c 'import setuptools, wheel, cffi' 2>/dev/null || pip_install "setuptools>=61" wheel cffi
         tar -xzf "$src" -C "$work"
         local tree="$work/horovod-$HOROVOD_VERSION"
         # PyTorch >= 2.1 needs C++17; 0.28.1 hard-codes C++14 (fixed upstream, never released).
