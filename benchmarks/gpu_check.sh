@@ -107,8 +107,8 @@ install_offline() {
     MPIDL_WHEELS="$OFFLINE/wheels" MPIDL_EXTRAS=test MPIDL_SKIP_SLURM=1 PYTHON="$PY" \
         MPIDL_HOROVOD_SDIST="$(ls "$OFFLINE"/horovod-*.tar.gz | head -1)" bash "$ROOT/scripts/setup.sh"
     "$ROOT/.venv/bin/python" -c '
-import horovod.torch as hvd, torch
-print("horovod", hvd.__version__, "nccl_built", hvd.nccl_built(), "torch", torch.__version__, torch.cuda.get_device_name(0))
+import horovod, horovod.torch as hvd, torch
+print("horovod", horovod.__version__, "nccl_built", hvd.nccl_built(), "torch", torch.__version__, torch.cuda.get_device_name(0))
 assert hvd.nccl_built(), "Horovod was built without NCCL"'
 }
 
