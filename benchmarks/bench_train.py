@@ -176,7 +176,7 @@ def run_mpidl(job: Path, np_: int, w: Workload) -> list[float]:
     return [r["samples_per_s"] for r in recs if "samples_per_s" in r]
 
 
-def inprocess(w: Workload, job: Path, windows: int, window_steps: int) -> dict:
+def inprocess(w: Workload, job: Path, windows: int, window_steps: int, resolve: float = 0.0) -> dict:
     """mpidl's trainer step and the plain step alternately in this one process, same model.
 
     The plain step is the end-to-end plain loop's: a uint8 batch gathered at random from the
@@ -186,7 +186,10 @@ def inprocess(w: Workload, job: Path, windows: int, window_steps: int) -> dict:
     schedule, metrics, preemption check).
     Both train copies of the same model with the same optimizer settings. Alternating short
     windows puts both in the same speed mode of the machine, so their difference per step is
-    what mpidl adds.
+    what mpidl adds. Windows go on in fifties until the ratio's 95% interval is within
+    ±`resolve` (at least 100 windows), or `windows` have run.
+    Each side's own time per step is also timed directly: the plain step's batch preparation,
+    and mpidl's step less the trainer's forward/backward, sync and optimizer buckets.
     """
     import copy
 
@@ -216,31 +219,67 @@ def inprocess(w: Workload, job: Path, windows: int, window_steps: int) -> dict:
                 else contextlib.nullcontext())
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def plain_step() -> None:
+    clock = time.perf_counter
+
+    def plain_step() -> float:
+        """One plain step; returns the time it spent outside forward, backward and optimizer."""
+        t0 = clock()
         if w.plain_data == "memory":  # as the end-to-end plain loop: a random batch of the data in memory
             idx = torch.randint(0, len(y_all), (w.batch,), generator=g)
             x, t = x_all[idx].to(device), y_all[idx].to(device)
         else:  # one batch already on the device
             x, t = x_u8, y
-        plain_update(net, opt, loss_fn, x.float().div_(255).contiguous(memory_format=fmt), t, autocast)
+        x = x.float().div_(255).contiguous(memory_format=fmt)
+        own = clock() - t0
+        plain_update(net, opt, loss_fn, x, t, autocast)
+        return own
+
+    def mpidl_step() -> float:
+        next(steps)
+        return 0.0
+
+    # The trainer's own buckets of forward + backward, gradient sync and optimizer: what is left
+    # of its step is mpidl's own time (data hand-off, transform, metrics, hooks, bookkeeping).
+    # With the device's clock off (timing "off") buckets are host times: on CPU only.
+    def core() -> float:
+        return sum(trainer.totals[k] for k in ("compute", "sync", "optimizer"))
 
     steps = trainer.steps()
-    plain_s, mpidl_s = [], []
-    for i in range(windows + 2):  # the first two pairs warm up
-        sides = [("plain", plain_step), ("mpidl", lambda: next(steps))]
+    plain_s, mpidl_s, plain_own, mpidl_own = [], [], [], []
+    i = 0
+    while True:
+        done = len(plain_s)
+        if done >= windows:
+            break
+        if resolve and done >= 100 and done % 50 == 0:
+            lo, hi = median_ci([pl / mp for pl, mp in zip(plain_s, mpidl_s)])[1:]
+            if (hi - lo) / 2 <= resolve:
+                break
+        sides = [("plain", plain_step), ("mpidl", mpidl_step)]
         for name, fn in (sides if i % 2 == 0 else sides[::-1]):
             sync()
-            t0 = time.perf_counter()
+            c0, own = core(), 0.0
+            t0 = clock()
             for _ in range(window_steps):
-                fn()
+                own += fn()
             sync()
-            if i >= 2:
-                (plain_s if name == "plain" else mpidl_s).append((time.perf_counter() - t0) / window_steps)
+            dt = clock() - t0
+            if i >= 2:  # the first two pairs warm up
+                if name == "plain":
+                    plain_s.append(dt / window_steps)
+                    plain_own.append(own / window_steps)
+                else:
+                    mpidl_s.append(dt / window_steps)
+                    mpidl_own.append((dt - (core() - c0)) / window_steps)
+        i += 1
     steps.close()
     n = max(1, trainer.totals["steps"])
     breakdown = {k: trainer.totals[k] / n for k in ("data", "compute", "sync", "optimizer")}
     trainer.close()
-    return {"plain_s": plain_s, "mpidl_s": mpidl_s, "breakdown_s": breakdown}
+    res = {"plain_s": plain_s, "mpidl_s": mpidl_s, "breakdown_s": breakdown}
+    if device.type == "cpu":
+        res.update(plain_own_s=plain_own, mpidl_own_s=mpidl_own)
+    return res
 
 
 def median_ci(values: list[float], seed: int = 0) -> tuple[float, float, float]:
@@ -267,7 +306,9 @@ def main() -> None:
         ap.add_argument(f"--{name}", type=str if name == "model" else int, default=None,
                         help="override the workload's (smoke runs)")
     ap.add_argument("--no-write", action="store_true", help="print the table only")
-    ap.add_argument("--windows", type=int, default=80, help="in-process alternating windows per backend")
+    ap.add_argument("--windows", type=int, default=1000, help="in-process alternating windows per backend, at most")
+    ap.add_argument("--resolve", type=float, default=0.01,
+                    help="stop adding windows once the ratio's 95%% interval is within ± this (0: run --windows)")
     ap.add_argument("--window-steps", type=int, default=5, help="steps per in-process window")
     ap.add_argument("--worker-inprocess", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker-plain", default=None, help=argparse.SUPPRESS)
@@ -275,7 +316,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.worker_inprocess:
         w = Workload(**json.loads(a.worker_workload))
-        res = inprocess(w, Path(a.worker_inprocess), a.windows, a.window_steps)
+        res = inprocess(w, Path(a.worker_inprocess), a.windows, a.window_steps, a.resolve)
         print("RESULT " + json.dumps(res), flush=True)
         return
     if a.worker_plain:
@@ -318,13 +359,15 @@ def main() -> None:
         # 1. What mpidl adds per step, measured inside one process (immune to speed modes).
         inproc: dict = {}
         long_steps = (a.windows + 2) * a.window_steps + 10
-        print(f"in one process, 1 rank, {a.windows} alternating windows of {a.window_steps} steps:")
+        print(f"in one process, 1 rank, alternating windows of {a.window_steps} steps until the ratio's 95% interval "
+              f"is within ±{a.resolve:g} (at most {a.windows}):")
         print(f"{'backend':<10}{'plain ms':>10}{'mpidl ms':>10}{'adds us/step':>14}{'x plain':>9}  95% CI")
         for b in backends:
             job = mpidl_job(work / f"inproc-{b}", w, b, long_steps, log_every, data)
             p = subprocess.run([sys.executable, __file__, "--worker-inprocess", str(job), "--worker-workload",
                                 json.dumps(dataclasses.asdict(w)), "--windows", str(a.windows), "--window-steps",
-                                str(a.window_steps)], capture_output=True, text=True, env=env, timeout=1800)
+                                str(a.window_steps), "--resolve", str(a.resolve)],
+                               capture_output=True, text=True, env=env, timeout=3600)
             if p.returncode != 0:
                 raise RuntimeError(p.stderr[-3000:])
             res = json.loads(p.stdout.split("RESULT ", 1)[1])
@@ -332,10 +375,26 @@ def main() -> None:
             adds, adds_lo, adds_hi = median_ci([mp - pl for pl, mp in zip(res["plain_s"], res["mpidl_s"])])
             pl_ms, mp_ms = 1e3 * float(np.median(res["plain_s"])), 1e3 * float(np.median(res["mpidl_s"]))
             inproc[b] = {"plain_step_s_median": pl_ms / 1e3, "mpidl_step_s_median": mp_ms / 1e3,
-                         "ratio_to_plain": ratio, "ratio_ci95": [lo, hi], "mpidl_adds_us_per_step": adds * 1e6,
-                         "mpidl_adds_us_ci95": [adds_lo * 1e6, adds_hi * 1e6], **res}
+                         "windows": len(res["plain_s"]), "ratio_to_plain": ratio, "ratio_ci95": [lo, hi],
+                         "mpidl_adds_us_per_step": adds * 1e6, "mpidl_adds_us_ci95": [adds_lo * 1e6, adds_hi * 1e6],
+                         **res}
+            if "mpidl_own_s" in res:
+                own = median_ci([m - p_ for p_, m in zip(res["plain_own_s"], res["mpidl_own_s"])])
+                inproc[b].update(plain_own_us_median=1e6 * float(np.median(res["plain_own_s"])),
+                                 mpidl_own_us_median=1e6 * float(np.median(res["mpidl_own_s"])),
+                                 own_difference_us=own[0] * 1e6, own_difference_us_ci95=[own[1] * 1e6, own[2] * 1e6])
             print(f"{b:<10}{pl_ms:>10.2f}{mp_ms:>10.2f}{adds * 1e6:>14.0f}{ratio:>9.3f}  [{lo:.3f}, {hi:.3f}]",
                   flush=True)
+        owns = {b: v for b, v in inproc.items() if "mpidl_own_us_median" in v}
+        if owns:
+            print("\nown time per step outside forward, backward and optimizer (us), same windows:")
+            print(f"{'backend':<10}{'windows':>8}{'plain':>8}{'mpidl':>8}{'mpidl - plain':>15}  95% CI{'':>9}"
+                  f"{'% of step':>9}")
+            for b, v in owns.items():
+                lo_, hi_ = v["own_difference_us_ci95"]
+                print(f"{b:<10}{v['windows']:>8}{v['plain_own_us_median']:>8.0f}{v['mpidl_own_us_median']:>8.0f}"
+                      f"{v['own_difference_us']:>15.0f}  [{lo_:.0f}, {hi_:.0f}]"
+                      f"{100 * v['own_difference_us'] / (v['plain_step_s_median'] * 1e6):>12.2f}")
 
         if a.repeats == 0:  # the in-process table only
             return
