@@ -80,7 +80,8 @@ def test_prepared_wheels_close_over_what_the_gpu_machine_lacks(tmp_path):
     env = {**default_environment(), "python_version": "3.12", "python_full_version": "3.12.3", "extra": ""}
     for whl in wheels.glob("*.whl"):
         with zipfile.ZipFile(whl) as z:
-            meta = Parser().parsestr(z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode())
+            name = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+            meta = Parser().parsestr(z.read(name).decode())
         for line in meta.get_all("Requires-Dist") or []:
             req = Requirement(line)
             if req.marker is None or req.marker.evaluate(env):

@@ -24,8 +24,9 @@ up to 4 MiB (at most 64 of them, at least `prefetch`), so that on a small model 
 once per tens of steps. Free slots are reused last-released-first, so that when the consumer
 keeps up a few slots cycle in the CPU's cache. Memory is bounded by two windows of the windowed
 keys (plus the chunk rows a window's edges cut, for chunks read as stored) and `depth + 2 +
-workers` batch slots (depth: the queue's, above), whatever the dataset's size. On CUDA the slots are pinned and the consumer copies each batch with
-non_blocking=True; a slot is refilled only after its copy has finished.
+workers` batch slots (depth: the queue's, above), whatever the dataset's size. On CUDA the
+slots are pinned and the consumer copies each batch with non_blocking=True; a slot is refilled
+only after its copy has finished.
 `loader.spent` tells where the reader's time went in the last pass.
 """
 from __future__ import annotations
