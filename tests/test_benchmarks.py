@@ -22,6 +22,11 @@ def test_bench_train_resnet_workload_smoke():
     assert inproc, r.stdout  # plain ms, mpidl ms, what mpidl adds (us), ratio and its interval
     ratio, lo, hi = (float(inproc.group(i)) for i in (4, 5, 6))
     assert float(inproc.group(1)) > 0 and float(inproc.group(2)) > 0 and lo <= ratio <= hi
+    # each side's own time per step (windows, plain, mpidl, difference and its interval, % of the step)
+    own = re.search(r"^mpi\s+3\s+(\d+)\s+(\d+)\s+(-?\d+)\s+\[(-?\d+), (-?\d+)\]\s+(-?[\d.]+)$", r.stdout, re.M)
+    assert own, r.stdout
+    plain_us, mpidl_us, diff, lo, hi = (int(own.group(i)) for i in range(1, 6))
+    assert plain_us > 0 and mpidl_us > 0 and lo <= diff <= hi
     assert "wrote" not in r.stdout
 
 
