@@ -17,8 +17,8 @@ overlaps the model's compute; a pool of `workers` threads does the reading and d
 Two window buffers: the pool fills the next while batches are cut from this one.
 
 Batches are assembled by `workers` threads, each with one batch queued behind the one it
-works on, and handed on in order as soon as they are ready; batches under 1 MiB are cut by the
-reader thread itself. The reader refills the consumer's queue once it has drained to half, so
+works on, and handed on in order as soon as they are ready; batches under 1 MiB, and every batch
+where there are two workers or fewer, are cut by the reader thread itself. The reader refills the consumer's queue once it has drained to half, so
 it takes the GIL from the training thread once per several batches; batches under 1 MiB queue
 up to 4 MiB (at most 64 of them, at least `prefetch`), so that on a small model the reader wakes
 once per tens of steps. Free slots are reused last-released-first, so that when the consumer
@@ -112,6 +112,7 @@ QUEUED_PER_WORKER = 2    # batches assigned to each assembler thread at once
 INLINE_BATCH_BYTES = 1 << 20  # smaller batches are cut by the reader thread itself
 SMALL_QUEUE_BYTES = 4 << 20   # and queue up to this much, at most SMALL_QUEUE_BATCHES of them
 SMALL_QUEUE_BATCHES = 64
+INLINE_WORKERS = 2            # with this many workers or fewer, the reader thread cuts every batch
 _ASSEMBLED: Future = Future()
 _ASSEMBLED.set_result(None)
 
@@ -243,8 +244,12 @@ class _Pipeline:
                 return self.batches.put((slot, self.ring[slot]))
 
             # Small batches are cut by this thread: a hop through the pool (two wake-ups, the
-            # GIL handed back and forth) would cost more than the copy.
-            inline = not direct and self.batch_bytes < INLINE_BATCH_BYTES
+            # GIL handed back and forth) would cost more than the copy. So are all batches where
+            # the pool has two threads or fewer: on two cores the hop cost more than a second
+            # copying thread gained (12 KiB rows, 3 MiB batches, against h5py's large reads:
+            # contiguous 0.74 -> 0.88, auto chunks 0.66 -> 0.80; windows are still decoded by
+            # the reader's pool, so gzip kept its 1.2-1.3).
+            inline = self.workers <= INLINE_WORKERS or (not direct and self.batch_bytes < INLINE_BATCH_BYTES)
             pending = fill(0) if windows else None
             skip = self.skip_rows
             for n, w in enumerate(windows):
@@ -276,7 +281,7 @@ class _Pipeline:
                     spent["slot_wait"] += clock() - t
                     idx = w.order[s:s + self.batch]
                     if inline:
-                        assemble(slot, n, idx, None)
+                        assemble(slot, n, idx, None if rows_at is None else rows_at[idx])
                         done = _ASSEMBLED
                     else:
                         done = assembler.submit(assemble, slot, n, idx, None if rows_at is None else rows_at[idx])
