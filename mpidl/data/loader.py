@@ -246,9 +246,9 @@ class _Pipeline:
             # Small batches are cut by this thread: a hop through the pool (two wake-ups, the
             # GIL handed back and forth) would cost more than the copy. So are all batches where
             # the pool has two threads or fewer: on two cores the hop cost more than a second
-            # copying thread gained (12 KiB rows, 3 MiB batches, against h5py's large reads:
-            # contiguous 0.74 -> 0.88, auto chunks 0.66 -> 0.80; windows are still decoded by
-            # the reader's pool, so gzip kept its 1.2-1.3).
+            # copying thread gained (12 KiB rows, 3 MiB batches, against h5py's large reads in
+            # one process, passes alternating: contiguous 0.74 -> 0.88, auto chunks 0.66 -> 0.80;
+            # windows are still decoded by the reader's pool, so gzip kept its 1.2-1.3).
             inline = self.workers <= INLINE_WORKERS or (not direct and self.batch_bytes < INLINE_BATCH_BYTES)
             pending = fill(0) if windows else None
             skip = self.skip_rows
