@@ -18,8 +18,9 @@ Two window buffers: the pool fills the next while batches are cut from this one.
 
 Batches are assembled by `workers` threads, each with one batch queued behind the one it
 works on, and handed on in order as soon as they are ready; batches under 1 MiB, and every batch
-where there are two workers or fewer, are cut by the reader thread itself. The reader refills the consumer's queue once it has drained to half, so
-it takes the GIL from the training thread once per several batches; batches under 1 MiB queue
+where there are two workers or fewer, are cut by the reader thread itself. The reader refills
+the consumer's queue once it has drained to half, so it takes the GIL from the training thread
+once per several batches; batches under 1 MiB queue
 up to 4 MiB (at most 64 of them, at least `prefetch`), so that on a small model the reader wakes
 once per tens of steps. Free slots are reused last-released-first, so that when the consumer
 keeps up a few slots cycle in the CPU's cache. Memory is bounded by two windows of the windowed
