@@ -70,6 +70,8 @@ prepare() {
     # the venv sees that python's packages, and these would only weigh down the carried folder.
     rm -f "$OFFLINE"/wheels/{torch,numpy,mpi4py,h5py}-*.whl
     (cd "$OFFLINE" && sha256sum horovod-*.tar.gz wheels/*.whl > MANIFEST)
+    # The commit the carried checkout is at: where it runs, a copied tree's git may lag behind it.
+    git -C "$ROOT" describe --always --dirty > "$OFFLINE/COMMIT" 2>/dev/null || echo unknown > "$OFFLINE/COMMIT"
     say "ready: $(du -sh "$OFFLINE" | cut -f1) in $(basename "$OFFLINE")/ ($(ls "$OFFLINE"/wheels | wc -l) wheels)"
 }
 
@@ -97,9 +99,12 @@ summary() {  # summary SKIPPED_REASON
              2>/dev/null || true)
     local stages
     stages=$(IFS=,; echo "${STAGES[*]:-}")
-    printf '{"device": "%s", "skipped": %s, "failed": %s, "commit": "%s", "stages": [%s]}\n' \
+    local prepared=null
+    [ -f "$OFFLINE/COMMIT" ] && prepared="\"$(head -c 64 "$OFFLINE/COMMIT" | tr -dc 'A-Za-z0-9._-')\""
+    printf '{"device": "%s", "skipped": %s, "failed": %s, "commit": "%s", "prepared_at": %s, "stages": [%s]}\n' \
         "$device" "${1:-null}" "$([ $FAILED = 1 ] && echo true || echo false)" \
-        "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" "$stages" > "$OUT/gpu-check.json"
+        "$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)" "$prepared" "$stages" \
+        > "$OUT/gpu-check.json"
 }
 
 install_offline() {

@@ -47,6 +47,10 @@ def test_gpu_check_skips_cleanly_without_cuda(tmp_path):
     assert "no CUDA device" in r.stdout
     summary = json.loads((out / "gpu-check.json").read_text())
     assert summary["skipped"] == "no CUDA device" and summary["stages"] == [] and summary["failed"] is False
+    if (ROOT / "offline" / "COMMIT").is_file():  # the commit the carried checkout was prepared at
+        assert summary["prepared_at"] == (ROOT / "offline" / "COMMIT").read_text().strip()
+    else:
+        assert summary["prepared_at"] is None
     assert "no CUDA device" in (out / "gpu-check.log").read_text()
 
 
