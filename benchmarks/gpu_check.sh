@@ -119,8 +119,8 @@ assert hvd.nccl_built(), "Horovod was built without NCCL"'
 
 machine_facts() {  # what the results were measured on, and the tools the build relies on
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
-    "$PY" -c 'import sys, torch; print(sys.version.split()[0], sys.prefix, "torch", torch.__version__, "cuda", torch.version.cuda)'
-    "$PY" -c 'import mpi4py.MPI as M, h5py, numpy; print("mpi4py", M.Get_library_version().splitlines()[0], "h5py", h5py.__version__, "numpy", numpy.__version__)'
+    "$PY" -c 'import sys; print(sys.executable, "in", sys.prefix)'
+    (cd "$ROOT" && "$PY" -m mpidl.scaling.environment)  # the versions a study records (stdlib imports only)
     command -v nvcc cmake mpicc mpirun g++
     nvcc --version | tail -2; mpirun --version | head -1; cmake --version | head -1
     ls /usr/include/nccl.h

@@ -87,9 +87,8 @@ if [ ! -x "$VENV/bin/python" ]; then
         "$PY" -m venv --system-site-packages "$VENV"
         # Where that torch lives in a venv itself (GPU images often do), --system-site-packages
         # reaches only the base interpreter's packages: a .pth file adds the parent venv's.
-        "$PY" -c 'import site, sys; sys.exit(0 if sys.prefix != sys.base_prefix else 1)' \
-            && "$PY" -c 'import site; print("\n".join(site.getsitepackages()))' \
-                > "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_mpidl_parent_venv.pth"
+        "$PY" -c 'import site, sys; sys.prefix != sys.base_prefix and print("\n".join(site.getsitepackages()))' \
+            > "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_mpidl_parent_venv.pth"
     else
         "$PY" -m venv "$VENV"
     fi

@@ -20,9 +20,8 @@ Batches are assembled by `workers` threads, each with one batch queued behind th
 works on, and handed on in order as soon as they are ready; batches under 1 MiB, and every batch
 where there are two workers or fewer, are cut by the reader thread itself. The reader refills
 the consumer's queue once it has drained to half, so it takes the GIL from the training thread
-once per several batches; batches under 1 MiB queue
-up to 4 MiB (at most 64 of them, at least `prefetch`), so that on a small model the reader wakes
-once per tens of steps. Free slots are reused last-released-first, so that when the consumer
+once per several batches; batches under 1 MiB queue up to 4 MiB (at most 64 of them, at least
+`prefetch`), so that on a small model the reader wakes once per tens of steps. Free slots are reused last-released-first, so that when the consumer
 keeps up a few slots cycle in the CPU's cache. Memory is bounded by two windows of the windowed
 keys (plus the chunk rows a window's edges cut, for chunks read as stored) and `depth + 2 +
 workers` batch slots (depth: the queue's, above), whatever the dataset's size. On CUDA the
