@@ -9,7 +9,6 @@ import statistics
 from pathlib import Path
 
 import pytest
-import yaml
 
 from conftest import _free_port, mpidl_cmd, multinode_unavailable, run
 from mpidl.scaling import efficiency
