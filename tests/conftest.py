@@ -61,6 +61,8 @@ def sbatch_wait(script: Path | str, *, env: dict, cwd: Path | str | None = None,
                 timeout: float = 600) -> tuple[str, str]:
     """Submit a batch script and wait for its end: (job id, "State ExitCode" as scontrol tells them).
     Polls scontrol twice a second; `sbatch --wait` polls ever more slowly (tens of seconds a job)."""
+    from mpidl.slurm.controller import FINAL_STATES
+
     r = run(["sbatch", "--parsable", str(script)], env=env, cwd=cwd)
     assert r.returncode == 0, r.output
     job = r.stdout.strip().split(";")[0]
@@ -68,8 +70,7 @@ def sbatch_wait(script: Path | str, *, env: dict, cwd: Path | str | None = None,
     while time.monotonic() < deadline:
         info = dict(f.split("=", 1) for f in run(["scontrol", "-o", "show", "job", job], env=env).stdout.split()
                     if "=" in f)
-        if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-                                    "BOOT_FAIL", "DEADLINE", "PREEMPTED"):
+        if info.get("JobState") in FINAL_STATES:
             return job, f"{info['JobState']} {info.get('ExitCode')}"
         time.sleep(0.5)
     run(["scancel", job], env=env)
