@@ -278,32 +278,41 @@ class Reader:
         """Source rows `rows` (any order) into out[0:len(rows)], one pread per run of rows
         that lie back to back in the file. For addressable keys; the caller groups rows so
         runs are long. Runs here, in the calling thread."""
+        for runs in self.row_runs(key, rows, max(1, len(rows))):
+            self.read_runs(key, runs, byte_view(out))
+
+    def row_runs(self, key: str, rows: np.ndarray, per: int) -> list[list[tuple[int, int, int, int]]]:
+        """The reads that bring source rows `rows` (any order) into buffers of `per` rows, one
+        buffer after the other: per buffer, a list of (file, file offset, byte in the buffer,
+        bytes), one per run of rows back to back in the file (read_runs reads them).
+
+        Worked out for many buffers at once (a window's batches), so that reading a batch costs
+        its preads and almost no Python."""
         rows = np.asarray(rows, np.int64) + self._base
-        if rows.size == 0:
-            return
-        files = np.searchsorted(self._starts, rows, side="right") - 1
-        offsets = np.empty(rows.size, np.int64)
+        n, rb = rows.size, self._row_bytes[key]
+        if n == 0:
+            return []
+        files = np.searchsorted(self._starts, rows, side="right") - 1 if len(self._fds) > 1 else np.zeros(n, np.int64)
+        offsets = np.empty(n, np.int64)
         for i in (np.unique(files) if len(self._fds) > 1 else (0,)):
             sel = files == i if len(self._fds) > 1 else slice(None)
             offsets[sel] = self._storage[i][key].row_offsets(rows[sel] - int(self._starts[i]))
-        rb = self._row_bytes[key]
-        flat = memoryview(out.reshape(out.shape[0], -1)).cast("B")
-        breaks = np.flatnonzero((np.diff(offsets) != rb) | (np.diff(files) != 0)) + 1
-        starts = np.concatenate(([0], breaks))
-        ends = np.concatenate((breaks, [rows.size]))
-        for a, b in zip(starts.tolist(), ends.tolist()):
-            i, offset = int(files[a]), int(offsets[a])
-            got = os.preadv(self._fds[i], [flat[a * rb:b * rb]], offset)
-            if got != (b - a) * rb:
-                raise OSError(f"{self._paths[i]}: short read of '{key}' at byte {offset} "
-                              f"({got} of {(b - a) * rb} bytes): the file is truncated")
+        place = np.arange(n) % per
+        starts = np.flatnonzero(np.concatenate(([True], (np.diff(offsets) != rb) | (np.diff(files) != 0)
+                                                | (place[1:] == 0))))
+        sizes = np.diff(np.append(starts, n)) * rb
+        runs = list(zip(files[starts].tolist(), offsets[starts].tolist(), (place[starts] * rb).tolist(),
+                        sizes.tolist()))
+        cuts = np.searchsorted(starts, np.arange(0, n, per)).tolist() + [len(runs)]
+        return [runs[a:b] for a, b in zip(cuts, cuts[1:])]
 
-    def start_rows(self, outs: dict[str, np.ndarray], rows: np.ndarray) -> "Pending":
-        """read_rows of each key of `outs` as one task on the pool; returns at once."""
-        def read() -> None:
-            for key, out in outs.items():
-                self.read_rows(key, rows, out)
-        return Pending([self._pool.submit(read)])
+    def read_runs(self, key: str, runs: list[tuple[int, int, int, int]], out: memoryview) -> None:
+        """The reads `runs` of `key` (from row_runs) into `out`, a buffer's bytes (byte_view)."""
+        for i, offset, at, size in runs:
+            got = os.preadv(self._fds[i], [out[at:at + size]], offset)
+            if got != size:
+                raise OSError(f"{self._paths[i]}: short read of '{key}' at byte {offset} "
+                              f"({got} of {size} bytes): the file is truncated")
 
     # ------------------------------------------------------------------ whole chunk rows
     def column_chunks(self, key: str) -> Optional[tuple[int, int, int]]:
@@ -361,13 +370,47 @@ class Reader:
     def start_chunk_rows(self, key: str, rows: Sequence[tuple[int, int]], out: np.ndarray) -> "Pending":
         """Read chunk rows `rows` (file, chunk row) of `key` whole into out[0], out[1], ...
         (out shaped (chunk rows, C, *chunk shape)), each chunk straight into its place;
-        one pool task per chunk row. Returns at once."""
+        one pool task per chunk row, or, for chunks stored raw, per PIECE_BYTES of the file.
+        Returns at once."""
+        runs = self._raw_chunk_runs(key, rows)
+        if runs is not None:
+            into = byte_view(out)
+            return Pending([self._pool.submit(self.read_runs, key, part, into) for part in runs])
+
         def read(k: int, i: int, j: int) -> None:
             index: ChunkIndex = self._storage[i][key]
             middle = (0,) * (len(index.chunks) - 2)
             for c in range(out.shape[1]):
                 index.decode(self._fds[i], (j, *middle, c), self._paths[i], into=out[k, c])
         return Pending([self._pool.submit(read, k, i, j) for k, (i, j) in enumerate(rows)])
+
+    def _raw_chunk_runs(self, key: str, rows: Sequence[tuple[int, int]]) -> Optional[list[list[tuple]]]:
+        """For chunks stored raw (no filters): the reads of chunk rows `rows` as start_chunk_rows
+        lays them out, chunks that follow each other both in the file and in the buffer read as
+        one (h5py writes a chunk row's chunks back to back: one pread, not one a chunk), cut
+        into tasks of about PIECE_BYTES. None when some chunk is filtered."""
+        indexes = [self._storage[i][key] for i in range(len(self._fds))]
+        if any(index.filters for index in indexes):
+            return None
+        size = indexes[0].chunk_bytes
+        grid = [index.offsets.reshape(len(index.offsets), -1) for index in indexes]  # (chunk row, C)
+        files = np.repeat([i for i, _ in rows], grid[0].shape[1])
+        offsets = np.concatenate([grid[i][j] for i, j in rows])
+        if offsets.size == 0:
+            return []
+        starts = np.flatnonzero(np.concatenate(([True], (np.diff(offsets) != size) | (np.diff(files) != 0))))
+        ends = np.append(starts[1:], offsets.size)
+        tasks: list[list[tuple]] = [[]]
+        filled = 0
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            for c in range(a, b, max(1, PIECE_BYTES // size)):  # pieces the pool can share out
+                n = min(b, c + max(1, PIECE_BYTES // size)) - c
+                tasks[-1].append((int(files[c]), int(offsets[c]), c * size, n * size))
+                filled += n * size
+                if filled >= PIECE_BYTES:
+                    tasks.append([])
+                    filled = 0
+        return [t for t in tasks if t]
 
     # ------------------------------------------------------------------ row ranges
     def read(self, key: str, start: int, stop: int, out: np.ndarray) -> None:
@@ -475,6 +518,13 @@ class Reader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def byte_view(a: np.ndarray) -> memoryview:
+    """The bytes of a C-contiguous array, to read into."""
+    if not a.flags.c_contiguous:  # reshape would copy, and the reads would land in the copy
+        raise ValueError("reads go into C-contiguous arrays only")
+    return memoryview(a.reshape(-1).view(np.uint8))
 
 
 class Pending:
