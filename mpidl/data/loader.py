@@ -26,8 +26,10 @@ a small model the reader wakes once per tens of steps. Free slots are reused las
 that when the consumer keeps up a few slots cycle in the CPU's cache. Memory is bounded by two
 windows of the windowed keys (plus the chunk rows a window's edges cut, for chunks read as stored)
 and `depth + 2 + workers` batch slots (depth: the queue's, above), whatever the dataset's size. On
-CUDA the slots are pinned and the consumer copies each batch with non_blocking=True; a slot is
-refilled only after its copy has finished.
+CUDA the slots are pinned and the consumer copies each batch with non_blocking=True, on a stream of
+its own that the compute stream waits on, so the copy overlaps the device's work on the batch before
+(MPIDL_COPY_STREAM=0 copies on the compute stream, for comparison); a slot is refilled only after its
+copy has finished.
 `loader.spent` tells where the reader's time went in the last pass.
 """
 from __future__ import annotations
@@ -482,7 +484,9 @@ class ShardedLoader:
         cuda = self.device.type == "cuda"
         pipe = _Pipeline(source, plan, self.start_step, self.prefetch, pinned=cuda, workers=self.workers)
         self._pipe = pipe
-        stream = torch.cuda.current_stream(self.device) if cuda else None
+        # On CUDA batches are copied on a stream of their own, so that the copy of the next batch
+        # overlaps the device's work on this one instead of queueing behind it on the compute stream.
+        copier = torch.cuda.Stream(self.device) if cuda and os.environ.get("MPIDL_COPY_STREAM", "1") != "0" else None
         held: Optional[int] = None
         masks = _Masks(self.batch_size, plan, self.device, self.start_step) if plan.valid is not None else None
         try:
@@ -491,9 +495,15 @@ class ShardedLoader:
                     pipe.release(held)
                     held = None
                 if cuda:
-                    batch = tuple(arrays[k].to(self.device, non_blocking=True) for k in source.keys)
-                    ev = torch.cuda.Event(blocking=True)  # the reader thread sleeps on it, not spins
-                    ev.record(stream)
+                    compute = torch.cuda.current_stream(self.device)
+                    with torch.cuda.stream(copier if copier is not None else compute):
+                        batch = tuple(arrays[k].to(self.device, non_blocking=True) for k in source.keys)
+                        ev = torch.cuda.Event(blocking=True)  # the reader thread sleeps on it, not spins
+                        ev.record()
+                    if copier is not None:
+                        compute.wait_event(ev)  # the consumer's work on the batch waits for its copy
+                        for t in batch:  # and its memory is not reused before that work is done
+                            t.record_stream(compute)
                     pipe.release(slot, ev)  # reusable once the copy has passed; the reader waits on it
                 else:
                     batch = tuple(arrays[k] for k in source.keys)
