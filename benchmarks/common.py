@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-from mpidl.scaling.environment import commit, cpu_model  # one definition for studies and benchmarks
+from mpidl.scaling.environment import commit, cpu_model, mpi_library  # one definition for studies and benchmarks
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
@@ -40,9 +40,7 @@ def environment() -> dict:
         except Exception:
             versions[mod] = None
     try:
-        from mpi4py import MPI
-
-        versions["mpi"] = MPI.Get_library_version().strip().splitlines()[0].split(",")[0]
+        versions["mpi"] = mpi_library()
     except Exception:
         versions["mpi"] = None
     gpu = None

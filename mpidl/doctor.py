@@ -48,10 +48,12 @@ def _numpy() -> Check:
 
 
 def _mpi() -> Check:
-    from mpi4py import MPI
     import mpi4py
+    from mpi4py import MPI
 
-    lib = MPI.Get_library_version().strip().splitlines()[0].split(",")[0]
+    from mpidl.scaling.environment import mpi_library
+
+    lib = mpi_library()
     std = "%d.%d" % MPI.Get_version()
     info = {"mpi4py": mpi4py.__version__, "library": lib, "standard": std,
             "mpirun": shutil.which("mpirun")}

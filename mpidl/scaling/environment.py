@@ -18,6 +18,14 @@ from typing import Optional
 REPO = Path(__file__).resolve().parents[2]
 
 
+def mpi_library() -> str:
+    """The MPI library behind mpi4py as its version string starts ("Open MPI v4.1.6");
+    ImportError without mpi4py."""
+    from mpi4py import MPI
+
+    return MPI.Get_library_version().strip().splitlines()[0].split(",")[0]
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -72,10 +80,9 @@ def _collect() -> dict:
         out["nccl"] = None
     try:
         import mpi4py
-        from mpi4py import MPI
 
         out["mpi4py"] = mpi4py.__version__
-        out["mpi"] = MPI.Get_library_version().strip().splitlines()[0].split(",")[0]
+        out["mpi"] = mpi_library()
     except Exception as e:
         out["mpi"] = f"unavailable ({type(e).__name__})"
     try:
