@@ -401,10 +401,10 @@ class Reader:
         starts = np.flatnonzero(np.concatenate(([True], (np.diff(offsets) != size) | (np.diff(files) != 0))))
         ends = np.append(starts[1:], offsets.size)
         tasks: list[list[tuple]] = [[]]
-        filled = 0
+        filled, step = 0, max(1, PIECE_BYTES // size)
         for a, b in zip(starts.tolist(), ends.tolist()):
-            for c in range(a, b, max(1, PIECE_BYTES // size)):  # pieces the pool can share out
-                n = min(b, c + max(1, PIECE_BYTES // size)) - c
+            for c in range(a, b, step):  # pieces the pool can share out
+                n = min(b, c + step) - c
                 tasks[-1].append((int(files[c]), int(offsets[c]), c * size, n * size))
                 filled += n * size
                 if filled >= PIECE_BYTES:
