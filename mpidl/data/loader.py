@@ -19,17 +19,17 @@ Two window buffers: the pool fills the next while batches are cut from this one.
 Batches are assembled by `workers` threads, each with one batch queued behind the one it works on,
 and handed on in order as soon as they are ready; batches under 1 MiB, and every batch where there
 are two workers or fewer, are cut by the reader thread itself (with two workers and batches of a MiB
-or more, half of each batch by an assembler at the same time). The reader refills the consumer's
-queue once it has drained to half, so it takes the GIL from the training thread once per several
-batches; batches under 1 MiB queue up to 4 MiB (at most 64 of them, at least `prefetch`), so that on
-a small model the reader wakes once per tens of steps. Free slots are reused last-released-first, so
-that when the consumer keeps up a few slots cycle in the CPU's cache. Memory is bounded by two
-windows of the windowed keys (plus the chunk rows a window's edges cut, for chunks read as stored)
-and `depth + 2 + workers` batch slots (depth: the queue's, above), whatever the dataset's size. On
-CUDA the slots are pinned and the consumer copies each batch with non_blocking=True, on a stream of
-its own that the compute stream waits on, so the copy overlaps the device's work on the batch before
-(MPIDL_COPY_STREAM=0 copies on the compute stream, for comparison); a slot is refilled only after its
-copy has finished.
+or more, half of each batch by an assembler at the same time, two batches a hop). The reader refills
+the consumer's queue once it has drained to half, so it takes the GIL from the training thread once
+per several batches; batches under 1 MiB queue up to 4 MiB (at most 64 of them, at least
+`prefetch`), so that on a small model the reader wakes once per tens of steps. Free slots are reused
+last-released-first, so that when the consumer keeps up a few slots cycle in the CPU's cache. Memory
+is bounded by two windows of the windowed keys (plus the chunk rows a window's edges cut, for chunks
+read as stored) and `depth + 2 + workers` batch slots (depth: the queue's, above), whatever the
+dataset's size. On CUDA the slots are pinned and the consumer copies each batch with
+non_blocking=True, on a stream of its own that the compute stream waits on, so the copy overlaps the
+device's work on the batch before (MPIDL_COPY_STREAM=0 copies on the compute stream, for
+comparison); a slot is refilled only after its copy has finished.
 `loader.spent` tells where the reader's time went in the last pass.
 """
 from __future__ import annotations
@@ -115,6 +115,7 @@ QUEUED_PER_WORKER = 2    # batches assigned to each assembler thread at once
 INLINE_BATCH_BYTES = 1 << 20  # smaller batches are cut by the reader thread itself
 SMALL_QUEUE_BYTES = 4 << 20   # and queue up to this much, at most SMALL_QUEUE_BATCHES of them
 SMALL_QUEUE_BATCHES = 64
+SHARED_GROUP = 2              # batches cut together by the reader and one assembler
 INLINE_WORKERS = 2            # with this many workers or fewer, the reader thread cuts every batch
 _ASSEMBLED: Future = Future()
 _ASSEMBLED.set_result(None)
@@ -242,10 +243,15 @@ class _Pipeline:
                 for k, r in zip(direct, runs):
                     reader.read_runs(k, r[len(r) * part // parts:len(r) * (part + 1) // parts], slot_bytes[slot][k])
 
-            def assemble_shared(slot: int, n: int, idx: np.ndarray, runs: list) -> None:
-                """The batch assembled by this thread and an idle assembler, half each."""
-                half = assembler.submit(assemble, slot, n, idx, runs, 1, 2)
-                assemble(slot, n, idx, runs, 0, 2)
+            def assemble_halves(group: list, n: int, part: int) -> None:
+                for slot, idx, runs in group:
+                    assemble(slot, n, idx, runs, part, 2)
+
+            def assemble_shared(group: list, n: int) -> None:
+                """Batches `group` ((slot, idx, runs) each) assembled by this thread and an idle
+                assembler, half of each batch each: one hop for the group."""
+                half = assembler.submit(assemble_halves, group, n, 1)
+                assemble_halves(group, n, 0)
                 half.result()
 
             inflight: deque = deque()  # (assembly, slot) in batch order
@@ -265,9 +271,13 @@ class _Pipeline:
             # windows are still decoded by the reader's pool, so gzip kept its 1.2-1.3).
             inline = self.workers <= INLINE_WORKERS or (not direct and self.batch_bytes < INLINE_BATCH_BYTES)
             # A large batch cut here is cut by two threads, this one and an idle assembler, half
-            # each: one hop a batch, and both cores copy (same measure, passes alternating:
-            # contiguous 0.90 -> 1.14, row chunks 1.05 -> 1.18, auto chunks 0.70 -> 0.76).
+            # each, so both cores copy (same measure, passes alternating: contiguous 0.90 -> 1.14,
+            # row chunks 1.05 -> 1.18, auto chunks 0.70 -> 0.76), and two batches at a time, so
+            # that the hop (two wake-ups) is paid once for both (on a just-written file, h5py at
+            # 15-16 GB/s: contiguous 0.78 -> 0.85, 0.84 -> 0.87, 0.84 -> 0.86; groups of 3 and 4
+            # did no better, they cycle more slots through the cache).
             share = inline and self.workers > 1 and self.batch_bytes >= INLINE_BATCH_BYTES
+            group: list = []  # batches taken a slot for, to be cut together
             pending = fill(0) if windows else None
             skip = self.skip_rows
             for n, w in enumerate(windows):
@@ -303,8 +313,20 @@ class _Pipeline:
                     spent["slot_wait"] += clock() - t
                     idx = w.order[s:s + self.batch]
                     batch_runs = [r[b] for r in runs]
+                    if share:
+                        group.append((slot, idx, batch_runs))
+                        # The group is cut once full, at the window's end (its buffer is then
+                        # refilled), or when no slot is free (the consumer needs batches first).
+                        if len(group) < SHARED_GROUP and s + self.batch < w.rows and not self.free_slots.empty():
+                            continue
+                        assemble_shared(group, n)
+                        for slot_of, _, _ in group:
+                            cut[n % 2].append(_ASSEMBLED)
+                            inflight.append((_ASSEMBLED, slot_of))
+                        group = []
+                        continue
                     if inline:
-                        (assemble_shared if share else assemble)(slot, n, idx, batch_runs)
+                        assemble(slot, n, idx, batch_runs)
                         done = _ASSEMBLED
                     else:
                         done = assembler.submit(assemble, slot, n, idx, batch_runs)
