@@ -278,7 +278,7 @@ class Reader:
         """Source rows `rows` (any order) into out[0:len(rows)], one pread per run of rows
         that lie back to back in the file. For addressable keys; the caller groups rows so
         runs are long. Runs here, in the calling thread."""
-        for runs in self.row_runs(key, rows, max(1, len(rows))):
+        for runs in self.row_runs(key, rows, max(1, len(rows))):  # one buffer: at most one list
             self.read_runs(key, runs, byte_view(out))
 
     def row_runs(self, key: str, rows: np.ndarray, per: int) -> list[list[tuple[int, int, int, int]]]:
@@ -292,10 +292,11 @@ class Reader:
         n, rb = rows.size, self._row_bytes[key]
         if n == 0:
             return []
-        files = np.searchsorted(self._starts, rows, side="right") - 1 if len(self._fds) > 1 else np.zeros(n, np.int64)
+        many = len(self._fds) > 1  # with one file, no row needs sorting into its file
+        files = np.searchsorted(self._starts, rows, side="right") - 1 if many else np.zeros(n, np.int64)
         offsets = np.empty(n, np.int64)
-        for i in (np.unique(files) if len(self._fds) > 1 else (0,)):
-            sel = files == i if len(self._fds) > 1 else slice(None)
+        for i in (np.unique(files) if many else (0,)):
+            sel = files == i if many else slice(None)
             offsets[sel] = self._storage[i][key].row_offsets(rows[sel] - int(self._starts[i]))
         place = np.arange(n) % per
         starts = np.flatnonzero(np.concatenate(([True], (np.diff(offsets) != rb) | (np.diff(files) != 0)
