@@ -313,7 +313,7 @@ def test_resume_mid_epoch_yields_the_rest():
 # Each layout stores x = random values and y = the global row id, so a batch can be checked
 # against h5py's own read of the same rows, and how mpidl must read x. Chunks (n,) span whole rows.
 LAYOUTS = {
-    "contiguous": ([dict()], "bytes"),
+    "contiguous": ([dict()], "mapped"),
     "row chunks": ([dict(chunks=(64,))], "bytes"),
     "auto chunks": ([dict(chunks=True)], "chunks"),
     "split rows": ([dict(chunks=(50, 2, 8, 3))], "chunks"),
@@ -330,9 +330,13 @@ LAYOUTS = {
 ROW_SHAPE = (3, 8, 8)  # 768 B of float32: the windowed path; WIDE rows (6 KiB) take the direct path
 
 
-def write_layout(folder, name, sizes=(1000,), row_shape=ROW_SHAPE, noise=True):
-    """Files of one layout; random values (with some incompressible chunks) and y = row id."""
-    kws = LAYOUTS[name][0]
+WIDE_COLUMN_CHUNKS = [dict(chunks=(70, 3, 16, 4))]  # only the last axis of 6 KiB rows cut
+
+
+def write_layout(folder, name, sizes=(1000,), row_shape=ROW_SHAPE, noise=True, kws=None):
+    """Files of one layout (LAYOUTS[name], or `kws`); random values (with some incompressible
+    chunks) and y = row id."""
+    kws = kws or LAYOUTS[name][0]
     rng = np.random.default_rng(len(name))
     paths, start = [], 0
     for n, (m, kw) in enumerate(zip(sizes, kws * len(sizes))):
@@ -389,10 +393,17 @@ def test_reader_paths_match_h5py(tmp_path, name):
             reader.start({"x": out, "y": y}, ranges).wait()
             np.testing.assert_array_equal(y, rows)
             np.testing.assert_array_equal(out, reference(paths, rows))
-        if all(p == "bytes" for p in got_paths):
+        if all(p in ("bytes", "mapped") for p in got_paths):
             pick = rng.permutation(n)[:100]
             out = np.empty((100, *ROW_SHAPE), np.float32)
             reader.read_rows("x", pick, out)
+            np.testing.assert_array_equal(out, reference(paths, pick))
+        if all(p == "mapped" for p in got_paths):  # gathered from the mapping, in two calls
+            out = np.zeros((100, *ROW_SHAPE), np.float32)
+            rows = out.reshape(100, -1).view(np.uint8)
+            segments = reader.row_segments("x", pick, 100)[0]
+            reader.take_rows("x", segments, rows, 0, 37)
+            reader.take_rows("x", segments, rows, 37, 100)
             np.testing.assert_array_equal(out, reference(paths, pick))
 
 
@@ -408,13 +419,17 @@ def test_row_range_of_compressed_source(tmp_path):
 
 
 CHECK = """
-import json, sys, h5py, numpy as np, mpidl
+import json, os, sys, h5py, numpy as np, mpidl
 from mpidl.data import H5Source, ShardedLoader
 cfg = json.loads(sys.argv[1])
 w = mpidl.init()
 full = np.concatenate([h5py.File(p, "r")["x"][:] for p in cfg["files"]])
+if not cfg.get("mapped", True):
+    os.environ["MPIDL_MAPPED"] = "0"
 ld = ShardedLoader(H5Source(cfg["files"]), w, batch_size=cfg["batch"], seed=3, shuffle=cfg["shuffle"],
                    prefetch=2, workers=cfg["workers"], block=cfg.get("block"), window=cfg.get("window"))
+with ld.source.open() as reader:
+    mapped = reader.mapped("x")
 epochs = []
 for e in range(2):
     ld.set_epoch(e)
@@ -423,7 +438,7 @@ for e in range(2):
         assert np.array_equal(x.numpy(), full[y.numpy()]), "batch differs from h5py's read of its rows"
         ys.extend(y.tolist())
     epochs.append(ys)
-out = w.comm.gather({"epochs": epochs, "direct": ld.group > 1}, root=0)
+out = w.comm.gather({"epochs": epochs, "grouped": ld.group > 1, "mapped": mapped}, root=0)
 if w.rank == 0:
     print("RESULT " + json.dumps(out), flush=True)
 """
@@ -432,18 +447,24 @@ if w.rank == 0:
 @pytest.mark.parametrize("name,np_,shuffle", [
     ("row chunks", 2, "block"), ("auto chunks", 3, "block"), ("gzip shuffle", 2, "block"), ("lzf", 3, "exact"),
     ("mixed files", 2, "block"), ("mixed files", 3, "exact"), ("contiguous", 2, "block"), ("lzf split", 2, "block"),
-    ("column chunks", 2, "block"), ("lzf column chunks", 3, "exact"),
+    ("column chunks", 2, "block"), ("lzf column chunks", 3, "exact"), ("contiguous pread", 2, "block"),
+    ("wide column chunks", 2, "block"),
 ])
 def test_loader_batches_equal_h5py_reads(tmp_path, name, np_, shuffle):
     """Every batch on every rank holds exactly h5py's values of its rows; shards stay disjoint."""
     sizes = (700, 611, 456) if name == "mixed files" else (1767,)
-    wide = name in ("row chunks", "contiguous")  # 6 KiB rows: read straight into batch slots
-    paths = write_layout(tmp_path, name, sizes, row_shape=(3, 16, 32) if wide else ROW_SHAPE)
-    cfg = dict(files=paths, batch=32, shuffle=shuffle, workers=2, block=None if wide else 64, window=256)
+    layout = name.removesuffix(" pread")  # contiguous rows read with pread, not from a mapping
+    # 6 KiB rows: moved in runs, read straight into batch slots or gathered from column chunks
+    wide = layout in ("row chunks", "contiguous", "wide column chunks")
+    paths = write_layout(tmp_path, layout, sizes, row_shape=(3, 16, 32) if wide else ROW_SHAPE,
+                         kws=WIDE_COLUMN_CHUNKS if layout == "wide column chunks" else None)
+    cfg = dict(files=paths, batch=32, shuffle=shuffle, workers=2, block=None if wide else 64, window=256,
+               mapped=layout == name)
     r = mpirun(np_, pycode(CHECK) + [json.dumps(cfg)], timeout=240)
     assert r.returncode == 0, r.output
     res = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("RESULT "))[7:])
-    assert all(rank["direct"] == wide for rank in res)
+    assert all(rank["grouped"] == wide for rank in res)
+    assert all(rank["mapped"] == (name == "contiguous") for rank in res)
     check_epochs(res, sum(sizes), np_, 32)
 
 
@@ -463,7 +484,62 @@ def test_large_batches_cut_by_assembler_threads(tmp_path, name, row_shape, batch
     r = mpirun(2, pycode(CHECK) + [json.dumps(cfg)], timeout=240)
     assert r.returncode == 0, r.output
     res = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert all(rank["mapped"] == (name == "contiguous") for rank in res)  # rows of two files, one take each
     check_epochs(res, 7111, 2, batch)
+
+
+def mapped_kib(path: str) -> int:
+    """This process's resident KiB of its mappings of `path` (from /proc/self/smaps)."""
+    total, mine, target = 0, False, os.path.realpath(path)
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if head and not head[0].endswith(":"):  # a mapping's header: address perms offset dev inode [path]
+                mine = len(head) >= 6 and head[5] == target
+            elif mine and head[0] == "Rss:":
+                total += int(head[1])
+    return total
+
+
+def test_mapped_pages_are_dropped_window_by_window(tmp_path, monkeypatch):
+    """Contiguous rows are copied from a mapping of the file; the pages a window touched are
+    unmapped at the next, so the process holds about a window of them, not the file."""
+    import mpidl
+    from mpidl.data import H5Source, ShardedLoader
+    from mpidl.data.source import Reader
+
+    rows, row = 12000, 6144
+    paths = write_layout(tmp_path, "contiguous", (rows,), row_shape=(3, 16, 32), noise=False)  # 72 MiB of x
+    ld = ShardedLoader(H5Source(paths), mpidl.init(), batch_size=32, block=512, window=1024, workers=1)
+    # At most the window being cut and the next, plus what the kernel maps around each block's
+    # ends (it maps a file's pages in folios of up to 2 MiB, not only the pages touched).
+    bound = 2 * (1024 * row + 2 * 2 * (2 << 20))
+
+    def most_resident() -> int:
+        most = 0
+        for i, _ in enumerate(ld):
+            if i % 4 == 0:
+                most = max(most, mapped_kib(paths[0]) << 10)
+        return most
+
+    bounded = most_resident()
+    monkeypatch.setattr(Reader, "unmap_pages", lambda self: None)
+    kept = most_resident()
+    assert 0 < bounded <= bound, (bounded, bound)
+    assert kept > 0.7 * rows * row > bound, kept  # the measure sees pages left mapped
+
+
+def test_mapping_a_truncated_file_raises(tmp_path):
+    """A file cut short under an open reader: one line naming the file and the key, not SIGBUS."""
+    from mpidl.data import H5Source
+
+    paths = write_layout(tmp_path, "contiguous", (600,), row_shape=(3, 16, 32))
+    with H5Source(paths).open() as reader:
+        assert reader.mapped("x")
+        os.truncate(paths[0], os.path.getsize(paths[0]) // 2)
+        segments = reader.row_segments("x", np.arange(10), 10)[0]
+        with pytest.raises(OSError, match=r"contiguous-0.h5: 'x' ends at byte \d+, past the file's \d+ bytes"):
+            reader.take_rows("x", segments, np.empty((10, 6144), np.uint8))
 
 
 # ---------------------------------------------------------------- validation, on every rank

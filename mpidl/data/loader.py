@@ -5,12 +5,15 @@ overlaps the model's compute; a pool of `workers` threads does the reading and d
 (HDF5's global lock is never taken on these paths: see source.py and chunks.py). Per key:
 
     large rows (>= 4 KiB) stored as plain bytes (contiguous, or unfiltered chunks of whole
-        rows): each batch's rows are read straight into a batch slot, one `pread` per run of
-        consecutive rows (the plan moves rows in runs of ~192 KiB), several batches at once;
+        rows): each batch's rows are copied straight into a batch slot: of a contiguous
+        dataset, from a read-only mapping of the file, one numpy `take` per batch (its pages
+        unmapped again window by window); of chunks, one `pread` per run of consecutive rows
+        (the plan moves large rows in runs of ~192 KiB);
     chunks that cut only the last axis (h5py's auto chunks of wide rows: a row spans many
         chunks): a window's chunk rows are decoded by the pool, or, stored raw, read in runs
         of back-to-back chunks, straight into a window buffer laid out as the chunks are, and
-        each batch gathers every row's pieces from there into its slot (one copy after the read);
+        each batch gathers every row's pieces from there into its slot (one copy after the read;
+        large rows move in runs here too, so a run's pieces of one chunk lie side by side);
     everything else (small rows, other compressed chunks, other splits): a window of whole
         blocks is read or decoded by the pool into a window buffer, rows in file order, and
         each batch gathers its rows from there into its slot.
@@ -26,10 +29,11 @@ per several batches; batches under 1 MiB queue up to 4 MiB (at most 64 of them, 
 last-released-first, so that when the consumer keeps up a few slots cycle in the CPU's cache. Memory
 is bounded by two windows of the windowed keys (plus the chunk rows a window's edges cut, for chunks
 read as stored) and `depth + 2 + workers` batch slots (depth: the queue's, above), whatever the
-dataset's size. On CUDA the slots are pinned and the consumer copies each batch with
-non_blocking=True, on a stream of its own that the compute stream waits on, so the copy overlaps the
-device's work on the batch before (MPIDL_COPY_STREAM=0 copies on the compute stream, for
-comparison); a slot is refilled only after its copy has finished.
+dataset's size; mapped pages (page cache, counted in RSS while mapped) by about a window.
+On CUDA the slots are pinned and the consumer copies each batch with non_blocking=True, on a stream
+of its own that the compute stream waits on, so the copy overlaps the device's work on the batch
+before (MPIDL_COPY_STREAM=0 copies on the compute stream, for comparison); a slot is refilled only
+after its copy has finished.
 `loader.spent` tells where the reader's time went in the last pass.
 """
 from __future__ import annotations
@@ -213,7 +217,9 @@ class _Pipeline:
                       for k, (per, parts, sub) in columnar.items()}
             cut: list[list[Future]] = [[], []]  # assembly of batches cut from each window buffer
             slots = [{k: t.numpy() for k, t in ring.items()} for ring in self.ring]
+            mapped = {k for k in direct if reader.mapped(k)}  # gathered from a mapping of the file
             slot_bytes = [{k: byte_view(arrays[k]) for k in direct} for arrays in slots]
+            slot_rows = [{k: arrays[k].reshape(self.batch, -1).view(np.uint8) for k in mapped} for arrays in slots]
 
             def fill(n: int) -> Pending:  # window n into buffer n % 2, once no batch still reads it
                 while inflight and not all(f.done() for f in cut[n % 2]):
@@ -241,7 +247,10 @@ class _Pipeline:
                     into = out[k][lo:hi].reshape(hi - lo, sub, cols, -1)
                     np.take(flat, at[:, None, None] + pieces[k], axis=0, out=into, mode="clip")
                 for k, r in zip(direct, runs):
-                    reader.read_runs(k, r[len(r) * part // parts:len(r) * (part + 1) // parts], slot_bytes[slot][k])
+                    if k in mapped:
+                        reader.take_rows(k, r, slot_rows[slot][k], lo, hi)
+                    else:
+                        reader.read_runs(k, r[len(r) * part // parts:len(r) * (part + 1) // parts], slot_bytes[slot][k])
 
             def assemble_halves(group: list, n: int, part: int) -> None:
                 for slot, idx, runs in group:
@@ -294,7 +303,10 @@ class _Pipeline:
                 runs = []
                 if direct:
                     rows_at = np.concatenate([np.arange(a, z) for a, z in w.ranges])[w.order[skip:]]
-                    runs = [reader.row_runs(k, rows_at, self.batch) for k in direct]
+                    runs = [reader.row_segments(k, rows_at, self.batch) if k in mapped
+                            else reader.row_runs(k, rows_at, self.batch) for k in direct]
+                if mapped:
+                    reader.unmap_pages()  # resident memory: about the window's pages, not the file's
                 for b, s in enumerate(range(skip, w.rows, self.batch)):
                     # Each assembler has a batch queued behind the one it assembles, so it never
                     # waits for this thread (a wake-up on a busy machine costs milliseconds); no
@@ -454,11 +466,17 @@ class ShardedLoader:
             block = min(source.suggested_block(), -(-rows // 256))
             block = max(chunk, block // chunk * chunk)  # whole chunks: each is decompressed once
         self.block = block
-        # Large rows are read straight into batches in runs of `group` rows (see the module doc).
+        # Large rows move in runs of `group` rows (~RUN_BYTES) where that makes them cheap to
+        # cut: rows read straight into batches (one pread per run, see the module doc), and rows
+        # gathered from chunks that cut them into pieces, where a run's pieces of one chunk lie
+        # side by side (a batch's pieces are gathered from a few hundred places, not from
+        # 32,768: 12 KiB rows in h5py's auto chunks of (1563, 24), one process against h5py's
+        # large reads, passes alternating: 0.88 -> 1.04).
         big = max(source.row_bytes_of(k) for k in source.keys)
-        direct = big >= DIRECT_ROW_BYTES and all(source.row_addressable(k) for k in source.keys
-                                                 if source.row_bytes_of(k) >= DIRECT_ROW_BYTES)
-        self.group = max(1, min(batch_size // 16, -(-RUN_BYTES // big))) if direct else 1
+        large = [k for k in source.keys if source.row_bytes_of(k) >= DIRECT_ROW_BYTES]
+        direct = big >= DIRECT_ROW_BYTES and all(source.row_addressable(k) for k in large)
+        grouped = direct or (big >= DIRECT_ROW_BYTES and all(source.rows_split(k) for k in large))
+        self.group = max(1, min(batch_size // 16, -(-RUN_BYTES // big))) if grouped else 1
         # The window is the shuffle buffer. Rows read directly never sit in it, so it can span
         # more blocks for free; otherwise it holds whole rows and stays a few blocks large.
         self.window = window or max((16 if direct else 4) * self.block, 4 * batch_size)

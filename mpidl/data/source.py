@@ -7,6 +7,7 @@ reader that uses them (`open()`), never inherited across fork.
 from __future__ import annotations
 
 import glob
+import mmap
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ class FileLayout:
     chunk_rows: Optional[int]  # rows per chunk of the key with the largest chunks; None: all contiguous
     compression: Optional[str]  # that key's compression
     addressable: frozenset[str] = frozenset()  # keys whose rows are runs of bytes at known offsets
+    split: frozenset[str] = frozenset()  # keys stored in chunks that cut each row into pieces
 
 
 class H5Source:
@@ -192,6 +194,11 @@ class H5Source:
         unfiltered chunks), so they can be read straight into a batch (metadata only)."""
         return all(key in lay.addressable for lay in self._need())
 
+    def rows_split(self, key: str) -> bool:
+        """True when every file stores `key` in chunks that cut its rows (h5py's auto chunks of
+        wide rows): a row is then gathered from several chunks (metadata only)."""
+        return all(key in lay.split for lay in self._need())
+
     def open(self, workers: int = 1) -> "Reader":
         """File handles for one thread, decoding chunks on `workers` threads."""
         return Reader(self, workers)
@@ -205,7 +212,9 @@ def _layout_of(path: str, rows: int, dsets: dict) -> FileLayout:
         k for k, d in dsets.items()
         if native(d.dtype) and d.id.get_create_plist().get_nfilters() == 0
         and (d.chunks is None or tuple(d.chunks[1:]) == tuple(d.shape[1:])))
-    return FileLayout(path, rows, biggest.chunks[0] if biggest.chunks else None, biggest.compression, addressable)
+    split = frozenset(k for k, d in dsets.items() if d.chunks is not None and tuple(d.chunks[1:]) != tuple(d.shape[1:]))
+    return FileLayout(path, rows, biggest.chunks[0] if biggest.chunks else None, biggest.compression, addressable,
+                      split)
 
 
 PIECE_BYTES = 4 << 20  # rows the pool reads as one task: large reads, enough tasks to share out
@@ -261,6 +270,8 @@ class Reader:
         self._starts = np.cumsum([0] + [lay.rows for lay in layouts])
         self._base = source.row_range[0] if source.row_range else 0
         self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="mpidl-decode")
+        self._maps: dict[int, mmap.mmap] = {}  # file -> its read-only mapping (mapped keys)
+        self._views: dict[tuple[int, str], np.ndarray] = {}
 
     # ------------------------------------------------------------------ what each key allows
     def addressable(self, key: str) -> bool:
@@ -268,8 +279,11 @@ class Reader:
         return all(getattr(st[key], "row_addressable", False) for st in self._storage)
 
     def paths(self, key: str) -> list[str]:
-        """How `key` is read, per file: 'bytes' (contiguous or whole-row chunks, pread),
-        'chunks' (pread and decode on the pool) or 'h5py' (read_direct)."""
+        """How `key` is read, per file: 'mapped' (contiguous in every file: from a mapping of
+        the file, see mapped), 'bytes' (contiguous or whole-row chunks, pread), 'chunks' (pread
+        and decode on the pool) or 'h5py' (read_direct)."""
+        if self.mapped(key):
+            return ["mapped"] * len(self._storage)
         return ["bytes" if getattr(st[key], "row_addressable", False) else "chunks" if st[key] is not None
                 else "h5py" for st in self._storage]
 
@@ -306,6 +320,68 @@ class Reader:
                         sizes.tolist()))
         cuts = np.searchsorted(starts, np.arange(0, n, per)).tolist() + [len(runs)]
         return [runs[a:b] for a, b in zip(cuts, cuts[1:])]
+
+    # ------------------------------------------------------------------ mapped rows
+    def mapped(self, key: str) -> bool:
+        """True when every file stores `key` contiguously: its rows are then gathered from a
+        read-only mapping of the file, one numpy `take` per batch and file (take_rows), not one
+        `pread` per run of rows. The copy is the same, but one call moves a whole batch with
+        the GIL released, where preads of runs take the GIL back every ~12 us (and the
+        kernel's per-page work of a read is gone). 12 KiB rows on two cores, one process
+        against h5py's large reads, passes alternating: 0.81 -> 0.94. MPIDL_MAPPED=0 reads
+        with pread instead, for comparison or where mapping a file is unwelcome.
+
+        A file truncated while it is mapped ends the process with SIGBUS, not an exception
+        (as with numpy.memmap); a file already too short when mapped raises OSError."""
+        return os.environ.get("MPIDL_MAPPED", "1") != "0" and all(
+            isinstance(st[key], _Contiguous) for st in self._storage)
+
+    def _view(self, i: int, key: str) -> np.ndarray:
+        """File i's rows of mapped `key` as a (rows, row bytes) uint8 array over its mapping."""
+        view = self._views.get((i, key))
+        if view is None:
+            rows, rb = int(self._starts[i + 1] - self._starts[i]), self._row_bytes[key]
+            offset, size = self._storage[i][key].offset, os.fstat(self._fds[i]).st_size
+            if offset + rows * rb > size:  # a mapping read past the end of a file raises SIGBUS
+                raise OSError(f"{self._paths[i]}: '{key}' ends at byte {offset + rows * rb}, past the file's "
+                              f"{size} bytes: the file is truncated")
+            if i not in self._maps:
+                self._maps[i] = mmap.mmap(self._fds[i], 0, prot=mmap.PROT_READ)
+            view = np.frombuffer(self._maps[i], np.uint8, rows * rb, offset).reshape(rows, rb)
+            self._views[(i, key)] = view
+        return view
+
+    def row_segments(self, key: str, rows: np.ndarray, per: int) -> list[list[tuple[int, int, np.ndarray]]]:
+        """row_runs for a mapped key: per buffer of `per` rows, (file, position in the buffer,
+        the file's rows) for each stretch of the buffer's rows that come from one file."""
+        rows = np.asarray(rows, np.int64) + self._base
+        n = rows.size
+        if n == 0:
+            return []
+        files = np.searchsorted(self._starts, rows, side="right") - 1 if len(self._fds) > 1 else np.zeros(n, np.int64)
+        local = rows - self._starts[files]
+        starts = np.flatnonzero(np.concatenate(([True], (np.diff(files) != 0) | (np.arange(1, n) % per == 0))))
+        ends = np.append(starts[1:], n).tolist()
+        segments = [(f, a % per, local[a:b]) for f, a, b in zip(files[starts].tolist(), starts.tolist(), ends)]
+        cuts = np.searchsorted(starts, np.arange(0, n, per)).tolist() + [len(segments)]
+        return [segments[a:b] for a, b in zip(cuts, cuts[1:])]
+
+    def take_rows(self, key: str, segments: list[tuple[int, int, np.ndarray]], out: np.ndarray,
+                  lo: int = 0, hi: Optional[int] = None) -> None:
+        """Rows `segments` (from row_segments) of mapped `key` into out[lo:hi] (out: the buffer
+        as (rows, row bytes) uint8); positions outside [lo, hi) are left to another call."""
+        hi = len(out) if hi is None else hi
+        for i, at, local in segments:
+            a, b = max(lo, at), min(hi, at + len(local))
+            if a < b:  # mode "raise" would buffer the whole output first; the rows are in range
+                np.take(self._view(i, key), local[a - at:b - at], axis=0, out=out[a:b], mode="clip")
+
+    def unmap_pages(self) -> None:
+        """Drop this process's page-table entries of the mapped files (the page cache keeps
+        the data), so that its resident memory holds about a window of them, not every page
+        it has touched: reads after this fault the pages back in, cheaply."""
+        for m in self._maps.values():
+            m.madvise(mmap.MADV_DONTNEED)
 
     def read_runs(self, key: str, runs: list[tuple[int, int, int, int]], out: memoryview) -> None:
         """The reads `runs` of `key` (from row_runs) into `out`, a buffer's bytes (byte_view)."""
@@ -508,6 +584,13 @@ class Reader:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)  # no task may outlive the descriptors
+        self._views = {}
+        for m in self._maps.values():
+            try:
+                m.close()
+            except BufferError:  # a view still exported (an error left one behind): the GC unmaps it
+                pass
+        self._maps = {}
         for f in self._files:
             f.close()
         for fd in self._fds:
