@@ -469,9 +469,9 @@ class ShardedLoader:
         # Large rows move in runs of `group` rows (~RUN_BYTES) where that makes them cheap to
         # cut: rows read straight into batches (one pread per run, see the module doc), and rows
         # gathered from chunks that cut them into pieces, where a run's pieces of one chunk lie
-        # side by side (a batch's pieces are gathered from a few hundred places, not from
-        # 32,768: 12 KiB rows in h5py's auto chunks of (1563, 24), one process against h5py's
-        # large reads, passes alternating: 0.88 -> 1.04).
+        # side by side (12 KiB rows in h5py's auto chunks of (1563, 24): a batch gathers 2,048
+        # stretches of 1.5 KiB, not 32,768 pieces of 96 B; one process against h5py's large
+        # reads, passes alternating: 0.88 -> 1.04).
         big = max(source.row_bytes_of(k) for k in source.keys)
         large = [k for k in source.keys if source.row_bytes_of(k) >= DIRECT_ROW_BYTES]
         direct = big >= DIRECT_ROW_BYTES and all(source.row_addressable(k) for k in large)
