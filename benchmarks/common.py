@@ -55,7 +55,7 @@ def environment() -> dict:
         "machine": {"name": machine_name(), "host": socket.gethostname(), "cpus": os.cpu_count(),
                     "cpu_model": cpu_model(), "gpu": gpu},
         "versions": versions,
-        "commit": commit(),
+        "commit": commit(ignore=RESULTS),  # a rerun rewrites its own results file: not a change to the code
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
