@@ -529,17 +529,34 @@ def test_mapped_pages_are_dropped_window_by_window(tmp_path, monkeypatch):
     assert kept > 0.7 * rows * row > bound, kept  # the measure sees pages left mapped
 
 
-def test_mapping_a_truncated_file_raises(tmp_path):
-    """A file cut short under an open reader: one line naming the file and the key, not SIGBUS."""
+def test_files_that_cannot_be_mapped_are_read_with_pread(tmp_path, monkeypatch):
+    """A file cut short under an open reader is not mapped (reading the mapping past its end
+    would end the process with SIGBUS): pread reads it and names it, in one line, at the first
+    short read. A file system that cannot map files is read with pread too."""
     from mpidl.data import H5Source
+    from mpidl.data import source
 
     paths = write_layout(tmp_path, "contiguous", (600,), row_shape=(3, 16, 32))
     with H5Source(paths).open() as reader:
-        assert reader.mapped("x")
+        assert reader.mapped("x")  # as written
+    with H5Source(paths).open() as reader:
         os.truncate(paths[0], os.path.getsize(paths[0]) // 2)
-        segments = reader.row_segments("x", np.arange(10), 10)[0]
-        with pytest.raises(OSError, match=r"contiguous-0.h5: 'x' ends at byte \d+, past the file's \d+ bytes"):
-            reader.take_rows("x", segments, np.empty((10, 6144), np.uint8))
+        assert not reader.mapped("x") and reader.paths("x") == ["bytes"]
+        reader.read_rows("x", np.arange(10), np.empty((10, 3, 16, 32), np.float32))  # the first half is there
+        with pytest.raises(OSError, match=r"contiguous-0.h5: short read of 'x' at byte \d+ .*the file is truncated"):
+            reader.read_rows("x", np.arange(590, 600), np.empty((10, 3, 16, 32), np.float32))
+
+    def no_mapping(*args, **kwargs):
+        raise OSError(19, "No such device")
+
+    (tmp_path / "fs").mkdir()
+    paths = write_layout(tmp_path / "fs", "contiguous", (600,), row_shape=(3, 16, 32))
+    monkeypatch.setattr(source.mmap, "mmap", no_mapping)
+    with H5Source(paths).open() as reader:
+        assert not reader.mapped("x")
+        out = np.empty((10, 3, 16, 32), np.float32)
+        reader.read_rows("x", np.arange(5, 15), out)
+        np.testing.assert_array_equal(out, reference(paths, np.arange(5, 15)))
 
 
 # ---------------------------------------------------------------- validation, on every rank

@@ -271,7 +271,7 @@ class Reader:
         self._base = source.row_range[0] if source.row_range else 0
         self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="mpidl-decode")
         self._maps: dict[int, mmap.mmap] = {}  # file -> its read-only mapping (mapped keys)
-        self._views: dict[tuple[int, str], np.ndarray] = {}
+        self._views: dict[str, Optional[list[np.ndarray]]] = {}  # key -> per file, its rows mapped; None: pread
 
     # ------------------------------------------------------------------ what each key allows
     def addressable(self, key: str) -> bool:
@@ -323,33 +323,38 @@ class Reader:
 
     # ------------------------------------------------------------------ mapped rows
     def mapped(self, key: str) -> bool:
-        """True when every file stores `key` contiguously: its rows are then gathered from a
-        read-only mapping of the file, one numpy `take` per batch and file (take_rows), not one
-        `pread` per run of rows. The copy is the same, but one call moves a whole batch with
-        the GIL released, where preads of runs take the GIL back every ~12 us (and the
+        """True when every file stores `key` contiguously and maps: its rows are then gathered
+        from a read-only mapping of each file, one numpy `take` per batch and file (take_rows),
+        not one `pread` per run of rows. The copy is the same, but one call moves a whole batch
+        with the GIL released, where preads of runs take the GIL back every ~12 us (and the
         kernel's per-page work of a read is gone). 12 KiB rows on two cores, one process
         against h5py's large reads, passes alternating: 0.81 -> 0.94. MPIDL_MAPPED=0 reads
-        with pread instead, for comparison or where mapping a file is unwelcome.
+        with pread instead, for comparison or where mapping a file is unwelcome; so does a
+        file system that cannot map files, or a file already too short for the dataset (pread
+        then names it at the first short read).
 
-        A file truncated while it is mapped ends the process with SIGBUS, not an exception
-        (as with numpy.memmap); a file already too short when mapped raises OSError."""
-        return os.environ.get("MPIDL_MAPPED", "1") != "0" and all(
-            isinstance(st[key], _Contiguous) for st in self._storage)
+        A file truncated while it is mapped ends the process with SIGBUS, not an exception,
+        as with numpy.memmap."""
+        if key not in self._views:
+            views = None
+            if os.environ.get("MPIDL_MAPPED", "1") != "0" and all(
+                    isinstance(st[key], _Contiguous) for st in self._storage):
+                try:
+                    views = [self._map_rows(i, key) for i in range(len(self._storage))]
+                except OSError:
+                    views = None
+            self._views[key] = views
+        return self._views[key] is not None
 
-    def _view(self, i: int, key: str) -> np.ndarray:
-        """File i's rows of mapped `key` as a (rows, row bytes) uint8 array over its mapping."""
-        view = self._views.get((i, key))
-        if view is None:
-            rows, rb = int(self._starts[i + 1] - self._starts[i]), self._row_bytes[key]
-            offset, size = self._storage[i][key].offset, os.fstat(self._fds[i]).st_size
-            if offset + rows * rb > size:  # a mapping read past the end of a file raises SIGBUS
-                raise OSError(f"{self._paths[i]}: '{key}' ends at byte {offset + rows * rb}, past the file's "
-                              f"{size} bytes: the file is truncated")
-            if i not in self._maps:
-                self._maps[i] = mmap.mmap(self._fds[i], 0, prot=mmap.PROT_READ)
-            view = np.frombuffer(self._maps[i], np.uint8, rows * rb, offset).reshape(rows, rb)
-            self._views[(i, key)] = view
-        return view
+    def _map_rows(self, i: int, key: str) -> np.ndarray:
+        """File i's rows of `key` as a (rows, row bytes) uint8 array over a mapping of the file."""
+        rows, rb = int(self._starts[i + 1] - self._starts[i]), self._row_bytes[key]
+        offset, size = self._storage[i][key].offset, os.fstat(self._fds[i]).st_size
+        if offset + rows * rb > size:  # reading a mapping past the end of its file raises SIGBUS
+            raise OSError(f"{self._paths[i]}: '{key}' ends past the file's end")
+        if i not in self._maps:
+            self._maps[i] = mmap.mmap(self._fds[i], 0, prot=mmap.PROT_READ)
+        return np.frombuffer(self._maps[i], np.uint8, rows * rb, offset).reshape(rows, rb)
 
     def row_segments(self, key: str, rows: np.ndarray, per: int) -> list[list[tuple[int, int, np.ndarray]]]:
         """row_runs for a mapped key: per buffer of `per` rows, (file, position in the buffer,
@@ -374,7 +379,7 @@ class Reader:
         for i, at, local in segments:
             a, b = max(lo, at), min(hi, at + len(local))
             if a < b:  # mode "raise" would buffer the whole output first; the rows are in range
-                np.take(self._view(i, key), local[a - at:b - at], axis=0, out=out[a:b], mode="clip")
+                np.take(self._views[key][i], local[a - at:b - at], axis=0, out=out[a:b], mode="clip")
 
     def unmap_pages(self) -> None:
         """Drop this process's page-table entries of the mapped files (the page cache keeps
