@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import sys
 from typing import Optional
@@ -104,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if not faulthandler.is_enabled():  # a rank killed by a signal (SIGBUS on a mapped file) shows its stack
+        faulthandler.enable()
     try:
         return int(args.func(args) or 0)
     except BadInput as e:

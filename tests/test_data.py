@@ -313,7 +313,7 @@ def test_resume_mid_epoch_yields_the_rest():
 # Each layout stores x = random values and y = the global row id, so a batch can be checked
 # against h5py's own read of the same rows, and how mpidl must read x. Chunks (n,) span whole rows.
 LAYOUTS = {
-    "contiguous": ([dict()], "mapped"),
+    "contiguous": ([dict()], "bytes"),  # rows of 768 B: pread (large rows are mapped)
     "row chunks": ([dict(chunks=(64,))], "bytes"),
     "auto chunks": ([dict(chunks=True)], "chunks"),
     "split rows": ([dict(chunks=(50, 2, 8, 3))], "chunks"),
@@ -393,17 +393,10 @@ def test_reader_paths_match_h5py(tmp_path, name):
             reader.start({"x": out, "y": y}, ranges).wait()
             np.testing.assert_array_equal(y, rows)
             np.testing.assert_array_equal(out, reference(paths, rows))
-        if all(p in ("bytes", "mapped") for p in got_paths):
+        if all(p == "bytes" for p in got_paths):
             pick = rng.permutation(n)[:100]
             out = np.empty((100, *ROW_SHAPE), np.float32)
             reader.read_rows("x", pick, out)
-            np.testing.assert_array_equal(out, reference(paths, pick))
-        if all(p == "mapped" for p in got_paths):  # gathered from the mapping, in two calls
-            out = np.zeros((100, *ROW_SHAPE), np.float32)
-            rows = out.reshape(100, -1).view(np.uint8)
-            segments = reader.row_segments("x", pick, 100)[0]
-            reader.take_rows("x", segments, rows, 0, 37)
-            reader.take_rows("x", segments, rows, 37, 100)
             np.testing.assert_array_equal(out, reference(paths, pick))
 
 
@@ -527,6 +520,59 @@ def test_mapped_pages_are_dropped_window_by_window(tmp_path, monkeypatch):
     kept = most_resident()
     assert 0 < bounded <= bound, (bounded, bound)
     assert kept > 0.7 * rows * row > bound, kept  # the measure sees pages left mapped
+
+
+def test_mapped_rows_on_resume_and_in_evaluation(tmp_path):
+    """The mapped path across two files: a pass resumed at a step yields the rest of the full
+    pass, and evaluation (with padding) sees every row once, each batch h5py's values."""
+    import mpidl
+    from mpidl.data import H5Source, ShardedLoader
+
+    wide = (3, 16, 32)
+    paths = write_layout(tmp_path, "contiguous", (301, 250), row_shape=wide)
+    full = reference(paths, np.arange(551))
+    world, src = mpidl.init(), H5Source(paths)
+    with src.open() as reader:
+        assert reader.mapped("x") and reader.paths("x") == ["mapped"] * 2 and reader.paths("y") == ["bytes"] * 2
+        pick = np.random.default_rng(0).permutation(551)[:100]  # rows of both files, any order
+        out = np.zeros((100, *wide), np.float32)
+        segments = reader.row_segments("x", pick, 100)[0]
+        reader.take_rows("x", segments, out.reshape(100, -1).view(np.uint8), 0, 37)  # in two parts
+        reader.take_rows("x", segments, out.reshape(100, -1).view(np.uint8), 37, 100)
+        np.testing.assert_array_equal(out, full[pick])
+        with pytest.raises(ValueError, match="'y' is not read from a mapping"):
+            reader.take_rows("y", segments, out.reshape(100, -1).view(np.uint8))
+    ld = ShardedLoader(src, world, batch_size=32, seed=2, workers=2)
+    ld.set_epoch(1)
+    whole = [(x.clone(), y.clone()) for x, y in ld]
+    ld.set_epoch(1, start_step=5)
+    rest = [(x.clone(), y.clone()) for x, y in ld]
+    assert len(rest) == len(whole) - 5 > 0
+    for (xa, ya), (xb, yb) in zip(whole[5:], rest):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    for x, y in whole:
+        np.testing.assert_array_equal(x.numpy(), full[y.numpy()])
+    seen = []
+    for x, y, mask in ShardedLoader(src, world, batch_size=32, evaluation=True, workers=2):
+        np.testing.assert_array_equal(x.numpy(), full[y.numpy()])
+        seen.extend(y[mask].tolist())
+    assert sorted(seen) == list(range(551))
+
+
+def test_only_column_chunks_group_large_rows(tmp_path):
+    """Large rows move in runs where chunks cut only their last axis (a run's pieces of a chunk
+    lie side by side), not where chunks cut them otherwise (rows are decoded whole into the window)."""
+    import mpidl
+    from mpidl.data import H5Source, ShardedLoader
+
+    wide = (3, 16, 32)
+    columns = write_layout(tmp_path, "column chunks", (500,), row_shape=wide, kws=WIDE_COLUMN_CHUNKS)
+    (tmp_path / "split").mkdir()
+    split = write_layout(tmp_path / "split", "split rows", (500,), row_shape=wide, kws=[dict(chunks=(50, 2, 8, 4))])
+    world = mpidl.init()
+    assert H5Source(columns).column_chunked("x") and not H5Source(split).column_chunked("x")
+    assert ShardedLoader(H5Source(columns), world, batch_size=64).group > 1
+    assert ShardedLoader(H5Source(split), world, batch_size=64).group == 1
 
 
 def test_files_that_cannot_be_mapped_are_read_with_pread(tmp_path, monkeypatch):

@@ -6,9 +6,10 @@ overlaps the model's compute; a pool of `workers` threads does the reading and d
 
     large rows (>= 4 KiB) stored as plain bytes (contiguous, or unfiltered chunks of whole
         rows): each batch's rows are copied straight into a batch slot: of a contiguous
-        dataset, from a read-only mapping of the file, one numpy `take` per batch (its pages
-        unmapped again window by window); of chunks, one `pread` per run of consecutive rows
-        (the plan moves large rows in runs of ~192 KiB);
+        dataset, from read-only mappings of the files, one numpy `take` per stretch of rows from
+        one file (one a batch with one file; the pages unmapped again window by window); of
+        chunks, one `pread` per run of consecutive rows (the plan moves large rows in runs of
+        ~192 KiB);
     chunks that cut only the last axis (h5py's auto chunks of wide rows: a row spans many
         chunks): a window's chunk rows are decoded by the pool, or, stored raw, read in runs
         of back-to-back chunks, straight into a window buffer laid out as the chunks are, and
@@ -51,7 +52,7 @@ import numpy as np
 import torch
 
 from mpidl.data.shard import RankPlan, check_shape, eval_steps, plan_eval, plan_rank, steps_per_epoch
-from mpidl.data.source import H5Source, Pending, byte_view
+from mpidl.data.source import DIRECT_ROW_BYTES, H5Source, Pending, byte_view
 from mpidl.errors import BadInput
 
 _DONE = object()
@@ -113,7 +114,6 @@ def _get(q: queue.Queue, stop: threading.Event) -> Any:
     return _DONE
 
 
-DIRECT_ROW_BYTES = 4096  # rows at least this large are read straight into their batch slot
 RUN_BYTES = 192 << 10    # target bytes per direct read: amortises the call, keeps batches mixed
 QUEUED_PER_WORKER = 2    # batches assigned to each assembler thread at once
 INLINE_BATCH_BYTES = 1 << 20  # smaller batches are cut by the reader thread itself
@@ -475,7 +475,7 @@ class ShardedLoader:
         big = max(source.row_bytes_of(k) for k in source.keys)
         large = [k for k in source.keys if source.row_bytes_of(k) >= DIRECT_ROW_BYTES]
         direct = big >= DIRECT_ROW_BYTES and all(source.row_addressable(k) for k in large)
-        grouped = direct or (big >= DIRECT_ROW_BYTES and all(source.rows_split(k) for k in large))
+        grouped = direct or (big >= DIRECT_ROW_BYTES and all(source.column_chunked(k) for k in large))
         self.group = max(1, min(batch_size // 16, -(-RUN_BYTES // big))) if grouped else 1
         # The window is the shuffle buffer. Rows read directly never sit in it, so it can span
         # more blocks for free; otherwise it holds whole rows and stays a few blocks large.

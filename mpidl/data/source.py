@@ -51,7 +51,7 @@ class FileLayout:
     chunk_rows: Optional[int]  # rows per chunk of the key with the largest chunks; None: all contiguous
     compression: Optional[str]  # that key's compression
     addressable: frozenset[str] = frozenset()  # keys whose rows are runs of bytes at known offsets
-    split: frozenset[str] = frozenset()  # keys stored in chunks that cut each row into pieces
+    columns: frozenset[str] = frozenset()  # keys in chunks that cut only the rows' last axis
 
 
 class H5Source:
@@ -194,10 +194,11 @@ class H5Source:
         unfiltered chunks), so they can be read straight into a batch (metadata only)."""
         return all(key in lay.addressable for lay in self._need())
 
-    def rows_split(self, key: str) -> bool:
-        """True when every file stores `key` in chunks that cut its rows (h5py's auto chunks of
-        wide rows): a row is then gathered from several chunks (metadata only)."""
-        return all(key in lay.split for lay in self._need())
+    def column_chunked(self, key: str) -> bool:
+        """True when every file stores `key` in chunks that cut only the rows' last axis, into
+        equal parts (h5py's auto chunks of wide rows): each row is gathered from several chunks
+        lying side by side (metadata only; Reader.column_chunks also needs the chunk index)."""
+        return all(key in lay.columns for lay in self._need())
 
     def open(self, workers: int = 1) -> "Reader":
         """File handles for one thread, decoding chunks on `workers` threads."""
@@ -212,12 +213,16 @@ def _layout_of(path: str, rows: int, dsets: dict) -> FileLayout:
         k for k, d in dsets.items()
         if native(d.dtype) and d.id.get_create_plist().get_nfilters() == 0
         and (d.chunks is None or tuple(d.chunks[1:]) == tuple(d.shape[1:])))
-    split = frozenset(k for k, d in dsets.items() if d.chunks is not None and tuple(d.chunks[1:]) != tuple(d.shape[1:]))
+    columns = frozenset(  # as Reader.column_chunks reads them: a row spans several chunks side by side
+        k for k, d in dsets.items()
+        if d.chunks is not None and d.ndim >= 2 and tuple(d.chunks[1:-1]) == tuple(d.shape[1:-1])
+        and d.chunks[-1] < d.shape[-1] and d.shape[-1] % d.chunks[-1] == 0)
     return FileLayout(path, rows, biggest.chunks[0] if biggest.chunks else None, biggest.compression, addressable,
-                      split)
+                      columns)
 
 
 PIECE_BYTES = 4 << 20  # rows the pool reads as one task: large reads, enough tasks to share out
+DIRECT_ROW_BYTES = 4096  # rows at least this large are copied straight into their batch (see loader.py)
 
 
 class _Contiguous:
@@ -323,21 +328,25 @@ class Reader:
 
     # ------------------------------------------------------------------ mapped rows
     def mapped(self, key: str) -> bool:
-        """True when every file stores `key` contiguously and maps: its rows are then gathered
-        from a read-only mapping of each file, one numpy `take` per batch and file (take_rows),
-        not one `pread` per run of rows. The copy is the same, but one call moves a whole batch
-        with the GIL released, where preads of runs take the GIL back every ~12 us (and the
-        kernel's per-page work of a read is gone). 12 KiB rows on two cores, one process
-        against h5py's large reads, passes alternating: 0.81 -> 0.94. MPIDL_MAPPED=0 reads
-        with pread instead, for comparison or where mapping a file is unwelcome; so does a
-        file system that cannot map files, or a file already too short for the dataset (pread
-        then names it at the first short read).
+        """True when `key`'s rows are large (>= DIRECT_ROW_BYTES) and every file stores them
+        contiguously and maps: a batch's rows are then gathered from read-only mappings of the
+        files (take_rows: one numpy `take` per stretch of the batch's rows from one file, one a
+        batch with one file), not read with one `pread` per run of rows. The copy is the same,
+        but one call moves many runs with the GIL released, where each pread takes the GIL back
+        (every ~12 us for 192 KiB runs), and the kernel's per-page work of a read is gone. 12 KiB
+        rows on two cores, one process against h5py's large reads, passes alternating: 0.81 ->
+        0.94. MPIDL_MAPPED=0 reads with pread instead, for comparison or where mapping files is
+        unwelcome; so does a file system that cannot map files, or a file already too short for
+        the dataset (pread then names it at the first short read). Each mapped file holds one
+        more descriptor while the reader is open.
 
-        A file truncated while it is mapped ends the process with SIGBUS, not an exception,
-        as with numpy.memmap."""
+        An I/O error on a mapped page ends the process with SIGBUS instead of raising OSError, as
+        with numpy.memmap: a file truncated or rewritten while it is read, or a network file
+        system failing (`mpidl train` prints the rank's Python stack then, through faulthandler;
+        mpirun and srun end the job). MPIDL_MAPPED=0 keeps such errors exceptions."""
         if key not in self._views:
             views = None
-            if os.environ.get("MPIDL_MAPPED", "1") != "0" and all(
+            if os.environ.get("MPIDL_MAPPED", "1") != "0" and self._row_bytes[key] >= DIRECT_ROW_BYTES and all(
                     isinstance(st[key], _Contiguous) for st in self._storage):
                 try:
                     views = [self._map_rows(i, key) for i in range(len(self._storage))]
@@ -375,11 +384,14 @@ class Reader:
                   lo: int = 0, hi: Optional[int] = None) -> None:
         """Rows `segments` (from row_segments) of mapped `key` into out[lo:hi] (out: the buffer
         as (rows, row bytes) uint8); positions outside [lo, hi) are left to another call."""
+        views = self._views.get(key)
+        if views is None:
+            raise ValueError(f"'{key}' is not read from a mapping (see Reader.mapped)")
         hi = len(out) if hi is None else hi
         for i, at, local in segments:
             a, b = max(lo, at), min(hi, at + len(local))
             if a < b:  # mode "raise" would buffer the whole output first; the rows are in range
-                np.take(self._views[key][i], local[a - at:b - at], axis=0, out=out[a:b], mode="clip")
+                np.take(views[i], local[a - at:b - at], axis=0, out=out[a:b], mode="clip")
 
     def unmap_pages(self) -> None:
         """Drop this process's page-table entries of the mapped files (the page cache keeps
