@@ -51,6 +51,12 @@ def scratch(slot: int, nbytes: int) -> np.ndarray:
     return buf[:nbytes]
 
 
+def cuts_last_axis_only(chunks: tuple, shape: tuple) -> bool:
+    """Chunks of rows shaped `shape[1:]` that keep every axis but the first and the last whole
+    and cut the last into equal parts (one part: whole rows)."""
+    return len(shape) >= 2 and tuple(chunks[1:-1]) == tuple(shape[1:-1]) and shape[-1] % chunks[-1] == 0
+
+
 def native(dtype: np.dtype) -> bool:
     return dtype.byteorder in ("=", "|") or (dtype.byteorder == "<") == (np.little_endian is True)
 

@@ -218,7 +218,7 @@ class _Pipeline:
             cut: list[list[Future]] = [[], []]  # assembly of batches cut from each window buffer
             slots = [{k: t.numpy() for k, t in ring.items()} for ring in self.ring]
             mapped = {k for k in direct if reader.mapped(k)}  # gathered from a mapping of the file
-            slot_bytes = [{k: byte_view(arrays[k]) for k in direct} for arrays in slots]
+            slot_bytes = [{k: byte_view(arrays[k]) for k in direct if k not in mapped} for arrays in slots]
             slot_rows = [{k: arrays[k].reshape(self.batch, -1).view(np.uint8) for k in mapped} for arrays in slots]
 
             def fill(n: int) -> Pending:  # window n into buffer n % 2, once no batch still reads it
@@ -467,15 +467,15 @@ class ShardedLoader:
             block = max(chunk, block // chunk * chunk)  # whole chunks: each is decompressed once
         self.block = block
         # Large rows move in runs of `group` rows (~RUN_BYTES) where that makes them cheap to
-        # cut: rows read straight into batches (one pread per run, see the module doc), and rows
+        # cut: rows copied straight into batches from the file (see the module doc), and rows
         # gathered from chunks that cut them into pieces, where a run's pieces of one chunk lie
         # side by side (12 KiB rows in h5py's auto chunks of (1563, 24): a batch gathers 2,048
         # stretches of 1.5 KiB, not 32,768 pieces of 96 B; one process against h5py's large
         # reads, passes alternating: 0.88 -> 1.04).
         big = max(source.row_bytes_of(k) for k in source.keys)
         large = [k for k in source.keys if source.row_bytes_of(k) >= DIRECT_ROW_BYTES]
-        direct = big >= DIRECT_ROW_BYTES and all(source.row_addressable(k) for k in large)
-        grouped = direct or (big >= DIRECT_ROW_BYTES and all(source.column_chunked(k) for k in large))
+        direct = bool(large) and all(source.row_addressable(k) for k in large)
+        grouped = direct or (bool(large) and all(source.column_chunked(k) for k in large))
         self.group = max(1, min(batch_size // 16, -(-RUN_BYTES // big))) if grouped else 1
         # The window is the shuffle buffer. Rows read directly never sit in it, so it can span
         # more blocks for free; otherwise it holds whole rows and stays a few blocks large.

@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from mpidl.data.chunks import ChunkIndex, native
+from mpidl.data.chunks import ChunkIndex, cuts_last_axis_only, native
 from mpidl.errors import BadInput
 
 Files = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
@@ -213,10 +213,9 @@ def _layout_of(path: str, rows: int, dsets: dict) -> FileLayout:
         k for k, d in dsets.items()
         if native(d.dtype) and d.id.get_create_plist().get_nfilters() == 0
         and (d.chunks is None or tuple(d.chunks[1:]) == tuple(d.shape[1:])))
-    columns = frozenset(  # as Reader.column_chunks reads them: a row spans several chunks side by side
+    columns = frozenset(  # as Reader.column_chunks reads them, a row spanning several chunks side by side
         k for k, d in dsets.items()
-        if d.chunks is not None and d.ndim >= 2 and tuple(d.chunks[1:-1]) == tuple(d.shape[1:-1])
-        and d.chunks[-1] < d.shape[-1] and d.shape[-1] % d.chunks[-1] == 0)
+        if d.chunks is not None and cuts_last_axis_only(d.chunks, d.shape) and d.chunks[-1] < d.shape[-1])
     return FileLayout(path, rows, biggest.chunks[0] if biggest.chunks else None, biggest.compression, addressable,
                       columns)
 
@@ -307,12 +306,11 @@ class Reader:
 
         Worked out for many buffers at once (a window's batches), so that reading a batch costs
         its preads and almost no Python."""
-        rows = np.asarray(rows, np.int64) + self._base
+        rows, files = self._files_of(rows)
         n, rb = rows.size, self._row_bytes[key]
         if n == 0:
             return []
         many = len(self._fds) > 1  # with one file, no row needs sorting into its file
-        files = np.searchsorted(self._starts, rows, side="right") - 1 if many else np.zeros(n, np.int64)
         offsets = np.empty(n, np.int64)
         for i in (np.unique(files) if many else (0,)):
             sel = files == i if many else slice(None)
@@ -323,8 +321,15 @@ class Reader:
         sizes = np.diff(np.append(starts, n)) * rb
         runs = list(zip(files[starts].tolist(), offsets[starts].tolist(), (place[starts] * rb).tolist(),
                         sizes.tolist()))
-        cuts = np.searchsorted(starts, np.arange(0, n, per)).tolist() + [len(runs)]
-        return [runs[a:b] for a, b in zip(cuts, cuts[1:])]
+        return _per_buffer(runs, starts, n, per)
+
+    def _files_of(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Source rows `rows` in the files' numbering (past the row range's start), and the file
+        each lies in."""
+        rows = np.asarray(rows, np.int64) + self._base
+        if len(self._fds) == 1:
+            return rows, np.zeros(rows.size, np.int64)
+        return rows, np.searchsorted(self._starts, rows, side="right") - 1
 
     # ------------------------------------------------------------------ mapped rows
     def mapped(self, key: str) -> bool:
@@ -368,17 +373,15 @@ class Reader:
     def row_segments(self, key: str, rows: np.ndarray, per: int) -> list[list[tuple[int, int, np.ndarray]]]:
         """row_runs for a mapped key: per buffer of `per` rows, (file, position in the buffer,
         the file's rows) for each stretch of the buffer's rows that come from one file."""
-        rows = np.asarray(rows, np.int64) + self._base
+        rows, files = self._files_of(rows)
         n = rows.size
         if n == 0:
             return []
-        files = np.searchsorted(self._starts, rows, side="right") - 1 if len(self._fds) > 1 else np.zeros(n, np.int64)
         local = rows - self._starts[files]
         starts = np.flatnonzero(np.concatenate(([True], (np.diff(files) != 0) | (np.arange(1, n) % per == 0))))
         ends = np.append(starts[1:], n).tolist()
         segments = [(f, a % per, local[a:b]) for f, a, b in zip(files[starts].tolist(), starts.tolist(), ends)]
-        cuts = np.searchsorted(starts, np.arange(0, n, per)).tolist() + [len(segments)]
-        return [segments[a:b] for a, b in zip(cuts, cuts[1:])]
+        return _per_buffer(segments, starts, n, per)
 
     def take_rows(self, key: str, segments: list[tuple[int, int, np.ndarray]], out: np.ndarray,
                   lo: int = 0, hi: Optional[int] = None) -> None:
@@ -421,9 +424,9 @@ class Reader:
         found = set()
         for st in self._storage:
             index = st[key]
-            if not isinstance(index, ChunkIndex) or index.row_addressable or len(index.shape) < 2:
+            if not isinstance(index, ChunkIndex) or index.row_addressable:
                 return None
-            if index.chunks[1:-1] != index.shape[1:-1] or index.shape[-1] % index.chunks[-1]:
+            if not cuts_last_axis_only(index.chunks, index.shape):
                 return None
             found.add(index.chunks)
         if len(found) != 1:
@@ -619,6 +622,13 @@ class Reader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _per_buffer(pieces: list, starts: np.ndarray, n: int, per: int) -> list[list]:
+    """`pieces` (one per position in `starts`, of `n` rows laid end to end, none crossing a
+    multiple of `per`) grouped by buffer of `per` rows."""
+    cuts = np.searchsorted(starts, np.arange(0, n, per)).tolist() + [len(pieces)]
+    return [pieces[a:b] for a, b in zip(cuts, cuts[1:])]
 
 
 def byte_view(a: np.ndarray) -> memoryview:
