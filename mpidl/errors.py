@@ -1,4 +1,4 @@
-"""The one error type for bad user input, and the exit code it maps to."""
+"""The errors that end a job with one line and no traceback, and their exit codes."""
 from __future__ import annotations
 
 from typing import Optional
@@ -6,7 +6,12 @@ from typing import Optional
 EXIT_BAD_INPUT = 2
 
 
-class Diverged(Exception):
+class Fault(Exception):
+    """Something outside the user's input went wrong in a way one line explains (a full disk, a
+    lost checkpoint): that line, naming the file, and exit 1 on every rank, no traceback."""
+
+
+class Diverged(Fault):
     """Training produced a non-finite loss: one line naming the step and the rank, exit 1."""
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError,
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, SerializerFunctionWrapHandler, ValidationError,
                       field_validator, model_serializer, model_validator)
 
 from mpidl.errors import BadInput
@@ -59,11 +59,60 @@ class DataSpec(Strict):
     synth: Optional[SynthSpec] = None
 
 
+BUILTIN_MODELS = ("linear", "mlp", "small_cnn", "resnet18", "resnet50", "mobilenet_v2")
+BUILTIN_OBJECTIVES = ("classification", "regression")
+
+
+def _code_name(value: str, builtins: tuple[str, ...]) -> str:
+    """A built-in's name, or your code's as package.module:attr (see `mpidl.usercode`)."""
+    if value in builtins:
+        return value
+    if ":" not in value:
+        raise ValueError(f"not a built-in ({', '.join(builtins)}) nor your code as package.module:attr")
+    from mpidl.usercode import check_syntax
+
+    return check_syntax(value)
+
+
 class ModelSpec(Strict):
-    name: Literal["linear", "mlp", "small_cnn", "resnet18", "resnet50", "mobilenet_v2"]
-    args: dict[str, Any] = Field(default_factory=dict)
+    name: str = Field(description="a built-in (linear, mlp, small_cnn, resnet18, resnet50, mobilenet_v2) "
+                                  "or your class or factory as package.module:attr")
+    args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the model")
     channels_last: bool = False
     compile: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _code_name(v, BUILTIN_MODELS)
+
+
+class CodeSpec(Strict):
+    """Your code: `name: package.module:attr` and its keyword arguments (a bare string is the name)."""
+
+    name: str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _code_name(v, ())
+
+
+class ObjectiveSpec(CodeSpec):
+    """The loss of a step: classification or regression (default: from the labels' dtype), or
+    yours: a class (an mpidl Objective, or a loss module called as loss(output, target)) made
+    with args, or a function called as fn(output, target, **args)."""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _code_name(v, BUILTIN_OBJECTIVES)
 
 
 class ClipWeightsSpec(Strict):
@@ -192,6 +241,8 @@ def _sbatch_safe(value: str) -> str:
         raise ValueError(problem)
     return value
 
+
+REDACTED = "<redacted>"
 
 # Options mpidl writes itself; setting them under slurm.sbatch would contradict the section.
 OWNED_SBATCH = {"job-name", "partition", "account", "qos", "nodes", "ntasks", "ntasks-per-node",
@@ -345,6 +396,45 @@ class JobSpec(Strict):
     target_accuracy: Optional[float] = Field(default=None, gt=0, le=1, description="reported, not enforced")
     slurm: SlurmSpec = Field(default_factory=SlurmSpec)
     distill: Optional[DistillSpec] = None
+    objective: Optional[ObjectiveSpec] = Field(default=None, description="default: from the labels' dtype")
+    transform: Optional[CodeSpec] = Field(default=None, description="fn(x, y) -> (x, y) on each training batch, "
+                                                                    "on its device, after data.preprocess")
+    eval_transform: Optional[CodeSpec] = Field(default=None, description="the same for held-out batches")
+    metrics: dict[str, CodeSpec] = Field(default_factory=dict, description="name -> fn(output, target, **args) "
+                                                                           "giving a batch's count; logged as count/samples")
+
+    # The folder of the job file: your code's modules are found there first.
+    _folder: Optional[Path] = PrivateAttr(default=None)
+
+    @property
+    def code_dirs(self) -> list[Path]:
+        return [self._folder] if self._folder is not None else []
+
+    def code_targets(self) -> list[tuple[str, str]]:
+        """(key, package.module:attr) of every piece of your code this spec names."""
+        named = [("model.name", self.model.name)]
+        named += [(f"{k}.name", getattr(self, k).name) for k in ("objective", "transform", "eval_transform")
+                  if getattr(self, k) is not None]
+        named += [(f"metrics.{k}.name", m.name) for k, m in self.metrics.items()]
+        return [(k, n) for k, n in named if ":" in n]
+
+    def with_code_dirs(self, dirs: list[str]) -> "JobSpec":
+        """This spec, finding its code in the first of `dirs` (a checkpoint's record)."""
+        copy = self.model_copy()
+        copy._folder = Path(dirs[0]) if dirs else None
+        return copy
+
+    @model_serializer(mode="wrap")
+    def _unset_code_left_out(self, handler: SerializerFunctionWrapHandler) -> dict:
+        # Keys of your code that are not set leave the dump, and the fingerprint of a job (what a
+        # checkpoint must match to resume), as they were before these keys existed.
+        out = handler(self)
+        for k in ("objective", "transform", "eval_transform"):
+            if k in out and out[k] is None:
+                del out[k]
+        if out.get("metrics") == {}:
+            del out["metrics"]
+        return out
 
     @model_validator(mode="after")
     def _length(self) -> "JobSpec":
@@ -360,15 +450,36 @@ class JobSpec(Strict):
     def checkpoint_dir(self) -> Path:
         return Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_dir / "checkpoints"
 
+    def redacted_dump(self) -> dict:
+        """The spec as JSON values, for files others may read (checkpoints, study records):
+        slurm.env values are often tokens, and the job has them from its environment."""
+        out = self.model_dump(mode="json")
+        out["slurm"]["env"] = {k: REDACTED for k in out["slurm"]["env"]}
+        return out
+
     def fingerprint(self) -> str:
         """What a checkpoint must match to be resumed: the model, optimizer, schedule and data
         it was trained with. Length, backend, output, logging and the slurm section (resources
         may change across a requeue) may change across a resume."""
         keep = self.model_dump(mode="json", include={"seed", "accumulate", "precision", "model", "optimizer",
-                                                     "schedule", "data"})
+                                                     "schedule", "data", "objective", "transform", "eval_transform",
+                                                     "metrics"})
         keep["data"] = {k: keep["data"][k] for k in ("keys", "batch", "val_fraction", "shuffle", "drop_last",
                                                      "preprocess")}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class CommandSpec(Strict):
+    """What `mpidl submit -- CMD` needs besides the command: a name, the run folder (its SLURM
+    logs), and the `slurm:` section of a job spec."""
+
+    name: str = "job"
+    output: str = "runs/{name}"
+    slurm: SlurmSpec = Field(default_factory=SlurmSpec)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output.format(name=self.name))
 
 
 class _Loader(yaml.SafeLoader):
@@ -423,7 +534,7 @@ def _set(tree: dict, dotted: str, raw: str, origin: str) -> None:
         node[parts[-1]] = raw
 
 
-def _one_line(e: ValidationError, origin: str, tree: dict) -> str:
+def _one_line(e: ValidationError, origin: str, tree: dict, schema: Any = None) -> str:
     """The error a user should fix first, in one line: an unknown key (a typo) comes before
     the missing key it usually causes, and is named with the nearest valid key."""
     errors = e.errors()
@@ -433,7 +544,7 @@ def _one_line(e: ValidationError, origin: str, tree: dict) -> str:
     loc = ".".join(parts)
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     if err["type"] == "extra_forbidden":
-        near = _nearest_key(parts)
+        near = _nearest_key(parts, schema or JobSpec)
         hint = f" — did you mean '{'.'.join([*parts[:-1], near])}'?" if near else ""
         return f"{origin}: unknown key '{loc}'{hint}{more}"
     if err["type"] == "missing":
@@ -445,11 +556,11 @@ def _one_line(e: ValidationError, origin: str, tree: dict) -> str:
     return f"{origin}: {loc} = {shown}: {err['msg'].removeprefix('Value error, ')}{more}"
 
 
-def _nearest_key(parts: list[str]) -> Optional[str]:
-    """The valid key closest to the unknown last part of `parts`, in the section it sits in."""
+def _nearest_key(parts: list[str], schema: Any) -> Optional[str]:
+    """The valid key closest to the unknown last part of `parts`, in the section of `schema` it sits in."""
     import difflib
 
-    section: Any = JobSpec
+    section: Any = schema
     for name in parts[:-1]:
         field = section.model_fields.get(name) if isinstance(section, type) and issubclass(section, BaseModel) \
             else None
@@ -483,6 +594,33 @@ def read_spec_text(path: Union[str, Path]) -> str:
         raise BadInput(f"{path}: cannot read job spec ({e.strerror})") from None
 
 
+def load_command_spec(path: Optional[Union[str, Path]], overrides: Optional[list[str]] = None,
+                      defaults: Optional[dict] = None) -> CommandSpec:
+    """The resources of `mpidl submit -- CMD`: a YAML file with a `slurm:` section (and `name`,
+    `output`), or none, then `overrides` (KEY.PATH=VALUE); one line on any problem."""
+    origin = str(path) if path is not None else "mpidl submit"
+    tree = dict(defaults or {})
+    if path is not None:
+        text = read_spec_text(path)
+        try:
+            read = _yaml(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            raise BadInput(f"{origin}: not valid YAML{f' at line {mark.line + 1}' if mark else ''}") from None
+        if not isinstance(read, dict):
+            raise BadInput(f"{origin}: a resources file is a mapping with a slurm: section, got {type(read).__name__}")
+        tree.update(read)
+    for item in overrides or []:
+        if "=" not in item:
+            raise BadInput(f"{origin}: --set expects key.path=value, got {item!r}")
+        k, v = item.split("=", 1)
+        _set(tree, k.strip(), v, origin)
+    try:
+        return CommandSpec.model_validate(tree)
+    except ValidationError as e:
+        raise BadInput(_one_line(e, origin, tree, CommandSpec)) from None
+
+
 def load_spec(path: Union[str, Path], overrides: Optional[list[str]] = None, text: Optional[str] = None) -> JobSpec:
     """Read and validate a job spec; BadInput with one line on any problem.
 
@@ -506,6 +644,8 @@ def load_spec(path: Union[str, Path], overrides: Optional[list[str]] = None, tex
         k, v = item.split("=", 1)
         _set(tree, k.strip(), v, origin)
     try:
-        return JobSpec.model_validate(tree)
+        spec = JobSpec.model_validate(tree)
     except ValidationError as e:
         raise BadInput(_one_line(e, origin, tree)) from None
+    spec._folder = Path(path).resolve().parent
+    return spec

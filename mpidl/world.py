@@ -19,7 +19,7 @@ import traceback
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping, Optional, TypeVar
 
-from mpidl.errors import BadInput, Diverged, EXIT_BAD_INPUT
+from mpidl.errors import BadInput, EXIT_BAD_INPUT, Fault
 
 T = TypeVar("T")
 
@@ -274,7 +274,7 @@ def report_and_abort(world: World, exc: BaseException) -> None:
         if exc.collective or world.size == 1:
             _exit_together(world, EXIT_BAD_INPUT)
         world.abort(EXIT_BAD_INPUT)
-    if isinstance(exc, Diverged):  # a finding about the run, not a bug: one line, no traceback
+    if isinstance(exc, Fault):  # a finding about the run or its machine, not a bug: one line, no traceback
         sys.stderr.write(f"[rank {world.rank}] error: {exc}\n")
         world.abort(1)
     if isinstance(exc, KeyboardInterrupt):
@@ -325,9 +325,19 @@ def _arm_fail_fast(world: World) -> None:
     sys.excepthook = hook
     threading.excepthook = thread_hook
 
-    def on_signal(signum, frame):
-        sys.stderr.write(_prefix(world.rank, f"received {signal.Signals(signum).name}, ending the job"))
-        world.abort(128 + signum)
+    from mpidl import preemption
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, on_signal)
+    # Armed for preemption (`mpidl train`), SIGTERM is recorded until training can stop at a step.
+    if threading.current_thread() is threading.main_thread() and not preemption.armed():
+        signal.signal(signal.SIGTERM, lambda signum, frame: abort_on_signal(signum))
+
+
+def abort_on_signal(signum: int) -> None:
+    """End the whole job now because this rank received `signum`."""
+    world = _world
+    rank = world.rank if world is not None else 0
+    sys.stderr.write(_prefix(rank, f"received {signal.Signals(signum).name}, ending the job"))
+    if world is None:
+        sys.stderr.flush()
+        os._exit(128 + signum)
+    world.abort(128 + signum)

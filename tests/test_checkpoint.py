@@ -50,6 +50,103 @@ def test_load_errors_name_the_file(tmp_path):
         checkpoint.load(other, "aaa")
 
 
+class _Planted:
+    """What an attacker leaves in a shared run folder: a pickle that runs a command when loaded."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_planted_pickle_is_refused_not_run(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    planted = tmp_path / "ckpt-000000001.pt"
+    torch.save({"model": {}, "fingerprint": "f", "x": _Planted(marker)}, planted)
+    monkeypatch.delenv(checkpoint.TRUST_ENV, raising=False)
+    with pytest.raises(BadInput, match=r"holds a pickled object \((posix|os)\.system\) .* MPIDL_TRUST_CHECKPOINTS=1"):
+        checkpoint.load(planted, "f")
+    assert not marker.exists()
+    # every door that reads checkpoints goes through load: resume, a teacher, quantize
+    from mpidl.train.runs import load_run
+
+    with pytest.raises(BadInput, match=r"^distill.teacher: .*holds a pickled object"):
+        load_run(str(tmp_path), "distill.teacher")
+    assert not marker.exists()
+
+
+def test_checkpoints_hold_only_plain_values_and_rng_comes_back(tmp_path):
+    import random
+
+    import numpy as np
+
+    from mpidl.train import rng
+
+    np.random.seed(7), random.seed(7), torch.manual_seed(7)
+    before = rng.capture()
+    expect = (np.random.rand(3), random.random(), torch.rand(3))
+    path = checkpoint.save(tmp_path, 1, {"model": {}, "fingerprint": "f", "rng": before}, keep=1)
+    state = torch.load(path, weights_only=True)  # no pickled object anywhere
+    assert state["format"] == checkpoint.FORMAT
+    rng.restore(checkpoint.load(path, "f")["rng"])
+    again = (np.random.rand(3), random.random(), torch.rand(3))
+    assert np.array_equal(expect[0], again[0]) and expect[1] == again[1] and torch.equal(expect[2], again[2])
+
+
+def test_a_trusted_checkpoint_of_the_old_format_loads(tmp_path, monkeypatch):
+    import numpy as np
+
+    old = tmp_path / "ckpt-000000001.pt"
+    np.random.seed(3)
+    torch.save({"model": {"w": torch.ones(2)}, "fingerprint": "f",
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": (3, (1,) * 625, None)}},
+               old)
+    monkeypatch.delenv(checkpoint.TRUST_ENV, raising=False)
+    with pytest.raises(BadInput, match=r"pickled object \(numpy"):
+        checkpoint.load(old, "f")
+    monkeypatch.setenv(checkpoint.TRUST_ENV, "1")
+    state = checkpoint.load(old, "f")
+    assert torch.equal(state["rng"]["numpy"]["keys"], torch.from_numpy(np.random.get_state()[1].astype("int64")))
+
+
+def test_a_torn_newest_checkpoint_falls_back_to_the_one_before(tmp_path):
+    for step in (10, 20):
+        checkpoint.save(tmp_path, step, {"model": {"w": torch.full((2,), float(step))}, "fingerprint": "f"}, keep=2)
+    newest = checkpoint.path_for(tmp_path, 20)
+    newest.write_bytes(newest.read_bytes()[:100])
+    path, state = checkpoint.load_newest(tmp_path, "f")
+    assert path.name == "ckpt-000000010.pt" and state["model"]["w"][0] == 10
+    checkpoint.path_for(tmp_path, 10).write_bytes(b"")
+    with pytest.raises(BadInput, match="ckpt-000000020.pt: corrupt checkpoint"):
+        checkpoint.load_newest(tmp_path, "f")
+    with pytest.raises(BadInput, match="written by a different job"):  # never skipped: it is not damage
+        checkpoint.save(tmp_path, 30, {"model": {}, "fingerprint": "g"}, keep=3)
+        checkpoint.load_newest(tmp_path, "f")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs: a real full disk (root only)."""
+    import subprocess
+
+    where = tmp_path / "disk"
+    where.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(where)],
+                                           capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield where
+    subprocess.run(["umount", str(where)], capture_output=True)
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(small_disk):
+    from mpidl.errors import Fault
+
+    with pytest.raises(Fault, match=r"ckpt-000000001.pt: cannot write the checkpoint: disk full"):
+        checkpoint.save(small_disk, 1, {"model": {"w": torch.zeros(1 << 17)}, "fingerprint": "f"}, keep=2)
+    assert list(small_disk.iterdir()) == []
+
+
 # ------------------------------------------------------------------ resume under mpirun
 def image_job(tmp_path: Path, out: str, **over) -> Path:
     """Small CNN with BatchNorm and random flips on 8×8 images: every kind of state a resume must restore."""

@@ -23,7 +23,7 @@ def test_linear_regression_job_recovers_the_rule(tmp_path):
     coef = json.loads((tmp_path / "run" / "summary.json").read_text())["coefficients"]
     # against the rule the file stores, from the final checkpoint's weights
     truth = read_truth(str(data))
-    state = torch.load(sorted((tmp_path / "run" / "checkpoints").glob("ckpt-*.pt"))[-1], weights_only=False)
+    state = torch.load(sorted((tmp_path / "run" / "checkpoints").glob("ckpt-*.pt"))[-1], weights_only=True)
     w, b = state["model"]["1.weight"].double().numpy().T, state["model"]["1.bias"].double().numpy()
     assert truth["coef"].shape == w.shape == (16, 1) and truth["noise"] == 0.1
     assert coef["max_abs_error"] == pytest.approx(np.abs(w - truth["coef"]).max())

@@ -70,3 +70,53 @@ def test_auto_resume_starts_fresh_without_a_checkpoint(tmp_path):
     r = mpirun(2, pycode(SIGNAL_ONE_RANK) + [str(job), "SIGUSR2", "-1"], timeout=300)
     assert r.returncode == 0, r.output[-3000:]
     assert _summary(r.stdout) == {"preempted": None, "global_step": 56, "resumed_from": None}
+
+
+SIGNAL_OUTSIDE_TRAINING = """
+import json, os, signal, sys, mpidl
+from mpidl import preemption
+from mpidl.spec import load_spec
+from mpidl.train import checkpoint, trainer
+
+preemption.arm()  # as `mpidl train` does, first thing
+w = mpidl.init()
+job, phase = sys.argv[1], sys.argv[2]
+
+def signalled(fn, rank, when=lambda *a: True):
+    def wrapped(*args, **kwargs):
+        if w.rank == rank and when(*args):
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return fn(*args, **kwargs)
+    return wrapped
+
+if phase == "setup":   # during the label scan and standardisation pass, on rank 1 alone
+    trainer.build_inputs = signalled(trainer.build_inputs, 1)
+elif phase == "final-save":   # while rank 0 writes the last checkpoint
+    checkpoint.save = signalled(checkpoint.save, 0, lambda folder, step, *a: step == 56)
+s = trainer.train(load_spec(job), resume="auto")
+if w.rank == 0:
+    print("SUMMARY " + json.dumps({k: s[k] for k in ("preempted", "global_step", "resumed_from")}), flush=True)
+"""
+
+
+def test_a_signal_outside_the_training_loop(tmp_path):
+    """SIGUSR2 during set-up stops the job before its first step with a checkpoint, and the job
+    resumed from it ends where an uninterrupted one does; during the final save it is kept until
+    the save is done (the job has finished). Before, both ended the rank with status 140."""
+    (tmp_path / "full").mkdir(), (tmp_path / "part").mkdir()
+    full = write_job(tmp_path / "full", epochs=1)
+    r = mpirun(2, pycode(SIGNAL_OUTSIDE_TRAINING) + [str(full), "none"], timeout=300)
+    assert r.returncode == 0, r.output[-3000:]
+
+    part = write_job(tmp_path / "part", epochs=1)
+    r = mpirun(2, pycode(SIGNAL_OUTSIDE_TRAINING) + [str(part), "setup"], timeout=300)
+    assert r.returncode == 0, r.output[-3000:]
+    assert _summary(r.stdout) == {"preempted": "SIGUSR2", "global_step": 0, "resumed_from": None}
+    assert (tmp_path / "part" / "run" / "checkpoints" / "ckpt-000000000.pt").exists()
+    r = mpirun(2, pycode(SIGNAL_OUTSIDE_TRAINING) + [str(part), "final-save"], timeout=300)
+    assert r.returncode == 0, r.output[-3000:]
+    s = _summary(r.stdout)
+    assert s["preempted"] is None and s["global_step"] == 56 and s["resumed_from"].endswith("ckpt-000000000.pt")
+    a, b = final_weights(tmp_path / "full" / "run" / "checkpoints"), final_weights(tmp_path / "part" / "run" / "checkpoints")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -39,15 +39,20 @@ def _summary(run_dir: Path) -> dict:
 def test_submit_wait_trains_the_demo(slurm_cluster, demo_data, tmp_path):
     # One epoch: submission is under test here; the demo's accuracy is test_train's
     r = submit("--wait", DEMO, "--set", f"data.files={demo_data}", "--set", f"output={tmp_path}/run",
-               "--set", "epochs=1", env=slurm_cluster, cwd=tmp_path)
+               "--set", "epochs=1", "--set", "slurm.env.MPIDL_TEST_TOKEN=s3cr3t-t0ken", env=slurm_cluster, cwd=tmp_path)
     assert r.returncode == 0, r.output[-3000:]
     job_id = re.search(r"submitted job (\d+)", r.stdout).group(1)
+    # slurm.env values (tokens) reach the ranks through the script alone: not the pickles or checkpoints
+    holding = [p.name for p in (tmp_path / "run").rglob("*") if p.is_file() and b"s3cr3t-t0ken" in p.read_bytes()]
+    assert holding == [f"{job_id}_submission.sh"], holding
     assert f"[mpidl] job {job_id} ended: COMPLETED, exit status 0, 0 restart(s)" in r.stdout
     assert "val_accuracy" in r.stdout  # rank 0's log was followed
     s = _summary(tmp_path / "run")
     assert s["world"]["size"] == 2 and s["world"]["launcher"] == "srun"
     assert s["epochs"] == 1 and s["final"]["val_accuracy"] > 0.3  # it learned: chance is 0.1
     assert (tmp_path / "run" / "slurm" / f"{job_id}_submission.sh").exists()
+    assert (tmp_path / "run" / "slurm").stat().st_mode & 0o777 == 0o700  # the pickles: the owner's alone
+    assert not (tmp_path / "run" / "mpidl.lock").exists()  # released at the end
 
 
 @pytest.mark.timeout(900)  # a whole training job; slow when the machine is shared
@@ -200,6 +205,40 @@ def test_run_folder_with_checkpoints_is_refused_before_submitting(slurm_cluster,
     (tmp_path / "run" / "checkpoints" / "ckpt-000000010.pt").write_bytes(b"x")
     r = submit(DEMO, "--set", f"output={tmp_path}/run", env=slurm_cluster, cwd=tmp_path)
     assert r.returncode == 2 and "already holds a run's checkpoints" in _one_error_line(r)
+
+
+def test_a_run_folder_in_use_is_refused_before_submitting(slurm_cluster, tmp_path):
+    import socket
+    import subprocess
+
+    holder = subprocess.Popen(["sleep", "120"])
+    try:
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "mpidl.lock").write_text(json.dumps(
+            {"job": None, "host": socket.gethostname(), "pid": holder.pid, "started": None, "since": "now"}))
+        r = submit(DEMO, "--set", f"output={tmp_path}/run", env=slurm_cluster, cwd=tmp_path)
+        assert r.returncode == 2 and f"in use by pid {holder.pid}" in _one_error_line(r)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_submitit_folder_made_by_someone_else_is_refused(tmp_path):
+    import os
+
+    from mpidl.errors import BadInput
+    from mpidl.slurm.submit import private_folder
+
+    private_folder(tmp_path / "mine")
+    assert (tmp_path / "mine").stat().st_mode & 0o777 == 0o700
+    (tmp_path / "theirs").mkdir(mode=0o777)
+    if os.geteuid() == 0:
+        os.chown(tmp_path / "theirs", 65534, 65534)
+        with pytest.raises(BadInput, match="owned by uid 65534, not you"):
+            private_folder(tmp_path / "theirs")
+    (tmp_path / "link").symlink_to(tmp_path / "mine")
+    with pytest.raises(BadInput, match="not a folder"):
+        private_folder(tmp_path / "link")
 
 
 def test_no_sbatch_on_path(tmp_path):

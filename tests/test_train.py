@@ -46,7 +46,7 @@ def losses(run_dir: Path) -> list[float]:
 
 def final_weights(ckpt_dir: Path) -> dict:
     last = sorted(ckpt_dir.glob("ckpt-*.pt"))[-1]
-    return torch.load(last, map_location="cpu", weights_only=False)["model"]
+    return torch.load(last, map_location="cpu", weights_only=True)["model"]
 
 
 def test_demo_job_reaches_its_accuracy(tmp_path):
@@ -261,7 +261,7 @@ def test_non_finite_loss_stops_the_job_and_keeps_the_last_good_checkpoint(tmp_pa
     assert ckpts, "a checkpoint every 5 steps: the good steps before the bad row are on disk"
     for c in ckpts:
         assert int(c.stem.split("-")[1]) < step
-        weights = torch.load(c, map_location="cpu", weights_only=False)["model"]
+        weights = torch.load(c, map_location="cpu", weights_only=True)["model"]
         assert all(torch.isfinite(t).all() for t in weights.values())
 
 
@@ -326,7 +326,7 @@ def test_class_count_inferred_from_the_labels(tmp_path):
     assert r.returncode == 0, r.output[-3000:]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["classes"] == 5
     last = sorted((tmp_path / "run" / "checkpoints").glob("ckpt-*.pt"))[-1]
-    state = torch.load(last, map_location="cpu", weights_only=False)
+    state = torch.load(last, map_location="cpu", weights_only=True)
     head = [v for k, v in state["model"].items() if k.endswith("weight")][-1]
     assert head.shape == (5, 16)
     assert state["spec"]["model"]["args"]["num_classes"] == 5  # the run rebuilds its model from it

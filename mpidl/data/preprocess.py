@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -154,15 +154,17 @@ class Pipeline:
     """The batch transform a job asks for: applied to the first tensor (inputs) of a batch.
 
     Order: standardization (of the stored values) or else uint8 scaling, crop, flip; labels
-    pass through. Random choices
-    come from a generator seeded per rank, so a run is reproducible.
+    pass through; then `then(x, y) -> (x, y)`, a job's own transform, where given. Random
+    choices come from a generator seeded per rank, so a run is reproducible.
     """
 
     def __init__(self, scale_uint8: bool = False, standardizer: Optional[Standardizer] = None,
-                 crop: Optional[int] = None, padding: int = 0, flip: bool = False, seed: int = 0, train: bool = True):
+                 crop: Optional[int] = None, padding: int = 0, flip: bool = False, seed: int = 0, train: bool = True,
+                 then: Optional[Callable[..., Sequence[torch.Tensor]]] = None):
         self.scale, self.standardizer = scale_uint8, standardizer
         self.crop, self.padding, self.flip, self.train = crop, padding, flip, train
         self.generator = torch.Generator().manual_seed(seed)
+        self.then = then
 
     def __call__(self, batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         x, *rest = batch
@@ -178,4 +180,6 @@ class Pipeline:
             x = x[..., t:t + self.crop, l_:l_ + self.crop]
         if self.train and self.flip:
             x = random_flip(x, self.generator)
+        if self.then is not None:
+            return tuple(self.then(x, *rest))
         return (x, *rest)

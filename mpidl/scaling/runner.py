@@ -224,7 +224,7 @@ def run_study(study: Study, *, force: bool = False, echo: Callable[[str], None] 
     points = plan(s.sizes, s.runs, s.repetitions, tuple(s.launcher.nodes))
     doc: dict = {"kind": "mpidl scaling study", "complete": False, "study": s.model_dump(mode="json"),
                  "study_file": str(study.origin), "job_file": str(study.job_path),
-                 "job": study.job.model_dump(mode="json"), "environment": env,
+                 "job": study.job.redacted_dump(), "environment": env,
                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": []}
     echo(f"study {s.name}: {s.mode} scaling, sizes {s.sizes}"
          + (f" on {s.launcher.nodes} nodes (each size at every count that divides it)" if multinode else "")

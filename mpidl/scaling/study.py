@@ -192,7 +192,7 @@ def load_study(path: Union[str, Path]) -> Study:
     try:
         spec = StudySpec.model_validate(tree)
     except ValidationError as e:
-        raise BadInput(_one_line(e, str(origin), tree)) from None
+        raise BadInput(_one_line(e, str(origin), tree, StudySpec)) from None
     return Study(spec, origin)
 
 

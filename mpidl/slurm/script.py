@@ -180,31 +180,33 @@ def mpirun_line(program: str) -> str:
 def standalone(plan: Plan, output: str = "slurm-%j.out") -> str:
     """A plain sbatch script: no pickles, readable, meant to be kept in git and sbatch'ed by hand."""
     s = plan.slurm
-    opts = {**plan.resources(), "open-mode": "append", "output": output}
-    lines = ["#!/bin/bash"]
-    lines += [sbatch_line(k, v) for k, v in opts.items()]
-    lines += [
-        "",
-        "# Written by `mpidl submit --standalone`; submit it from the directory it names files",
-        "# from (sbatch runs it there). The spec's slurm: section chose every line above.",
-    ]
-    if s.setup:
-        lines += ["", "# setup (the spec's slurm.setup)"] + list(s.setup)
-    lines += ["", *plan.environment(), f"MPIDL={sh(Path(plan.venv) / 'bin' / 'mpidl')}"]
-    lines += venv_check("MPIDL", "this virtual environment (set slurm.venv)")
     args = " ".join(sh(a) for a in ["train", plan.job_file, "--requeue", *plan.train_flags,
                                      *[x for o in plan.overrides for x in ("--set", o)]])
-    lines += [
-        "",
-        f"# Every rank trains. On SIG{s.signal}, {s.signal_lead_s} s before the time limit or at preemption, the",
-        "# ranks finish their step, rank 0 writes a checkpoint and requeues the job (at most",
-        f"# {s.requeue_limit} times); the requeued job resumes from its newest checkpoint by itself.",
-    ]
+    body = [f"MPIDL={sh(Path(plan.venv) / 'bin' / 'mpidl')}", *venv_check("MPIDL", "this virtual environment (set slurm.venv)"),
+            "",
+            f"# Every rank trains. On SIG{s.signal}, {s.signal_lead_s} s before the time limit or at preemption, the",
+            "# ranks finish their step, rank 0 writes a checkpoint and requeues the job (at most",
+            f"# {s.requeue_limit} times); the requeued job resumes from its newest checkpoint by itself."]
+    return batch_script(plan, {"open-mode": "append", "output": output}, body, '"$MPIDL" ' + args, [
+        "# Written by `mpidl submit --standalone`; submit it from the directory it names files",
+        "# from (sbatch runs it there). The spec's slurm: section chose every line above."])
+
+
+def batch_script(plan: Plan, options: dict[str, Option], body: list[str], program: str, about: list[str],
+                 before_launch: Optional[list[str]] = None) -> str:
+    """#SBATCH lines (the plan's resources and `options`), `about`, the setup and environment lines,
+    `body`, then every rank runs `program` (a shell text, its words quoted) and the exit record."""
+    s = plan.slurm
+    lines = ["#!/bin/bash"]
+    lines += [sbatch_line(k, v) for k, v in {**plan.resources(), **options}.items()]
+    lines += ["", *about]
+    if s.setup:
+        lines += ["", "# setup (the spec's slurm.setup)"] + list(s.setup)
+    lines += ["", *plan.environment(), *body, *(before_launch or [])]
     if s.launcher == "srun":
-        lines.append(f'srun --mpi=pmix "$MPIDL" {args}')
+        lines.append(f"srun --mpi=pmix {program}")
     else:
         lines += forward_function(s.signal)
-        program = '"$MPIDL"'
-        lines.append(f"launch {mpirun_line(program)} {args}")
+        lines.append(f"launch {mpirun_line(program)}")
     lines += exit_record()
     return "\n".join(lines) + "\n"

@@ -7,14 +7,19 @@ client commands, the controller, and the controller's own verdict on the script
 """
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import stat
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import yaml
+
+from mpidl import runlock
 from mpidl.errors import BadInput
 from mpidl.slurm import controller, executor
 from mpidl.slurm.script import Plan, sbatch_safe, shown_path, standalone
@@ -116,6 +121,7 @@ def prepare(job_file: str, sets: list[str], *, array: list[str], standalone_scri
                 own.append("checkpoint.dir=" + quoted(str(element_dir / "checkpoints")))
         try:
             spec = load_spec(job_file, own, text=spec_text)
+            runlock.check_free(spec.run_dir)
             if not resume and not overwrite:
                 _fresh(spec)
         except BadInput as e:
@@ -153,6 +159,19 @@ def _fresh(spec: JobSpec) -> None:
                        "to continue it, --overwrite to replace it, or set another output or name")
 
 
+def private_folder(folder: Path) -> None:
+    """submitit's folder: every rank unpickles and runs what lies there, so only its owner may
+    write it (or read it: the pickles hold the spec). Refused when someone else made it."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = os.lstat(folder)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise BadInput(f"{folder}: not a folder (a symbolic link?): submitit's pickles must lie in a private folder")
+    if st.st_uid != os.getuid():
+        raise BadInput(f"{folder}: owned by uid {st.st_uid}, not you: the job would run the pickles found there; "
+                       "set another output")
+    os.chmod(folder, 0o700)
+
+
 def generated_path(spec_name: str, cwd: Path) -> Path:
     name = re.sub(r"[^A-Za-z0-9._-]", "_", spec_name) or "job"
     return cwd / GENERATED / f"{name}.sbatch"
@@ -188,9 +207,12 @@ def submit(prepared: Prepared, cwd: Path) -> list[Job]:
         f.write(prepared.text)
         f.flush()
         controller.test_only(Path(f.name), prepared.plans[0].slurm)
+    private_folder(prepared.folder)
     ex = prepared.executor()
-    tasks = [TrainTask(str(Path(prepared.job_file).absolute()), prepared.spec_text, list(p.overrides),
-                       prepared.resume, prepared.overwrite) for p in prepared.plans]
+    # Each task carries its validated spec, overrides applied, with slurm.env redacted: the pickle
+    # need not hold tokens (the script exports them to the ranks).
+    tasks = [TrainTask(str(Path(prepared.job_file).absolute()), yaml.safe_dump(p.spec.redacted_dump(), sort_keys=False),
+                       [], prepared.resume, prepared.overwrite) for p in prepared.plans]
     if len(tasks) == 1 and not prepared.variants:
         submitted = [ex.submit(tasks[0])]
     else:

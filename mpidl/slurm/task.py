@@ -32,13 +32,15 @@ class TrainTask:
 
     def __call__(self) -> dict:
         import mpidl
+        from mpidl import preemption
         from mpidl.slurm.requeue import after_preemption, resume_mode
         from mpidl.spec import load_spec
         from mpidl.train.trainer import train
 
-        # submitit installed its handlers before calling us; mpidl.init() and the trainer
-        # take SIGTERM and the warning signal over, so keep submitit's to call later.
+        # submitit installed its handlers before calling us; mpidl takes SIGTERM and the
+        # warning signal over (recorded from here on), so keep submitit's to call later.
         handlers = {s: signal.getsignal(s) for s in (signal.SIGUSR2, signal.SIGTERM)}
+        preemption.arm()
         world = mpidl.init()
         spec = world.agree(lambda: load_spec(self.job_file, self.overrides, text=self.spec_text))
         summary = train(spec, resume=resume_mode(self.resume), overwrite=self.overwrite)

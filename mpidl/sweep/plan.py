@@ -171,7 +171,7 @@ def load(path: str) -> tuple[SweepSpec, list[Task]]:
     try:
         sweep = SweepSpec.model_validate(tree)
     except ValidationError as e:
-        raise BadInput(_one_line(e, origin, tree)) from None
+        raise BadInput(_one_line(e, origin, tree, SweepSpec)) from None
     for section, fields in (("set", sweep.set), ("grid", sweep.grid),
                             ("random.fields", sweep.random.fields if sweep.random else {})):
         for dotted in fields:

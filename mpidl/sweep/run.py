@@ -18,7 +18,7 @@ import torch
 
 from mpidl.sweep import dispatch, plan, results
 from mpidl.sweep.task import cores_per_rank, run_task
-from mpidl.train.preemption import Preemption
+from mpidl.preemption import Preemption
 
 
 def run_sweep(path: str, world, retry_failed: bool = False) -> list[dict]:

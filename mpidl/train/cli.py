@@ -5,6 +5,9 @@ import argparse
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from mpidl import preemption
+
+    preemption.arm()  # from the first moment: a warning signal during set-up is kept, not fatal
     import mpidl
     from mpidl.slurm import requeue
     from mpidl.spec import load_spec

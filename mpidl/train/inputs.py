@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
-from mpidl import log
+from mpidl import log, usercode
 from mpidl.data import H5Source, ShardedLoader
 from mpidl.data.preprocess import Pipeline, Standardizer
 from mpidl.data.scan import check_labels, label_range
@@ -121,10 +121,26 @@ def with_classes(spec: JobSpec, classes: Optional[int]) -> JobSpec:
     spec otherwise: every piece that builds the model, and the checkpoint's copy of the spec,
     then agree on it."""
     arg = _class_arg(spec)
-    if classes is None or arg in spec.model.args or (spec_classes(spec) is not None and arg == "num_classes"):
+    if classes is None or arg in spec.model.args:
         return spec
+    if usercode.is_target(spec.model.name):
+        from mpidl.train.models import takes_classes
+
+        if not takes_classes(spec):  # your model sets its outputs itself
+            return spec
+    elif spec_classes(spec) is not None and arg == "num_classes":
+        return spec  # a built-in takes it from the spec
     model = spec.model.model_copy(update={"args": {**spec.model.args, arg: classes}})
     return spec.model_copy(update={"model": model})
+
+
+def user_transform(spec: JobSpec, key: str) -> Optional[Callable]:
+    """The spec's `transform` / `eval_transform`: fn(x, y, **args) -> (x, y), or a class made with args."""
+    code = getattr(spec, key)
+    if code is None:
+        return None
+    target = usercode.resolve(code.name, f"{key}.name", spec.code_dirs)
+    return usercode.two_argument(target, code.args, key, code.name, "fn(x, y)")
 
 
 def build_inputs(spec: JobSpec, world) -> Inputs:
@@ -138,8 +154,10 @@ def build_inputs(spec: JobSpec, world) -> Inputs:
     if pre.standardize:
         standardizer = Standardizer.fit(train_src, world, key=d.keys[0], per=pre.standardize_per,
                                         cache_dir=str(spec.run_dir))
-    train_tf = Pipeline(pre.scale_uint8, standardizer, pre.crop, pre.padding, pre.flip, seed=spec.seed, train=True)
-    eval_tf = Pipeline(pre.scale_uint8, standardizer, pre.crop, pre.padding, False, seed=spec.seed, train=False)
+    train_tf = Pipeline(pre.scale_uint8, standardizer, pre.crop, pre.padding, pre.flip, seed=spec.seed, train=True,
+                        then=world.agree(lambda: user_transform(spec, "transform")))
+    eval_tf = Pipeline(pre.scale_uint8, standardizer, pre.crop, pre.padding, False, seed=spec.seed, train=False,
+                       then=world.agree(lambda: user_transform(spec, "eval_transform")))
     loader = ShardedLoader(train_src, world, d.batch, seed=spec.seed, shuffle=d.shuffle, drop_last=d.drop_last,
                            prefetch=d.prefetch, transform=train_tf, stage_dir=d.stage_dir)
     val_loader = None

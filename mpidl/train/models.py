@@ -1,4 +1,5 @@
-"""Models by name: linear, mlp, small_cnn, resnet18, resnet50, mobilenet_v2.
+"""Models by name: linear, mlp, small_cnn, resnet18, resnet50, mobilenet_v2, or yours
+(`model.name: package.module:attr`, imported by `mpidl.usercode`).
 
 Own definitions of the standard architectures (torchvision from PyPI does not import beside
 the CPU torch build used here); parameter counts match torchvision's for 1000 classes.
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mpidl import usercode
 from mpidl.errors import BadInput
 
 
@@ -191,8 +193,45 @@ def build_model(name: str, **kwargs) -> nn.Module:
     return fn(**kwargs)
 
 
+def user_model(spec, source) -> nn.Module:
+    """Your model (`model.name: package.module:attr`): the class or factory called with
+    model.args, and with the sizes the data tells where it takes them and the spec does not:
+    `in_features` (the input's size), `in_channels` (an image's channels), `num_classes` (the
+    class count the labels or the spec give)."""
+    name = spec.model.name
+    fn = usercode.resolve(name, "model.name", spec.code_dirs)
+    if not callable(fn):
+        raise BadInput(f"model.name: {name}: not a class or a function (a {type(fn).__name__})")
+    args = dict(spec.model.args)
+    x_shape = source.shapes[source.keys[0]]
+    for arg, value in (("in_features", int(np.prod(x_shape))), ("in_channels", x_shape[0] if len(x_shape) == 3 else None)):
+        if value is not None and arg not in args and usercode.accepts(fn, arg) and _named(fn, arg):
+            args[arg] = value
+    model = usercode.call(fn, args, "model.args", name)
+    if not isinstance(model, nn.Module):
+        raise BadInput(f"model.name: {name}: returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _named(fn, arg: str) -> bool:
+    """Whether `fn` names `arg` itself (not only **kwargs, which may mean something else)."""
+    try:
+        return arg in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def takes_classes(spec) -> bool:
+    """Whether the spec's model takes a class count (a user model: when it names num_classes)."""
+    if not usercode.is_target(spec.model.name):
+        return True
+    return _named(usercode.resolve(spec.model.name, "model.name", spec.code_dirs), "num_classes")
+
+
 def model_for(spec, source) -> nn.Module:
     """The spec's model, with the sizes it can take from the data filled in."""
+    if usercode.is_target(spec.model.name):
+        return user_model(spec, source)
     args = dict(spec.model.args)
     x_shape, y_key = source.shapes[source.keys[0]], source.keys[1]
     classify = source.dtypes[y_key].kind in "iu"

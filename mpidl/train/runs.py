@@ -27,29 +27,29 @@ class TrainedRun:
     global_step: int
 
 
-def find_checkpoint(where: str, key: str) -> Path:
-    """The newest checkpoint of a run folder (or its checkpoints folder), or the file given."""
+def read_checkpoint(where: str, key: str) -> tuple[Path, dict]:
+    """The newest checkpoint of a run folder (or its checkpoints folder) that reads, or the file
+    given, with its contents."""
     path = Path(where)
-    if path.is_file():
-        return path
-    if not path.is_dir():
-        raise BadInput(f"{key}: {where}: no such run folder or checkpoint file")
-    for folder in (path / "checkpoints", path):
-        found = checkpoint.latest(folder)
-        if found is not None:
-            return found
+    try:
+        if path.is_file():
+            return path, checkpoint.load(path, None)
+        if not path.is_dir():
+            raise BadInput(f"{where}: no such run folder or checkpoint file")
+        for folder in (path / "checkpoints", path):
+            found = checkpoint.load_newest(folder, None)
+            if found is not None:
+                return found
+    except BadInput as e:
+        raise BadInput(f"{key}: {e}") from None
     raise BadInput(f"{key}: {where}: no checkpoint (ckpt-*.pt) in {path / 'checkpoints'} or {path}")
 
 
 def load_run(where: str, key: str) -> TrainedRun:
     """BadInput (naming `key` and the path) when there is no checkpoint or it is not mpidl's."""
-    path = find_checkpoint(where, key)
+    path, state = read_checkpoint(where, key)
     try:
-        state = checkpoint.load(path, None)
-    except BadInput as e:
-        raise BadInput(f"{key}: {e}") from None
-    try:
-        spec = JobSpec.model_validate(state["spec"])
+        spec = JobSpec.model_validate(state["spec"]).with_code_dirs(state.get("code_dirs") or [])
     except (KeyError, ValidationError) as e:
         raise BadInput(f"{key}: {path}: the job spec it holds does not validate "
                        f"({str(e).splitlines()[0][:120]})") from None

@@ -4,22 +4,20 @@ A checkpoint (one file, written atomically by rank 0, see `checkpoint`) holds: t
 BatchNorm statistics averaged over ranks, each rank's own statistics (`rank_buffers`, so that
 saving changes nothing and a resume on as many ranks continues exactly), the optimizer and
 scheduler state, the position (epoch, step in epoch, global step), the world size, the RNG
-states, the spec and its fingerprint.
+states, the job's spec (None for a run of one's own loop) and the fingerprint a resume must match.
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Union
 
-import numpy as np
 import torch
 from torch import nn
 
 from mpidl import log
 from mpidl.errors import BadInput
-from mpidl.spec import JobSpec
-from mpidl.train import checkpoint
+from mpidl.train import checkpoint, rng
 
 
 @dataclass
@@ -55,22 +53,20 @@ def sync_buffers(world, model: nn.Module) -> None:
             float_buffers(model)[k].copy_(avg)
 
 
-def read_latest(spec: JobSpec, world, resume: Union[bool, str]) -> Optional[dict]:
+def read_latest(folder: Path, fingerprint: Optional[str], world, resume: Union[bool, str]) -> Optional[dict]:
     """Rank 0's newest checkpoint of this job, on every rank; None for a fresh start.
 
     resume=True requires one; resume="auto" (a requeued job) takes one if there is one.
     """
-    folder, fingerprint = spec.checkpoint_dir, spec.fingerprint()
-
     def read() -> Optional[dict]:
         if world.rank != 0:
             return None
-        found = checkpoint.latest(folder)
+        found = checkpoint.load_newest(folder, fingerprint)
         if found is None:
             if resume == "auto":
                 return None
             raise BadInput(f"{folder}: --resume given but no checkpoint (ckpt-*.pt) is there")
-        return {"path": str(found), **checkpoint.load(found, fingerprint)}
+        return {"path": str(found[0]), **found[1]}
 
     state = world.agree(read)
     if world.size > 1:
@@ -78,38 +74,36 @@ def read_latest(spec: JobSpec, world, resume: Union[bool, str]) -> Optional[dict
     return state
 
 
-def fresh_run_dir(spec: JobSpec, world, overwrite: bool) -> None:
+def fresh_run_dir(run_dir: Path, folder: Path, world, overwrite: bool) -> None:
     """A fresh start must not mix with the run already in its folder (its checkpoints would be
     resumed from, its metrics appended to): refuse, or with `overwrite` clear them (rank 0)."""
     if world.rank != 0:
         return
-    found = checkpoint.all_checkpoints(spec.checkpoint_dir)
+    found = checkpoint.all_checkpoints(folder)
     if not found:
         return
     if not overwrite:
-        raise BadInput(f"{spec.checkpoint_dir}: already holds a run's checkpoints ({found[-1].name}): "
+        raise BadInput(f"{folder}: already holds a run's checkpoints ({found[-1].name}): "
                        "add --resume to continue it, --overwrite to replace it, or set another output or name")
     for p in found:
         p.unlink()
     for name in ("metrics.jsonl", "summary.json"):
-        (spec.run_dir / name).unlink(missing_ok=True)
-    log.get().warning("--overwrite: removed %d checkpoint(s) of the previous run in %s", len(found), spec.run_dir)
+        (run_dir / name).unlink(missing_ok=True)
+    log.get().warning("--overwrite: removed %d checkpoint(s) of the previous run in %s", len(found), run_dir)
 
 
 def restore_rng(state: dict) -> None:
     """For code that draws from the global generators; the loop itself reseeds torch each step."""
-    torch.set_rng_state(state["rng"]["torch"])
-    np.random.set_state(state["rng"]["numpy"])
-    random.setstate(state["rng"]["python"])
+    rng.restore(state["rng"])
 
 
-def resume_position(state: dict, spec: JobSpec, world, steps_per_epoch: int) -> Position:
-    """Where a run resumed from `state` continues; on another world size, re-sharded."""
+def resume_position(state: dict, per_step: int, world, steps_per_epoch: int) -> Position:
+    """Where a run resumed from `state` continues; on another world size, re-sharded.
+    per_step: the samples one rank takes per optimizer step."""
     pos = Position(epoch=state["epoch"])
     if state["world_size"] == world.size:
         pos.step_in_epoch, pos.global_step = state["step_in_epoch"], state["global_step"]
     else:  # re-shard: keep the samples consumed in this epoch, in steps of the new size
-        per_step = spec.data.batch * spec.accumulate
         seen = state["step_in_epoch"] * state["world_size"] * per_step
         pos.step_in_epoch = min(seen // (world.size * per_step), steps_per_epoch)
         pos.global_step = pos.epoch * steps_per_epoch + pos.step_in_epoch
@@ -120,7 +114,8 @@ def resume_position(state: dict, spec: JobSpec, world, steps_per_epoch: int) -> 
     return pos
 
 
-def snapshot(world, spec: JobSpec, net: nn.Module, optimizer, scheduler, pos: Position) -> Optional[dict]:
+def snapshot(world, net: nn.Module, optimizer, scheduler, pos: Position, fingerprint: str,
+             spec: Optional[dict], extra: Optional[dict] = None) -> Optional[dict]:
     """The checkpoint contents (on rank 0; None elsewhere). A collective: call on every rank.
 
     The saved model has the averaged buffers; each rank's own are kept beside it so a resume
@@ -134,7 +129,6 @@ def snapshot(world, spec: JobSpec, net: nn.Module, optimizer, scheduler, pos: Po
     weights = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
     weights.update(avg)
     return {"model": weights, "rank_buffers": per_rank, "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch,
-            "global_step": pos.global_step, "world_size": world.size, "fingerprint": spec.fingerprint(),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-            "spec": spec.model_dump(mode="json")}
+            "scheduler": scheduler.state_dict() if scheduler is not None else None, "epoch": pos.epoch,
+            "step_in_epoch": pos.step_in_epoch, "global_step": pos.global_step, "world_size": world.size,
+            "fingerprint": fingerprint, "rng": rng.capture(), "spec": spec, **(extra or {})}

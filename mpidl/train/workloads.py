@@ -1,6 +1,7 @@
 """What a job spec adds to the training loop: its objective and its callbacks, picked in one place.
 
     classification / regression   the default objective, from the label dtype
+    objective:, metrics:          yours (objectives.build_objective)
     distill:                      the Distillation objective and its summary (distill.py)
     optimizer.clip_grad_norm,
     optimizer.clip_weights        the Clipping callback (clipping.py)
@@ -16,7 +17,7 @@ import torch
 from mpidl.data.synth import read_truth
 from mpidl.spec import JobSpec
 from mpidl.train.callbacks import Callback
-from mpidl.train.objectives import Objective, default_for
+from mpidl.train.objectives import Objective, build_objective
 
 
 def workload_pieces(spec: JobSpec, world, inputs, device: torch.device) -> tuple[Objective, list[Callback]]:
@@ -32,7 +33,7 @@ def workload_pieces(spec: JobSpec, world, inputs, device: torch.device) -> tuple
         objective, report = distillation(spec, world, inputs, device)
         callbacks.append(report)
     else:
-        objective = default_for(inputs.classify)
+        objective = build_objective(spec, inputs.classify)
     if not inputs.classify and spec.model.name == "linear":
         truth = read_truth(inputs.train_source.files[0], inputs.train_source.keys[1])
         if truth is not None and truth["rule"] == "linear":

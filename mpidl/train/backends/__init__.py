@@ -45,7 +45,13 @@ class Backend:
         raise NotImplementedError
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
-        optimizer.step()
+        """The parameter update, once `sync_gradients` has averaged the gradients."""
+        with self.stepping(optimizer):
+            optimizer.step()
+
+    def stepping(self, optimizer: torch.optim.Optimizer) -> contextlib.AbstractContextManager:
+        """The context of an optimizer's own step after `sync_gradients` (Horovod's: no second sync)."""
+        return contextlib.nullcontext()
 
     def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
         optimizer.zero_grad(set_to_none=True)

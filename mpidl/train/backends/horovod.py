@@ -99,9 +99,8 @@ class HorovodBackend(Backend):
         wait([h for h, _ in getattr(optimizer, "_handles", {}).values() if isinstance(h, int)])
         optimizer.synchronize()
 
-    def step(self, optimizer) -> None:
-        with optimizer.skip_synchronize():
-            optimizer.step()
+    def stepping(self, optimizer):
+        return optimizer.skip_synchronize()
 
     def zero_grad(self, optimizer) -> None:
         optimizer.zero_grad()  # Horovod 0.28's wrapper takes no set_to_none (torch's default is True)

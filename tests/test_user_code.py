@@ -1,0 +1,176 @@
+"""Your own model, loss, metric and transform through a job spec, and your own loop through
+`mpidl.Run`: a user package made in a temporary folder (nothing under mpidl/), trained under real
+mpirun on every backend, resumed, preempted, quantized; every bad input one line, exit 2."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+import yaml
+
+import userpkg
+from conftest import PYTHON, clean_env, mpidl_cmd, mpirun, run
+from test_train import BACKENDS, final_weights
+
+
+def records(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_user_package_trains_on_every_backend(tmp_path, backend):
+    job = userpkg.make(tmp_path, backend=backend)
+    r = mpirun(2, mpidl_cmd("train", str(job)), cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.output[-3000:]
+    summary = json.loads((tmp_path / "runs" / "user" / "summary.json").read_text())
+    assert summary["global_step"] == 2 * (1800 // 32) and summary["backend"] == backend
+    final = summary["final"]
+    assert final["val_accuracy"] > 0.5 and final["val_top2"] >= final["val_accuracy"]  # chance: 1/3, 2/3
+    train_recs = [r_ for r_ in records(tmp_path / "runs" / "user") if "loss" in r_]
+    assert all("top2" in r_ and "accuracy" in r_ for r_ in train_recs)
+    # the checkpoint names the user's model and where its code lies, and holds no pickled object
+    ckpt = sorted((tmp_path / "runs" / "user" / "checkpoints").glob("ckpt-*.pt"))[-1]
+    state = torch.load(ckpt, weights_only=True)
+    assert state["spec"]["model"] == {"name": "mynets.models:TinyNet", "args": {"hidden": 32, "num_classes": 3},
+                                      "channels_last": False, "compile": False}
+    assert state["code_dirs"] == [str(tmp_path)]
+
+
+def test_the_same_job_from_another_folder_and_quantized(tmp_path):
+    """The job file's folder is searched, not the working directory; quantize rebuilds the model
+    from the checkpoint's record alone."""
+    user = tmp_path / "user"
+    user.mkdir()
+    job = userpkg.make(user, **{"data.files": str(user / "tab.h5"), "output": str(user / "run"),
+                                "model.name": "mynets.models:make_net", "model.args": {"width": 24},
+                                "objective": "mynets.losses:Smoothed", "transform": None, "metrics": None})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    r = mpirun(2, mpidl_cmd("train", str(job)), cwd=elsewhere, timeout=300)
+    assert r.returncode == 0, r.output[-3000:]
+    r = run(mpidl_cmd("quantize", str(user / "run"), "--json"), cwd=elsewhere, timeout=300)
+    assert r.returncode == 0, r.output[-3000:]
+    assert "dynamic_int8" in r.stdout or "int8" in r.stdout
+
+
+@pytest.mark.parametrize("override,expect", [
+    ("model.name=mynets.nowhere:Net", "model.name: mynets.nowhere:Net: no module named 'mynets.nowhere' (looked in "),
+    ("model.name=mynets.models:Nope", "model.name: mynets.models:Nope: mynets.models has no attribute 'Nope'"),
+    ("model.name=mynets.models:not_a_module", "model.name: mynets.models:not_a_module: returned a str, not a "
+                                              "torch.nn.Module"),
+    ("model.args.depth=3", "model.args: mynets.models:TinyNet: got an unexpected keyword argument 'depth'"),
+    ("model.name=mynets.broken:Net", "model.name: mynets.broken:Net: importing mynets.broken raised RuntimeError: "
+                                     "this module cannot be imported (broken.py:3)"),
+    ("objective.args.alpha=1", "objective.args: mynets.losses:focal: got an unexpected keyword argument 'alpha' "
+                               "(it is called as fn(output, target, **args))"),
+    ("metrics.top2=mynets.metrics:top3", "metrics.top2.name: mynets.metrics:top3: mynets.metrics has no attribute"),
+    ("transform.name=mynets.aug", "transform.name = \"mynets.aug\": not a built-in"),
+    ("model.name=resnet", "model.name = \"resnet\": not a built-in (linear, mlp, small_cnn, resnet18, resnet50, "
+                          "mobilenet_v2) nor your code as package.module:attr"),
+])
+def test_bad_user_code_is_one_line_on_every_rank(tmp_path, override, expect):
+    job = userpkg.make(tmp_path)
+    r = mpirun(2, mpidl_cmd("train", str(job), "--set", override), cwd=tmp_path, timeout=120)
+    assert r.returncode == 2, r.output[-3000:]
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and expect in errors[0], r.stderr[-2000:]
+    assert "Traceback" not in r.output
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+# ------------------------------------------------------------------ your own loop: mpidl.Run
+
+def run_loop(folder, ranks: int, backend: str, timeout: float = 300, env: dict | None = None):
+    return mpirun(ranks, [PYTHON, "mpidl_loop.py", "tab.h5"], cwd=folder, timeout=timeout,
+                  env={"MPIDL_BACKEND": backend, **(env or {})})
+
+
+def synth(folder) -> None:
+    r = run(mpidl_cmd("data", "synth", "tabular", "--out", str(folder / "tab.h5"), "--rows", "3000", "--features",
+                      "16", "--classes", "4", "--rule", "nonlinear"), cwd=folder)
+    assert r.returncode == 0, r.output
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_example_loop_on_every_backend(tmp_path, backend):
+    userpkg.make(tmp_path)
+    synth(tmp_path)
+    plain = run([PYTHON, "plain_loop.py", "tab.h5"], cwd=tmp_path, timeout=300)  # the loop it came from runs too
+    assert plain.returncode == 0 and "epoch 4: loss" in plain.stdout, plain.output[-2000:]
+    r = run_loop(tmp_path, 2, backend)
+    assert r.returncode == 0, r.output[-3000:]
+    summary = json.loads((tmp_path / "runs" / "example" / "summary.json").read_text())
+    steps = 3000 // (2 * 64)
+    assert summary["global_step"] == 5 * steps and summary["backend"] == backend and summary["preempted"] is None
+    recs = records(tmp_path / "runs" / "example")
+    assert recs[-1]["loss"] < recs[0]["loss"] and set(recs[0]["time"]) == {"data", "compute", "sync", "optimizer"}
+    assert recs[0]["samples_per_s"] > 0 and recs[0]["lr"] == pytest.approx(0.1)
+    if backend != "ddp":  # ddp's allreduce runs inside backward: its sync bucket is empty
+        assert sum(r_["time"]["sync"] for r_ in recs) > 0
+    assert not (tmp_path / "runs" / "example" / "mpidl.lock").exists()
+
+
+SIGNAL_AT = "mpidl_signal.py"
+SIGNAL_LOOP = '''
+import os, signal, sys
+import mpidl_loop
+from mpidl.train import run as run_module
+
+at, rank_of = int(os.environ["SIGNAL_AT_STEP"]), int(os.environ.get("SIGNAL_RANK", "1"))
+original = run_module.Run.log
+
+def log(self, **values):  # the user's step ends here: send the signal during step `at` on one rank
+    if self.position.global_step == at and self.world.rank == rank_of:
+        os.kill(os.getpid(), signal.SIGUSR2)
+    return original(self, **values)
+
+run_module.Run.log = log
+mpidl_loop.main(sys.argv[1])
+'''
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_example_loop_preempted_resumes_bit_for_bit(tmp_path, backend):
+    for name in ("full", "part"):
+        (tmp_path / name).mkdir()
+        userpkg.make(tmp_path / name)
+        (tmp_path / name / SIGNAL_AT).write_text(SIGNAL_LOOP)
+    synth(tmp_path / "full")
+    (tmp_path / "part" / "tab.h5").write_bytes((tmp_path / "full" / "tab.h5").read_bytes())
+    never = {"SIGNAL_AT_STEP": "-1"}
+    r = mpirun(2, [PYTHON, SIGNAL_AT, "tab.h5"], cwd=tmp_path / "full", env={"MPIDL_BACKEND": backend, **never})
+    assert r.returncode == 0, r.output[-3000:]
+    # a signal on rank 1 during step 31 (30 done before it): both ranks stop after step 32 (the
+    # agreement is read one step late), with a checkpoint, and exit 3
+    r = mpirun(2, [PYTHON, SIGNAL_AT, "tab.h5"], cwd=tmp_path / "part",
+               env={"MPIDL_BACKEND": backend, "SIGNAL_AT_STEP": "30"})
+    assert r.returncode == 3, r.output[-3000:]
+    assert r.stderr.count("preempted by SIGUSR2 at step 32 (checkpoint written); not requeued") == 1
+    part = tmp_path / "part" / "runs" / "example"
+    assert json.loads((part / "summary.json").read_text())["preempted"] == "SIGUSR2"
+    assert (part / "checkpoints" / "ckpt-000000032.pt").exists()
+    r = mpirun(2, [PYTHON, SIGNAL_AT, "tab.h5"], cwd=tmp_path / "part", env={"MPIDL_BACKEND": backend, **never})
+    assert r.returncode == 0, r.output[-3000:]
+    s = json.loads((part / "summary.json").read_text())
+    assert s["resumed_from"].endswith("ckpt-000000032.pt") and s["global_step"] == 5 * (3000 // 128)
+    a, b = final_weights(tmp_path / "full" / "runs" / "example" / "checkpoints"), final_weights(part / "checkpoints")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_the_example_loop_resumes_on_another_world_size(tmp_path):
+    userpkg.make(tmp_path)
+    (tmp_path / SIGNAL_AT).write_text(SIGNAL_LOOP)
+    synth(tmp_path)
+    r = mpirun(2, [PYTHON, SIGNAL_AT, "tab.h5"], cwd=tmp_path, env={"MPIDL_BACKEND": "mpi", "SIGNAL_AT_STEP": "10"})
+    assert r.returncode == 3, r.output[-3000:]
+    r = mpirun(3, [PYTHON, SIGNAL_AT, "tab.h5"], cwd=tmp_path, env={"MPIDL_BACKEND": "mpi", "SIGNAL_AT_STEP": "-1"})
+    assert r.returncode == 0, r.output[-3000:]
+    assert "resuming a 2-rank checkpoint on 3 ranks" in r.output
+    s = json.loads((tmp_path / "runs" / "example" / "summary.json").read_text())
+    assert s["world"]["size"] == 3 and s["global_step"] == 5 * (3000 // (3 * 64))
