@@ -144,3 +144,36 @@ def test_submit_command_bad_input_is_one_line(tmp_path):
     # every word the user gave arrives as given: quoted for the shell
     assert "srun --mpi=pmix python x.py --msg 'it'\"'\"'s $(here)'" in script and "export A='b c'" in script
     assert "#SBATCH --time=5" in script and "#SBATCH --output=runs/x/slurm-%j.out" in script
+
+
+@pytest.mark.timeout(900)
+def test_a_signal_during_set_up_and_during_the_final_save(slurm_cluster, tmp_path):
+    """SLURM's warning signal outside the training loop, through submitit on the local cluster.
+    During set-up (the model is being built): the job stops before its first step with a
+    checkpoint, requeues, resumes and ends with the uninterrupted run's weights. During the final
+    checkpoint (its third state_dict: the broadcast, epoch 1's checkpoint, the last): the save
+    completes and the job ends as finished, not requeued. Before, both ended rank 0 with status 140."""
+    over = {"model.name": "mynets.models:signalling_net", "transform": None,
+            "slurm": {"tasks_per_node": 2, "time": "0:20:00"}}
+    job = userpkg.make(tmp_path, **over)
+    r = mpirun(2, mpidl_cmd("train", str(job), "--set", f"output={tmp_path}/reference"), cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.output[-3000:]
+
+    def submit(run_dir, *sets):
+        return run([PYTHON, "-m", "mpidl.cli", "submit", "--wait", str(job), "--set", f"output={run_dir}",
+                    *[x for s in sets for x in ("--set", s)]], cwd=tmp_path, env=slurm_cluster, timeout=900)
+
+    r = submit(tmp_path / "setup", "model.args.signal_in_setup=true")
+    assert r.returncode == 0, r.output[-3000:]
+    assert "preempted by SIGUSR2 at step 0 (checkpoint written): requeueing job" in r.stdout, r.output[-3000:]
+    assert "ended: COMPLETED, exit status 0, 1 restart(s)" in r.stdout, r.output[-3000:]
+    summary = json.loads((tmp_path / "setup" / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("ckpt-000000000.pt") and summary["global_step"] == 2 * (1800 // 32)
+    _same_weights(tmp_path / "reference" / "checkpoints", tmp_path / "setup" / "checkpoints")
+
+    r = submit(tmp_path / "final", "model.args.signal_at_state_dict=3")
+    assert r.returncode == 0, r.output[-3000:]
+    assert "ended: COMPLETED, exit status 0, 0 restart(s)" in r.stdout and "preempted" not in r.stdout, r.output[-3000:]
+    summary = json.loads((tmp_path / "final" / "summary.json").read_text())
+    assert summary["preempted"] is None and summary["global_step"] == 2 * (1800 // 32)
+    _same_weights(tmp_path / "reference" / "checkpoints", tmp_path / "final" / "checkpoints")

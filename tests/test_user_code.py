@@ -174,3 +174,28 @@ def test_the_example_loop_resumes_on_another_world_size(tmp_path):
     assert "resuming a 2-rank checkpoint on 3 ranks" in r.output
     s = json.loads((tmp_path / "runs" / "example" / "summary.json").read_text())
     assert s["world"]["size"] == 3 and s["global_step"] == 5 * (3000 // (3 * 64))
+
+
+def test_a_two_size_study_of_your_own_loop(tmp_path):
+    """`mpidl scale` with `command:`: the points' backend, folder and length reach the script's
+    mpidl.Run through the environment; the figures come from the records the Run writes."""
+    userpkg.make(tmp_path)
+    synth(tmp_path)
+    study = {"name": "loop", "command": ["python", "mpidl_loop.py", "tab.h5"], "mode": "weak", "sizes": [1, 2],
+             "batch_per_rank": 64, "warmup_steps": 10, "steps": 20, "window": 10, "repetitions": 1,
+             "backends": ["mpi"], "baseline": True, "output": str(tmp_path / "study")}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    r = run(mpidl_cmd("scale", "study.yaml"), cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.output[-3000:]
+    doc = json.loads((tmp_path / "study" / "study.json").read_text())
+    assert doc["complete"] and doc["failed_runs"] == 0 and doc["job"] == {"command": study["command"]}
+    assert {(p["backend"], p["size"]) for p in doc["points"]} == {("mpi", 1), ("mpi", 2), ("none", 1), ("none", 2)}
+    assert doc["model_inputs"]["grad_params"] == sum(16 * 64 + 64 + 64 * 64 + 64 + 64 * 4 + 4 for _ in [0])
+    for row in doc["runs"]:
+        summary = json.loads((tmp_path / "study" / row["run_dir"] / "summary.json").read_text())
+        assert summary["backend"] == row["backend"] and summary["world"]["size"] == row["size"]
+        assert summary["global_step"] == 30 and row["throughput"] > 0
+    assert not (tmp_path / "runs" / "example").exists()  # the script's own folder stayed untouched
+    r = run(mpidl_cmd("report", str(tmp_path / "study")), cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.output[-3000:]
+    assert "mpidl_loop.py" in (tmp_path / "study" / "report.md").read_text()

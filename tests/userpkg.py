@@ -37,6 +37,30 @@ FILES = {
 
         def not_a_module(**kwargs):
             return "a string"
+
+
+        def signalling_net(in_features, num_classes, hidden=32, signal_in_setup=False, signal_at_state_dict=0):
+            """TinyNet that sends rank 0 SLURM's warning signal while the job sets up, or during its n-th
+            state_dict() (the broadcast at set-up, then one per checkpoint): a signal outside the training
+            loop, on the job's first run only (not once it is requeued)."""
+            import os
+            import signal
+
+            first_run = os.environ.get("SLURM_RESTART_COUNT", "0") == "0"
+            rank0 = os.environ.get("SLURM_PROCID", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) == "0"
+            if signal_in_setup and rank0 and first_run:
+                os.kill(os.getpid(), signal.SIGUSR2)
+            net = TinyNet(in_features, num_classes, hidden)
+            calls = [0]
+
+            def hook(module, prefix, keep_vars):
+                calls[0] += 1
+                if rank0 and first_run and calls[0] == signal_at_state_dict:
+                    os.kill(os.getpid(), signal.SIGUSR2)
+
+            if signal_at_state_dict:
+                net.register_state_dict_pre_hook(hook)
+            return net
     ''',
     "mynets/losses.py": '''
         import torch

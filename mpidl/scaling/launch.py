@@ -21,6 +21,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -153,7 +154,10 @@ class SlurmLauncher:
             raise ValueError(f"expected `mpidl train JOB --set ...`, got {argv}")
         return argv[:i], job, [*rest[1::2], *self.placement(ranks, nodes)]
 
-    def command(self, ranks: int, nodes: int, argv: list[str]) -> list[str]:
+    def command(self, ranks: int, nodes: int, argv: list[str], output: Optional[Path] = None) -> list[str]:
+        if "train" not in argv[:3]:  # a study's own command: `mpidl submit -- CMD`, its logs in `output`
+            sets = self.placement(ranks, nodes) + ([f"output={json.dumps(str(output))}"] if output else [])
+            return [*mpidl_command(), "submit", "--wait", *[x for item in sets for x in ("--set", item)], "--", *argv]
         mpidl, job, sets = self.submission(ranks, nodes, argv)
         return [*mpidl, "submit", "--wait", job, *[x for item in sets for x in ("--set", item)]]
 
@@ -169,10 +173,14 @@ class SlurmLauncher:
 
     def check(self, ranks: int, nodes: int, argv: list[str]) -> None:
         """The point's job as `mpidl submit` would send it, judged by `sbatch --test-only`."""
-        from mpidl.slurm import controller, submit
+        from mpidl.slurm import command, controller, submit
 
-        _, job, sets = self.submission(ranks, nodes, argv)
-        prepared = submit.prepare(job, sets, array=[], standalone_script=False, cwd=Path.cwd(), overwrite=True)
+        if "train" not in argv[:3]:
+            prepared, _ = command.prepare(None, {}, self.placement(ranks, nodes), argv, array=[], cwd=Path.cwd(),
+                                          venv=None)
+        else:
+            _, job, sets = self.submission(ranks, nodes, argv)
+            prepared = submit.prepare(job, sets, array=[], standalone_script=False, cwd=Path.cwd(), overwrite=True)
         with tempfile.NamedTemporaryFile("w", prefix="mpidl-scale-", suffix=".sh") as f:
             f.write(prepared.text)
             f.flush()
@@ -194,7 +202,7 @@ class SlurmLauncher:
                     return
                 time.sleep(0.5)
 
-        done = _supervise(self.command(ranks, nodes, argv), env=env, cwd=cwd, timeout=timeout, log=log,
+        done = _supervise(self.command(ranks, nodes, argv, log.parent), env=env, cwd=cwd, timeout=timeout, log=log,
                           on_timeout=cancel)
         # submitit's folder: the job's script and pickles, every rank's log. Rank 0's log is in
         # `log` already; the rest is kept where the job failed, to find out why.
@@ -227,6 +235,12 @@ class SlurmLauncher:
                 "launch": "mpidl submit --wait, one job per point; srun --mpi=pmix", "args": []}
 
 
+def mpidl_command() -> list[str]:
+    """`<venv>/bin/mpidl`, the console script beside this interpreter, or `python -m mpidl.cli`."""
+    script = Path(sys.executable).parent / "mpidl"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "mpidl.cli"]
+
+
 def unreachable(name: str) -> Optional[str]:
     """Why the launcher cannot start anything here, or None."""
     if name == "mpirun":
@@ -248,5 +262,6 @@ def make_launcher(study: "Study", cores: int) -> Launcher:
     if s.launcher.name == "mpirun":
         return MpirunLauncher(s.launcher.args, cores)
     if s.launcher.name == "slurm":
-        return SlurmLauncher(s.launcher.partition or study.job.slurm.partition, s.threads_per_rank, s.timeout_s, cores)
+        partition = s.launcher.partition or (study.job.slurm.partition if study.job else None)
+        return SlurmLauncher(partition, s.threads_per_rank, s.timeout_s, cores)
     raise ValueError(f"unknown launcher {s.launcher.name!r}")  # the study schema admits only the names above

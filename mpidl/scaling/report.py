@@ -509,9 +509,12 @@ def _env_view(doc: dict) -> list[tuple[str, str]]:
 
 def _settings(doc: dict) -> list[tuple[str, str]]:
     s = doc["study"]
-    batch = (f"{s['batch_per_rank'] or doc['job']['data']['batch']} per rank" if s["mode"] == "weak"
+    job = doc["job"]
+    batch = (f"{s['batch_per_rank'] or job['data']['batch']} per rank" if s["mode"] == "weak"
              else f"{s['global_batch']} global (÷ p per rank)")
-    return [("job", f"{doc['job_file']} ({doc['job']['model']['name']}, {doc['job']['precision']})"),
+    what = ("command", doc["job_file"]) if "command" in job else \
+        ("job", f"{doc['job_file']} ({job['model']['name']}, {job['precision']})")
+    return [what,
             ("overrides", " ".join(s["set"]) or "–"), ("mode", s["mode"]), ("batch", batch),
             ("sizes", ", ".join(map(str, s["sizes"]))),
             *([("nodes", ", ".join(map(str, s["launcher"]["nodes"])) + " (each size at every node count that "
@@ -658,7 +661,8 @@ def write_report(study_dir: Path, allreduce: Optional[Path] = None) -> list[Path
         written.append(study_dir / "prediction.json")
 
     s = doc["study"]
-    title = f"Scaling study {s['name']}: {s['mode']} scaling of {doc['job']['model']['name']}"
+    title = f"Scaling study {s['name']}: {s['mode']} scaling of " + (
+        doc["job_file"] if "command" in doc["job"] else doc["job"]["model"]["name"])
     ph, pb = _points_view(doc)
     gh, gb = _goals_view(doc, ar)
     notes = _notes(doc, ar)

@@ -1,5 +1,5 @@
-"""Run a study: every (size, nodes, backend, repetition) point is a real `mpidl train` under the
-launcher (a size runs at every node count of `launcher.nodes` that divides it; 1 by default).
+"""Run a study: every (size, nodes, backend, repetition) point is a real `mpidl train` (or the
+study's command, on mpidl.Run, with the point in its environment: `point_env`) under the launcher (a size runs at every node count of `launcher.nodes` that divides it; 1 by default).
 
 Order: repetitions are the outer loop; within one, sizes go up on even repetitions and down
 on odd ones, and so do a size's node counts; at each placement the backends (baseline
@@ -31,7 +31,7 @@ from typing import Callable, Optional
 
 from mpidl.errors import BadInput
 from mpidl.scaling import efficiency, environment
-from mpidl.scaling.launch import Launcher, make_launcher
+from mpidl.scaling.launch import Launcher, make_launcher, mpidl_command
 from mpidl.scaling.study import BASELINE, Study, check_feasible
 from mpidl.spec import load_spec
 
@@ -125,14 +125,16 @@ def aggregate(runs: list[dict]) -> dict[tuple[str, int, int], dict]:
     return out
 
 
-def _trainer() -> list[str]:
-    """`<venv>/bin/mpidl`, the console script beside this interpreter, or `python -m mpidl.cli`."""
-    script = Path(sys.executable).parent / "mpidl"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "mpidl.cli"]
-
-
-def _grad_params(study: Study) -> Optional[int]:
-    """Trainable parameters of the job's model (what each step allreduces), built as the trainer does."""
+def _grad_params(study: Study, runs: list[dict], out: Path) -> Optional[int]:
+    """Trainable parameters of the job's model (what each step allreduces), built as the trainer
+    does; for a command, as its runs' summaries report them."""
+    if study.job is None:
+        for r in runs:
+            try:
+                return json.loads((out / r["run_dir"] / "summary.json").read_text())["parameters"]
+            except (OSError, ValueError, KeyError):
+                continue
+        return None
     try:
         from mpidl.data import H5Source
         from mpidl.train.models import model_for
@@ -167,11 +169,24 @@ def _last_words(log_tail: str) -> str:
 
 
 def _argv(study: Study, point: Point, run_dir: Path) -> list[str]:
-    """The trainer's command line for a point: `mpidl train JOB --set ...`."""
-    argv = [*_trainer(), "train", str(study.job_path)]
+    """The command line of a point's ranks: `mpidl train JOB --set ...`, or the study's command."""
+    if study.command is not None:
+        return list(study.command)
+    argv = [*mpidl_command(), "train", str(study.job_path)]
     for item in overrides(study, point, run_dir):
         argv += ["--set", item]
     return argv
+
+
+def point_env(study: Study, point: Point, run_dir: Path) -> dict[str, str]:
+    """What a command's mpidl.Run takes from the environment at a point (a job: nothing)."""
+    if study.command is None:
+        return {}
+    from mpidl.train.run import BACKEND_ENV, LOG_EVERY_ENV, OUTPUT_ENV, STEPS_ENV
+
+    s = study.spec
+    return {BACKEND_ENV: point.backend, OUTPUT_ENV: str(run_dir.absolute()), STEPS_ENV: str(s.warmup_steps + s.steps),
+            LOG_EVERY_ENV: str(s.window), "MPIDL_BATCH_PER_RANK": str(study.batch_per_rank(point.size))}
 
 
 def _misplaced(run_dir: Path, point: Point) -> Optional[str]:
@@ -198,7 +213,7 @@ def run_study(study: Study, *, force: bool = False, echo: Callable[[str], None] 
     out = study.output
     if (out / "study.json").exists() and not force:
         raise BadInput(f"{out}/study.json: a study is already there (mpidl scale --force replaces it)")
-    for p in s.sizes:  # every point's full job spec validates before the first run starts
+    for p in s.sizes if study.job_path else []:  # every point's full job spec validates before the first run starts
         for b in s.runs:
             load_spec(study.job_path, overrides(study, Point(0, 0, p, b), out / "runs" / "x"))
     if study.allreduce is not None and not study.allreduce.exists():
@@ -223,8 +238,8 @@ def run_study(study: Study, *, force: bool = False, echo: Callable[[str], None] 
     multinode = s.launcher.nodes != [1]
     points = plan(s.sizes, s.runs, s.repetitions, tuple(s.launcher.nodes))
     doc: dict = {"kind": "mpidl scaling study", "complete": False, "study": s.model_dump(mode="json"),
-                 "study_file": str(study.origin), "job_file": str(study.job_path),
-                 "job": study.job.redacted_dump(), "environment": env,
+                 "study_file": str(study.origin), "job_file": study.what,
+                 "job": study.job.redacted_dump() if study.job else {"command": study.command}, "environment": env,
                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": []}
     echo(f"study {s.name}: {s.mode} scaling, sizes {s.sizes}"
          + (f" on {s.launcher.nodes} nodes (each size at every count that divides it)" if multinode else "")
@@ -240,8 +255,9 @@ def run_study(study: Study, *, force: bool = False, echo: Callable[[str], None] 
         run_dir.mkdir(parents=True)
         over = launcher.oversubscribed(point.size, point.nodes)
         load_before = os.getloadavg()[0]
-        done = launcher.run(point.size, _argv(study, point, run_dir), nodes=point.nodes, env=run_env,
-                            cwd=Path.cwd(), timeout=s.timeout_s, log=run_dir / "output.log")
+        done = launcher.run(point.size, _argv(study, point, run_dir), nodes=point.nodes,
+                            env={**run_env, **point_env(study, point, run_dir)}, cwd=Path.cwd(), timeout=s.timeout_s,
+                            log=run_dir / "output.log")
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         row: dict = {"order": point.order, "rep": point.rep, "size": point.size, "nodes": point.nodes,
                      "backend": point.backend, "oversubscribed": over,
@@ -278,7 +294,7 @@ def run_study(study: Study, *, force: bool = False, echo: Callable[[str], None] 
             raise StudyFailed(f"{out / 'study.json'}: the first {n} runs all failed, so the study stops; "
                               f"the first: {doc['runs'][0]['error']} (see {out / doc['runs'][0]['run_dir']}/output.log)")
 
-    doc["model_inputs"] = {"grad_params": _grad_params(study)}
+    doc["model_inputs"] = {"grad_params": _grad_params(study, doc["runs"], out)}
     doc["failed_runs"] = sum(1 for r in doc["runs"] if r.get("throughput") is None)
     doc["complete"] = True
     doc["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -3,6 +3,8 @@
     name: demo-weak
     job: jobs/demo.yaml             # paths are relative to where mpidl runs, as in job specs
     set: [data.val_fraction=0]      # --set overrides for every point
+    # or your own script on mpidl.Run, instead of job and set:
+    # command: [python, examples/mpidl_loop.py, data/example.h5]
     mode: weak                      # weak: fixed batch per rank; strong: fixed global batch
     sizes: [1, 2, 4]
     batch_per_rank: 64              # weak (default: the job's data.batch); strong: global_batch
@@ -15,6 +17,13 @@
     launcher: {name: mpirun, args: []}
     # or, one SLURM job per point, each size at every node count that divides it:
     # launcher: {name: slurm, nodes: [1, 2], partition: debug}
+
+COMMANDS: a study of your own script runs `command` on every rank of each point with what the
+point fixes in the environment, which `mpidl.Run` takes over what the script says: MPIDL_BACKEND
+(the backend, `none` for the baseline), MPIDL_OUTPUT (the point's run folder), MPIDL_STEPS
+(warmup_steps + steps) and MPIDL_LOG_EVERY (window); MPIDL_BATCH_PER_RANK is the point's batch
+per rank for the script to read (a strong study needs it read). The figures come from the
+records the Run writes, as for a job.
 
 Unknown keys, wrong types and impossible values give one line naming the file, the key and
 the value (BadInput, exit 2), as job specs do. `check_feasible` then refuses, before anything
@@ -96,7 +105,9 @@ class PredictSpec(Strict):
 
 class StudySpec(Strict):
     name: str
-    job: str
+    job: Optional[str] = Field(default=None, description="a job spec; or give command")
+    command: Optional[list[str]] = Field(default=None, description="your script, run on every rank "
+                                                                   "(e.g. [python, train.py]): see COMMANDS")
     set: list[str] = Field(default_factory=list)
     mode: Literal["strong", "weak"]
     sizes: list[int] = Field(min_length=1)
@@ -118,6 +129,16 @@ class StudySpec(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "StudySpec":
+        if (self.job is None) == (self.command is None):
+            raise ValueError("give job (a job spec) or command (your script), one of them")
+        if self.command is not None:
+            if not self.command:
+                raise ValueError("command: an empty command")
+            if self.set:
+                raise ValueError("set: --set items are for a job spec; a command takes its own arguments")
+            if self.mode == "weak" and self.batch_per_rank is None:
+                raise ValueError("batch_per_rank: a weak study of a command states the batch its script takes "
+                                 "(MPIDL_BATCH_PER_RANK passes it on)")
         if any(p < 1 for p in self.sizes):
             raise ValueError(f"sizes: every size is >= 1, got {self.sizes}")
         if len(set(self.sizes)) != len(self.sizes):
@@ -154,20 +175,30 @@ class StudySpec(Strict):
 
 
 class Study:
-    """A validated study with its paths resolved and its job spec loaded."""
+    """A validated study with its paths resolved and its job spec loaded (None for a command)."""
 
     def __init__(self, spec: StudySpec, origin: Path):
         self.spec = spec
         self.origin = origin
-        self.job_path = Path(spec.job).expanduser()
-        self.job: JobSpec = load_spec(self.job_path, spec.set)  # BadInput names the job file
+        self.job_path = Path(spec.job).expanduser() if spec.job else None
+        # BadInput names the job file
+        self.job: Optional[JobSpec] = load_spec(self.job_path, spec.set) if self.job_path else None
+        self.command = list(spec.command) if spec.command else None
         self.output = Path(spec.output.format(name=spec.name))
         self.allreduce = Path(spec.allreduce).expanduser() if spec.allreduce else None
+
+    @property
+    def what(self) -> str:
+        """What the study measures, for its report: the job file, or the command."""
+        return str(self.job_path) if self.job_path else " ".join(self.command or [])
 
     def batch_per_rank(self, size: int) -> int:
         s = self.spec
         if s.mode == "weak":
-            return s.batch_per_rank or self.job.data.batch
+            if s.batch_per_rank is not None:
+                return s.batch_per_rank
+            assert self.job is not None  # a command study states it
+            return self.job.data.batch
         assert s.global_batch is not None
         return s.global_batch // size
 
@@ -220,9 +251,9 @@ def check_feasible(study: Study) -> None:
         if bad:
             raise BadInput(f"{origin}: sizes: global_batch = {s.global_batch} does not divide by {bad[0]} ranks "
                            "(strong scaling keeps the global batch: choose sizes that divide it)")
-    rows, where = training_rows(study.job)
-    acc = study.job.accumulate
-    for p in sorted(s.sizes, reverse=True):
+    rows, where = training_rows(study.job) if study.job else (None, "")
+    acc = study.job.accumulate if study.job else 1
+    for p in sorted(s.sizes, reverse=True) if rows is not None else []:
         need = p * study.batch_per_rank(p) * acc
         if need > rows:
             raise BadInput(f"{origin}: sizes: {p} ranks need {need} samples per step "

@@ -61,7 +61,7 @@ REQUEUE_ENV, REQUEUE_LIMIT_ENV = "MPIDL_REQUEUE", "MPIDL_REQUEUE_LIMIT"
 # Set by `mpidl scale`, `mpidl check` and `mpidl submit --array` for the runs they start, and
 # taking precedence over what the script says: the backend, the run folder, the run's length
 # in optimizer steps.
-BACKEND_ENV, OUTPUT_ENV, STEPS_ENV = "MPIDL_BACKEND", "MPIDL_OUTPUT", "MPIDL_STEPS"
+BACKEND_ENV, OUTPUT_ENV, STEPS_ENV, LOG_EVERY_ENV = "MPIDL_BACKEND", "MPIDL_OUTPUT", "MPIDL_STEPS", "MPIDL_LOG_EVERY"
 
 
 def _positive(text: str, name: str) -> int:
@@ -89,8 +89,8 @@ class Run:
     yourself (then give `steps_per_epoch`). epochs or steps: the run's length. scheduler: an lr
     scheduler to checkpoint (step it yourself). backend: horovod, ddp, mpi or none (or a Backend),
     with `backend_options` as a job spec's section of that name (default horovod). MPIDL_BACKEND,
-    MPIDL_OUTPUT and MPIDL_STEPS, when set (by `mpidl scale`, `mpidl check`, `mpidl submit
-    --array`), take precedence over the backend, output and length given here. resume: "auto" continues from the
+    MPIDL_OUTPUT, MPIDL_STEPS and MPIDL_LOG_EVERY, when set (by `mpidl scale`, `mpidl check`,
+    `mpidl submit --array`), take precedence over the backend, output, length and log_every given here. resume: "auto" continues from the
     newest checkpoint when there is one, True requires one, False starts afresh (refused where the
     folder holds checkpoints, unless `overwrite`). fingerprint: what a checkpoint must match
     (default: `model_fingerprint`).
@@ -112,6 +112,8 @@ class Run:
             backend = os.environ.get(BACKEND_ENV) or backend
             if os.environ.get(STEPS_ENV):
                 steps = _positive(os.environ[STEPS_ENV], STEPS_ENV)
+            if os.environ.get(LOG_EVERY_ENV):
+                log_every = _positive(os.environ[LOG_EVERY_ENV], LOG_EVERY_ENV)
         self.run_dir = Path(output)
         self.name = name or self.run_dir.name
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else self.run_dir / "checkpoints"
@@ -372,6 +374,7 @@ class Run:
             "samples_per_s": totals["samples"] / wall if wall > 0 else 0.0,
             "step_time_breakdown_s": self.backend.average({k: totals[k] / steps for k in BUCKETS}),
             "final": self.final, "versions": versions(), "fingerprint": self.fingerprint,
+            "parameters": sum(p.numel() for p in self.net.parameters() if p.requires_grad),
             **(extra or {}),
         }
         return summary
