@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import pycode, run
+from conftest import mpidl_cmd, mpirun, pycode, run
 from mpidl.errors import BadInput
 
 UID = os.getuid()
@@ -192,17 +192,34 @@ print("STAGED " + json.dumps([str(path), before, path.exists()]), flush=True)
 """
 
 
-def test_a_training_run_removes_its_staged_file_at_its_end(tmp_path):
+def small_job(tmp_path, **data) -> str:
     job = {"name": "t", "seed": 3, "steps": 4, "backend": "mpi", "output": str(tmp_path / "run"),
            "data": {"files": str(tmp_path / "tab.h5"), "batch": 16, "stage_dir": str(tmp_path / "stage"),
                     "synth": {"kind": "tabular", "rows": 400, "features": 8, "classes": 3}},
            "model": {"name": "mlp", "args": {"hidden": [8], "num_classes": 3}},
            "optimizer": {"name": "sgd", "lr": 0.05}}
+    job["data"].update(data)
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
-    r = run(pycode(TRAIN) + [str(tmp_path / "job.yaml")], timeout=120)  # one process, no launcher
+    return str(tmp_path / "job.yaml")
+
+
+def test_a_training_run_removes_its_staged_file_at_its_end(tmp_path):
+    r = run(pycode(TRAIN) + [small_job(tmp_path)], timeout=120)  # one process, no launcher
     assert r.returncode == 0, r.output[-3000:]
     path, existed, exists_after = json.loads(next(line for line in r.stdout.splitlines()
                                                   if line.startswith("STAGED "))[7:])
     assert existed and not exists_after  # gone at Trainer.close(), not only when collected or at exit
     assert path.startswith(str(tmp_path / "stage" / f"mpidl-{UID}"))
     assert list((tmp_path / "stage" / f"mpidl-{UID}").iterdir()) == []
+
+
+def test_a_refused_folder_stops_every_rank_with_one_line(tmp_path):
+    (tmp_path / "stage" / f"mpidl-{UID}").mkdir(parents=True)
+    os.chmod(tmp_path / "stage" / f"mpidl-{UID}", 0o777)
+    r = mpirun(2, mpidl_cmd("train", small_job(tmp_path)), timeout=120)
+    assert r.returncode == 2, r.output[-3000:]
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert errors == [f"[rank 0] error: data.stage_dir {str(tmp_path / 'stage')!r}: {tmp_path / 'stage' / f'mpidl-{UID}'} "
+                      "has mode 0777: group or others may use it (it must be 0700); remove it or choose another "
+                      "stage_dir"], r.stderr
+    assert "Traceback" not in r.stderr
