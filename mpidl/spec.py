@@ -54,7 +54,8 @@ class DataSpec(Strict):
     shuffle: Literal["block", "exact", "none"] = "block"
     drop_last: bool = True
     prefetch: int = Field(default=4, ge=1)
-    stage_dir: Optional[str] = None
+    stage_dir: Optional[str] = Field(default=None, description="node-local copy of each rank's share: a folder "
+                                     "($VARS and ~ expand) or auto ($SLURM_TMPDIR, $TMPDIR, the temp dir)")
     preprocess: PreprocessSpec = Field(default_factory=PreprocessSpec)
     synth: Optional[SynthSpec] = None
 

@@ -11,8 +11,13 @@
 #                                        joined and run by a shell); also a launch agent for
 #                                        `mpirun --mca plm_rsh_agent "slurm/cluster.sh exec"`
 #
-# Everything lives under $MPIDL_SLURM_DIR (default /tmp/mpidl-slurm-$UID). Clients need
-# SLURM_CONF pointing at the generated slurm.conf.
+# Everything lives in a state folder only the caller can use: $MPIDL_SLURM_DIR (made mode 700
+# when missing; one that is there must be the caller's, a real folder, with no group or other
+# permission, or the script refuses in one line), else a folder `start` makes with mktemp under
+# $TMPDIR (or /tmp) and writes down in ${XDG_RUNTIME_DIR:-~/.cache}/mpidl-slurm-dir for the other
+# commands. A fixed name under /tmp would not do: whoever makes it first controls what `stop`
+# deletes and kills, and the slurm.conf the daemons read. Clients need SLURM_CONF pointing at the
+# generated slurm.conf (`env` prints it).
 #
 # With --nodes N (N >= 2, root only): nodes node1..nodeN, each a network namespace plus a UTS
 # namespace (its own hostname) and a mount namespace (its own /etc/hosts, Debian-style: its name
@@ -21,13 +26,97 @@
 # .(k+1). Nothing is routed anywhere else. Every namespace, link and daemon made is listed in
 # $DIR/made, and `stop` removes exactly those (and ends whatever still runs inside the nodes).
 set -euo pipefail
+umask 077   # the config, pid files and records written here are the caller's alone
 
-DIR="${MPIDL_SLURM_DIR:-/tmp/mpidl-slurm-$(id -u)}"
-CONF="$DIR/slurm.conf"
-MADE="$DIR/made"
+DIR="" CONF="" MADE=""   # the state folder and what lies in it: set by state_dir
 
 say() { printf '[slurm] %s\n' "$*"; }
 die() { printf '[slurm] error: %s\n' "$*" >&2; exit 1; }
+refuse() { printf '[slurm] error: %s\n' "$*" >&2; exit 2; }   # bad input: one line, exit 2
+
+# Why folder $1 is not the caller's alone (a real folder, not a symbolic link, owned by the caller,
+# no group or other permission), in NOT_PRIVATE; empty when it is.
+not_private() {
+    local d="$1" owner mode
+    NOT_PRIVATE=""
+    if [ -L "$d" ]; then NOT_PRIVATE="a symbolic link, not a folder"; return; fi
+    if [ ! -d "$d" ]; then NOT_PRIVATE="not a folder"; return; fi
+    owner="$(stat -c %u -- "$d")"
+    mode="$(stat -c %a -- "$d")"
+    if [ "$owner" != "$(id -u)" ]; then NOT_PRIVATE="owned by uid $owner, not by the caller (uid $(id -u))"
+    elif (( 8#$mode & 8#077 )); then NOT_PRIVATE="mode $mode: group or others may use it (it must be 700)"
+    fi
+}
+
+use_dir() { DIR="$1"; CONF="$DIR/slurm.conf"; MADE="$DIR/made"; }
+
+# Where `start` writes down the state folder it made (in RECORD): the caller's runtime folder or
+# ~/.cache, which must be the caller's and writable by no one else.
+record_file() {
+    local base="${XDG_RUNTIME_DIR:-}" owner mode
+    if [ -z "$base" ]; then
+        [ -n "${HOME:-}" ] || refuse "no XDG_RUNTIME_DIR or HOME to note the state folder in: set MPIDL_SLURM_DIR"
+        base="$HOME/.cache"
+        mkdir -p -- "$base" 2>/dev/null || true
+    fi
+    [ -d "$base" ] || refuse "$base: not a folder (to note the state folder in): set MPIDL_SLURM_DIR"
+    owner="$(stat -L -c %u -- "$base")"
+    mode="$(stat -L -c %a -- "$base")"
+    if [ "$owner" != "$(id -u)" ] || (( 8#$mode & 8#022 )); then
+        refuse "$base: owned by uid $owner, mode $mode: others could change the note of the state folder there; set MPIDL_SLURM_DIR"
+    fi
+    RECORD="$base/mpidl-slurm-dir"
+}
+
+# The state folder (see the top): $1 = make (start) or find (the other commands; returns 1 where
+# there is none). Refuses in one line, exit 2, a folder that is not the caller's alone.
+state_dir() {
+    local d
+    if [ -n "${MPIDL_SLURM_DIR:-}" ]; then
+        d="$MPIDL_SLURM_DIR"
+        while [[ "$d" == */ && "$d" != / ]]; do d="${d%/}"; done
+        if [ "$1" = make ] && [ ! -e "$d" ] && [ ! -L "$d" ]; then
+            mkdir -p -- "$(dirname -- "$d")" && mkdir -m 700 -- "$d" 2>/dev/null || true  # raced: checked next
+        fi
+        if [ ! -e "$d" ] && [ ! -L "$d" ]; then return 1; fi
+        not_private "$d"
+        [ -z "$NOT_PRIVATE" ] || refuse "MPIDL_SLURM_DIR=$d: $NOT_PRIVATE"
+        use_dir "$d"
+        return 0
+    fi
+    record_file
+    if [ -f "$RECORD" ] && [ ! -L "$RECORD" ]; then
+        d="$(cat -- "$RECORD")"
+        if [ -n "$d" ] && { [ -e "$d" ] || [ -L "$d" ]; }; then
+            not_private "$d"
+            [ -z "$NOT_PRIVATE" ] || refuse "state folder $d (noted in $RECORD): $NOT_PRIVATE"
+            use_dir "$d"
+            return 0
+        fi
+    fi
+    [ "$1" = make ] || return 1
+    d="$(mktemp -d "${TMPDIR:-/tmp}/mpidl-slurm-$(id -u).XXXXXXXX")" || die "cannot make a state folder under ${TMPDIR:-/tmp}"
+    printf '%s\n' "$d" > "$RECORD.$$"
+    mv -f -- "$RECORD.$$" "$RECORD"
+    use_dir "$d"
+}
+
+# The pid in pid file $1 if that process is our $2 (slurmctld, slurmd or munged; the SLURM daemons
+# started with our slurm.conf), printed; else returns 1. A pid file may be stale and its pid reused
+# by anything since, so a pid is never killed on the file's word alone.
+our_pid() {
+    local file="$1" name="$2" pid arg args=()
+    [ -f "$file" ] && [ ! -L "$file" ] || return 1
+    pid="$(head -c 32 -- "$file" | tr -d '[:space:]')"
+    [[ "$pid" =~ ^[1-9][0-9]{0,9}$ ]] || return 1
+    mapfile -d '' args 2>/dev/null < "/proc/$pid/cmdline" || return 1
+    [ "${#args[@]}" -gt 0 ] && [ "${args[0]##*/}" = "$name" ] || return 1
+    if [ "$name" = munged ]; then echo "$pid"; return 0; fi   # started by runuser: no config to name
+    for arg in "${args[@]:1}"; do
+        if [ "$arg" = "$CONF" ]; then echo "$pid"; return 0; fi
+    done
+    return 1
+}
 
 install() {
     local missing=()
@@ -84,15 +173,14 @@ start_munge() {
         dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
     fi
     chown munge:munge /etc/munge/munge.key && chmod 400 /etc/munge/munge.key
-    mkdir -p /run/munge /var/lib/munge /var/log/munge
+    mkdir -p /var/lib/munge /var/log/munge
+    mkdir -p -m 755 /run/munge   # its socket is every client's (umask 077 would close it)
     chown munge:munge /run/munge /var/lib/munge /var/log/munge
     runuser -u munge -- /usr/sbin/munged
     # Remember that we started it, so `stop` ends it (and only then).
     for _ in $(seq 1 20); do [ -s /run/munge/munged.pid ] && break; sleep 0.1; done
     cp /run/munge/munged.pid "$DIR/run/munged.pid" 2>/dev/null || true
 }
-
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 wait_idle() {   # $1: how many nodes must be up
     for _ in $(seq 1 60); do
@@ -118,8 +206,8 @@ PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscr
 EOC
     start_munge
     export SLURM_CONF="$CONF"
-    alive "$DIR/run/slurmctld.pid" || slurmctld -f "$CONF"
-    alive "$DIR/run/slurmd.pid" || slurmd -f "$CONF"
+    our_pid "$DIR/run/slurmctld.pid" slurmctld >/dev/null || slurmctld -f "$CONF"
+    our_pid "$DIR/run/slurmd.pid" slurmd >/dev/null || slurmd -f "$CONF"
     wait_idle 1 || die "the node did not come up within 30 s"
     say "up: node $host idle, SLURM_CONF=$CONF"
 }
@@ -132,6 +220,17 @@ tag() { printf '%s' "$DIR" | cksum | awk '{printf "%05x", $1 % 1048576}'; }
 netns_of() { echo "mpidl-$(tag)-$1"; }
 uts_of() { echo "$DIR/ns/$1.uts"; }
 record() { echo "$*" >> "$MADE"; }
+
+# `made` lies in the private folder, yet `stop` acts only on lines naming this cluster's own
+# things: paths inside $DIR, namespaces and links with its tag.
+ours_made() {   # $1: kind, $2: what, $3: the tag
+    case "$1" in
+        pidfile | uts | mnt | mount) [[ "$2" == "$DIR/"* && "$2" != *"/../"* ]] ;;
+        netns) [[ "$2" == "mpidl-$3-"* ]] ;;
+        link) [[ "$2" == "mpidl$3"* ]] ;;
+        *) return 1 ;;
+    esac
+}
 
 # A 10.x.y.0/24 that no address or route here touches (the first free one from the tag on).
 free_subnet() {
@@ -260,8 +359,10 @@ on_node() {
 
 # The inode of every network namespace this cluster made, for finding what still runs there.
 ns_inodes() {
-    local ns
+    local ns t
+    t="$(tag)"
     for ns in $(awk '$1 == "netns" {print $2}' "$MADE" 2>/dev/null); do
+        ours_made netns "$ns" "$t" || continue
         [ -e "/run/netns/$ns" ] && stat -L -c %i "/run/netns/$ns"
     done
 }
@@ -305,14 +406,20 @@ end_pids() {
 }
 
 stop_nodes() {
-    local kind what daemons=()
-    # Daemons first (by their pid files), then anything left inside the nodes (job steps).
+    local kind what pid t daemons=()
+    t="$(tag)"
+    # Daemons first (by their pid files, each checked), then anything left inside the nodes (job steps).
     while read -r kind what; do
-        if [ "$kind" = pidfile ] && alive "$what"; then daemons+=("$(cat "$what")"); fi
+        if [ "$kind" = pidfile ] && ours_made "$kind" "$what" "$t"; then
+            local name="${what##*/}"
+            name="${name%.pid}"
+            if pid="$(our_pid "$what" "${name%%-*}")"; then daemons+=("$pid"); fi
+        fi
     done < "$MADE"
     end_pids "${daemons[@]}"
     end_in_namespaces
     tac "$MADE" | while read -r kind what; do
+        ours_made "$kind" "$what" "$t" || { printf '[slurm] %s: not this cluster'"'"'s, left alone: %s %s\n' "$MADE" "$kind" "$what" >&2; continue; }
         case "$kind" in
             uts | mnt) umount "$what" 2>/dev/null || true; rm -f "$what" ;;
             mount) umount "$what" 2>/dev/null || true ;;
@@ -333,30 +440,33 @@ start() {
         esac
     done
     if ! [[ "$n" =~ ^[1-9][0-9]?$ ]]; then echo "[slurm] error: --nodes '$n': a number from 1 to 99" >&2; exit 2; fi
-    if [ "$n" = 1 ]; then install; start_one; return; fi
-    check_nodes_possible "$n"
+    [ "$n" = 1 ] || check_nodes_possible "$n"
+    state_dir make   # before anything is installed or started: a folder not ours stops it all here
     install
-    start_nodes "$n"
+    if [ "$n" = 1 ]; then start_one; else start_nodes "$n"; fi
 }
 
 stop() {
-    local ours others
+    local ours="" others pid d
+    if ! state_dir find; then say "stopped (no state folder: nothing ran)"; return 0; fi
     if [ -f "$MADE" ]; then stop_nodes; fi   # emulated nodes: their daemons end (and are waited for) here
-    ours="$(cat "$DIR/run/slurmd.pid" "$DIR/run/slurmctld.pid" 2>/dev/null || true)"
     for d in slurmd slurmctld; do
-        if alive "$DIR/run/$d.pid"; then
-            kill "$(cat "$DIR/run/$d.pid")"
+        if pid="$(our_pid "$DIR/run/$d.pid" "$d")"; then
+            kill "$pid"
+            ours+="$pid"$'\n'
         fi
     done
     # munged serves every SLURM cluster on this machine: leave it while another one runs.
-    others="$(pgrep -x 'slurmctld|slurmd' | grep -vxF "${ours:-none}" || true)"
-    if [ -z "$others" ] && alive "$DIR/run/munged.pid"; then
-        kill "$(cat "$DIR/run/munged.pid")"
+    # (a pattern under 16 characters: pgrep warns on stderr about longer ones when none matches)
+    others="$(pgrep -x 'slurm(ctld|d)' | grep -vxF -e "${ours:-none}" || true)"
+    if [ -z "$others" ] && pid="$(our_pid "$DIR/run/munged.pid" munged)"; then
+        kill "$pid"
     fi
     say "stopped"
 }
 
 env_() {
+    state_dir find || die "no cluster to find: run '$0 start' first (or set MPIDL_SLURM_DIR)"
     echo "export SLURM_CONF=$CONF"
     if [ -s "$DIR/subnet" ]; then echo "export MPIDL_NET=$(cat "$DIR/subnet")"; fi
 }
@@ -364,6 +474,7 @@ env_() {
 exec_() {
     [ $# -ge 2 ] || { echo "usage: $0 exec NODE COMMAND..." >&2; exit 2; }
     local node="$1"; shift
+    state_dir find || die "no cluster to find: run '$0 start' first (or set MPIDL_SLURM_DIR)"
     on_node "$node" /bin/sh -c "$*"
 }
 

@@ -112,7 +112,9 @@ for e in range(cfg["epochs"]):
         assert np.array_equal(xv, cfg["x_of_y"][0] * (yv % cfg["x_of_y"][1] if cfg["x_of_y"][1] else yv)), "x/y misaligned"
         ys.extend(yv.tolist())
     epochs.append(ys)
-out = w.comm.gather({"steps": len(ld), "dtype": str(x.dtype), "epochs": epochs}, root=0)
+staged = ld.staged_path
+out = w.comm.gather({"steps": len(ld), "dtype": str(x.dtype), "epochs": epochs,
+                     "staged": staged and [str(staged), staged.exists()]}, root=0)
 if w.rank == 0:
     print("RESULT " + json.dumps(out), flush=True)
 """
@@ -281,7 +283,11 @@ def test_staging_reads_a_fixed_share(files, tmp_path):
     for r in res:
         assert set(r["epochs"][0]) == set(r["epochs"][1]) and r["epochs"][0] != r["epochs"][1]
     assert not set(res[0]["epochs"][0]) & set(res[1]["epochs"][0])
-    assert len(list((tmp_path / "stage").glob("mpidl-stage-*.h5"))) == 2
+    # one file a rank in the user's private folder while it ran; gone when the ranks ended
+    mine = tmp_path / "stage" / f"mpidl-{os.getuid()}"
+    assert sorted(r["staged"][0].rsplit("-r", 1)[1].split("-")[0] for r in res) == ["0of2", "1of2"]
+    assert all(r["staged"][1] and r["staged"][0].startswith(f"{mine}/mpidl-stage-") for r in res)
+    assert (mine.stat().st_mode & 0o777) == 0o700 and list(mine.iterdir()) == []
 
 
 def test_resume_mid_epoch_yields_the_rest():

@@ -21,7 +21,6 @@ import time
 import warnings
 from pathlib import Path
 
-import h5py
 import pytest
 
 from conftest import (CLUSTER_SH, MPIRUN, PYTHON, ROOT, clean_env, has_horovod, multinode_unavailable, mpidl_cmd,
@@ -248,7 +247,7 @@ SMALL_DEMO = ["data.synth.rows=4000", "data.synth.size=8", "data.synth.noise=100
               "data.batch=32", "epochs=3", "log_every=5"]
 
 TRAIN = """
-import hashlib, json, sys, mpidl
+import hashlib, json, sys, h5py, mpidl
 from mpidl.spec import load_spec
 from mpidl.train.callbacks import Callback
 from mpidl.train.trainer import train
@@ -256,6 +255,10 @@ from mpidl.train.trainer import train
 class Capture(Callback):
     def on_end(self, trainer, summary):
         self.net, self.backend = trainer.net, trainer.backend
+        self.staged = path = trainer.inputs.loader.staged_path  # removed when train() returns
+        if path is not None:
+            with h5py.File(path, "r") as h:
+                self.staged = [str(path), str(h.attrs["mpidl_staged_by"])]
 
 w = mpidl.init()
 cap = Capture()
@@ -264,7 +267,8 @@ resume = "--resume" in args
 train(load_spec(args[0], [a for a in args[1:] if a != "--resume"]), resume=resume, callbacks=[cap])
 mine = {"rank": w.rank, "host": w.host, "local_rank": w.local_rank,
         "params": hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in cap.net.parameters())).hexdigest(),
-        "rendezvous": getattr(cap.backend, "rendezvous", None), "interface": getattr(cap.backend, "interface", None)}
+        "rendezvous": getattr(cap.backend, "rendezvous", None), "interface": getattr(cap.backend, "interface", None),
+        "staged": cap.staged}
 seen = w.comm.gather(mine, root=0)
 if w.rank == 0:
     print("RANKS " + json.dumps(seen), flush=True)
@@ -327,14 +331,16 @@ def test_demo_trains_across_nodes(two_nodes, tmp_path, backend, per_node, launch
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert ckpts and all(name.startswith("ckpt-") and name.endswith(".pt") for name in ckpts), ckpts
     if per_node == 2:
-        # staged once per node, by the node's local rank 0, one file for each rank on it
-        staged = sorted(stage.glob("mpidl-stage-*.h5"))
-        assert len(staged) == 4 and not list(stage.glob("*.tmp*"))
+        # staged once per node, by the node's local rank 0, one file for each rank on it, in the
+        # user's private folder; every file removed when the run ended
+        mine = stage / f"mpidl-{os.getuid()}"
         by = {}
-        for f in staged:
-            with h5py.File(f, "r") as h:
-                by[f.name.split("-r")[-1].split("of")[0]] = h.attrs["mpidl_staged_by"]
+        for w in seen:
+            path, who = w["staged"]
+            assert Path(path).parent == mine, path
+            by[Path(path).name.split("-r")[-1].split("of")[0]] = who
         assert by == {"0": "node1 rank 0", "1": "node1 rank 0", "2": "node2 rank 2", "3": "node2 rank 2"}
+        assert list(mine.iterdir()) == []
 
 
 @needs_nodes

@@ -53,10 +53,10 @@ import torch
 
 from mpidl.data.shard import RankPlan, check_shape, eval_steps, plan_eval, plan_rank, steps_per_epoch
 from mpidl.data.source import DIRECT_ROW_BYTES, H5Source, Pending, byte_view
+from mpidl.data.staging import Staging
 from mpidl.errors import BadInput
 
 _DONE = object()
-_STAGE_EPOCH = 2**32 - 1  # the seed-only order that picks each rank's staged share
 
 
 class _Failed:
@@ -433,7 +433,9 @@ class ShardedLoader:
     loader's buffers and stay valid until the next batch is requested: `.clone()` one to keep
     it longer (on CUDA each batch is a fresh device tensor). stage_dir: copy this rank's rows there once and
     read them from there in later epochs (the rank then keeps its rows across epochs and
-    reshuffles them locally); one process per node copies, for every rank on it.
+    reshuffles them locally); one process per node copies, for every rank on it, into a private
+    folder under stage_dir (`auto`, environment variables and ~ allowed: see staging.py).
+    `close()` removes this rank's staged file (a normal exit does too).
     """
 
     def __init__(self, source: H5Source, world, batch_size: int, seed: int = 0, shuffle: str = "block",
@@ -482,7 +484,9 @@ class ShardedLoader:
         self.window = window or max((16 if direct else 4) * self.block, 4 * batch_size)
         self.workers = workers or default_workers(world)
         self.stage_dir = stage_dir
-        self._staged: Optional[H5Source] = None
+        self.staging: Optional[Staging] = None
+        if stage_dir is not None:
+            self.staging = Staging(stage_dir, source, world, batch_size, seed, self.block, self.window, shuffle)
         self.epoch, self.start_step = 0, 0
         self._pipe: Optional[_Pipeline] = None
         self.spent: dict[str, float] = {}  # the last pass's reader-thread time, by where it went
@@ -509,8 +513,8 @@ class ShardedLoader:
         epoch = self.epoch if epoch is None else epoch
         if self.evaluation:
             return plan_eval(len(self.source), self.world.size, self.world.rank, self.batch_size, window=self.window)
-        if self.stage_dir is not None:
-            staged = self._stage()
+        if self.staging is not None:
+            staged = self.staging.share()
             return plan_rank(len(staged), 1, 0, self.batch_size, self.seed, epoch, block=self.block,
                              window=self.window, drop_last=True, shuffle=self.shuffle, group=self.group)
         return plan_rank(len(self.source), self.world.size, self.world.rank, self.batch_size, self.seed, epoch,
@@ -519,8 +523,7 @@ class ShardedLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         plan = self.plan()
-        source = self._staged if self.stage_dir is not None else self.source
-        assert source is not None
+        source = self.staging.share() if self.staging is not None else self.source
         cuda = self.device.type == "cuda"
         pipe = _Pipeline(source, plan, self.start_step, self.prefetch, pinned=cuda, workers=self.workers)
         self._pipe = pipe
@@ -559,54 +562,19 @@ class ShardedLoader:
             self._pipe = None
         self.start_step = 0  # a later pass over the same epoch starts at its beginning
 
-    # ------------------------------------------------------------------ staging
-    def _stage(self) -> H5Source:
-        """This rank's fixed share of rows, copied to stage_dir once per node, and return it.
+    @property
+    def staged_path(self) -> Optional[Path]:
+        """This rank's staged file once staged (the first pass or plan()), else None."""
+        if self.staging is None or self.staging.staged is None:
+            return None
+        return self.staging.path(self.world.rank)
 
-        The node's local rank 0 copies the share of every rank on its node (each to its own file,
-        atomically) while the node's other ranks wait for it: the source is read by one process
-        per node, and a node-local disk is written by one. A collective on the node.
+    def close(self) -> None:
+        """Stop reading and remove this rank's staged file; the loader is not used after this.
+
+        Not a collective: each rank removes only its own file, which no other rank reads.
         """
-        if self._staged is not None:
-            return self._staged
-        src, w = self.source, self.world
-        node = w.node_comm if w.local_size > 1 else None
-        here = node.allgather(w.rank) if node is not None else [w.rank]
-        if w.local_rank == 0:
-            for rank in here:
-                path = self._stage_path(rank)
-                if not path.exists():
-                    self._copy_share(rank, path)
-        if node is not None:
-            node.Barrier()
-        self._staged = H5Source(str(self._stage_path(w.rank)), keys=src.keys).validate()
-        return self._staged
-
-    def _stage_path(self, rank: int) -> Path:
-        name = (f"mpidl-stage-{self.source.signature()}-b{self.batch_size}-s{self.seed}"
-                f"-r{rank}of{self.world.size}.h5")
-        return Path(self.stage_dir) / name
-
-    def _copy_share(self, rank: int, path: Path) -> None:
-        import h5py
-
-        src, w = self.source, self.world
-        steps = steps_per_epoch(len(src), w.size, self.batch_size, drop_last=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # The share: the rank's rows of a seed-only block order, read once from the source.
-        share = plan_rank(len(src), w.size, rank, self.batch_size, self.seed, _STAGE_EPOCH, block=self.block,
-                          window=self.window, drop_last=True, shuffle="block" if self.shuffle != "none" else "none")
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        rows = steps * self.batch_size
-        with src.open() as reader, h5py.File(tmp, "w") as out:
-            out.attrs["mpidl_staged_by"] = f"{w.host} rank {w.rank}"
-            dsets = {k: out.create_dataset(k, (rows, *src.shapes[k]), src.dtypes[k]) for k in src.keys}
-            pos = 0
-            for win in share.windows:
-                for a, b in _coalesce(win.ranges):
-                    for k in src.keys:
-                        part = np.empty((b - a, *src.shapes[k]), src.dtypes[k])
-                        reader.read(k, a, b, part)
-                        dsets[k][pos:pos + b - a] = part
-                    pos += b - a
-        os.replace(tmp, path)
+        if self._pipe is not None:
+            self._pipe.close()
+        if self.staging is not None:
+            self.staging.remove()

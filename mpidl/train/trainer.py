@@ -288,7 +288,11 @@ class Trainer(Run):
         return summary
 
     def close(self) -> None:
-        """Release the model before the backend: a DDP model must go before its process group."""
+        """Release the model before the backend: a DDP model must go before its process group.
+        The loaders' staged files go too (a requeued job stages again)."""
+        self.inputs.loader.close()
+        if self.inputs.val_loader is not None:
+            self.inputs.val_loader.close()
         self.model = self.net = self.optimizer = self.scheduler = None
         gc.collect()
         self.backend.close()
