@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -19,7 +20,9 @@ from mpidl.errors import BadInput
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # allow_inf_nan=False: YAML reads .inf and .nan as floats, and no setting means either
+    # (an infinite lr or warmup ends in an OverflowError mid-run). Every schema derives from this.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 class SynthSpec(Strict):
@@ -442,6 +445,8 @@ def _one_line(e: ValidationError, origin: str, tree: dict) -> str:
         return f"{origin}: {err['msg'].removeprefix('Value error, ')}"
     value = err.get("input")
     shown = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        shown = ".nan" if math.isnan(value) else ("-.inf" if value < 0 else ".inf")  # as YAML writes them
     return f"{origin}: {loc} = {shown}: {err['msg'].removeprefix('Value error, ')}{more}"
 
 

@@ -114,6 +114,25 @@ def test_unknown_keys_at_any_depth_name_the_nearest(tmp_path, overrides, expect)
         assert "did you mean" not in msg  # nothing close: no guess
 
 
+@pytest.mark.parametrize("overrides,expect", [
+    (["optimizer.lr=.inf"], "optimizer.lr = .inf: Input should be a finite number"),
+    (["optimizer.weight_decay=.inf"], "optimizer.weight_decay = .inf: Input should be a finite number"),
+    (["schedule.warmup_epochs=.inf"], "schedule.warmup_epochs = .inf: Input should be a finite number"),
+    (["optimizer.lr=.nan"], "optimizer.lr = .nan: Input should be a finite number"),
+    (["schedule.min_lr=-.inf"], "schedule.min_lr = -.inf: Input should be a finite number"),
+    (["optimizer.betas=[.nan, 0.9]"], "optimizer.betas.0 = .nan: Input should be a finite number"),
+    (["optimizer.clip_weights.min=-.inf", "optimizer.clip_weights.max=1"], "clip_weights.min = -.inf"),
+    (["data.synth.kind=tabular", "data.synth.rows=9", "data.synth.noise=.inf"], "data.synth.noise = .inf"),
+])
+def test_non_finite_floats_are_refused(tmp_path, overrides, expect):
+    """YAML reads .inf and .nan as floats; no setting means either (an infinite lr ended in an
+    OverflowError mid-run). Refused in every section, shown as the YAML that was written."""
+    assert expect in error(spec_file(tmp_path), overrides)
+    tree = yaml.safe_load(yaml.safe_dump(BASE))
+    tree["optimizer"]["lr"] = float("inf")  # in the file itself, not only through --set
+    assert "optimizer.lr = .inf" in error(spec_file(tmp_path, tree))
+
+
 def test_several_errors_are_counted_not_listed(tmp_path):
     msg = error(spec_file(tmp_path), ["optimizer.lr=-1", "data.batch=0"])
     assert "(and 1 more)" in msg
