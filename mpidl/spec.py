@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import re
+import string
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -196,6 +197,34 @@ def _sbatch_safe(value: str) -> str:
     return value
 
 
+# A name becomes one folder of a path (output's {name}) and a SLURM job name: nothing that
+# leaves the folder (/ or ..), hides it (a leading dot), or that a shell, sbatch or SLURM's log
+# patterns (%) would read.
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=,@-]{0,99}")
+NAME_RULE = "a name is one folder name: up to 100 ASCII letters, digits and _ . - + = , @, not starting with . - + = , @"
+
+
+def check_name(value: str) -> str:
+    if not _NAME.fullmatch(value):
+        raise ValueError(NAME_RULE)
+    return value
+
+
+def check_output(template: str) -> str:
+    """An output template: {name} its only placeholder (`{{` and `}}` for braces), and no %:
+    SLURM expands % in the log paths under the run folder (#SBATCH --output). Refused under
+    `mpidl train` too: the folder a run starts in by hand is the one a submitted job continues."""
+    try:
+        fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
+    except ValueError:
+        fields = [("", "", "")]  # a lone { or }
+    if any(f != "name" or spec or conv for f, spec, conv in fields):
+        raise ValueError("the only placeholder is {name} (write {{ and }} for literal braces)")
+    if "%" in template:
+        raise ValueError("% is refused: SLURM expands it in the log paths under the run folder (#SBATCH --output)")
+    return template
+
+
 # Options mpidl writes itself; setting them under slurm.sbatch would contradict the section.
 OWNED_SBATCH = {"job-name", "partition", "account", "qos", "nodes", "ntasks", "ntasks-per-node",
                 "gpus-per-node", "gres", "cpus-per-task", "mem", "time", "t", "constraint", "exclusive",
@@ -349,6 +378,16 @@ class JobSpec(Strict):
     slurm: SlurmSpec = Field(default_factory=SlurmSpec)
     distill: Optional[DistillSpec] = None
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_name(v)
+
+    @field_validator("output")
+    @classmethod
+    def _output(cls, v: str) -> str:
+        return check_output(v)
+
     @model_validator(mode="after")
     def _length(self) -> "JobSpec":
         if self.epochs is None and self.steps is None:
@@ -412,6 +451,9 @@ def _set(tree: dict, dotted: str, raw: str, origin: str) -> None:
     parts = dotted.split(".")
     if not all(parts):
         raise BadInput(f"{origin}: --set {dotted}={raw}: empty key in path")
+    if "\n" in raw or "\r" in raw:  # YAML would fold it into a space, silently
+        raise BadInput(f"{origin}: --set {dotted}={json.dumps(raw)}: a line break in a --set value "
+                       "(YAML would read it as a space); write \\n inside double quotes if you mean one")
     node = tree
     for p in parts[:-1]:
         nxt = node.get(p)

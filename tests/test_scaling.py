@@ -487,6 +487,18 @@ def test_non_finite_floats_are_refused(tmp_path, over, expect):
     assert str(e.value).startswith(f"{study}: ") and expect in str(e.value), str(e.value)
 
 
+@pytest.mark.parametrize("over,expect", [
+    ({"name": "a/b"}, 'name = "a/b": a name is one folder name'),
+    ({"output": "{0}"}, 'output = "{0}": the only placeholder is {name}'),
+    ({"output": "runs/%x-{name}"}, 'output = "runs/%x-{name}": % is refused'),
+])
+def test_name_and_output_are_checked_as_a_jobs(tmp_path, over, expect):
+    study = _study(tmp_path, _job(tmp_path), **over)
+    with pytest.raises(BadInput) as e:
+        load_study(study)
+    assert str(e.value).startswith(f"{study}: {expect}"), str(e.value)
+
+
 def test_size_larger_than_the_data_is_refused(tmp_path):
     study = _study(tmp_path, _job(tmp_path, rows=256), sizes=[1, 2, 32])
     _refused(tmp_path, study, f"{study}: sizes: 32 ranks need 512 samples per step (32 × batch 16), more than the 256")

@@ -1,6 +1,7 @@
 """The job spec: strict validation with one-line errors, --set overrides, the fingerprint."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -131,6 +132,46 @@ def test_non_finite_floats_are_refused(tmp_path, overrides, expect):
     tree = yaml.safe_load(yaml.safe_dump(BASE))
     tree["optimizer"]["lr"] = float("inf")  # in the file itself, not only through --set
     assert "optimizer.lr = .inf" in error(spec_file(tmp_path, tree))
+
+
+@pytest.mark.parametrize("output", ["{nme}", "{0}", "{", "}", "{}", "runs/{name!r}", "runs/{name:>8}", "{name.x}"])
+def test_output_takes_only_the_name_placeholder(tmp_path, output):
+    msg = error(spec_file(tmp_path, {**BASE, "output": output}))
+    assert msg.endswith(f"output = {json.dumps(output)}: the only placeholder is {{name}} "
+                        "(write {{ and }} for literal braces)"), msg
+
+
+def test_output_with_literal_braces(tmp_path):
+    assert load_spec(spec_file(tmp_path, {**BASE, "output": "{{x}}/{name}"})).run_dir == Path("{x}/s")
+
+
+def test_percent_in_output_is_refused(tmp_path):
+    """SLURM expands % in log paths (#SBATCH --output names the run folder): refused under
+    `mpidl train` too, so that a run started by hand can be continued by a submitted job."""
+    msg = error(spec_file(tmp_path), ["output=runs/%j/{name}"])
+    assert 'output = "runs/%j/{name}": % is refused: SLURM expands it' in msg, msg
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "..", ".", ".hidden", "-x", "a b", "a%j", "a\\b", "a\tb",
+                                  '""', "x" * 101, "é"])
+def test_name_must_be_one_safe_folder_name(tmp_path, name):
+    msg = error(spec_file(tmp_path), [f"name={name}"])
+    assert msg.endswith(": a name is one folder name: up to 100 ASCII letters, digits and _ . - + = , @, "
+                        "not starting with . - + = , @"), msg
+
+
+def test_names_that_are_one_folder_name_pass(tmp_path):
+    for name in ("demo", "lr=0.1,bs=64", "a+b@c", "_x.y-z", "x" * 100):
+        assert load_spec(spec_file(tmp_path), [f"name={name}"]).run_dir == Path("runs") / name
+
+
+def test_a_line_break_in_a_job_name_is_refused(tmp_path):
+    """YAML folds a line break in a --set value into a space: refused rather than changed; a
+    newline written as an escape reaches the name's own check."""
+    for raw in ("name=a\nb", 'name="a\nb"', "slurm.job_name=a\nb", "name=a\r\nb"):
+        assert "a line break in a --set value" in error(spec_file(tmp_path), [raw])
+    assert "a name is one folder name" in error(spec_file(tmp_path), ['name="a\\nb"'])
+    assert "a name is one folder name" in error(spec_file(tmp_path, {**BASE, "name": "a\nb"}))
 
 
 def test_several_errors_are_counted_not_listed(tmp_path):

@@ -175,6 +175,21 @@ def test_non_finite_floats_are_refused(tmp_path, body, expect):
     assert expect in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
+@pytest.mark.parametrize("body,expect", [
+    ({"name": "../x"}, 'name = "../x": a name is one folder name'),
+    ({"output": "runs/{nme}"}, 'output = "runs/{nme}": the only placeholder is {name}'),
+    ({"output": "runs/{"}, 'output = "runs/{": the only placeholder is {name}'),
+    ({"output": "runs/%j"}, 'output = "runs/%j": % is refused'),
+])
+def test_name_and_output_are_checked_as_a_jobs(tmp_path, body, expect):
+    path = sweep_file(tmp_path, grid={"optimizer.lr": [0.1]})
+    tree = {**yaml.safe_load(Path(path).read_text()), **body}
+    Path(path).write_text(yaml.safe_dump(tree))
+    with pytest.raises(BadInput) as e:
+        plan.load(path)
+    assert str(e.value) == f"{path}: {expect}" or str(e.value).startswith(f"{path}: {expect}"), str(e.value)
+
+
 def test_shipped_sweep_plans_six_tasks():
     sweep, tasks = plan.load(str(ROOT / "jobs" / "sweeps" / "demo.yaml"))
     assert len(tasks) == 6 and sweep.metric == "val_accuracy"

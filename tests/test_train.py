@@ -118,6 +118,8 @@ def test_parameters_identical_across_ranks(tmp_path, backend):
 @pytest.mark.parametrize("setting,expect", [
     (["--set", "optimizer.lr=-1"], "optimizer.lr = -1: Input should be greater than 0"),
     (["--set", "schedule.warmup_epochs=.inf"], "schedule.warmup_epochs = .inf: Input should be a finite number"),
+    (["--set", "name=../../x"], 'name = "../../x": a name is one folder name'),
+    (["--set", 'output="{nme}"'], 'output = "{nme}": the only placeholder is {name}'),
     (["--set", "model.args.depth=3"], "model.args: mlp takes no argument 'depth'"),
     (["--set", "data.files=nowhere.h5", "--set", "data.synth=null"], "nowhere.h5: file not found"),
     (["--set", "data.batch=5000"], "fewer than ranks × batch"),

@@ -7,6 +7,7 @@ client commands, the controller, and the controller's own verdict on the script
 """
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import sys
@@ -104,7 +105,11 @@ def prepare(job_file: str, sets: list[str], *, array: list[str], standalone_scri
         raise BadInput("--standalone and --array: an array goes through submitit (leave out --standalone)")
     run_dir = base.run_dir
     if not standalone_script:  # submitit's #SBATCH --output names the run folder
-        sbatch_safe("output (the run folder, where the logs go)", str(run_dir.absolute()))
+        where = str(run_dir.absolute())
+        sbatch_safe("output (the run folder, where the logs go)", where)
+        if "%" in where:  # the spec refuses % in output; this is the folder it is relative to
+            raise BadInput(f"output (the run folder, where the logs go) = {json.dumps(where)}: % is refused: SLURM "
+                           "expands it in the log paths under the run folder (#SBATCH --output)")
     specs: list[tuple[JobSpec, list[str]]] = []
     for i, variant in enumerate(variants):
         own = list(sets) + variant
