@@ -228,7 +228,14 @@ def check_output(template: str) -> str:
 # Options mpidl writes itself; setting them under slurm.sbatch would contradict the section.
 OWNED_SBATCH = {"job-name", "partition", "account", "qos", "nodes", "ntasks", "ntasks-per-node",
                 "gpus-per-node", "gres", "cpus-per-task", "mem", "time", "t", "constraint", "exclusive",
-                "signal", "requeue", "no-requeue", "output", "error", "open-mode", "array", "wrap"}
+                "signal", "requeue", "no-requeue", "output", "error", "open-mode", "array", "wrap",
+                "gpus"}  # a total beside gpus-per-node
+
+
+def owned_prefix_of(key: str) -> list[str]:
+    """The owned options `key` abbreviates: sbatch (getopt_long) reads any unique prefix of a
+    long option as that option (`part` is `partition`), an exact name first."""
+    return sorted(o for o in OWNED_SBATCH if o.startswith(key) and o != key)
 
 
 class SlurmSpec(Strict):
@@ -292,9 +299,22 @@ class SlurmSpec(Strict):
                 raise ValueError(f"'{key}' is not an sbatch long option name (e.g. mail-type)")
             if key in OWNED_SBATCH:
                 raise ValueError(f"'{key}' is set from the section's own keys (or by mpidl), not here")
+            owned = owned_prefix_of(key)
+            if owned:
+                raise ValueError(f"'{key}' abbreviates --{' or --'.join(owned)} (sbatch reads a unique prefix of an "
+                                 "option as the option), which is set from the section's own keys (or by mpidl)")
             if value is False:
                 raise ValueError(f"'{key}': false; leave the option out instead")
             _sbatch_safe(str(value))
+        return v
+
+    @field_validator("signal_lead_s")
+    @classmethod
+    def _lead(cls, v: int, info) -> int:
+        time = info.data.get("time")  # absent when the time limit itself was refused
+        if time is not None and v >= slurm_time_seconds(time):
+            raise ValueError(f"not below the time limit slurm.time = {time} ({slurm_time_seconds(time)} s): "
+                             "SLURM would send the warning as the job starts")
         return v
 
     @field_validator("env")
