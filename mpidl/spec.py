@@ -433,6 +433,23 @@ class JobSpec(Strict):
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def check_run_folders(spec: JobSpec) -> None:
+    """BadInput when a file (or a broken link) stands where the run folder, the checkpoint
+    folder or a folder above them would be: found late otherwise (the first record, or the
+    first checkpoint after a whole epoch). Checks only; creates nothing."""
+    own = spec.checkpoint.dir is not None
+    for key, given, folder in (("output", spec.output, spec.run_dir),
+                               ("checkpoint.dir" if own else "output", spec.checkpoint.dir if own else spec.output,
+                                spec.checkpoint_dir)):
+        p = folder
+        while not (p.exists() or p.is_symlink()) and p != p.parent:
+            p = p.parent
+        if not p.is_dir():  # a file, or a link to nothing
+            what = "a file" if p.exists() else "a broken link"
+            tail = "not a folder" if p == folder else f"so the folder {folder} cannot be made"
+            raise BadInput(f"{key} = {json.dumps(given)}: {p} is {what}, {tail}")
+
+
 class _Loader(yaml.SafeLoader):
     """YAML 1.1 without base-60 numbers: `time: 1:30:00` stays the text SLURM expects
     (PyYAML's safe_load would read it as the integer 5400)."""

@@ -150,6 +150,17 @@ def test_percent_in_the_run_folder_is_refused_where_slurm_names_its_logs(tmp_pat
     assert submit.prepare(str(job), [], array=[], standalone_script=True, cwd=cwd, ask_controller=False).text
 
 
+def test_a_file_where_the_run_folder_would_be_is_refused_before_submitting(tmp_path):
+    """submitit makes its folder of logs in the run folder: a file there failed with a traceback."""
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({**BASE, "output": str(tmp_path / "run")}))
+    (tmp_path / "run").write_text("x")
+    for standalone_script in (False, True):
+        with pytest.raises(BadInput, match=f'^output = "{tmp_path}/run": {tmp_path}/run is a file, not a folder$'):
+            submit.prepare(str(job), [], array=[], standalone_script=standalone_script, cwd=tmp_path,
+                           ask_controller=False)
+
+
 def _sbatch_sees(script_text: str, tmp_path: Path, env: dict) -> dict:
     """Submit held, read back what SLURM parsed from the #SBATCH lines, cancel."""
     script = tmp_path / "held.sbatch"

@@ -9,7 +9,7 @@ import yaml
 
 from conftest import ROOT
 from mpidl.errors import BadInput
-from mpidl.spec import JobSpec, load_spec
+from mpidl.spec import JobSpec, check_run_folders, load_spec
 
 BASE = {
     "name": "s", "epochs": 1,
@@ -172,6 +172,28 @@ def test_a_line_break_in_a_job_name_is_refused(tmp_path):
         assert "a line break in a --set value" in error(spec_file(tmp_path), [raw])
     assert "a name is one folder name" in error(spec_file(tmp_path), ['name="a\\nb"'])
     assert "a name is one folder name" in error(spec_file(tmp_path, {**BASE, "name": "a\nb"}))
+
+
+def test_a_file_where_a_run_folder_would_be_is_refused(tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").write_text("x")
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    cases = [(["output=" + str(tmp_path / "file")],
+              f'output = "{tmp_path}/file": {tmp_path}/file is a file, not a folder'),
+             (["output=" + str(tmp_path / "file/sub/{name}")],
+              f"{tmp_path}/file is a file, so the folder {tmp_path}/file/sub/s cannot be made"),
+             (["output=" + str(tmp_path / "run")], f"{tmp_path}/run/checkpoints is a file, not a folder"),
+             (["checkpoint.dir=" + str(tmp_path / "file/ck")],
+              f'checkpoint.dir = "{tmp_path}/file/ck": {tmp_path}/file is a file'),
+             (["output=" + str(tmp_path / "link")], f"{tmp_path}/link is a broken link, not a folder")]
+    for overrides, expect in cases:
+        with pytest.raises(BadInput) as e:
+            check_run_folders(load_spec(spec_file(tmp_path), overrides))
+        assert expect in str(e.value), str(e.value)
+    for fine in (["output=" + str(tmp_path / "new/deeper/{name}")], ["checkpoint.dir=" + str(tmp_path / "ck")]):
+        check_run_folders(load_spec(spec_file(tmp_path), fine))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "job.yaml", "link", "run"]  # checks, creates nothing
 
 
 def test_several_errors_are_counted_not_listed(tmp_path):

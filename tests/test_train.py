@@ -320,6 +320,60 @@ def test_labels_outside_the_classes_stop_every_rank_before_training(tmp_path, cl
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped before the first step
 
 
+@pytest.mark.parametrize("val,expect", [
+    (lambda x, y: (x[:, :7], y), "dataset 'x' rows are (7,) float32, but in the training files ({train}) (8,) float32"),
+    (lambda x, y: (x.astype("float64"), y), "dataset 'x' rows are (8,) float64, but in the training files"),
+    (lambda x, y: ((x * 10).astype("uint8"), y), "dataset 'x' rows are (8,) uint8, but in the training files"),
+    (lambda x, y: (x, y.astype("int32")), "dataset 'y' rows are scalars int32, but in the training files ({train}) "
+                                          "scalars int64"),
+    (lambda x, y: (x, y), None),  # the same kind of rows
+])
+def test_held_out_rows_of_another_shape_or_dtype_are_refused(tmp_path, val, expect):
+    """The model takes one kind of row: another one failed in the first evaluation, mid-run."""
+    import h5py
+
+    import mpidl
+    from mpidl.errors import BadInput
+    from mpidl.spec import load_spec
+    from mpidl.train.inputs import sources
+
+    train, held = tmp_path / "train.h5", tmp_path / "val.h5"
+    _tabular(train, lambda y: y)
+    with h5py.File(train) as f:
+        x, y = val(f["x"][:200], f["y"][:200])
+    with h5py.File(held, "w") as f:
+        f["x"], f["y"] = x, y
+    spec = load_spec(write_job(tmp_path, data__files=str(train), data__val_files=str(held), data__synth=None))
+    if expect is None:
+        assert len(sources(spec, mpidl.init())[1]) == 200
+        return
+    with pytest.raises(BadInput) as e:
+        sources(spec, mpidl.init())
+    assert str(e.value).startswith(f"data.val_files: {held}: " + expect.format(train=train)), str(e.value)
+
+
+def test_an_output_that_is_a_file_stops_every_rank_before_training(tmp_path):
+    (tmp_path / "run").write_text("not a folder")
+    r = mpirun(2, mpidl_cmd("train", str(write_job(tmp_path))), timeout=120)
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.output, r.output[-3000:]
+    assert errors[0].endswith(f'error: output = "{tmp_path}/run": {tmp_path}/run is a file, not a folder'), errors[0]
+    assert not (tmp_path / "tab.h5").exists()  # before anything: not even the synthetic data
+
+
+def test_held_out_rows_of_another_shape_stop_every_rank_before_training(tmp_path):
+    train, held = tmp_path / "train.h5", tmp_path / "val.h5"
+    _tabular(train, lambda y: y)
+    _tabular(held, lambda y: y, rows=200, features=9)
+    job = write_job(tmp_path, data__files=str(train), data__val_files=str(held), data__synth=None)
+    r = mpirun(2, mpidl_cmd("train", str(job)), timeout=180)
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.output, r.output[-3000:]
+    assert errors[0].endswith(f"error: data.val_files: {held}: dataset 'x' rows are (9,) float32, but in the training "
+                              f"files ({train}) (8,) float32"), errors[0]
+    assert not (tmp_path / "run").exists()  # stopped before the run folder was made
+
+
 def test_class_count_inferred_from_the_labels(tmp_path):
     data = tmp_path / "five.h5"
     _tabular(data, _planted({7: 4}))  # labels 0..3, and one 4

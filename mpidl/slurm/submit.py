@@ -21,7 +21,7 @@ from mpidl.slurm import controller, executor
 from mpidl.slurm.script import Plan, sbatch_safe, shown_path, standalone
 from mpidl.slurm.task import TrainTask
 from mpidl.slurm.watch import Job
-from mpidl.spec import JobSpec, load_spec, quoted, read_spec_text
+from mpidl.spec import JobSpec, check_run_folders, load_spec, quoted, read_spec_text
 
 GENERATED = Path("slurm") / "generated"
 
@@ -121,6 +121,7 @@ def prepare(job_file: str, sets: list[str], *, array: list[str], standalone_scri
                 own.append("checkpoint.dir=" + quoted(str(element_dir / "checkpoints")))
         try:
             spec = load_spec(job_file, own, text=spec_text)
+            check_run_folders(spec)  # submitit makes its folder of logs in the run folder
             if not resume and not overwrite:
                 _fresh(spec)
         except BadInput as e:

@@ -10,7 +10,7 @@ from mpidl.data import H5Source, ShardedLoader
 from mpidl.data.preprocess import Pipeline, Standardizer
 from mpidl.data.scan import check_labels, label_range
 from mpidl.errors import BadInput
-from mpidl.spec import JobSpec
+from mpidl.spec import JobSpec, check_run_folders
 
 
 def ensure_data(spec: JobSpec, world) -> None:
@@ -44,6 +44,7 @@ def sources(spec: JobSpec, world) -> tuple[H5Source, Optional[H5Source]]:
     if d.val_files is not None:
         val = H5Source(d.val_files, keys=d.keys)
         world.agree(val.validate)
+        world.agree(lambda: same_rows(full, val))
         return full, val
     n = len(full)
     n_val = int(round(n * d.val_fraction))
@@ -54,6 +55,20 @@ def sources(spec: JobSpec, world) -> tuple[H5Source, Optional[H5Source]]:
     world.agree(train.validate)
     world.agree(val.validate)
     return train, val
+
+
+def same_rows(train: H5Source, val: H5Source) -> None:
+    """BadInput unless the held-out rows are shaped and typed as the training rows: the model
+    takes one kind of row (another shape or dtype fails in the first evaluation, mid-run)."""
+    for key in train.keys:
+        a, b = (train.shapes[key], train.dtypes[key]), (val.shapes[key], val.dtypes[key])
+        if a != b:
+            raise BadInput(f"data.val_files: {val.files[0]}: dataset '{key}' rows are {_row(*b)}, but in the "
+                           f"training files ({train.files[0]}) {_row(*a)}")
+
+
+def _row(shape: tuple, dtype) -> str:
+    return f"{shape} {dtype}" if shape else f"scalars {dtype}"
 
 
 @dataclass
@@ -129,6 +144,8 @@ def with_classes(spec: JobSpec, classes: Optional[int]) -> JobSpec:
 
 def build_inputs(spec: JobSpec, world) -> Inputs:
     """Data on disk, validated on every rank (labels too), and the loaders of this rank's shards."""
+    # The run folder is first used here (the standardizer's cache); rank 0 makes and writes it.
+    world.agree(lambda: check_run_folders(spec) if world.rank == 0 else None)
     ensure_data(spec, world)
     train_src, val_src = sources(spec, world)
     # Labels before anything costly: a label a model cannot take stops the job here.
