@@ -268,6 +268,48 @@ def test_non_finite_loss_stops_the_job_and_keeps_the_last_good_checkpoint(tmp_pa
         assert all(torch.isfinite(t).all() for t in weights.values())
 
 
+@pytest.mark.parametrize("lagged", [False, True])
+def test_non_finite_targets_are_the_data_not_a_diverged_model(lagged):
+    from mpidl.errors import Diverged
+    from mpidl.train.finite import FiniteLoss
+
+    nan, x, y = torch.tensor(float("nan")), torch.zeros(4, 3), torch.tensor([[1.0], [float("nan")], [2.0], [-1.0]])
+    data = "the data holds NaN or Inf, not the model"
+    for batch, expect in [((x, y), f"the target batch holds 1 non-finite value: {data}"),
+                          ((x.log(), y), f"the target batch holds 1 non-finite value (and the input batch 12): {data}"),
+                          ((x.log(), y.nan_to_num()), "the input batch holds 12 non-finite values"),
+                          ((x, y.nan_to_num()), "the batch is finite: the model diverged (try a lower lr, or gradient "
+                                                "clipping)")]:
+        finite = FiniteLoss(rank=1, lagged=lagged)
+        with pytest.raises(Diverged) as e:
+            finite.watch(6, nan, *batch)
+            finite.check()  # lagged: the flag of a batch is read at the next batch or a checkpoint
+        assert str(e.value) == f"non-finite loss (nan) at step 7 on rank 1; {expect}"
+
+
+@pytest.mark.parametrize("row", [1234, 1900])  # a training row, a held-out row (the last 10%)
+def test_non_finite_regression_targets_stop_every_rank_before_training(tmp_path, row):
+    """Named as the data's (file, dataset, row), with exit 2, before the first step: not the
+    "model diverged" of a NaN loss mid-run."""
+    import h5py
+    import numpy as np
+
+    data = tmp_path / "reg.h5"
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2000, 8)).astype(np.float32)
+    y = x[:, :1] * 2 + 1
+    y[row, 0] = np.nan
+    with h5py.File(data, "w") as f:
+        f["x"], f["y"] = x, y
+    job = write_job(tmp_path, data__files=str(data), data__synth=None, model={"name": "linear"})
+    r = mpirun(2, mpidl_cmd("train", str(job)), timeout=180)
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.output, r.output[-3000:]
+    assert errors[0].endswith(f"error: {data}: dataset 'y' row {row} holds nan: the data holds 1 non-finite target"), \
+        errors[0]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_a_fresh_run_into_an_old_runs_folder_is_refused(tmp_path):
     job = write_job(tmp_path, epochs=None, steps=6)
     assert run(mpidl_cmd("train", str(job)), timeout=120).returncode == 0

@@ -8,7 +8,7 @@ from typing import Optional
 from mpidl import log
 from mpidl.data import H5Source, ShardedLoader
 from mpidl.data.preprocess import Pipeline, Standardizer
-from mpidl.data.scan import check_labels, label_range
+from mpidl.data.scan import check_finite, check_labels, label_range
 from mpidl.errors import BadInput
 from mpidl.spec import JobSpec, check_run_folders
 
@@ -151,6 +151,12 @@ def build_inputs(spec: JobSpec, world) -> Inputs:
     # Labels before anything costly: a label a model cannot take stops the job here.
     classes = count_classes(spec, world, train_src, val_src) if _classify(train_src) else None
     d, pre = spec.data, spec.data.preprocess
+    # Float targets (regression) likewise, being small beside the inputs: a NaN or Inf there
+    # would stop the job mid-run as if the model had diverged.
+    if train_src.dtypes[d.keys[1]].kind == "f":
+        for src in (train_src, val_src):
+            if src is not None:
+                check_finite(src, world, d.keys[1], "target")
     standardizer = None
     if pre.standardize:
         standardizer = Standardizer.fit(train_src, world, key=d.keys[0], per=pre.standardize_per,
