@@ -817,7 +817,50 @@ def test_synth_is_identical_for_any_rank_count(tmp_path):
         assert a["x"].shape == (9000, 3, 16, 16) and a["x"].dtype == np.uint8
         assert np.array_equal(a["x"][:], b["x"][:]) and np.array_equal(a["y"][:], b["y"][:])
         assert len(np.unique(a["y"][:])) == 10
-    assert not list(tmp_path.glob("*.partial"))
+    assert not list(tmp_path.glob("*partial*"))
+
+
+SYNTH_ONCE = """
+import sys
+from mpidl.data import synth
+print("ready", flush=True)
+print("wrote" if synth.synth_images(sys.argv[1], 20000, size=8, if_missing=True) else "found", flush=True)
+"""
+
+
+def test_two_jobs_generating_the_same_file_take_turns(tmp_path):
+    """Each writes a temporary file of its own name, renamed into place, while holding
+    <file>.lock: the second waits, then finds the file written and writes nothing."""
+    import fcntl
+    import subprocess
+    import time
+
+    from conftest import clean_env
+
+    out = tmp_path / "same.h5"
+    with open(tmp_path / "same.h5.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # both jobs start while a third writes
+        jobs = [subprocess.Popen(pycode(SYNTH_ONCE) + [str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True, env=clean_env()) for _ in range(2)]
+        assert [j.stdout.readline() for j in jobs] == ["ready\n"] * 2
+        time.sleep(1)
+        assert all(j.poll() is None for j in jobs) and not out.exists()  # waiting, nothing written
+    said = sorted(j.communicate(timeout=120)[0].strip() for j in jobs)
+    assert all(j.returncode == 0 for j in jobs) and said == ["found", "wrote"], said
+    with h5py.File(out) as f:
+        assert f["x"].shape == (20000, 3, 8, 8) and f["y"].shape == (20000,)
+        run(pycode(f"from mpidl.data import synth; synth.synth_images({str(tmp_path / 'ref.h5')!r}, 20000, size=8)"))
+        with h5py.File(tmp_path / "ref.h5") as ref:
+            assert np.array_equal(f["x"][:], ref["x"][:]) and np.array_equal(f["y"][:], ref["y"][:])
+    assert not list(tmp_path.glob("*partial*"))
+
+
+def test_a_failed_write_leaves_no_partial_file(tmp_path):
+    r = run(pycode("import sys\nfrom mpidl.data import synth\n"
+                   "synth._fill = lambda *a: 1 / 0\n"
+                   f"synth.synth_images({str(tmp_path / 'f.h5')!r}, 100)"))
+    assert r.returncode != 0 and "ZeroDivisionError" in r.stderr
+    assert not (tmp_path / "f.h5").exists() and not list(tmp_path.glob("*partial*"))
 
 
 def test_synth_tabular_chunked_compressed(tmp_path):

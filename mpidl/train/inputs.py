@@ -26,14 +26,18 @@ def ensure_data(spec: JobSpec, world) -> None:
         return
     from mpidl.data import synth
 
-    common = dict(seed=syn.seed, world=world)
+    # if_missing: another job may be writing the same file; it is then taken as that job wrote it
+    common = dict(seed=syn.seed, world=world, if_missing=True)
     if syn.noise is not None:
         common["noise"] = syn.noise
     if syn.kind == "images":
-        synth.synth_images(path, syn.rows, classes=syn.classes or 10, channels=syn.channels, size=syn.size, **common)
+        wrote = synth.synth_images(path, syn.rows, classes=syn.classes or 10, channels=syn.channels, size=syn.size,
+                                   **common)
     else:
-        synth.synth_tabular(path, syn.rows, features=syn.features, rule=syn.rule, classes=syn.classes, **common)
-    log.get().info("wrote synthetic %s data: %s (%d rows)", syn.kind, path, syn.rows)
+        wrote = synth.synth_tabular(path, syn.rows, features=syn.features, rule=syn.rule, classes=syn.classes,
+                                    **common)
+    if wrote:
+        log.get().info("wrote synthetic %s data: %s (%d rows)", syn.kind, path, syn.rows)
 
 
 def sources(spec: JobSpec, world) -> tuple[H5Source, Optional[H5Source]]:
