@@ -892,3 +892,81 @@ def test_convert_and_inspect(tmp_path):
     r = run(mpidl_cmd("data", "convert", str(tmp_path / "a.npy"), str(tmp_path / "b.npy"), "--out",
                       str(tmp_path / "bad.h5")))
     assert r.returncode == 2 and "different lengths" in r.stderr and not (tmp_path / "bad.h5").exists()
+
+
+def test_convert_reads_npz_arrays_in_blocks(tmp_path, monkeypatch):
+    """An .npz member is read a block of rows at a time (np.load would inflate it whole), C or
+    Fortran order, stored or deflated; a member shorter than its header is one line, and a
+    failed conversion leaves nothing behind."""
+    import tracemalloc
+    import zipfile
+
+    from mpidl.data import tools
+
+    rows = np.arange(4096 * 1024, dtype=np.int64).reshape(4096, 1024)  # 32 MiB
+    np.savez_compressed(tmp_path / "big.npz", x=rows, f=np.asfortranarray(rows[:, :2].astype(np.float32)))
+    monkeypatch.setattr(tools, "COPY_BYTES", 1 << 20)
+    tracemalloc.start()
+    try:
+        written = tools.convert([str(tmp_path / "big.npz")], str(tmp_path / "big.h5"), chunk_rows=64)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert written == {"x": ((4096, 1024), "int64"), "f": ((4096, 2), "float32")}
+    assert peak < 8 << 20, f"{peak / 2**20:.0f} MiB held at once for a 32 MiB array read in 1 MiB blocks"
+    with h5py.File(tmp_path / "big.h5") as f:
+        assert np.array_equal(f["x"][:], rows) and np.array_equal(f["f"][:], rows[:, :2])
+
+    header = tmp_path / "short.npy"  # a header for 300 rows, and 100 rows of data
+    np.save(header, np.zeros((300, 4), np.float32))
+    with zipfile.ZipFile(tmp_path / "short.npz", "w") as z:
+        z.writestr("x.npy", header.read_bytes()[:-200 * 16])
+    r = run(mpidl_cmd("data", "convert", str(tmp_path / "short.npz"), "--out", str(tmp_path / "short.h5")))
+    assert r.returncode == 2 and r.stderr.strip() == \
+        f"error: {tmp_path / 'short.npz'}: array 'x' ends before its 300 rows (a truncated .npz)", r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.h5", "big.npz", "short.npy", "short.npz"]
+
+
+def _gzip_file(path, chunk: bytes) -> tuple[int, int]:
+    """A gzip-chunked dataset whose first chunk's stored bytes are `chunk`; (chunk bytes, rows)."""
+    import zlib
+
+    with h5py.File(path, "w") as f:
+        d = f.create_dataset("x", data=np.ones((256, 64), np.float32), chunks=(64, 64), compression="gzip")
+        f["y"] = np.zeros(256, np.int64)
+        d.id.write_direct_chunk((0, 0), zlib.compress(chunk))
+    return 64 * 64 * 4, 256
+
+
+@pytest.mark.parametrize("inflated,why", [
+    (64 << 20, "a crafted chunk: 64 MiB of zeros in a few KiB"),
+    (1000, "a chunk that inflates short"),
+])
+def test_a_gzip_chunk_is_inflated_no_further_than_its_size(tmp_path, inflated, why):
+    import tracemalloc
+
+    from mpidl.data import H5Source
+
+    path = tmp_path / "bomb.h5"
+    nbytes, rows = _gzip_file(path, bytes(inflated))
+    src = H5Source(str(path)).validate()
+    out = np.empty((rows, 64), np.float32)
+    tracemalloc.start()
+    try:
+        with src.open(workers=1) as reader, pytest.raises(BadInput) as e:
+            reader.read("x", 0, rows, out)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(e.value) == f"{path}: dataset 'x': chunk (0, 0) does not inflate to the chunk's {nbytes} bytes " \
+                           "(gzip): a damaged file", why
+    assert peak < 8 << 20, f"{peak / 2**20:.0f} MiB made for a {nbytes}-byte chunk"
+
+
+def test_a_crafted_gzip_chunk_is_one_line_and_exit_2(tmp_path):
+    _gzip_file(tmp_path / "bomb.h5", bytes(64 << 20))
+    r = mpirun(2, mpidl_cmd("data", "check", str(tmp_path / "bomb.h5")), timeout=120)
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.output[-3000:]
+    assert f"{tmp_path / 'bomb.h5'}: dataset 'x': chunk (0, 0) does not inflate" in errors[0], errors[0]
+
