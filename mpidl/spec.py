@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
+import string
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -19,7 +21,9 @@ from mpidl.errors import BadInput
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # allow_inf_nan=False: YAML reads .inf and .nan as floats, and no setting means either
+    # (an infinite lr or warmup ends in an OverflowError mid-run). Every schema derives from this.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 class SynthSpec(Strict):
@@ -245,10 +249,45 @@ def _sbatch_safe(value: str) -> str:
 
 REDACTED = "<redacted>"
 
+# A name becomes one folder of a path (output's {name}) and a SLURM job name: nothing that
+# leaves the folder (/ or ..), hides it (a leading dot), or that a shell, sbatch or SLURM's log
+# patterns (%) would read.
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=,@-]{0,99}")
+NAME_RULE = "a name is one folder name: up to 100 ASCII letters, digits and _ . - + = , @, not starting with . - + = , @"
+
+
+def check_name(value: str) -> str:
+    if not _NAME.fullmatch(value):
+        raise ValueError(NAME_RULE)
+    return value
+
+
+def check_output(template: str) -> str:
+    """An output template: {name} its only placeholder (`{{` and `}}` for braces), and no %:
+    SLURM expands % in the log paths under the run folder (#SBATCH --output). Refused under
+    `mpidl train` too: the folder a run starts in by hand is the one a submitted job continues."""
+    try:
+        fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
+    except ValueError:
+        fields = [("", "", "")]  # a lone { or }
+    if any(f != "name" or spec or conv for f, spec, conv in fields):
+        raise ValueError("the only placeholder is {name} (write {{ and }} for literal braces)")
+    if "%" in template:
+        raise ValueError("% is refused: SLURM expands it in the log paths under the run folder (#SBATCH --output)")
+    return template
+
+
 # Options mpidl writes itself; setting them under slurm.sbatch would contradict the section.
 OWNED_SBATCH = {"job-name", "partition", "account", "qos", "nodes", "ntasks", "ntasks-per-node",
                 "gpus-per-node", "gres", "cpus-per-task", "mem", "time", "t", "constraint", "exclusive",
-                "signal", "requeue", "no-requeue", "output", "error", "open-mode", "array", "wrap"}
+                "signal", "requeue", "no-requeue", "output", "error", "open-mode", "array", "wrap",
+                "gpus"}  # a total beside gpus-per-node
+
+
+def owned_prefix_of(key: str) -> list[str]:
+    """The owned options `key` abbreviates: sbatch (getopt_long) reads any unique prefix of a
+    long option as that option (`part` is `partition`), an exact name first."""
+    return sorted(o for o in OWNED_SBATCH if o.startswith(key) and o != key)
 
 
 class SlurmSpec(Strict):
@@ -312,9 +351,22 @@ class SlurmSpec(Strict):
                 raise ValueError(f"'{key}' is not an sbatch long option name (e.g. mail-type)")
             if key in OWNED_SBATCH:
                 raise ValueError(f"'{key}' is set from the section's own keys (or by mpidl), not here")
+            owned = owned_prefix_of(key)
+            if owned:
+                raise ValueError(f"'{key}' abbreviates --{' or --'.join(owned)} (sbatch reads a unique prefix of an "
+                                 "option as the option), which is set from the section's own keys (or by mpidl)")
             if value is False:
                 raise ValueError(f"'{key}': false; leave the option out instead")
             _sbatch_safe(str(value))
+        return v
+
+    @field_validator("signal_lead_s")
+    @classmethod
+    def _lead(cls, v: int, info) -> int:
+        time = info.data.get("time")  # absent when the time limit itself was refused
+        if time is not None and v >= slurm_time_seconds(time):
+            raise ValueError(f"not below the time limit slurm.time = {time} ({slurm_time_seconds(time)} s): "
+                             "SLURM would send the warning as the job starts")
         return v
 
     @field_validator("env")
@@ -437,6 +489,16 @@ class JobSpec(Strict):
             del out["metrics"]
         return out
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_name(v)
+
+    @field_validator("output")
+    @classmethod
+    def _output(cls, v: str) -> str:
+        return check_output(v)
+
     @model_validator(mode="after")
     def _length(self) -> "JobSpec":
         if self.epochs is None and self.steps is None:
@@ -478,9 +540,35 @@ class CommandSpec(Strict):
     output: str = "runs/{name}"
     slurm: SlurmSpec = Field(default_factory=SlurmSpec)
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_name(v)
+
+    @field_validator("output")
+    @classmethod
+    def _output(cls, v: str) -> str:
+        return check_output(v)
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output.format(name=self.name))
+
+def check_run_folders(spec: JobSpec) -> None:
+    """BadInput when a file (or a broken link) stands where the run folder, the checkpoint
+    folder or a folder above them would be: found late otherwise (the first record, or the
+    first checkpoint after a whole epoch). Checks only; creates nothing."""
+    own = spec.checkpoint.dir is not None
+    for key, given, folder in (("output", spec.output, spec.run_dir),
+                               ("checkpoint.dir" if own else "output", spec.checkpoint.dir if own else spec.output,
+                                spec.checkpoint_dir)):
+        p = folder
+        while not (p.exists() or p.is_symlink()) and p != p.parent:
+            p = p.parent
+        if not p.is_dir():  # a file, or a link to nothing
+            what = "a file" if p.exists() else "a broken link"
+            tail = "not a folder" if p == folder else f"so the folder {folder} cannot be made"
+            raise BadInput(f"{key} = {json.dumps(given)}: {p} is {what}, {tail}")
 
 
 class _Loader(yaml.SafeLoader):
@@ -521,6 +609,9 @@ def _set(tree: dict, dotted: str, raw: str, origin: str) -> None:
     parts = dotted.split(".")
     if not all(parts):
         raise BadInput(f"{origin}: --set {dotted}={raw}: empty key in path")
+    if "\n" in raw or "\r" in raw:  # YAML would fold it into a space, silently
+        raise BadInput(f"{origin}: --set {dotted}={json.dumps(raw)}: a line break in a --set value "
+                       "(YAML would read it as a space); write \\n inside double quotes if you mean one")
     node = tree
     for p in parts[:-1]:
         nxt = node.get(p)
@@ -554,6 +645,8 @@ def _one_line(e: ValidationError, origin: str, tree: dict, schema: Any = None) -
         return f"{origin}: {err['msg'].removeprefix('Value error, ')}"
     value = err.get("input")
     shown = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        shown = ".nan" if math.isnan(value) else ("-.inf" if value < 0 else ".inf")  # as YAML writes them
     return f"{origin}: {loc} = {shown}: {err['msg'].removeprefix('Value error, ')}{more}"
 
 

@@ -823,7 +823,50 @@ def test_synth_is_identical_for_any_rank_count(tmp_path):
         assert a["x"].shape == (9000, 3, 16, 16) and a["x"].dtype == np.uint8
         assert np.array_equal(a["x"][:], b["x"][:]) and np.array_equal(a["y"][:], b["y"][:])
         assert len(np.unique(a["y"][:])) == 10
-    assert not list(tmp_path.glob("*.partial"))
+    assert not list(tmp_path.glob("*partial*"))
+
+
+SYNTH_ONCE = """
+import sys
+from mpidl.data import synth
+print("ready", flush=True)
+print("wrote" if synth.synth_images(sys.argv[1], 20000, size=8, if_missing=True) else "found", flush=True)
+"""
+
+
+def test_two_jobs_generating_the_same_file_take_turns(tmp_path):
+    """Each writes a temporary file of its own name, renamed into place, while holding
+    <file>.lock: the second waits, then finds the file written and writes nothing."""
+    import fcntl
+    import subprocess
+    import time
+
+    from conftest import clean_env
+
+    out = tmp_path / "same.h5"
+    with open(tmp_path / "same.h5.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # both jobs start while a third writes
+        jobs = [subprocess.Popen(pycode(SYNTH_ONCE) + [str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True, env=clean_env()) for _ in range(2)]
+        assert [j.stdout.readline() for j in jobs] == ["ready\n"] * 2
+        time.sleep(1)
+        assert all(j.poll() is None for j in jobs) and not out.exists()  # waiting, nothing written
+    said = sorted(j.communicate(timeout=120)[0].strip() for j in jobs)
+    assert all(j.returncode == 0 for j in jobs) and said == ["found", "wrote"], said
+    with h5py.File(out) as f:
+        assert f["x"].shape == (20000, 3, 8, 8) and f["y"].shape == (20000,)
+        run(pycode(f"from mpidl.data import synth; synth.synth_images({str(tmp_path / 'ref.h5')!r}, 20000, size=8)"))
+        with h5py.File(tmp_path / "ref.h5") as ref:
+            assert np.array_equal(f["x"][:], ref["x"][:]) and np.array_equal(f["y"][:], ref["y"][:])
+    assert not list(tmp_path.glob("*partial*"))
+
+
+def test_a_failed_write_leaves_no_partial_file(tmp_path):
+    r = run(pycode("import sys\nfrom mpidl.data import synth\n"
+                   "synth._fill = lambda *a: 1 / 0\n"
+                   f"synth.synth_images({str(tmp_path / 'f.h5')!r}, 100)"))
+    assert r.returncode != 0 and "ZeroDivisionError" in r.stderr
+    assert not (tmp_path / "f.h5").exists() and not list(tmp_path.glob("*partial*"))
 
 
 def test_synth_tabular_chunked_compressed(tmp_path):
@@ -855,3 +898,81 @@ def test_convert_and_inspect(tmp_path):
     r = run(mpidl_cmd("data", "convert", str(tmp_path / "a.npy"), str(tmp_path / "b.npy"), "--out",
                       str(tmp_path / "bad.h5")))
     assert r.returncode == 2 and "different lengths" in r.stderr and not (tmp_path / "bad.h5").exists()
+
+
+def test_convert_reads_npz_arrays_in_blocks(tmp_path, monkeypatch):
+    """An .npz member is read a block of rows at a time (np.load would inflate it whole), C or
+    Fortran order, stored or deflated; a member shorter than its header is one line, and a
+    failed conversion leaves nothing behind."""
+    import tracemalloc
+    import zipfile
+
+    from mpidl.data import tools
+
+    rows = np.arange(4096 * 1024, dtype=np.int64).reshape(4096, 1024)  # 32 MiB
+    np.savez_compressed(tmp_path / "big.npz", x=rows, f=np.asfortranarray(rows[:, :2].astype(np.float32)))
+    monkeypatch.setattr(tools, "COPY_BYTES", 1 << 20)
+    tracemalloc.start()
+    try:
+        written = tools.convert([str(tmp_path / "big.npz")], str(tmp_path / "big.h5"), chunk_rows=64)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert written == {"x": ((4096, 1024), "int64"), "f": ((4096, 2), "float32")}
+    assert peak < 8 << 20, f"{peak / 2**20:.0f} MiB held at once for a 32 MiB array read in 1 MiB blocks"
+    with h5py.File(tmp_path / "big.h5") as f:
+        assert np.array_equal(f["x"][:], rows) and np.array_equal(f["f"][:], rows[:, :2])
+
+    header = tmp_path / "short.npy"  # a header for 300 rows, and 100 rows of data
+    np.save(header, np.zeros((300, 4), np.float32))
+    with zipfile.ZipFile(tmp_path / "short.npz", "w") as z:
+        z.writestr("x.npy", header.read_bytes()[:-200 * 16])
+    r = run(mpidl_cmd("data", "convert", str(tmp_path / "short.npz"), "--out", str(tmp_path / "short.h5")))
+    assert r.returncode == 2 and r.stderr.strip() == \
+        f"error: {tmp_path / 'short.npz'}: array 'x' ends before its 300 rows (a truncated .npz)", r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.h5", "big.npz", "short.npy", "short.npz"]
+
+
+def _gzip_file(path, chunk: bytes) -> tuple[int, int]:
+    """A gzip-chunked dataset whose first chunk's stored bytes are `chunk`; (chunk bytes, rows)."""
+    import zlib
+
+    with h5py.File(path, "w") as f:
+        d = f.create_dataset("x", data=np.ones((256, 64), np.float32), chunks=(64, 64), compression="gzip")
+        f["y"] = np.zeros(256, np.int64)
+        d.id.write_direct_chunk((0, 0), zlib.compress(chunk))
+    return 64 * 64 * 4, 256
+
+
+@pytest.mark.parametrize("inflated,why", [
+    (64 << 20, "a crafted chunk: 64 MiB of zeros in a few KiB"),
+    (1000, "a chunk that inflates short"),
+])
+def test_a_gzip_chunk_is_inflated_no_further_than_its_size(tmp_path, inflated, why):
+    import tracemalloc
+
+    from mpidl.data import H5Source
+
+    path = tmp_path / "bomb.h5"
+    nbytes, rows = _gzip_file(path, bytes(inflated))
+    src = H5Source(str(path)).validate()
+    out = np.empty((rows, 64), np.float32)
+    tracemalloc.start()
+    try:
+        with src.open(workers=1) as reader, pytest.raises(BadInput) as e:
+            reader.read("x", 0, rows, out)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(e.value) == f"{path}: dataset 'x': chunk (0, 0) does not inflate to the chunk's {nbytes} bytes " \
+                           "(gzip): a damaged file", why
+    assert peak < 8 << 20, f"{peak / 2**20:.0f} MiB made for a {nbytes}-byte chunk"
+
+
+def test_a_crafted_gzip_chunk_is_one_line_and_exit_2(tmp_path):
+    _gzip_file(tmp_path / "bomb.h5", bytes(64 << 20))
+    r = mpirun(2, mpidl_cmd("data", "check", str(tmp_path / "bomb.h5")), timeout=120)
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.output[-3000:]
+    assert f"{tmp_path / 'bomb.h5'}: dataset 'x': chunk (0, 0) does not inflate" in errors[0], errors[0]
+

@@ -14,7 +14,9 @@ import yaml
 
 from chromium import find_chromium, render, setup_installs_chromium
 from conftest import MPIRUN, ROOT, has_horovod, mpidl_cmd, run
+from mpidl.errors import BadInput
 from mpidl.scaling import efficiency, model
+from mpidl.scaling.study import load_study
 from mpidl.scaling.runner import aggregate, plan, windows
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -471,6 +473,30 @@ def _refused(tmp: Path, study: Path, expect: str, env: dict | None = None, start
 def test_unknown_key_is_refused(tmp_path):
     study = _study(tmp_path, _job(tmp_path), sizez=[1, 2])
     _refused(tmp_path, study, f"{study}: unknown key 'sizez'")
+
+
+@pytest.mark.parametrize("over,expect", [
+    ({"timeout_s": float("inf")}, "timeout_s = .inf: Input should be a finite number"),
+    ({"flag_below": float("nan")}, "flag_below = .nan: Input should be a finite number"),
+    ({"predict": {"bucket_mb": float("inf")}}, "predict.bucket_mb = .inf: Input should be a finite number"),
+])
+def test_non_finite_floats_are_refused(tmp_path, over, expect):
+    study = _study(tmp_path, _job(tmp_path), **over)
+    with pytest.raises(BadInput) as e:
+        load_study(study)
+    assert str(e.value).startswith(f"{study}: ") and expect in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("over,expect", [
+    ({"name": "a/b"}, 'name = "a/b": a name is one folder name'),
+    ({"output": "{0}"}, 'output = "{0}": the only placeholder is {name}'),
+    ({"output": "runs/%x-{name}"}, 'output = "runs/%x-{name}": % is refused'),
+])
+def test_name_and_output_are_checked_as_a_jobs(tmp_path, over, expect):
+    study = _study(tmp_path, _job(tmp_path), **over)
+    with pytest.raises(BadInput) as e:
+        load_study(study)
+    assert str(e.value).startswith(f"{study}: {expect}"), str(e.value)
 
 
 def test_size_larger_than_the_data_is_refused(tmp_path):

@@ -43,3 +43,27 @@ def test_setup_without_root_names_missing_packages():
         assert pkg in err
     assert "module load openmpi" in err
     shutil.rmtree(tmp_path)
+
+
+def test_submitit_pin_has_every_parameter_the_executor_passes():
+    """`teardown` (the job's exit record) came in submitit 1.5.4: with `submitit>=1.5` every
+    submit failed on 1.5.0-1.5.3. The pin excludes them; the installed submitit takes every
+    parameter mpidl passes."""
+    import configparser
+    import inspect
+
+    requirements = pytest.importorskip("packaging.requirements")
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    from mpidl.slurm import executor
+    from mpidl.slurm.script import Plan
+    from mpidl.spec import load_spec
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    pins = [requirements.Requirement(line) for line in cfg["options"]["install_requires"].split("\n") if line.strip()]
+    submitit = next(r for r in pins if r.name == "submitit")
+    assert not submitit.specifier.contains("1.5.3") and submitit.specifier.contains("1.5.4"), submitit
+    plan = Plan(load_spec(ROOT / "jobs" / "demo.yaml", ["slurm.launcher=mpirun"]), "jobs/demo.yaml")
+    taken = set(inspect.signature(_make_sbatch_string).parameters)
+    assert "teardown" in executor.parameters(plan) and set(executor.parameters(plan)) <= taken

@@ -103,7 +103,8 @@ def test_hostile_values_arrive_unchanged_in_a_standalone_script(tmp_path_factory
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(output=hostile.filter(lambda v: "\\" not in v and all(ord(c) >= 32 and c != "\x7f" for c in v)),
+@given(output=hostile.filter(lambda v: "\\" not in v and "%" not in v
+                            and all(ord(c) >= 32 and c != "\x7f" for c in v)),
        env_value=hostile)
 def test_hostile_values_arrive_unchanged_in_a_submitit_script(tmp_path_factory, output, env_value):
     work = tmp_path_factory.mktemp("q")
@@ -125,9 +126,39 @@ def test_values_an_sbatch_line_cannot_carry_are_refused(tmp_path):
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(BASE))
     with pytest.raises(BadInput, match="name .*cannot pass through an #SBATCH line"):
+        submit.prepare(str(job), ["slurm.job_name=a\\b"], array=[], standalone_script=True, cwd=tmp_path)
+    with pytest.raises(BadInput, match="name = .*a name is one folder name"):  # a folder name is checked first
         submit.prepare(str(job), ["name=a\\b"], array=[], standalone_script=True, cwd=tmp_path)
     with pytest.raises(BadInput, match="output .*cannot pass through an #SBATCH line"):
         submit.prepare(str(job), ['output="runs/a\\nb"'], array=[], standalone_script=False, cwd=tmp_path)
+
+
+def test_percent_in_the_run_folder_is_refused_where_slurm_names_its_logs(tmp_path, monkeypatch):
+    """SLURM expands % in #SBATCH --output, which names the run folder (submitit): the spec refuses
+    % in output, and submit the folder the relative output lies in."""
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(BASE))
+    cwd = tmp_path / "a%jb"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # a relative output lies in the folder mpidl runs in
+    with pytest.raises(BadInput, match=r'^output \(the run folder, where the logs go\) = ".*/a%jb/runs/s": % is refused'):
+        submit.prepare(str(job), [], array=[], standalone_script=False, cwd=cwd, ask_controller=False)
+    with pytest.raises(BadInput, match=r'output = "runs/%j": % is refused'):
+        submit.prepare(str(job), ["output=runs/%j"], array=[], standalone_script=False, cwd=tmp_path,
+                       ask_controller=False)
+    # a standalone script's log is slurm-<job>.out in the submit folder: the run folder is not in it
+    assert submit.prepare(str(job), [], array=[], standalone_script=True, cwd=cwd, ask_controller=False).text
+
+
+def test_a_file_where_the_run_folder_would_be_is_refused_before_submitting(tmp_path):
+    """submitit makes its folder of logs in the run folder: a file there failed with a traceback."""
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({**BASE, "output": str(tmp_path / "run")}))
+    (tmp_path / "run").write_text("x")
+    for standalone_script in (False, True):
+        with pytest.raises(BadInput, match=f'^output = "{tmp_path}/run": {tmp_path}/run is a file, not a folder$'):
+            submit.prepare(str(job), [], array=[], standalone_script=standalone_script, cwd=tmp_path,
+                           ask_controller=False)
 
 
 def _sbatch_sees(script_text: str, tmp_path: Path, env: dict) -> dict:

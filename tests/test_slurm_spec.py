@@ -69,11 +69,28 @@ def test_set_reaches_the_slurm_section(tmp_path):
     (["slurm.sbatch={nodes: 3}"], "'nodes' is set from the section's own keys"),
     (["slurm.sbatch={Mail_Type: END}"], "'Mail_Type' is not an sbatch long option name"),
     (["slurm.env={1X: a}"], "'1X' is not an environment variable name"),
+    (["slurm.sbatch={part: debug}"], "'part' abbreviates --partition (sbatch reads a unique prefix"),
+    (["slurm.sbatch={outp: x.log}"], "'outp' abbreviates --output"),
+    (["slurm.sbatch={sig: USR1@5}"], "'sig' abbreviates --signal"),
+    (["slurm.sbatch={no-requeu: true}"], "'no-requeu' abbreviates --no-requeue"),
+    (["slurm.sbatch={ntasks-per: 2}"], "'ntasks-per' abbreviates --ntasks-per-node"),
+    (["slurm.sbatch={exclu: true}"], "'exclu' abbreviates --exclusive"),
+    (["slurm.sbatch={gpus: 8}"], "'gpus' is set from the section's own keys"),
+    (["slurm.time=1", "slurm.signal_lead_s=60"],
+     "slurm.signal_lead_s = 60: not below the time limit slurm.time = 1 (60 s): SLURM would send the warning"),
+    (["slurm.time=0:01:30", "slurm.signal_lead_s=120"], "slurm.signal_lead_s = 120: not below the time limit"),
     (["slurm.job_name=a\\b"], "slurm.job_name = \"a\\\\b\": newlines, control characters and backslashes"),
 ])
 def test_bad_slurm_values(tmp_path, overrides, expect):
     msg = error(spec_file(tmp_path), overrides)
     assert expect in msg, msg
+
+
+def test_sbatch_options_that_are_no_abbreviation_of_an_owned_one_pass(tmp_path):
+    extra = "{mail-type: END, comment: x, exclude: n1, gres-flags: enforce-binding, mem-per-cpu: 2G, gpus-per-task: 1}"
+    assert "exclude" in load_spec(spec_file(tmp_path), [f"slurm.sbatch={extra}"]).slurm.sbatch
+    s = load_spec(spec_file(tmp_path), ["slurm.time=2", "slurm.signal_lead_s=60"]).slurm  # 60 s of warning in 120
+    assert s.signal_lead_s < s.time_seconds
 
 
 def test_newline_in_an_sbatch_value_is_refused(tmp_path):

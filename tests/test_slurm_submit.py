@@ -251,6 +251,17 @@ def test_no_sbatch_on_path(tmp_path):
     assert r.returncode == 0 and "skipped (no SLURM controller answers here)" in r.stdout, r.output
 
 
+def test_percent_in_the_run_folder_is_refused(tmp_path):
+    """SLURM would expand it in the log paths (#SBATCH --output names the run folder)."""
+    cwd = tmp_path / "a%jb"
+    cwd.mkdir()
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    r = submit("--dry-run", DEMO, env={"PATH": str(empty)}, cwd=cwd)
+    assert r.returncode == 2 and "/a%jb/runs/demo\": % is refused: SLURM expands it" in _one_error_line(r)
+    assert list(cwd.iterdir()) == []  # no script, no run folder
+
+
 def test_unreachable_controller(slurm_cluster, tmp_path):
     conf = tmp_path / "slurm.conf"
     text = Path(slurm_cluster["SLURM_CONF"]).read_text()

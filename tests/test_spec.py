@@ -1,6 +1,7 @@
 """The job spec: strict validation with one-line errors, --set overrides, the fingerprint."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ import yaml
 
 from conftest import ROOT
 from mpidl.errors import BadInput
-from mpidl.spec import JobSpec, load_spec
+from mpidl.spec import JobSpec, check_run_folders, load_spec
 
 BASE = {
     "name": "s", "epochs": 1,
@@ -112,6 +113,87 @@ def test_unknown_keys_at_any_depth_name_the_nearest(tmp_path, overrides, expect)
     assert msg.endswith(expect), msg
     if "did you" not in expect:
         assert "did you mean" not in msg  # nothing close: no guess
+
+
+@pytest.mark.parametrize("overrides,expect", [
+    (["optimizer.lr=.inf"], "optimizer.lr = .inf: Input should be a finite number"),
+    (["optimizer.weight_decay=.inf"], "optimizer.weight_decay = .inf: Input should be a finite number"),
+    (["schedule.warmup_epochs=.inf"], "schedule.warmup_epochs = .inf: Input should be a finite number"),
+    (["optimizer.lr=.nan"], "optimizer.lr = .nan: Input should be a finite number"),
+    (["schedule.min_lr=-.inf"], "schedule.min_lr = -.inf: Input should be a finite number"),
+    (["optimizer.betas=[.nan, 0.9]"], "optimizer.betas.0 = .nan: Input should be a finite number"),
+    (["optimizer.clip_weights.min=-.inf", "optimizer.clip_weights.max=1"], "clip_weights.min = -.inf"),
+    (["data.synth.kind=tabular", "data.synth.rows=9", "data.synth.noise=.inf"], "data.synth.noise = .inf"),
+])
+def test_non_finite_floats_are_refused(tmp_path, overrides, expect):
+    """YAML reads .inf and .nan as floats; no setting means either (an infinite lr ended in an
+    OverflowError mid-run). Refused in every section, shown as the YAML that was written."""
+    assert expect in error(spec_file(tmp_path), overrides)
+    tree = yaml.safe_load(yaml.safe_dump(BASE))
+    tree["optimizer"]["lr"] = float("inf")  # in the file itself, not only through --set
+    assert "optimizer.lr = .inf" in error(spec_file(tmp_path, tree))
+
+
+@pytest.mark.parametrize("output", ["{nme}", "{0}", "{", "}", "{}", "runs/{name!r}", "runs/{name:>8}", "{name.x}"])
+def test_output_takes_only_the_name_placeholder(tmp_path, output):
+    msg = error(spec_file(tmp_path, {**BASE, "output": output}))
+    assert msg.endswith(f"output = {json.dumps(output)}: the only placeholder is {{name}} "
+                        "(write {{ and }} for literal braces)"), msg
+
+
+def test_output_with_literal_braces(tmp_path):
+    assert load_spec(spec_file(tmp_path, {**BASE, "output": "{{x}}/{name}"})).run_dir == Path("{x}/s")
+
+
+def test_percent_in_output_is_refused(tmp_path):
+    """SLURM expands % in log paths (#SBATCH --output names the run folder): refused under
+    `mpidl train` too, so that a run started by hand can be continued by a submitted job."""
+    msg = error(spec_file(tmp_path), ["output=runs/%j/{name}"])
+    assert 'output = "runs/%j/{name}": % is refused: SLURM expands it' in msg, msg
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "..", ".", ".hidden", "-x", "a b", "a%j", "a\\b", "a\tb",
+                                  '""', "x" * 101, "é"])
+def test_name_must_be_one_safe_folder_name(tmp_path, name):
+    msg = error(spec_file(tmp_path), [f"name={name}"])
+    assert msg.endswith(": a name is one folder name: up to 100 ASCII letters, digits and _ . - + = , @, "
+                        "not starting with . - + = , @"), msg
+
+
+def test_names_that_are_one_folder_name_pass(tmp_path):
+    for name in ("demo", "lr=0.1,bs=64", "a+b@c", "_x.y-z", "x" * 100):
+        assert load_spec(spec_file(tmp_path), [f"name={name}"]).run_dir == Path("runs") / name
+
+
+def test_a_line_break_in_a_job_name_is_refused(tmp_path):
+    """YAML folds a line break in a --set value into a space: refused rather than changed; a
+    newline written as an escape reaches the name's own check."""
+    for raw in ("name=a\nb", 'name="a\nb"', "slurm.job_name=a\nb", "name=a\r\nb"):
+        assert "a line break in a --set value" in error(spec_file(tmp_path), [raw])
+    assert "a name is one folder name" in error(spec_file(tmp_path), ['name="a\\nb"'])
+    assert "a name is one folder name" in error(spec_file(tmp_path, {**BASE, "name": "a\nb"}))
+
+
+def test_a_file_where_a_run_folder_would_be_is_refused(tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").write_text("x")
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    cases = [(["output=" + str(tmp_path / "file")],
+              f'output = "{tmp_path}/file": {tmp_path}/file is a file, not a folder'),
+             (["output=" + str(tmp_path / "file/sub/{name}")],
+              f"{tmp_path}/file is a file, so the folder {tmp_path}/file/sub/s cannot be made"),
+             (["output=" + str(tmp_path / "run")], f"{tmp_path}/run/checkpoints is a file, not a folder"),
+             (["checkpoint.dir=" + str(tmp_path / "file/ck")],
+              f'checkpoint.dir = "{tmp_path}/file/ck": {tmp_path}/file is a file'),
+             (["output=" + str(tmp_path / "link")], f"{tmp_path}/link is a broken link, not a folder")]
+    for overrides, expect in cases:
+        with pytest.raises(BadInput) as e:
+            check_run_folders(load_spec(spec_file(tmp_path), overrides))
+        assert expect in str(e.value), str(e.value)
+    for fine in (["output=" + str(tmp_path / "new/deeper/{name}")], ["checkpoint.dir=" + str(tmp_path / "ck")]):
+        check_run_folders(load_spec(spec_file(tmp_path), fine))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "job.yaml", "link", "run"]  # checks, creates nothing
 
 
 def test_several_errors_are_counted_not_listed(tmp_path):

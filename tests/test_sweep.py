@@ -160,6 +160,36 @@ def test_plan_grid_times_random_draws(tmp_path):
     plan.check_field("model.args.anything", "x")  # model arguments are checked when the model is built
 
 
+@pytest.mark.parametrize("body,expect", [
+    ({"random": {"trials": 2, "fields": {"optimizer.lr": {"uniform": [0.1, float("inf")]}}}},
+     "random.fields.optimizer.lr.uniform.1 = .inf: Input should be a finite number"),
+    ({"random": {"trials": 2, "fields": {"optimizer.lr": {"log_uniform": [float("nan"), 0.1]}}}},
+     "random.fields.optimizer.lr.log_uniform.0 = .nan: Input should be a finite number"),
+    ({"grid": {"optimizer.lr": [0.1, float("inf")]}}, "task 1 (optimizer.lr=Infinity): optimizer.lr = .inf"),
+    ({"set": {"schedule.warmup_epochs": float("nan")}, "grid": {"optimizer.lr": [0.1]}},
+     "schedule.warmup_epochs = .nan: Input should be a finite number"),
+])
+def test_non_finite_floats_are_refused(tmp_path, body, expect):
+    with pytest.raises(BadInput) as e:
+        plan.load(sweep_file(tmp_path, **body))
+    assert expect in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("body,expect", [
+    ({"name": "../x"}, 'name = "../x": a name is one folder name'),
+    ({"output": "runs/{nme}"}, 'output = "runs/{nme}": the only placeholder is {name}'),
+    ({"output": "runs/{"}, 'output = "runs/{": the only placeholder is {name}'),
+    ({"output": "runs/%j"}, 'output = "runs/%j": % is refused'),
+])
+def test_name_and_output_are_checked_as_a_jobs(tmp_path, body, expect):
+    path = sweep_file(tmp_path, grid={"optimizer.lr": [0.1]})
+    tree = {**yaml.safe_load(Path(path).read_text()), **body}
+    Path(path).write_text(yaml.safe_dump(tree))
+    with pytest.raises(BadInput) as e:
+        plan.load(path)
+    assert str(e.value) == f"{path}: {expect}" or str(e.value).startswith(f"{path}: {expect}"), str(e.value)
+
+
 def test_shipped_sweep_plans_six_tasks():
     sweep, tasks = plan.load(str(ROOT / "jobs" / "sweeps" / "demo.yaml"))
     assert len(tasks) == 6 and sweep.metric == "val_accuracy"

@@ -117,6 +117,9 @@ def test_parameters_identical_across_ranks(tmp_path, backend):
 
 @pytest.mark.parametrize("setting,expect", [
     (["--set", "optimizer.lr=-1"], "optimizer.lr = -1: Input should be greater than 0"),
+    (["--set", "schedule.warmup_epochs=.inf"], "schedule.warmup_epochs = .inf: Input should be a finite number"),
+    (["--set", "name=../../x"], 'name = "../../x": a name is one folder name'),
+    (["--set", 'output="{nme}"'], 'output = "{nme}": the only placeholder is {name}'),
     (["--set", "model.args.depth=3"], "model.args: mlp takes no argument 'depth'"),
     (["--set", "data.files=nowhere.h5", "--set", "data.synth=null"], "nowhere.h5: file not found"),
     (["--set", "data.batch=5000"], "fewer than ranks × batch"),
@@ -265,6 +268,48 @@ def test_non_finite_loss_stops_the_job_and_keeps_the_last_good_checkpoint(tmp_pa
         assert all(torch.isfinite(t).all() for t in weights.values())
 
 
+@pytest.mark.parametrize("lagged", [False, True])
+def test_non_finite_targets_are_the_data_not_a_diverged_model(lagged):
+    from mpidl.errors import Diverged
+    from mpidl.train.finite import FiniteLoss
+
+    nan, x, y = torch.tensor(float("nan")), torch.zeros(4, 3), torch.tensor([[1.0], [float("nan")], [2.0], [-1.0]])
+    data = "the data holds NaN or Inf, not the model"
+    for batch, expect in [((x, y), f"the target batch holds 1 non-finite value: {data}"),
+                          ((x.log(), y), f"the target batch holds 1 non-finite value (and the input batch 12): {data}"),
+                          ((x.log(), y.nan_to_num()), "the input batch holds 12 non-finite values"),
+                          ((x, y.nan_to_num()), "the batch is finite: the model diverged (try a lower lr, or gradient "
+                                                "clipping)")]:
+        finite = FiniteLoss(rank=1, lagged=lagged)
+        with pytest.raises(Diverged) as e:
+            finite.watch(6, nan, *batch)
+            finite.check()  # lagged: the flag of a batch is read at the next batch or a checkpoint
+        assert str(e.value) == f"non-finite loss (nan) at step 7 on rank 1; {expect}"
+
+
+@pytest.mark.parametrize("row", [1234, 1900])  # a training row, a held-out row (the last 10%)
+def test_non_finite_regression_targets_stop_every_rank_before_training(tmp_path, row):
+    """Named as the data's (file, dataset, row), with exit 2, before the first step: not the
+    "model diverged" of a NaN loss mid-run."""
+    import h5py
+    import numpy as np
+
+    data = tmp_path / "reg.h5"
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2000, 8)).astype(np.float32)
+    y = x[:, :1] * 2 + 1
+    y[row, 0] = np.nan
+    with h5py.File(data, "w") as f:
+        f["x"], f["y"] = x, y
+    job = write_job(tmp_path, data__files=str(data), data__synth=None, model={"name": "linear"})
+    r = mpirun(2, mpidl_cmd("train", str(job)), timeout=180)
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.output, r.output[-3000:]
+    assert errors[0].endswith(f"error: {data}: dataset 'y' row {row} holds nan: the data holds 1 non-finite target"), \
+        errors[0]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_a_fresh_run_into_an_old_runs_folder_is_refused(tmp_path):
     job = write_job(tmp_path, epochs=None, steps=6)
     assert run(mpidl_cmd("train", str(job)), timeout=120).returncode == 0
@@ -315,6 +360,60 @@ def test_labels_outside_the_classes_stop_every_rank_before_training(tmp_path, cl
     assert errors[0].endswith(f"error: {data}: dataset 'y' row {row} holds label {value}, outside [0, {n}) for "
                               f"{n} classes ({count} such labels; they range {lo}..{hi})"), errors[0]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped before the first step
+
+
+@pytest.mark.parametrize("val,expect", [
+    (lambda x, y: (x[:, :7], y), "dataset 'x' rows are (7,) float32, but in the training files ({train}) (8,) float32"),
+    (lambda x, y: (x.astype("float64"), y), "dataset 'x' rows are (8,) float64, but in the training files"),
+    (lambda x, y: ((x * 10).astype("uint8"), y), "dataset 'x' rows are (8,) uint8, but in the training files"),
+    (lambda x, y: (x, y.astype("int32")), "dataset 'y' rows are scalars int32, but in the training files ({train}) "
+                                          "scalars int64"),
+    (lambda x, y: (x, y), None),  # the same kind of rows
+])
+def test_held_out_rows_of_another_shape_or_dtype_are_refused(tmp_path, val, expect):
+    """The model takes one kind of row: another one failed in the first evaluation, mid-run."""
+    import h5py
+
+    import mpidl
+    from mpidl.errors import BadInput
+    from mpidl.spec import load_spec
+    from mpidl.train.inputs import sources
+
+    train, held = tmp_path / "train.h5", tmp_path / "val.h5"
+    _tabular(train, lambda y: y)
+    with h5py.File(train) as f:
+        x, y = val(f["x"][:200], f["y"][:200])
+    with h5py.File(held, "w") as f:
+        f["x"], f["y"] = x, y
+    spec = load_spec(write_job(tmp_path, data__files=str(train), data__val_files=str(held), data__synth=None))
+    if expect is None:
+        assert len(sources(spec, mpidl.init())[1]) == 200
+        return
+    with pytest.raises(BadInput) as e:
+        sources(spec, mpidl.init())
+    assert str(e.value).startswith(f"data.val_files: {held}: " + expect.format(train=train)), str(e.value)
+
+
+def test_an_output_that_is_a_file_stops_every_rank_before_training(tmp_path):
+    (tmp_path / "run").write_text("not a folder")
+    r = mpirun(2, mpidl_cmd("train", str(write_job(tmp_path))), timeout=120)
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.output, r.output[-3000:]
+    assert errors[0].endswith(f'error: output = "{tmp_path}/run": {tmp_path}/run is a file, not a folder'), errors[0]
+    assert not (tmp_path / "tab.h5").exists()  # before anything: not even the synthetic data
+
+
+def test_held_out_rows_of_another_shape_stop_every_rank_before_training(tmp_path):
+    train, held = tmp_path / "train.h5", tmp_path / "val.h5"
+    _tabular(train, lambda y: y)
+    _tabular(held, lambda y: y, rows=200, features=9)
+    job = write_job(tmp_path, data__files=str(train), data__val_files=str(held), data__synth=None)
+    r = mpirun(2, mpidl_cmd("train", str(job)), timeout=180)
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.output, r.output[-3000:]
+    assert errors[0].endswith(f"error: data.val_files: {held}: dataset 'x' rows are (9,) float32, but in the training "
+                              f"files ({train}) (8,) float32"), errors[0]
+    assert not (tmp_path / "run").exists()  # stopped before the run folder was made
 
 
 def test_class_count_inferred_from_the_labels(tmp_path):

@@ -22,6 +22,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from mpidl.errors import BadInput
+
 DEFLATE, SHUFFLE, LZF = 1, 2, 32000  # HDF5 filter ids (LZF is h5py's registered filter)
 
 
@@ -133,11 +135,11 @@ class ChunkIndex:
         return out
 
     # ------------------------------------------------------------------ bytes
-    def rows_of(self, fd: int, at: tuple[int, ...], lo: int, hi: int, path: str) -> np.ndarray:
+    def rows_of(self, fd: int, at: tuple[int, ...], lo: int, hi: int, path: str, key: str = "") -> np.ndarray:
         """Rows [lo, hi) of chunk `at` (thread scratch): only those bytes when the chunk is
         stored unfiltered, else the whole chunk decoded."""
         if any(not int(self.masks[at]) >> i & 1 for i in range(len(self.filters))):
-            return self.decode(fd, at, path)[lo:hi]
+            return self.decode(fd, at, path, key=key)[lo:hi]
         row = self.chunk_bytes // self.chunks[0]
         part = scratch(0, (hi - lo) * row)
         got = os.preadv(fd, [part], int(self.offsets[at]) + lo * row)
@@ -145,9 +147,11 @@ class ChunkIndex:
             raise OSError(f"{path}: short read of chunk {at} ({got} of {part.size} bytes): the file is truncated")
         return part.view(self.dtype).reshape(hi - lo, *self.chunks[1:])
 
-    def decode(self, fd: int, at: tuple[int, ...], path: str, into: Optional[np.ndarray] = None) -> np.ndarray:
+    def decode(self, fd: int, at: tuple[int, ...], path: str, into: Optional[np.ndarray] = None,
+               key: str = "") -> np.ndarray:
         """Chunk `at` as an array of the chunk's shape: in `into` (C-contiguous, chunk-sized)
-        when given, else in this thread's scratch memory (valid until its next decode)."""
+        when given, else in this thread's scratch memory (valid until its next decode).
+        BadInput naming the file and dataset `key` when a filter gives other than the chunk's size."""
         offset, size, mask = int(self.offsets[at]), int(self.sizes[at]), int(self.masks[at])
         nbytes = self.chunk_bytes
         active = [i for i in range(len(self.filters)) if not mask >> i & 1]
@@ -160,13 +164,18 @@ class ChunkIndex:
         for i in reversed(active):
             code, values = self.filters[i]
             if code == DEFLATE:
-                data, held = np.frombuffer(zlib.decompress(data, bufsize=nbytes), np.uint8), None
+                inflated = _inflate(data, nbytes)
+                if inflated is None:
+                    raise BadInput(f"{_named(path, key)}: chunk {at} does not inflate to the chunk's {nbytes} bytes "
+                                   "(gzip): a damaged file")
+                data, held = np.frombuffer(inflated, np.uint8), None
             elif code == LZF:
                 held = 0 if held == 1 else 1
                 out = scratch(held, nbytes)
                 n = _LZF(data.ctypes.data, data.size, out.ctypes.data, nbytes)
                 if n != nbytes:
-                    raise OSError(f"{path}: chunk {at} does not decompress (lzf gave {n} of {nbytes} bytes)")
+                    raise BadInput(f"{_named(path, key)}: chunk {at} does not decompress (lzf gave {n} of {nbytes} "
+                                   "bytes): a damaged file")
                 data = out
             else:  # SHUFFLE: byte j of element e was stored at j * count + e
                 item = values[0] if values else self.dtype.itemsize
@@ -177,9 +186,27 @@ class ChunkIndex:
                 out[count * item:] = data[count * item:]
                 data = out
         if data.size != nbytes:
-            raise OSError(f"{path}: chunk {at} holds {data.size} bytes after decoding, expected {nbytes}")
+            raise BadInput(f"{_named(path, key)}: chunk {at} holds {data.size} bytes after decoding, expected {nbytes}")
         if into is None:
             return data.view(self.dtype).reshape(self.chunks)
         if active:
             into.reshape(-1).view(np.uint8)[:] = data
         return into
+
+
+def _inflate(data: np.ndarray, nbytes: int) -> Optional[bytes]:
+    """A deflate stream inflated, when it gives exactly `nbytes`; else None. Never more than
+    nbytes + 1 bytes are made: a crafted chunk cannot force a large allocation (zlib.decompress
+    would inflate it whole before any size check)."""
+    d = zlib.decompressobj()
+    try:
+        out = d.decompress(data, nbytes)
+        if not d.eof and d.decompress(d.unconsumed_tail, 1):
+            return None  # more than the chunk holds
+    except zlib.error:
+        return None
+    return out if d.eof and len(out) == nbytes else None
+
+
+def _named(path: str, key: str) -> str:
+    return f"{path}: dataset '{key}'" if key else path

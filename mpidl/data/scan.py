@@ -8,6 +8,7 @@ every rank alike (`BadInput`, one line naming file, dataset, row and value).
     lo, hi = label_range(src, world, "y")               # e.g. to infer the class count: hi + 1
     check_labels(src, world, "y", classes=10)           # BadInput naming the first offending row
     count, first = nonfinite(src, world, "x")
+    check_finite(src, world, "y", "target")             # BadInput naming the first NaN or Inf
 """
 from __future__ import annotations
 
@@ -128,6 +129,16 @@ def check_labels(source: H5Source, world, key: str, classes: int) -> tuple[int, 
         raise BadInput(f"{where} holds label {int(np.ravel(value)[0])}, outside [0, {classes}) for {classes} "
                        f"classes ({count} such labels; they range {lo}..{hi})", collective=world.size > 1)
     return lo, hi
+
+
+def check_finite(source: H5Source, world, key: str, what: str = "value") -> None:
+    """BadInput (on every rank) naming the first row of float dataset `key` that holds NaN or Inf."""
+    _need(source, world, key, "f", "a non-finite scan")
+    count, where, row = first_row(source, world, key, lambda v: ~np.isfinite(v))
+    if where is not None:
+        v = np.ravel(row)
+        raise BadInput(f"{where} holds {v[~np.isfinite(v)][0]}: the data holds {count} non-finite "
+                       f"{what}{'s' if count != 1 else ''}", collective=world.size > 1)
 
 
 def nonfinite(source: H5Source, world, key: str) -> tuple[int, Optional[Where]]:

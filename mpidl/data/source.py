@@ -478,7 +478,7 @@ class Reader:
             index: ChunkIndex = self._storage[i][key]
             middle = (0,) * (len(index.chunks) - 2)
             for c in range(out.shape[1]):
-                index.decode(self._fds[i], (j, *middle, c), self._paths[i], into=out[k, c])
+                index.decode(self._fds[i], (j, *middle, c), self._paths[i], into=out[k, c], key=key)
         return Pending([self._pool.submit(read, k, i, j) for k, (i, j) in enumerate(rows)])
 
     def _raw_chunk_runs(self, key: str, rows: Sequence[tuple[int, int]]) -> Optional[list[list[tuple]]]:
@@ -597,7 +597,7 @@ class Reader:
             wanted = pieces[(i, j)]
             lo, hi = min(r0 for r0, _, _ in wanted), max(r1 for _, r1, _ in wanted)
             for at, dst in index.trailing_chunks:
-                chunk = index.rows_of(self._fds[i], (j, *at), lo, hi, self._paths[i])
+                chunk = index.rows_of(self._fds[i], (j, *at), lo, hi, self._paths[i], key)
                 src = tuple(slice(0, s.stop - s.start) for s in dst)
                 for r0, r1, p in wanted:
                     out[(slice(p, p + r1 - r0), *dst)] = chunk[(slice(r0 - lo, r1 - lo), *src)]

@@ -42,7 +42,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from mpidl.errors import BadInput
 from mpidl.scaling.launch import unreachable
-from mpidl.spec import JobSpec, Strict, _one_line, load_spec
+from mpidl.spec import JobSpec, Strict, _one_line, check_name, check_output, load_spec
 
 BASELINE = "none"  # the backend that skips gradient communication (mpidl/train/backends/nocomm.py)
 
@@ -126,6 +126,16 @@ class StudySpec(Strict):
     allreduce: Optional[str] = Field(default=None, description="a bench_allreduce JSON to show in the report")
     flag_below: float = Field(default=0.8, ge=0, le=1, description="flag points whose efficiency is below this")
     predict: PredictSpec = Field(default_factory=PredictSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_name(v)  # and so every run's, <name>-<point>
+
+    @field_validator("output")
+    @classmethod
+    def _output(cls, v: str) -> str:
+        return check_output(v)
 
     @model_validator(mode="after")
     def _consistent(self) -> "StudySpec":

@@ -7,6 +7,7 @@ client commands, the controller, and the controller's own verdict on the script
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -25,7 +26,7 @@ from mpidl.slurm import controller, executor
 from mpidl.slurm.script import Plan, sbatch_safe, shown_path, standalone
 from mpidl.slurm.task import TrainTask
 from mpidl.slurm.watch import Job
-from mpidl.spec import JobSpec, load_spec, quoted, read_spec_text
+from mpidl.spec import JobSpec, check_run_folders, load_spec, quoted, read_spec_text
 
 GENERATED = Path("slurm") / "generated"
 
@@ -109,7 +110,11 @@ def prepare(job_file: str, sets: list[str], *, array: list[str], standalone_scri
         raise BadInput("--standalone and --array: an array goes through submitit (leave out --standalone)")
     run_dir = base.run_dir
     if not standalone_script:  # submitit's #SBATCH --output names the run folder
-        sbatch_safe("output (the run folder, where the logs go)", str(run_dir.absolute()))
+        where = str(run_dir.absolute())
+        sbatch_safe("output (the run folder, where the logs go)", where)
+        if "%" in where:  # the spec refuses % in output; this is the folder it is relative to
+            raise BadInput(f"output (the run folder, where the logs go) = {json.dumps(where)}: % is refused: SLURM "
+                           "expands it in the log paths under the run folder (#SBATCH --output)")
     specs: list[tuple[JobSpec, list[str]]] = []
     for i, variant in enumerate(variants):
         own = list(sets) + variant
@@ -122,6 +127,7 @@ def prepare(job_file: str, sets: list[str], *, array: list[str], standalone_scri
         try:
             spec = load_spec(job_file, own, text=spec_text)
             runlock.check_free(spec.run_dir)
+            check_run_folders(spec)  # submitit makes its folder of logs in the run folder
             if not resume and not overwrite:
                 _fresh(spec)
         except BadInput as e:

@@ -37,10 +37,10 @@ from typing import Any, Literal, Optional, Union
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from mpidl.errors import BadInput
-from mpidl.spec import JobSpec, Strict, _one_line, load_spec
+from mpidl.spec import JobSpec, Strict, _one_line, check_name, check_output, load_spec
 
 #: fields the sweep sets itself: each task is its own run, on a world of one rank
 RESERVED = {"name": "each task is named by the sweep", "output": "each task writes under the sweep's output",
@@ -92,6 +92,16 @@ class SweepSpec(Strict):
     metric: str = "val_accuracy"
     mode: Literal["max", "min"] = "max"
     output: str = "runs/sweeps/{name}"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_name(v)  # and so every task's name, <name>-<id>
+
+    @field_validator("output")
+    @classmethod
+    def _output(cls, v: str) -> str:
+        return check_output(v)
 
     @property
     def out_dir(self) -> Path:

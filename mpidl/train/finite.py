@@ -5,6 +5,9 @@ allreduce; training on would end "successfully" with `loss nan`. The check is a 
 one flag per batch: free on CPU. On CUDA that read would stall the queue each step, so there
 the flag of a batch is read at the next batch (by then the device is long past it), and
 before every checkpoint, so no checkpoint is ever written after a non-finite loss.
+
+The message says which it was: non-finite values in the batch (inputs or targets: the data),
+or a finite batch (the model diverged).
 """
 from __future__ import annotations
 
@@ -19,9 +22,10 @@ from mpidl.errors import Diverged
 class FiniteLoss:
     def __init__(self, rank: int, lagged: bool):
         self.rank, self.lagged = rank, lagged
-        self._pending: Optional[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = None
+        self._pending: Optional[tuple] = None  # (step, loss is finite, loss, x, y)
 
-    def watch(self, step: int, loss: torch.Tensor, x: torch.Tensor) -> Union[float, torch.Tensor]:
+    def watch(self, step: int, loss: torch.Tensor, x: torch.Tensor,
+              y: Optional[torch.Tensor] = None) -> Union[float, torch.Tensor]:
         """Check this batch's loss (on CUDA: the previous batch's); raise Diverged if not finite.
 
         Returns the loss for the record: a float where it was read here anyway (one host read,
@@ -30,23 +34,32 @@ class FiniteLoss:
         if not self.lagged:
             value = loss.item()
             if not math.isfinite(value):
-                self._diverged(step, value, x)
+                self._diverged(step, value, x, y)
             return value
         self.check()
         loss = loss.detach()
-        self._pending = (step, torch.isfinite(loss).all(), loss, x)
+        self._pending = (step, torch.isfinite(loss).all(), loss, x, y)
         return loss.double()
 
     def check(self) -> None:
         if self._pending is None:
             return
-        step, ok, loss, x = self._pending
+        step, ok, loss, x, y = self._pending
         self._pending = None
         if not bool(ok):
-            self._diverged(step, float(loss), x)
+            self._diverged(step, float(loss), x, y)
 
-    def _diverged(self, step: int, value: float, x: torch.Tensor) -> None:
-        bad = int((~torch.isfinite(x)).sum()) if x.is_floating_point() else 0
-        held = (f"the input batch holds {bad} non-finite value{'s' if bad != 1 else ''}" if bad
-                else "the input batch is finite: the model diverged (try a lower lr, or gradient clipping)")
+    def _diverged(self, step: int, value: float, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> None:
+        bad, bad_y = _nonfinite(x), _nonfinite(y)
+        if bad_y:
+            held = (f"the target batch holds {bad_y} non-finite value{'s' if bad_y != 1 else ''}"
+                    + (f" (and the input batch {bad})" if bad else "") + ": the data holds NaN or Inf, not the model")
+        elif bad:
+            held = f"the input batch holds {bad} non-finite value{'s' if bad != 1 else ''}"
+        else:
+            held = "the batch is finite: the model diverged (try a lower lr, or gradient clipping)"
         raise Diverged(f"non-finite loss ({value}) at step {step + 1} on rank {self.rank}; {held}")
+
+
+def _nonfinite(t: Optional[torch.Tensor]) -> int:
+    return int((~torch.isfinite(t)).sum()) if t is not None and t.is_floating_point() else 0

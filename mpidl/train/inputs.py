@@ -8,9 +8,9 @@ from typing import Callable, Optional
 from mpidl import log, usercode
 from mpidl.data import H5Source, ShardedLoader
 from mpidl.data.preprocess import Pipeline, Standardizer
-from mpidl.data.scan import check_labels, label_range
+from mpidl.data.scan import check_finite, check_labels, label_range
 from mpidl.errors import BadInput
-from mpidl.spec import JobSpec
+from mpidl.spec import JobSpec, check_run_folders
 
 
 def ensure_data(spec: JobSpec, world) -> None:
@@ -26,14 +26,18 @@ def ensure_data(spec: JobSpec, world) -> None:
         return
     from mpidl.data import synth
 
-    common = dict(seed=syn.seed, world=world)
+    # if_missing: another job may be writing the same file; it is then taken as that job wrote it
+    common = dict(seed=syn.seed, world=world, if_missing=True)
     if syn.noise is not None:
         common["noise"] = syn.noise
     if syn.kind == "images":
-        synth.synth_images(path, syn.rows, classes=syn.classes or 10, channels=syn.channels, size=syn.size, **common)
+        wrote = synth.synth_images(path, syn.rows, classes=syn.classes or 10, channels=syn.channels, size=syn.size,
+                                   **common)
     else:
-        synth.synth_tabular(path, syn.rows, features=syn.features, rule=syn.rule, classes=syn.classes, **common)
-    log.get().info("wrote synthetic %s data: %s (%d rows)", syn.kind, path, syn.rows)
+        wrote = synth.synth_tabular(path, syn.rows, features=syn.features, rule=syn.rule, classes=syn.classes,
+                                    **common)
+    if wrote:
+        log.get().info("wrote synthetic %s data: %s (%d rows)", syn.kind, path, syn.rows)
 
 
 def sources(spec: JobSpec, world) -> tuple[H5Source, Optional[H5Source]]:
@@ -44,6 +48,7 @@ def sources(spec: JobSpec, world) -> tuple[H5Source, Optional[H5Source]]:
     if d.val_files is not None:
         val = H5Source(d.val_files, keys=d.keys)
         world.agree(val.validate)
+        world.agree(lambda: same_rows(full, val))
         return full, val
     n = len(full)
     n_val = int(round(n * d.val_fraction))
@@ -54,6 +59,20 @@ def sources(spec: JobSpec, world) -> tuple[H5Source, Optional[H5Source]]:
     world.agree(train.validate)
     world.agree(val.validate)
     return train, val
+
+
+def same_rows(train: H5Source, val: H5Source) -> None:
+    """BadInput unless the held-out rows are shaped and typed as the training rows: the model
+    takes one kind of row (another shape or dtype fails in the first evaluation, mid-run)."""
+    for key in train.keys:
+        a, b = (train.shapes[key], train.dtypes[key]), (val.shapes[key], val.dtypes[key])
+        if a != b:
+            raise BadInput(f"data.val_files: {val.files[0]}: dataset '{key}' rows are {_row(*b)}, but in the "
+                           f"training files ({train.files[0]}) {_row(*a)}")
+
+
+def _row(shape: tuple, dtype) -> str:
+    return f"{shape} {dtype}" if shape else f"scalars {dtype}"
 
 
 @dataclass
@@ -145,11 +164,19 @@ def user_transform(spec: JobSpec, key: str) -> Optional[Callable]:
 
 def build_inputs(spec: JobSpec, world) -> Inputs:
     """Data on disk, validated on every rank (labels too), and the loaders of this rank's shards."""
+    # The run folder is first used here (the standardizer's cache); rank 0 makes and writes it.
+    world.agree(lambda: check_run_folders(spec) if world.rank == 0 else None)
     ensure_data(spec, world)
     train_src, val_src = sources(spec, world)
     # Labels before anything costly: a label a model cannot take stops the job here.
     classes = count_classes(spec, world, train_src, val_src) if _classify(train_src) else None
     d, pre = spec.data, spec.data.preprocess
+    # Float targets (regression) likewise, being small beside the inputs: a NaN or Inf there
+    # would stop the job mid-run as if the model had diverged.
+    if train_src.dtypes[d.keys[1]].kind == "f":
+        for src in (train_src, val_src):
+            if src is not None:
+                check_finite(src, world, d.keys[1], "target")
     standardizer = None
     if pre.standardize:
         standardizer = Standardizer.fit(train_src, world, key=d.keys[0], per=pre.standardize_per,

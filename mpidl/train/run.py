@@ -239,6 +239,8 @@ class Run:
         summary = self.finish()
         self.write_summary(summary)
         self.release()
+        if self.loader is not None:
+            self.loader.close()  # its staged files go (a requeued job stages again)
         if self.preempted:
             from mpidl.slurm import requeue  # the SLURM side of preemption, only when it happens
 

@@ -158,7 +158,7 @@ class Trainer(Run):
             with (contextlib.nullcontext() if last else backend.no_sync(model, optimizer)):
                 with self.autocast:
                     loss, out = self.objective(model, x, y)
-                batch_loss = self.finite.watch(step, loss, x)
+                batch_loss = self.finite.watch(step, loss, x, y)
                 (loss / spec.accumulate if spec.accumulate > 1 else loss).backward()
             self._sync_device()
             t_data += tb - ta
