@@ -104,13 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = argv_all = list(sys.argv[1:] if argv is None else argv)
     # Everything after the first `--` is a command for the subcommand to run (`mpidl submit -- CMD`).
     command = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
     args = build_parser().parse_args(argv)
-    if command:
-        if not isinstance(getattr(args, "program", None), list):
+    if "--" in argv_all:
+        if not hasattr(args, "program"):
             print(f"error: mpidl {args.command}: takes no command after --", file=sys.stderr)
             return EXIT_BAD_INPUT
         args.program = command

@@ -247,9 +247,18 @@ def _mpi():
     return MPI
 
 
+# Open MPI settings every rank takes unless its environment says otherwise (read at MPI_Init).
+# A rank waiting in MPI gives its core away (sched_yield in the progress loop) instead of spinning:
+# Horovod's background thread drives MPI beside the training thread, and on CPU nodes where every
+# core has a rank its spin took the core from backward (benchmarks/bench_horovod_cpu.py).
+MPI_DEFAULTS = {"OMPI_MCA_mpi_yield_when_idle": "1"}
+
+
 def _mpi_comm():
     import mpi4py
 
+    for key, value in MPI_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     # Threads: the prefetcher and Horovod's background thread live beside MPI calls.
     mpi4py.rc.thread_level = "multiple"
     return _mpi().COMM_WORLD

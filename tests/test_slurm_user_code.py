@@ -94,7 +94,7 @@ def test_your_own_loop_through_submit_is_preempted_requeued_and_resumes_exactly(
                                                                      "MPIDL_OUTPUT": str(reference)})
     assert r.returncode == 0, r.output[-3000:]
     run_dir = tmp_path / "runs" / "example"  # the script's own folder: a single job keeps it
-    env = {**slurm_cluster, "MPIDL_BACKEND": "mpi"}
+    env = {**slurm_cluster, "MPIDL_BACKEND": "mpi", "MPIDL_LOG_EVERY": "1"}  # a record a step: the test waits for 20
     out = _submit_and_preempt([PYTHON, "-m", "mpidl.cli", "submit", "--wait", "--tasks-per-node", "2", "--time", "20",
                                "--", "python", "loop.py", "tab.h5", str(run_dir)], tmp_path, env, run_dir)
     _resumed_mid_run(run_dir, out, 5 * (6000 // 128))

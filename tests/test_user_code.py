@@ -199,3 +199,17 @@ def test_a_two_size_study_of_your_own_loop(tmp_path):
     r = run(mpidl_cmd("report", str(tmp_path / "study")), cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.output[-3000:]
     assert "mpidl_loop.py" in (tmp_path / "study" / "report.md").read_text()
+
+
+def test_a_sweep_of_a_user_job(tmp_path):
+    """`mpidl sweep` over a job that names the user's code: each task imports it from the base job's folder."""
+    userpkg.make(tmp_path, epochs=1, **{"data.files": str(tmp_path / "tab.h5")})
+    sweep = {"name": "s", "job": "job.yaml", "grid": {"optimizer.lr": [0.05, 0.1]}, "metric": "val_top2",
+             "mode": "max", "output": str(tmp_path / "sweep")}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    r = mpirun(2, mpidl_cmd("sweep", str(tmp_path / "sweep.yaml")), cwd=elsewhere, timeout=300)
+    assert r.returncode == 0, r.output[-3000:]
+    rows = json.loads((tmp_path / "sweep" / "results.json").read_text())["tasks"]
+    assert len(rows) == 2 and all(row["status"] == "ok" and row["val_top2"] > 0.5 for row in rows), rows

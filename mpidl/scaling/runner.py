@@ -185,7 +185,8 @@ def point_env(study: Study, point: Point, run_dir: Path) -> dict[str, str]:
     from mpidl.train.run import BACKEND_ENV, LOG_EVERY_ENV, OUTPUT_ENV, STEPS_ENV
 
     s = study.spec
-    return {BACKEND_ENV: point.backend, OUTPUT_ENV: str(run_dir.absolute()), STEPS_ENV: str(s.warmup_steps + s.steps),
+    venv_bin = str(Path(sys.executable).parent)  # `python` in the command is this environment's, as under submit
+    return {"PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""), BACKEND_ENV: point.backend, OUTPUT_ENV: str(run_dir.absolute()), STEPS_ENV: str(s.warmup_steps + s.steps),
             LOG_EVERY_ENV: str(s.window), "MPIDL_BATCH_PER_RANK": str(study.batch_per_rank(point.size))}
 
 

@@ -18,7 +18,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     cwd = Path.cwd()
     flags = {k: getattr(args, k) for k in (*FLAGS, "name", "output")}
-    if args.program:  # mpidl submit [RESOURCES.yaml] [flags] -- CMD ...
+    if args.program is not None:  # mpidl submit [RESOURCES.yaml] [flags] -- CMD ...
         from mpidl.slurm import command
 
         if args.resume or args.overwrite:
@@ -81,4 +81,4 @@ def register(sub) -> None:
                        help=f"slurm.{key}")
     s.add_argument("--name", default=None, help="the job's name (default: the spec's; a command's script name)")
     s.add_argument("--output", default=None, help="the run folder (default runs/{name}): logs, and with a spec the run")
-    s.set_defaults(func=cmd_submit, program=[])
+    s.set_defaults(func=cmd_submit, program=None)

@@ -230,6 +230,7 @@ def load(path: str) -> tuple[SweepSpec, list[Task]]:
         seen.add(tid)
         folder = str(out / "tasks" / tid).replace("{", "{{").replace("}", "}}")
         spec = spec.model_copy(update={"name": f"{sweep.name}-{tid}", "output": folder})
+        spec = spec.with_code_dirs([str(job_path.resolve().parent)])  # the base job's code, as train finds it
         tasks.append(Task(tid, index, params, spec))
     _check_shared_data(tasks, origin)
     return sweep, tasks

@@ -183,6 +183,7 @@ class Run:
         self._batches: Optional[Iterator] = None
         self._saved_at: Optional[int] = None
         self._left = False
+        self._agreed_keys: list[str] = []
         self._t_start = time.perf_counter()
         self._times = {k: 0.0 for k in BUCKETS}
 
@@ -334,6 +335,14 @@ class Run:
         if not n:
             return
         keys = sorted(window)
+        if self.world.size > 1 and keys != self._agreed_keys:  # one allreduce over the same keys everywhere
+            every = self.world.comm.allgather(keys)
+            odd = next((r for r, k in enumerate(every) if k != every[0]), None)
+            if odd is not None:
+                shown = lambda ks: ", ".join(k for k in ks if not k.startswith("time")) or "nothing"  # noqa: E731
+                raise BadInput(f"run.log: rank 0 logged {shown(every[0])}, rank {odd} {shown(every[odd])}: "
+                               "log the same values on every rank", collective=True, origin=odd)
+            self._agreed_keys = keys
         avg = self.backend.average({k: float(window[k]) for k in keys})
         rec = {"step": self.position.global_step, "epoch": self._epoch_float()}
         rec.update({k: avg[k] / n for k in keys if not k.startswith("time")})

@@ -259,8 +259,12 @@ class Trainer(Run):
                     yield pos
         except Preempted:
             pass
-        finally:
-            self._close_signals(failed=False)
+        except BaseException:
+            # No wait for the preemption check in flight: the other ranks may never reach MPI
+            # again (blocked in a Gloo or NCCL collective): fail-fast must end them.
+            self._close_signals(failed=True)
+            raise
+        self._close_signals(failed=False)
         if not self.preempted and pos.global_step == self.total_steps and pos.step_in_epoch:
             self.evaluate_and_log()  # a job of `steps` that ends mid-epoch
 

@@ -1,0 +1,206 @@
+"""Where the Horovod backend's time goes on CPU ranks, and what mpidl sets about it.
+
+    .venv/bin/python benchmarks/bench_horovod_cpu.py [--ranks 2] [--repeats 5] [--steps 300]
+                                                     [--variants NAME,...] [--timeline] [--no-write]
+
+The demo job (small CNN, batch 64 a rank, one thread a rank) on `--ranks` ranks under mpirun,
+each variant a separate `mpidl train` run; variants alternate, repeat by repeat (the order turns
+each time), so drift hits them alike. A variant is a backend and environment:
+
+  horovod-spin     Horovod with Open MPI busy-polling (OMPI_MCA_mpi_yield_when_idle=0): as before
+  horovod          Horovod as mpidl now runs it (yield_when_idle=1, set by mpidl.init)
+  horovod-cycle5   ... with HOROVOD_CYCLE_TIME=5 (ms between the background thread's cycles)
+  horovod-nocache  ... with HOROVOD_CACHE_CAPACITY=0 (no response cache: negotiate every tensor)
+  horovod-nofuse   ... with HOROVOD_FUSION_THRESHOLD=0 (no fusion buffer)
+  horovod-affinity ... with HOROVOD_THREAD_AFFINITY pinning the background thread to its rank's core
+  mpi-spin, mpi    the mpi backend, busy-polling and yielding
+  ddp-spin, ddp    DDP (Gloo), the same two
+  none-spin, none  the no-communication baseline, the same two
+
+Per run: samples/s and the step's split (data, compute, sync, optimizer) as medians over the
+log windows after the first `--warmup` steps, and each rank's CPU time by thread, read from
+/proc/self/task when the run ends: the training thread (the main one) and the rest (Horovod's
+background thread, the loader's reader, Gloo's threads), in CPU ms per step. Per variant: the
+median over repeats and its range; X/X0 is samples/s over the baseline of the same wait mode.
+
+--timeline: one more run of `horovod-spin` and `horovod` with HOROVOD_TIMELINE, summarised per
+activity (time per step in NEGOTIATE_ALLREDUCE, ALLREDUCE, MPI_ALLREDUCE, the fusion copies).
+Results: benchmarks/results/horovod-cpu-<machine>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from common import write_result  # noqa: E402
+
+MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+           "OMPI_MCA_btl_vader_single_copy_mechanism": "none", "OMP_NUM_THREADS": "1", "CI": "1",
+           "MPIDL_PROGRESS": "lines", "PYTHONUNBUFFERED": "1"}
+SPIN = {"OMPI_MCA_mpi_yield_when_idle": "0"}
+VARIANTS = {
+    "horovod-spin": ("horovod", SPIN),
+    "horovod": ("horovod", {}),
+    "horovod-cycle5": ("horovod", {"HOROVOD_CYCLE_TIME": "5"}),
+    "horovod-nocache": ("horovod", {"HOROVOD_CACHE_CAPACITY": "0"}),
+    "horovod-nofuse": ("horovod", {"HOROVOD_FUSION_THRESHOLD": "0"}),
+    "horovod-affinity": ("horovod", {"HOROVOD_THREAD_AFFINITY": "AFFINITY"}),
+    "mpi-spin": ("mpi", SPIN), "mpi": ("mpi", {}),
+    "ddp-spin": ("ddp", SPIN), "ddp": ("ddp", {}),
+    "none-spin": ("none", SPIN), "none": ("none", {}),
+}
+BUCKETS = ("data", "compute", "sync", "optimizer")
+
+# Runs the trainer as `mpidl train` does, and at the end writes this rank's CPU time per thread.
+RANK = r'''
+import atexit, json, os, sys
+def dump():
+    me = os.getpid()
+    threads = []
+    for tid in os.listdir("/proc/self/task"):
+        stat = open(f"/proc/self/task/{tid}/stat").read()
+        fields = stat[stat.rindex(")") + 2:].split()
+        threads.append({"tid": int(tid), "main": int(tid) == me, "name": stat[stat.index("(") + 1:stat.rindex(")")],
+                        "cpu_s": (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")})
+    rank = os.environ.get("OMPI_COMM_WORLD_RANK", "0")
+    with open(os.path.join(os.environ["BENCH_OUT"], f"threads-{rank}.json"), "w") as f:
+        json.dump(threads, f)
+atexit.register(dump)
+from mpidl.cli import main
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def affinity_value(ranks: int) -> str:
+    """HOROVOD_THREAD_AFFINITY: each rank's background thread on the core its rank would use."""
+    return ",".join(str(r % (os.cpu_count() or 1)) for r in range(ranks))
+
+
+def one_run(variant: str, ranks: int, steps: int, data: str, folder: Path, timeline: bool = False) -> dict:
+    backend, extra = VARIANTS[variant]
+    out = folder / variant
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **MPI_ENV, **extra, "BENCH_OUT": str(out)}
+    if env.get("HOROVOD_THREAD_AFFINITY") == "AFFINITY":
+        env["HOROVOD_THREAD_AFFINITY"] = affinity_value(ranks)
+    if timeline:
+        env["HOROVOD_TIMELINE"] = str(out / "timeline.json")
+    sets = [f"backend={backend}", f"steps={steps}", "epochs=null", "log_every=10", f"data.files={data}",
+            f"output={out / 'run'}", "checkpoint.every_epochs=null", "data.val_fraction=0", "data.synth.rows=24000"]
+    cmd = ["mpirun", "-np", str(ranks), "--bind-to", "core", sys.executable, "-c", RANK, "train",
+           str(HERE.parent / "jobs" / "demo.yaml"), "--overwrite", *[x for s in sets for x in ("--set", s)]]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    if p.returncode:
+        raise RuntimeError(f"{variant}: exit {p.returncode}: {(p.stdout + p.stderr)[-2000:]}")
+    return {"run": out / "run", "threads": [json.loads((out / f"threads-{r}.json").read_text()) for r in range(ranks)],
+            "timeline": out / "timeline.json" if timeline else None}
+
+
+def figures(res: dict, warmup: int, steps: int) -> dict:
+    recs = [json.loads(x) for x in (res["run"] / "metrics.jsonl").read_text().splitlines()]
+    wins = [r for r in recs if "step_time" in r and r["step"] > warmup]
+    cpu_main = statistics.mean(sum(t["cpu_s"] for t in th if t["main"]) for th in res["threads"]) / steps
+    cpu_rest = statistics.mean(sum(t["cpu_s"] for t in th if not t["main"]) for th in res["threads"]) / steps
+    return {"samples_per_s": statistics.median(r["samples_per_s"] for r in wins),
+            "time": {k: statistics.median(r["time"][k] for r in wins) for k in BUCKETS},
+            "cpu_main_ms_per_step": 1e3 * cpu_main, "cpu_other_threads_ms_per_step": 1e3 * cpu_rest}
+
+
+def timeline_summary(path: Path, steps: int) -> dict:
+    """Per activity, the ms per step the background thread spent in it (summed over tensors)."""
+    text = path.read_text().strip().rstrip(",")
+    events = json.loads(text if text.endswith("]") else text + "]")
+    open_: dict = {}
+    total: dict[str, float] = {}
+    for e in events:
+        key = (e.get("pid"), e.get("tid"), e.get("name"))
+        if e.get("ph") == "B":
+            open_.setdefault((e.get("pid"), e.get("tid")), []).append((e.get("name"), e["ts"]))
+        elif e.get("ph") == "E":
+            stack = open_.get((e.get("pid"), e.get("tid")))
+            if stack:
+                name, ts = stack.pop()
+                total[name] = total.get(name, 0.0) + (e["ts"] - ts) / 1e3
+        del key
+    return {k: v / steps for k, v in sorted(total.items(), key=lambda kv: -kv[1])}
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--timeline", action="store_true")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variant {unknown[0]} (choose from {', '.join(VARIANTS)})")
+
+    folder = Path(tempfile.mkdtemp(prefix="mpidl-hvd-cpu-"))
+    data = str(folder / "demo.h5")
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for rep in range(args.repeats):
+        k = rep % len(names)
+        order = names[k:] + names[:k]
+        for name in (order if rep % 2 == 0 else order[::-1]):
+            runs[name].append(figures(one_run(name, args.ranks, args.steps, data, folder), args.warmup, args.steps))
+            print(f"rep {rep + 1}/{args.repeats} {name}: {runs[name][-1]['samples_per_s']:,.0f} samples/s", flush=True)
+
+    table = {}
+    for name in names:
+        rs = runs[name]
+        table[name] = {"samples_per_s": spread([r["samples_per_s"] for r in rs]),
+                       "time_ms": {k: 1e3 * statistics.median(r["time"][k] for r in rs) for k in BUCKETS},
+                       "cpu_main_ms_per_step": statistics.median(r["cpu_main_ms_per_step"] for r in rs),
+                       "cpu_other_threads_ms_per_step": statistics.median(r["cpu_other_threads_ms_per_step"] for r in rs)}
+    for name in names:  # X / X0: against the baseline of the same wait mode
+        base = "none-spin" if name.endswith("-spin") else "none"
+        if base in table:
+            table[name]["x_over_x0"] = table[name]["samples_per_s"]["median"] / table[base]["samples_per_s"]["median"]
+
+    head = (f"{'variant':<18}{'samples/s':>10} {'(min-max)':<16}{'X/X0':>6}{'compute':>9}{'sync':>7}{'opt':>6}"
+            f"{'data':>6}{'cpu main':>10}{'cpu other':>10}  (ms a step; {args.ranks} ranks, {args.repeats} repeats)")
+    print(head)
+    for name, row in table.items():
+        s, t = row["samples_per_s"], row["time_ms"]
+        print(f"{name:<18}{s['median']:>10,.0f} ({s['min']:,.0f}-{s['max']:,.0f}){'':<3}"
+              f"{row.get('x_over_x0', float('nan')):>6.2f}{t['compute']:>9.1f}{t['sync']:>7.1f}{t['optimizer']:>6.1f}"
+              f"{t['data']:>6.1f}{row['cpu_main_ms_per_step']:>10.1f}{row['cpu_other_threads_ms_per_step']:>10.1f}")
+
+    timelines = {}
+    if args.timeline:
+        for name in ("horovod-spin", "horovod"):
+            res = one_run(name, args.ranks, args.steps, data, folder, timeline=True)
+            timelines[name] = timeline_summary(res["timeline"], args.steps)
+            top = ", ".join(f"{k} {v:.2f}" for k, v in list(timelines[name].items())[:6])
+            print(f"timeline {name} (ms a step): {top}")
+
+    if not args.no_write:
+        path = write_result("horovod-cpu", {"ranks": args.ranks, "repeats": args.repeats, "steps": args.steps,
+                                            "warmup": args.warmup, "job": "jobs/demo.yaml (small CNN, batch 64 a rank)",
+                                            "variants": {n: {"backend": VARIANTS[n][0], "env": VARIANTS[n][1]}
+                                                         for n in names},
+                                            "table": table, "runs": runs, "timelines": timelines})
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
