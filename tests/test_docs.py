@@ -9,7 +9,9 @@
   (`mpidl.scaling.study`), a sweep (`mpidl.sweep.plan`) or the resources file of `mpidl submit --
   CMD`; a block whose first line is `# fragment` is a piece of one and is skipped;
 - every ```python block compiles;
-- docs/jobspec.md is what scripts/jobspec_doc.py makes of the schema today.
+- docs/jobspec.md is what scripts/jobspec_doc.py makes of the schema today;
+- the README starts with `make demo` and `make test`; docs/your-code.md's diff is the examples'
+  diff; docs/architecture.md's layout names every module.
 """
 from __future__ import annotations
 
