@@ -29,39 +29,52 @@ class Strict(BaseModel):
 class SynthSpec(Strict):
     """Generate the data files when they are missing (the demo's embedded default)."""
 
-    kind: Literal["images", "tabular"]
-    rows: int = Field(gt=0)
-    classes: Optional[int] = Field(default=None, ge=2)
-    channels: int = Field(default=3, ge=1)
-    size: int = Field(default=16, ge=1)
-    features: int = Field(default=16, ge=1)
-    rule: Literal["linear", "nonlinear"] = "linear"
-    noise: Optional[float] = Field(default=None, ge=0)
-    seed: int = 0
+    kind: Literal["images", "tabular"] = Field(description="images: N×C×H×W uint8 and int64 labels; tabular: "
+                                                         "float features and targets from a known rule")
+    rows: int = Field(gt=0, description="rows to write")
+    classes: Optional[int] = Field(default=None, ge=2, description="images: default 10; tabular: classify into this "
+                                                                   "many classes instead of regressing")
+    channels: int = Field(default=3, ge=1, description="images: channels")
+    size: int = Field(default=16, ge=1, description="images: height and width")
+    features: int = Field(default=16, ge=1, description="tabular: features per row")
+    rule: Literal["linear", "nonlinear"] = Field(default="linear", description="tabular: how targets follow "
+                                                                                "from features")
+    noise: Optional[float] = Field(default=None, ge=0, description="standard deviation of the noise added; default "
+                                                                   "60 (images, in pixel units), 0.05 (tabular)")
+    seed: int = Field(default=0, description="the generator's seed")
 
 
 class PreprocessSpec(Strict):
-    scale_uint8: bool = True
-    standardize: bool = False
-    standardize_per: Literal["feature", "channel"] = "feature"
-    crop: Optional[int] = Field(default=None, ge=1)
-    padding: int = Field(default=0, ge=0)
-    flip: bool = False
+    scale_uint8: bool = Field(default=True, description="uint8 inputs to floats in [0, 1]")
+    standardize: bool = Field(default=False, description="subtract the mean, divide by the standard deviation, both "
+                                                         "from one allreduce over the whole training set")
+    standardize_per: Literal["feature", "channel"] = Field(default="feature", description="statistics per feature "
+                                                                                          "or per image channel")
+    crop: Optional[int] = Field(default=None, ge=1, description="training: a random crop of this size "
+                                                                "(held-out: the centre)")
+    padding: int = Field(default=0, ge=0, description="zeros around each image before the crop")
+    flip: bool = Field(default=False, description="training: mirror each image left-right with probability 1/2")
 
 
 class DataSpec(Strict):
-    files: Union[str, list[str]]
-    keys: list[str] = Field(default_factory=lambda: ["x", "y"], min_length=2)
+    files: Union[str, list[str]] = Field(description="HDF5 files: one path, a list, or a glob (train-*.h5)")
+    keys: list[str] = Field(default_factory=lambda: ["x", "y"], min_length=2,
+                            description="datasets read: inputs first, targets second")
     batch: int = Field(gt=0, description="samples per rank per step")
-    val_fraction: float = Field(default=0.1, ge=0, lt=1)
-    val_files: Optional[Union[str, list[str]]] = None
-    shuffle: Literal["block", "exact", "none"] = "block"
-    drop_last: bool = True
-    prefetch: int = Field(default=4, ge=1)
+    val_fraction: float = Field(default=0.1, ge=0, lt=1, description="the last rows held out for evaluation "
+                                                                     "(unless val_files); 0: no evaluation")
+    val_files: Optional[Union[str, list[str]]] = Field(default=None, description="held-out files, instead of "
+                                                                                 "val_fraction")
+    shuffle: Literal["block", "exact", "none"] = Field(default="block", description="block: chunk-aligned blocks in "
+                                                       "random order, rows shuffled within a window; exact: one "
+                                                       "global permutation; none: file order")
+    drop_last: bool = Field(default=True, description="false: pad the last batch instead of dropping it")
+    prefetch: int = Field(default=4, ge=1, description="batches read ahead")
     stage_dir: Optional[str] = Field(default=None, description="node-local copy of each rank's share: a folder "
                                      "($VARS and ~ expand) or auto ($SLURM_TMPDIR, $TMPDIR, the temp dir)")
-    preprocess: PreprocessSpec = Field(default_factory=PreprocessSpec)
-    synth: Optional[SynthSpec] = None
+    preprocess: PreprocessSpec = Field(default_factory=PreprocessSpec, description="on the device, per batch")
+    synth: Optional[SynthSpec] = Field(default=None, description="write files (one path) with synthetic data when "
+                                                                 "it is missing")
 
 
 BUILTIN_MODELS = ("linear", "mlp", "small_cnn", "resnet18", "resnet50", "mobilenet_v2")
@@ -83,8 +96,8 @@ class ModelSpec(Strict):
     name: str = Field(description="a built-in (linear, mlp, small_cnn, resnet18, resnet50, mobilenet_v2) "
                                   "or your class or factory as package.module:attr")
     args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the model")
-    channels_last: bool = False
-    compile: bool = False
+    channels_last: bool = Field(default=False, description="images in channels-last memory format")
+    compile: bool = Field(default=False, description="torch.compile the model")
 
     @field_validator("name")
     @classmethod
@@ -95,8 +108,8 @@ class ModelSpec(Strict):
 class CodeSpec(Strict):
     """Your code: `name: package.module:attr` and its keyword arguments (a bare string is the name)."""
 
-    name: str
-    args: dict[str, Any] = Field(default_factory=dict)
+    name: str = Field(description="package.module:attr, found from the job file's folder, then PYTHONPATH")
+    args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments")
 
     @model_validator(mode="before")
     @classmethod
@@ -114,6 +127,8 @@ class ObjectiveSpec(CodeSpec):
     yours: a class (an mpidl Objective, or a loss module called as loss(output, target)) made
     with args, or a function called as fn(output, target, **args)."""
 
+    name: str = Field(description="classification, regression, or your class or function as package.module:attr")
+
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
@@ -124,9 +139,10 @@ class ClipWeightsSpec(Strict):
     """After every optimizer step: each parameter into [min, max] (WGAN critics), or each
     weight's rows (one output unit's incoming weights) to an L2 norm of at most max_norm."""
 
-    min: Optional[float] = None
-    max: Optional[float] = None
-    max_norm: Optional[float] = Field(default=None, gt=0)
+    min: Optional[float] = Field(default=None, description="lower bound of every parameter (with max)")
+    max: Optional[float] = Field(default=None, description="upper bound of every parameter (with min)")
+    max_norm: Optional[float] = Field(default=None, gt=0, description="largest L2 norm of a weight's row "
+                                                                      "(instead of min and max)")
 
     @model_validator(mode="after")
     def _one_kind(self) -> "ClipWeightsSpec":
@@ -141,15 +157,16 @@ class ClipWeightsSpec(Strict):
 
 
 class OptimizerSpec(Strict):
-    name: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = Field(gt=0)
-    momentum: float = Field(default=0.9, ge=0, lt=1)
-    nesterov: bool = False
-    weight_decay: float = Field(default=0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    name: Literal["sgd", "adam", "adamw"] = Field(default="sgd", description="the optimizer")
+    lr: float = Field(gt=0, description="learning rate at one rank (see schedule.scale_lr)")
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="sgd: momentum")
+    nesterov: bool = Field(default=False, description="sgd: Nesterov momentum")
+    weight_decay: float = Field(default=0.0, ge=0, description="L2 penalty (adamw: decoupled)")
+    betas: tuple[float, float] = Field(default=(0.9, 0.999), description="adam, adamw: the moments' decay rates")
     clip_grad_norm: Optional[float] = Field(default=None, gt=0,
                                             description="global L2 norm of the averaged gradient, at most")
-    clip_weights: Optional[ClipWeightsSpec] = None
+    clip_weights: Optional[ClipWeightsSpec] = Field(default=None, description="after every step: each parameter "
+                                                    "into [min, max], or each weight row to at most max_norm")
 
     @model_serializer(mode="wrap")
     def _unset_clipping_left_out(self, handler: SerializerFunctionWrapHandler) -> dict:
@@ -164,45 +181,50 @@ class OptimizerSpec(Strict):
 
 class ScheduleSpec(Strict):
     scale_lr: bool = Field(default=True, description="multiply lr by the world size (Goyal et al.)")
-    warmup_epochs: float = Field(default=0.0, ge=0)
-    kind: Literal["constant", "cosine", "step"] = "constant"
-    step_epochs: float = Field(default=30, gt=0)
-    gamma: float = Field(default=0.1, gt=0, le=1)
-    min_lr: float = Field(default=0.0, ge=0)
+    warmup_epochs: float = Field(default=0.0, ge=0, description="linear warm-up from lr to the scaled lr")
+    kind: Literal["constant", "cosine", "step"] = Field(default="constant", description="after the warm-up")
+    step_epochs: float = Field(default=30, gt=0, description="step: multiply by gamma every this many epochs")
+    gamma: float = Field(default=0.1, gt=0, le=1, description="step: the factor")
+    min_lr: float = Field(default=0.0, ge=0, description="cosine: the lr it ends at")
 
 
 class HorovodSpec(Strict):
-    compression: Literal["none", "fp16"] = "none"
-    op: Literal["average", "adasum"] = "average"
-    fusion_threshold_mb: Optional[float] = Field(default=None, ge=0)
-    cycle_time_ms: Optional[float] = Field(default=None, gt=0)
+    compression: Literal["none", "fp16"] = Field(default="none", description="gradients sent as fp16")
+    op: Literal["average", "adasum"] = Field(default="average", description="how gradients are combined")
+    fusion_threshold_mb: Optional[float] = Field(default=None, ge=0, description="HOROVOD_FUSION_THRESHOLD; "
+                                                                             "default: the environment's, else Horovod's")
+    cycle_time_ms: Optional[float] = Field(default=None, gt=0, description="HOROVOD_CYCLE_TIME; default: the "
+                                                                       "environment's, else Horovod's (1 ms)")
     # whole seconds, as Horovod reads them
-    stall_check_s: Optional[int] = Field(default=None, ge=1, description="warn about ranks missing from an allreduce")
-    stall_shutdown_s: Optional[int] = Field(default=None, ge=1, description="then end the job")
+    stall_check_s: Optional[int] = Field(default=None, ge=1, description="warn about ranks missing from an allreduce; "
+                                                                         "default: HOROVOD_STALL_CHECK_TIME_SECONDS, "
+                                                                         "else 10")
+    stall_shutdown_s: Optional[int] = Field(default=None, ge=1, description="then end the job; default: "
+                                                                            "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS, else 30")
 
 
 class DDPSpec(Strict):
-    bucket_cap_mb: float = Field(default=25, gt=0)
+    bucket_cap_mb: float = Field(default=25, gt=0, description="DDP's gradient bucket size")
     timeout_s: float = Field(default=45, gt=0, description="a collective waiting longer (a lost rank) ends the job")
 
 
 class MPISpec(Strict):
-    bucket_mb: float = Field(default=25, gt=0)
+    bucket_mb: float = Field(default=25, gt=0, description="gradients are averaged in buckets of this size")
 
 
 class CheckpointSpec(Strict):
-    dir: Optional[str] = None
-    every_steps: Optional[int] = Field(default=None, gt=0)
-    every_epochs: Optional[int] = Field(default=1, gt=0)
-    keep: int = Field(default=2, ge=1)
+    dir: Optional[str] = Field(default=None, description="default: OUTPUT/checkpoints; every node must see it")
+    every_steps: Optional[int] = Field(default=None, gt=0, description="a checkpoint every this many steps")
+    every_epochs: Optional[int] = Field(default=1, gt=0, description="a checkpoint every this many epochs")
+    keep: int = Field(default=2, ge=1, description="checkpoints kept (the newest)")
 
 
 class DistillSpec(Strict):
     """Knowledge distillation: loss = alpha·T²·KL(teacher ‖ student at temperature T) + (1 − alpha)·CE."""
 
     teacher: str = Field(description="a trained run folder (or one checkpoint file); its checkpoint holds its spec")
-    alpha: float = Field(default=0.5, ge=0, le=1)
-    temperature: float = Field(default=4.0, gt=0)
+    alpha: float = Field(default=0.5, ge=0, le=1, description="weight of the teacher's term")
+    temperature: float = Field(default=4.0, gt=0, description="T, softening both distributions")
 
 
 _SLURM_TIME = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
@@ -295,24 +317,25 @@ class SlurmSpec(Strict):
     resources may change across a requeue or a resubmission."""
 
     job_name: Optional[str] = Field(default=None, description="default: the job's name")
-    partition: Optional[str] = None
-    account: Optional[str] = None
-    qos: Optional[str] = None
-    nodes: int = Field(default=1, ge=1)
+    partition: Optional[str] = Field(default=None, description="default: the cluster's")
+    account: Optional[str] = Field(default=None, description="the account charged")
+    qos: Optional[str] = Field(default=None, description="quality of service")
+    nodes: int = Field(default=1, ge=1, description="nodes")
     tasks_per_node: Optional[int] = Field(default=None, ge=1, description="ranks per node; default: one per GPU, else 1")
-    gpus_per_node: int = Field(default=0, ge=0)
+    gpus_per_node: int = Field(default=0, ge=0, description="GPUs per node (--gpus-per-node)")
     cpus_per_task: Optional[int] = Field(default=None, ge=1, description="default: cpus_per_node split evenly")
     cpus_per_node: Optional[int] = Field(default=None, ge=1, description="the node's CPUs, to split among its ranks")
     mem: Optional[str] = Field(default=None, description="per node, SLURM units: 64G, 4000M; 0 = all")
     time: str = Field(default="1:00:00", description="SLURM format: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S")
-    constraint: Optional[str] = None
-    exclusive: bool = False
+    constraint: Optional[str] = Field(default=None, description="node features (--constraint)")
+    exclusive: bool = Field(default=False, description="whole nodes (--exclusive)")
     sbatch: dict[str, Union[str, int, bool]] = Field(default_factory=dict, description="more #SBATCH options")
     setup: list[str] = Field(default_factory=list, description="shell lines run before the ranks start")
     env: dict[str, str] = Field(default_factory=dict, description="exported to every rank")
     venv: Optional[str] = Field(default=None, description="the virtual environment on the compute nodes; "
                                                           "default: the one running `mpidl submit`")
-    launcher: Literal["srun", "mpirun"] = "srun"
+    launcher: Literal["srun", "mpirun"] = Field(default="srun", description="srun --mpi=pmix, or mpirun inside the "
+                                                                           "allocation (sites without PMIx)")
     signal: Literal["USR2", "TERM"] = Field(default="USR2", description="the warning SLURM sends before the end")
     signal_lead_s: int = Field(default=90, ge=1, le=65535, description="seconds before the end")
     requeue_limit: int = Field(default=3, ge=0, description="requeues after preemption or time limit")
@@ -428,27 +451,30 @@ class SlurmSpec(Strict):
 
 
 class JobSpec(Strict):
-    name: str = "job"
-    seed: int = 0
-    epochs: Optional[int] = Field(default=None, gt=0)
+    name: str = Field(default="job", description="one folder name: the run folder's {name}, the SLURM job's name")
+    seed: int = Field(default=0, description="seeds the model, the shuffling and the augmentation")
+    epochs: Optional[int] = Field(default=None, gt=0, description="passes over the training rows (give epochs or "
+                                                                  "steps)")
     steps: Optional[int] = Field(default=None, gt=0, description="stop after this many optimizer steps")
     accumulate: int = Field(default=1, ge=1, description="batches per optimizer step")
-    precision: Literal["fp32", "bf16"] = "fp32"
-    backend: Literal["horovod", "ddp", "mpi", "none"] = "horovod"
-    horovod: HorovodSpec = Field(default_factory=HorovodSpec)
-    ddp: DDPSpec = Field(default_factory=DDPSpec)
-    mpi: MPISpec = Field(default_factory=MPISpec)
-    data: DataSpec
-    model: ModelSpec
-    optimizer: OptimizerSpec
-    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
-    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
-    output: str = "runs/{name}"
-    log_every: int = Field(default=20, gt=0)
+    precision: Literal["fp32", "bf16"] = Field(default="fp32", description="bf16: autocast of forward and loss")
+    backend: Literal["horovod", "ddp", "mpi", "none"] = Field(default="horovod", description="how gradients are "
+                                                              "averaged; none: not at all (the scaling baseline)")
+    horovod: HorovodSpec = Field(default_factory=HorovodSpec, description="backend horovod's settings")
+    ddp: DDPSpec = Field(default_factory=DDPSpec, description="backend ddp's settings")
+    mpi: MPISpec = Field(default_factory=MPISpec, description="backend mpi's settings")
+    data: DataSpec = Field(description="the training data")
+    model: ModelSpec = Field(description="the model")
+    optimizer: OptimizerSpec = Field(description="the optimizer")
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec, description="the learning rate over the run")
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="when and where checkpoints "
+                                                                                   "are written")
+    output: str = Field(default="runs/{name}", description="the run folder; {name} its only placeholder, no %")
+    log_every: int = Field(default=20, gt=0, description="a metrics record every this many steps")
     timing: Literal["sync", "off"] = Field(default="sync", description="synchronise CUDA to split step time")
     target_accuracy: Optional[float] = Field(default=None, gt=0, le=1, description="reported, not enforced")
-    slurm: SlurmSpec = Field(default_factory=SlurmSpec)
-    distill: Optional[DistillSpec] = None
+    slurm: SlurmSpec = Field(default_factory=SlurmSpec, description="what mpidl submit asks SLURM for")
+    distill: Optional[DistillSpec] = Field(default=None, description="knowledge distillation from a trained run")
     objective: Optional[ObjectiveSpec] = Field(default=None, description="default: from the labels' dtype")
     transform: Optional[CodeSpec] = Field(default=None, description="fn(x, y) -> (x, y) on each training batch, "
                                                                     "on its device, after data.preprocess")
@@ -536,9 +562,10 @@ class CommandSpec(Strict):
     """What `mpidl submit -- CMD` needs besides the command: a name, the run folder (its SLURM
     logs), and the `slurm:` section of a job spec."""
 
-    name: str = "job"
-    output: str = "runs/{name}"
-    slurm: SlurmSpec = Field(default_factory=SlurmSpec)
+    name: str = Field(default="job", description="the SLURM job's name (default: the script's, train.py -> train)")
+    output: str = Field(default="runs/{name}", description="the run folder: the SLURM logs, and MPIDL_OUTPUT for an "
+                                                           "array's elements")
+    slurm: SlurmSpec = Field(default_factory=SlurmSpec, description="what SLURM is asked for, as in a job spec")
 
     @field_validator("name")
     @classmethod

@@ -900,6 +900,25 @@ def test_convert_and_inspect(tmp_path):
     assert r.returncode == 2 and "different lengths" in r.stderr and not (tmp_path / "bad.h5").exists()
 
 
+def test_convert_names_two_arrays_x_and_y(tmp_path):
+    """Two .npy files without --keys become x and y, the datasets training and `data check` read
+    by default (they were named after the files: 'dataset 'x' not found' at the first step);
+    --keys still names them, and one or three files keep their files' names."""
+    from mpidl.data import H5Source, tools
+
+    np.save(tmp_path / "features.npy", np.arange(40, dtype=np.float32).reshape(20, 2))
+    np.save(tmp_path / "labels.npy", np.arange(20) % 3)
+    np.save(tmp_path / "weights.npy", np.ones(20, np.float32))
+    pair = [str(tmp_path / "features.npy"), str(tmp_path / "labels.npy")]
+    assert list(tools.convert(pair, str(tmp_path / "xy.h5"))) == ["x", "y"]
+    src = H5Source(str(tmp_path / "xy.h5")).validate()  # default keys: x, y
+    assert len(src) == 20 and src.shapes["x"] == (2,)
+    assert list(tools.convert(pair, str(tmp_path / "named.h5"), keys=["inputs", "targets"])) == ["inputs", "targets"]
+    assert list(tools.convert(pair[:1], str(tmp_path / "one.h5"))) == ["features"]
+    assert list(tools.convert([*pair, str(tmp_path / "weights.npy")], str(tmp_path / "three.h5"))) == \
+        ["features", "labels", "weights"]
+
+
 def test_convert_reads_npz_arrays_in_blocks(tmp_path, monkeypatch):
     """An .npz member is read a block of rows at a time (np.load would inflate it whole), C or
     Fortran order, stored or deflated; a member shorter than its header is one line, and a

@@ -13,6 +13,7 @@ from mpidl.errors import BadInput
 
 CHUNK_TARGET = 4 << 20  # ~4 MiB chunks: large enough for block reads, small enough to shard
 COPY_BYTES = 64 << 20   # convert copies rows in blocks of about this many bytes
+DEFAULT_PAIR = ("x", "y")  # two .npy files without --keys: features and targets, as training reads them
 
 
 def chunk_rows_for(row_bytes: int, target: int = CHUNK_TARGET) -> int:
@@ -64,11 +65,17 @@ def convert(inputs: Sequence[str], out: str, keys: Optional[Sequence[str]] = Non
             compression: Optional[str] = None, chunk_rows: Optional[int] = None) -> dict[str, tuple]:
     """Write .npy files (one key each) or one .npz (its arrays) into `out` atomically.
 
+    Keys: `keys` in order, one per .npy file; without them, two .npy files are x and y (the
+    features and the targets, as job specs and `mpidl data check` read them by default), any
+    other number of files each the file's name (an .npz: its own array names).
+
     Arrays are copied in row blocks: .npy files through memory maps, .npz members read in
     order from the zip (Fortran-ordered members are read whole), so files larger than memory
     work. Nothing is left at `out` (or beside it) when a conversion fails.
     """
     arrays: dict[str, Union[np.ndarray, _NpzArray]] = {}
+    if not keys and len(inputs) == 2 and not any(p.endswith(".npz") for p in inputs):
+        keys = DEFAULT_PAIR
     try:
         for i, path in enumerate(inputs):
             if not os.path.exists(path):
