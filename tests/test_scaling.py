@@ -490,7 +490,7 @@ def test_tiny_study_json_matches_the_runs(tiny_study):
 def test_tiny_study_report_files_match(tiny_study):
     out, _ = tiny_study
     doc = json.loads((out / "study.json").read_text())
-    pngs = ["throughput.png", "efficiency.png", "breakdown.png", "allreduce.png", "prediction.png"]
+    pngs = ["summary.png", "throughput.png", "efficiency.png", "breakdown.png", "allreduce.png", "prediction.png"]
     for name in pngs:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     with open(out / "points.csv") as f:
@@ -527,7 +527,7 @@ def test_report_renders_in_headless_chromium(tiny_study, tmp_path):
                     "apt on Debian)")
     out, _ = tiny_study
     res = render(out / "report.html", tmp_path, browser)
-    assert res["images"] == 5 and res["rendered"] == 5, res
+    assert res["images"] == 6 and res["rendered"] == 6, res
     assert all(w > 100 and h > 100 for w, h in res["sizes"]), res["sizes"]
     assert res["problems"] == [] and res["console"] == [], res
     # the check itself can fail: a broken image and a script error are caught

@@ -307,10 +307,24 @@ def cmd_published(a: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from mpidl.scaling.report import write_report
 
-    paths = write_report(Path(args.study_dir), allreduce=Path(args.allreduce) if args.allreduce else None)
+    paths = write_report(Path(args.study_dir), allreduce=Path(args.allreduce) if args.allreduce else None,
+                         samples=args.samples, epochs=args.epochs, target=args.target)
     for p in paths:
         print(f"wrote {p}")
     return 0
+
+
+def _positive(kind):
+    def convert(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
+        if not v > 0 or v != v or v == float("inf"):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be > 0 and finite")
+        return v
+    convert.__name__ = kind.__name__
+    return convert
 
 
 def register(sub) -> None:
@@ -325,4 +339,11 @@ def register(sub) -> None:
     r = sub.add_parser("report", help="HTML + Markdown + PNG plots + CSV of a scaling study")
     r.add_argument("study_dir", metavar="STUDY_DIR", help="the study's output folder (holds study.json)")
     r.add_argument("--allreduce", metavar="FILE", help="a bench_allreduce JSON (default: the study's allreduce.json)")
+    work = r.add_mutually_exclusive_group()
+    work.add_argument("--samples", type=_positive(float), metavar="N",
+                      help="the work the summary prices: samples to train (default: the study's report.samples, "
+                           "else one epoch)")
+    work.add_argument("--epochs", type=_positive(float), metavar="E",
+                      help="the work as epochs (× the study's report.samples_per_epoch, else the job's synthetic rows)")
+    r.add_argument("--target", type=_positive(int), metavar="P", help="a size, in ranks, to project the job to")
     r.set_defaults(func=cmd_report)

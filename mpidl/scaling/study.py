@@ -17,6 +17,8 @@
     launcher: {name: mpirun, args: []}
     # or, one SLURM job per point, each size at every node count that divides it:
     # launcher: {name: slurm, nodes: [1, 2], partition: debug}
+    predict: {inter: IB-100, library: nccl}   # the model's assumptions (PredictSpec)
+    report: {epochs: 90, target: 256}         # what the report's summary prices and projects
 
 COMMANDS: a study of your own script runs `command` on every rank of each point with what the
 point fixes in the environment, which `mpidl.Run` takes over what the script says: MPIDL_BACKEND
