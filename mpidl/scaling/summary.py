@@ -66,6 +66,10 @@ def work(doc: dict, samples: Optional[float], epochs: Optional[float]) -> tuple[
     return 1e6, "a million samples (no epoch size known; --samples or --epochs to state the work)"
 
 
+def _n(count: int, unit: str) -> str:
+    return f"{count:,} {unit}{'s' if count != 1 else ''}"
+
+
 def _count(n: float) -> str:
     return f"{n:,.0f}" if n < 1e7 else f"{n:.3g}"
 
@@ -143,7 +147,7 @@ def sentences(s: dict, doc: dict) -> dict:
     head = []
     if s["reach"]:
         r = s["reach"]
-        head.append(f"This job ({who}) scales to {r['size']:,} {unit}s ({r['nodes']:,} node{'s' if r['nodes'] > 1 else ''})"
+        head.append(f"This job ({who}) scales to {_n(r['size'], unit)} ({_n(r['nodes'], 'node')})"
                     f" at {r['efficiency']:.0%} efficiency by the model: the largest size with E ≥ "
                     f"{s['flag_below']:.0%}.")
     else:
@@ -156,7 +160,7 @@ def sentences(s: dict, doc: dict) -> dict:
                                              for m in meas) + ".")
     t = s.get("target_row")
     if t:
-        head.append(f"At the target {t['size']:,} {unit}s: E = {t['efficiency']:.2f}, "
+        head.append(f"At the target {_n(t['size'], unit)}: E = {t['efficiency']:.2f}, "
                     f"{t['throughput']:,.0f} samples/s.")
     cost = s["cost"]
     line = ""
@@ -164,16 +168,16 @@ def sentences(s: dict, doc: dict) -> dict:
         cheap = min(cost, key=lambda c: c["node_hours"])
         within = [c for c in cost if c["efficiency"] is not None and c["efficiency"] >= s["flag_below"]]
         fast = max(within or cost, key=lambda c: c["size"])
-        line = (f"Cost of {s['work']}: {cheap['node_hours']:,.3g} node-hours at {cheap['size']:,} {unit}s "
+        line = (f"Cost of {s['work']}: {cheap['node_hours']:,.3g} node-hours at {_n(cheap['size'], unit)} "
                 f"({hours(cheap['wall_h'])} wall time, {cheap['source']})")
         if fast is not cheap:
-            line += (f"; {fast['node_hours']:,.3g} node-hours at {fast['size']:,} {unit}s "
+            line += (f"; {fast['node_hours']:,.3g} node-hours at {_n(fast['size'], unit)} "
                      f"({hours(fast['wall_h'])}, {fast['source']})")
         line += "."
     assume = (f"Assumptions: efficiency E = X(p) / (p · X₀(1)), against one lone rank of the no-communication "
               f"baseline; measured sizes use the median throughput of {who}, larger sizes the model "
               f"(mpidl scale predict: compute from the 1-rank baseline, the allreduce of the gradients per bucket "
-              f"over the links below, stragglers, overlap ω) on {doc['study'].get('predict', {}).get('ranks_per_node') or env.get('gpus') or env.get('cores')} "
+              f"over the links in 'The model' below, stragglers, overlap ω) on {doc['study'].get('predict', {}).get('ranks_per_node') or env.get('gpus') or env.get('cores')} "
               f"{unit}s a node; node-hours = wall time × nodes, {unit}-hours = wall time × {unit}s; wall time = "
               f"samples / throughput, nothing else (no start-up, checkpoints, evaluation or queueing).")
     return {"headline": " ".join(head), "cost": line, "assumptions": assume}
