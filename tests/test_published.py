@@ -133,6 +133,16 @@ def test_published_input_errors_are_one_line(tmp_path):
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and expect in r.stderr, r.output
 
 
+def test_a_broken_published_file_leaves_the_report_a_line_saying_so(tmp_path):
+    from mpidl.scaling import summary
+
+    (tmp_path / "bad.yaml").write_text("title: x\n")
+    v = summary.validation([tmp_path / "bad.yaml"])
+    assert v["error"].startswith(f"{tmp_path / 'bad.yaml'}: missing key")
+    assert summary.validation_line(v).startswith("The model's record against published results is unavailable: ")
+    assert summary.validation_view(v)[1] == [] and summary.rows_view(v)[1] == []
+
+
 # ---------------------------------------------------------------- the report's first screen
 
 @pytest.fixture(scope="module")

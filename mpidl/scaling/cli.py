@@ -284,6 +284,8 @@ def cmd_predict(a: argparse.Namespace) -> int:
               f"{pr['throughput']:>12,.0f} {pr['efficiency']:>6.3f} {no['efficiency']:>9.3f}  {r['best']}")
     for b, f in res["fits"].items():
         print(f"{f['law']} fit of {b}: serial fraction {f['serial_fraction']:.4f} ({f['points']} measured points)")
+    print("terms and their sources: mpidl scale predict --help (NCCL's latencies: its src/graph/tuning.cc; "
+          "stragglers: E[max of p normals], σ as stated; buckets and overlap: DDP/Horovod)")
     return 0
 
 

@@ -39,7 +39,9 @@ MPI's decision rules do):
                                                              the g shards in parallel through the NICs
   recursive doubling (MPI, small n)   T = ⌈log₂g⌉·(α_i + n·β_i) + ⌈log₂N⌉·(α_e + n·β_e)
   Rabenseifner (MPI, large n)         T = 2·(⌈log₂g⌉·α_i + ⌈log₂N⌉·α_e) + hierarchical's bandwidth terms
-  + per call c₀ (NCCL's base latency, 8.4 µs a kernel launch; 3 calls for hierarchical)
+  + per call c₀ (NCCL's base latency, 8.4 µs a call; 3 calls for hierarchical and the 2D torus)
+  2D torus     rows of x ranks (whole nodes, x near √p) × columns of y = p/x: reduce-scatter and
+               all-gather along rows (rings), allreduce of n/x bytes along columns (Mikami et al. 2018)
 Gradient buckets: the S bytes go out in k = ⌈S / bucket⌉ calls (DDP's bucket_cap_mb 25, Horovod's
 fusion threshold 64, one call for a framework that packs every gradient), so a step pays the
 per-call latency k times: T_ar = Σ over its calls of the fastest algorithm's T.
@@ -57,9 +59,9 @@ normals] (computed exactly; m(p) ≤ √(2 ln p): 2.6 at 128, 3.0 at 512, 3.4 at
   T_c(p) ← T_c(p) · (1 + σ·(m(p) − m(q)))    q: the largest size whose straggling a measured
                                              contention limit L(q) already holds (else 1)
   σ: --jitter-cv; a study's measured spread (the median coefficient of variation of the 1-rank
-  baseline's log windows within a run); else 1%, an estimate from Sinha et al. (SC'22): GPUs of
-  one SKU in one cluster differ by 8% on average (max − min over hundreds to thousands of GPUs,
-  i.e. about 6–8σ of a Gaussian), so σ ≈ 1%.
+  baseline's log windows within a run); else 1%, an estimate: Sinha et al. (SC'22, arXiv:2208.11035)
+  find GPUs of one SKU in one cluster 8% apart on average; read as the range (max − min) over
+  hundreds to thousands of GPUs, about 6–8σ of a Gaussian, that is σ ≈ 1%.
 Compute per step:
   weak   (b samples per rank)   T_c(p) = T_c(1)                 = fixed + b·t_sample
   strong (B samples per step)   T_c(p) = fixed + (B/p)·t_sample  (t_sample = T_c(1)/B when only T_c(1) is given)

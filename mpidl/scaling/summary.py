@@ -174,12 +174,13 @@ def sentences(s: dict, doc: dict) -> dict:
             line += (f"; {fast['node_hours']:,.3g} node-hours at {_n(fast['size'], unit)} "
                      f"({hours(fast['wall_h'])}, {fast['source']})")
         line += "."
+    per_node = (doc["study"].get("predict") or {}).get("ranks_per_node") or env.get("gpus") or env.get("cores")
     assume = (f"Assumptions: efficiency E = X(p) / (p · X₀(1)), against one lone rank of the no-communication "
               f"baseline; measured sizes use the median throughput of {who}, larger sizes the model "
               f"(mpidl scale predict: compute from the 1-rank baseline, the allreduce of the gradients per bucket "
-              f"over the links in 'The model' below, stragglers, overlap ω) on {doc['study'].get('predict', {}).get('ranks_per_node') or env.get('gpus') or env.get('cores')} "
-              f"{unit}s a node; node-hours = wall time × nodes, {unit}-hours = wall time × {unit}s; wall time = "
-              f"samples / throughput, nothing else (no start-up, checkpoints, evaluation or queueing).")
+              f"over the links in 'The model' below, stragglers, overlap ω) on {per_node} {unit}s a node; "
+              f"node-hours = wall time × nodes, {unit}-hours = wall time × {unit}s; wall time = samples / "
+              "throughput, nothing else (no start-up, checkpoints, evaluation or queueing).")
     return {"headline": " ".join(head), "cost": line, "assumptions": assume}
 
 
@@ -190,7 +191,10 @@ def validation(paths: Optional[list] = None) -> Optional[dict]:
     where = paths or ([published.default_dir()] if published.default_dir() else None)
     if not where:
         return None
-    results, total = published.run([str(p) for p in where])
+    try:
+        results, total = published.run([str(p) for p in where])
+    except BadInput as e:  # a broken published file must not cost the study its report
+        return {"error": str(e)}
     papers = []
     for pub, rows in results:
         s = published.summary(rows)
@@ -205,6 +209,8 @@ def validation(paths: Optional[list] = None) -> Optional[dict]:
 def validation_line(v: Optional[dict]) -> str:
     if not v:
         return "The model has not been held against published results here (no benchmarks/published)."
+    if "error" in v:
+        return f"The model's record against published results is unavailable: {v['error']}"
     s, b = v["summary"], v["alpha_beta"]
     return (f"Held against {s['rows']} published rows from {len(v['papers'])} papers (never fitted to them): mean "
             f"|error| {s['mean_abs_points']:.1f} points, max {s['max_abs_points']:.1f}; {v['within']} of "
@@ -226,7 +232,7 @@ def cost_view(s: dict, unit: str = "rank") -> tuple[list[str], list[list[str]]]:
 
 def validation_view(v: Optional[dict]) -> tuple[list[str], list[list[str]]]:
     head = ["paper", "rows", "mean |error|", "max |error|"]
-    if not v:
+    if not v or "error" in v:
         return head, []
     return head, [[p["paper"], str(p["rows"]), f"{p['mean_abs_points']:.1f}", f"{p['max_abs_points']:.1f}"]
                   for p in v["papers"]]
@@ -235,7 +241,7 @@ def validation_view(v: Optional[dict]) -> tuple[list[str], list[list[str]]]:
 def rows_view(v: Optional[dict]) -> tuple[list[str], list[list[str]]]:
     """Every published row against the model, for the model's section."""
     head = ["paper", "model", "GPUs", "published", "predicted", "diff (points)", "α-β only (before)", "algorithm"]
-    if not v:
+    if not v or "error" in v:
         return head, []
     return head, [[r["paper"], r["model"], f"{r['gpus']:,}", f"{r['published']:.3f}", f"{r['predicted']:.3f}",
                    f"{r['error_points']:+.1f}", f"{r['alpha_beta']:.3f}", r["algorithm"]] for r in v["rows"]]
