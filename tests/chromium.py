@@ -79,3 +79,36 @@ def render(page: Path, work: Path, browser: str) -> dict:
     out = json.loads(html.unescape(m.group(1)))
     out["console"] = [ln for ln in p.stderr.splitlines() if ":CONSOLE" in ln]
     return out
+
+
+GEOMETRY = """<script>
+window.addEventListener('load', function () {
+  var out = {height: window.innerHeight, width: window.innerWidth, boxes: {}};
+  (window.__ids || []).forEach(function (id) {
+    var el = document.getElementById(id);
+    if (el) { var r = el.getBoundingClientRect(); out.boxes[id] = [r.top, r.bottom, r.left, r.right]; }
+  });
+  var pre = document.createElement('pre');
+  pre.id = 'geometry-check';
+  pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def first_screen(page: Path, work: Path, browser: str, ids: list[str], size: tuple[int, int] = (1280, 800)) -> dict:
+    """Where the elements with these ids sit when the page opens in a window of `size` (CSS pixels):
+    {'height', 'width', 'boxes': {id: [top, bottom, left, right]}}; an id not found is left out."""
+    text = page.read_text()
+    probe = f"<script>window.__ids = {json.dumps(ids)};</script>" + GEOMETRY
+    copy = work / ("geometry-" + page.name)
+    copy.write_text(re.sub(r"<head>", "<head>" + probe, text, count=1) if "<head>" in text else probe + text)
+    profile = work / "chromium-profile-geometry"
+    profile.mkdir(exist_ok=True)
+    p = subprocess.run([browser, *FLAGS, f"--window-size={size[0]},{size[1]}", "--hide-scrollbars",
+                        f"--user-data-dir={profile}", copy.resolve().as_uri()], capture_output=True, text=True,
+                       timeout=120)
+    m = re.search(r'<pre id="geometry-check">(.*?)</pre>', p.stdout, re.S)
+    if not m:
+        raise AssertionError(f"no geometry in the DOM (exit {p.returncode}): {p.stderr[-2000:]}")
+    return json.loads(html.unescape(m.group(1)))

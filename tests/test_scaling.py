@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import csv
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -137,24 +138,93 @@ def test_hierarchical_and_flat_ring_by_hand():
 
 
 def test_step_time_overlap_and_prediction_by_hand():
-    # overlap hides up to ω·T_c, but never the last bucket's allreduce
+    # overlap hides up to ω·T_c, but never the last bucket's allreduce (the closed form the model
+    # before issue 24 used; predict_v1 keeps it for comparison)
     assert model.step_time(0.030, 0.015, 0.001, 2 / 3) == pytest.approx(0.031)
     assert model.step_time(0.030, 0.015, 0.001, 0.0) == pytest.approx(0.045)
     assert model.step_time(0.003, 0.015, 0.001, 2 / 3) == pytest.approx(0.003 + 0.013)
+    # the model now: T = T_c + max(0, end − ω·T_c), `end` when the step's last call ends
+    mpi = model.library("mpi", ["hierarchical"])
+    intra, inter = model.Link("i", 1e-6, 100e9), model.Link("e", 5e-6, 10e9)
     work = model.Workload("weak", 32, 4e8, step_s=0.1)
-    machine = model.Machine(8, model.PRESETS["NVLink"], model.PRESETS["IB-100"])
-    row = {r["size"]: r for r in model.predict(work, machine, [1, 8, 16], overlap=0.5, bucket_bytes=25 * 2**20)}
-    t_ar = model.hierarchical_allreduce(2, 8, 4e8, model.PRESETS["NVLink"], model.PRESETS["IB-100"])
-    t_last = model.hierarchical_allreduce(2, 8, 25 * 2**20, model.PRESETS["NVLink"], model.PRESETS["IB-100"])
-    t = 0.1 + max(t_ar - 0.05, t_last)
-    assert row[16]["hierarchical_overlap"]["step_s"] == pytest.approx(t)
-    assert row[16]["hierarchical_overlap"]["efficiency"] == pytest.approx(0.1 / t)  # weak: T(1)/T(p)
-    assert row[1]["predicted"]["efficiency"] == pytest.approx(1.0)
+    machine = model.Machine(8, intra, inter, mpi)
+    row = {r["size"]: r for r in model.predict(work, machine, [1, 8, 16], overlap=0.5, bucket_bytes=1e8)}
+    call = model.hierarchical_allreduce(2, 8, 1e8, intra, inter)  # MPI: the old formula, no call latency
+    assert model.allreduce_cost("hierarchical", 2, 8, 1e8, intra, inter, mpi) == pytest.approx(call)
+    # 4 buckets of 100 MB, ready at 12.5, 25, 37.5 and 50 ms of the 50 ms backward, sent one after another
+    end = 0.0
+    for k in range(1, 5):
+        end = max(end, 0.0125 * k) + call
+    assert row[16]["predicted"]["step_s"] == pytest.approx(0.1 + end - 0.05)
+    assert row[16]["predicted"]["efficiency"] == pytest.approx(0.1 / (0.1 + end - 0.05))  # weak: T(1)/T(p)
+    assert row[16]["predicted_no_overlap"]["step_s"] == pytest.approx(0.1 + 4 * call)
+    assert row[16]["calls"] == 4 and row[16]["best"] == "hierarchical" and row[1]["predicted"]["efficiency"] == 1.0
     strong = model.Workload("strong", 256, 4e8, step_s=0.1)
     r = model.predict(strong, machine, [8], overlap=0.0)[0]
     assert r["compute_s"] == pytest.approx(0.1 / 8)
     with pytest.raises(model.BadInput):
         model.layout(12, 8)
+
+
+def test_nccl_latency_terms_by_hand():
+    nv, ib = model.PRESETS["NVLink"], model.PRESETS["IB-100"]
+    nccl = model.library("nccl")  # Ampere and newer: ring plateau 1.4
+    n = 64e6
+    bw = 14 * (n / 8) / 12e9       # 2(p−1) chunks of n/p through the slower link, the network
+    # ring of 2 nodes × 4: 14 hops, 2 of them between nodes; NCCL's hop latencies, not the presets' α
+    hops = 12 * 3.4e-6 + 2 * 14e-6
+    assert model.allreduce_cost("ring", 2, 4, n, nv, ib, nccl) == pytest.approx(8.4e-6 + 1.4 * hops + bw)
+    # tree: 2((g−1)·intra + ⌊log₂N⌋·net) for latency; NCCL's tree bandwidth factors 0.92 and c(n)
+    corr = model.NCCL_TREE_CORRECTION[int(math.log2(n / 64))]
+    assert model.allreduce_cost("tree", 2, 4, n, nv, ib, nccl) == pytest.approx(
+        8.4e-6 + 2 * (3 * 4e-6 + 14e-6) + bw / (0.92 * corr))
+    # the ring's latency grows with p, the tree's with log N: at 512 nodes the tree is the cheaper small call
+    assert model.allreduce_cost("tree", 512, 8, 1e5, nv, ib, nccl) < model.allreduce_cost("ring", 512, 8, 1e5, nv, ib,
+                                                                                        nccl)
+    pre = model.library("nccl", ["ring"], gpu="pre-ampere")
+    assert pre.ring_plateau == 1.9 and pre.algorithms == ("ring",)
+    # MPI: the preset's α, lockstep ring (every step waits for the network hop), no call latency
+    mpi = model.library("mpi")
+    assert model.allreduce_cost("ring", 2, 4, n, nv, ib, mpi) == pytest.approx(
+        model.flat_ring_allreduce(2, 4, n, nv, ib))
+    assert model.allreduce_cost("recursive_doubling", 4, 1, n, nv, ib, mpi) == pytest.approx(2 * (3e-6 + n / 12e9))
+    assert model.allreduce_cost("rabenseifner", 4, 1, n, nv, ib, mpi) == pytest.approx(4 * 3e-6 + 1.5 * n / 12e9)
+    # 2D torus of 16 nodes × 4: rows of 8 ranks (2 nodes), columns of 8
+    assert model.torus_rows(64, 4) == 8
+    with pytest.raises(model.BadInput, match="algorithms: 'butterfly'"):
+        model.library("nccl", ["butterfly"])
+
+
+def test_fusion_timeline_by_hand():
+    cost = lambda n: 1e-3 + n / 1e9  # noqa: E731  1 ms a call + 1 GB/s
+    # all at once (no overlap): 4 full buckets back to back
+    assert model.comm_end(100e6, 0.0, cost, 25e6) == (pytest.approx(0.104), [25e6] * 4)
+    # a bucket goes when it is full: ready at 50, 100, 150, 200 ms; each takes 26 ms
+    assert model.comm_end(100e6, 0.2, cost, 25e6)[0] == pytest.approx(0.226)
+    # Horovod's cycle: every 5 ms what is ready (2.5 MB) goes out, 3.5 ms a call; the last 5 ms ends at 203.5 ms
+    end, sizes = model.comm_end(100e6, 0.2, cost, 64e6, cycle=0.005)
+    assert end == pytest.approx(0.2035) and len(sizes) == 40 and sum(sizes) == pytest.approx(100e6)
+    # slower calls than the cycle: each cycle takes what piled up meanwhile, so calls grow
+    end, sizes = model.comm_end(100e6, 0.2, lambda n: 10e-3 + n / 1e9, 64e6, cycle=0.005)
+    assert sizes[1] > sizes[0] and end > 0.2
+
+
+def test_stragglers_take_the_slowest_of_p():
+    assert model.expected_max_normal(1) == 0.0
+    assert model.expected_max_normal(2) == pytest.approx(1 / math.sqrt(math.pi), rel=1e-6)
+    for p in (8, 128, 4096):  # √(2 ln p) bounds it from above
+        assert model.expected_max_normal(p) < math.sqrt(2 * math.log(p))
+    assert model.expected_max_normal(512) == pytest.approx(3.04, abs=0.01)
+    work = model.Workload("weak", 32, 1e6, step_s=0.1, jitter_cv=0.02)
+    assert work.compute(1, 8) == pytest.approx(0.1)
+    assert work.compute(512, 8) == pytest.approx(0.1 * (1 + 0.02 * model.expected_max_normal(512)))
+    # a measured contention limit at 2 ranks already holds their straggling: only the rest is added
+    work = model.Workload("weak", 32, 1e6, step_s=0.1, jitter_cv=0.02, limit={2: 0.8})
+    assert work.compute(16, 2) == pytest.approx(0.1 / 0.8 * (1 + 0.02 * (model.expected_max_normal(16)
+                                                                         - model.expected_max_normal(2))))
+    doc = {"runs": [{"size": 1, "backend": "none", "windows": [{"step_time": t} for t in (0.9, 1.0, 1.1)]},
+                    {"size": 1, "backend": "mpi", "windows": [{"step_time": t} for t in (1.0, 2.0, 3.0)]}]}
+    assert model.measured_jitter(doc) == pytest.approx(0.1)  # the baseline's windows, not mpi's
 
 
 def test_contention_from_the_measured_limit():
@@ -190,13 +260,21 @@ def test_predict_cli_numbers_match_the_model():
     assert r.returncode == 0, r.output
     res = json.loads(r.stdout)
     rows = {row["size"]: row for row in res["rows"]}
-    inter = model.Link("x", 5e-6, 12e9)
-    t_ring = model.flat_ring_allreduce(8, 8, 1e8, model.PRESETS["NVLink"], inter)
+    assert res["inputs"]["library"] == "nccl" and res["inputs"]["jitter_cv"] == model.JITTER_CV
+    inter = model.Link("x", 5e-6, 12e9)  # given as numbers: its α is used, under NCCL too
+    nccl = model.library("nccl")
+    calls = model.buckets(1e8, 25 * 2**20)
+    assert len(calls) == 4 and rows[64]["calls"] == 4
+    t_ring = sum(model.allreduce_cost("ring", 8, 8, n, model.PRESETS["NVLink"], inter, nccl) for n in calls)
     assert rows[64]["allreduce_ring_s"] == pytest.approx(t_ring)
-    assert rows[64]["ring_no_overlap"]["step_s"] == pytest.approx(0.2 + t_ring)
+    tc = 0.2 * (1 + model.JITTER_CV * model.expected_max_normal(64))
+    assert rows[64]["compute_s"] == pytest.approx(tc)
+    assert rows[64]["ring_no_overlap"]["step_s"] == pytest.approx(tc + t_ring)
     assert rows[4096]["nodes"] == 512 and set(rows) == {8, 64, 4096}
     text = run(mpidl_cmd("scale", "predict", "--help")).stdout
-    assert "2(p−1)·α + 2·(p−1)/p · S·β" in text and "hierarchical" in text and "Gustafson" in text
+    for term in ("2(p−1)·α + 2·(p−1)/p · S·β", "hierarchical", "Gustafson", "⌊log₂N⌋", "E[max of p standard",
+                 "src/graph/tuning.cc", "Horovod's", "Not modelled"):
+        assert term in text, term
 
 
 def test_predict_reads_a_config_file(tmp_path):
@@ -206,9 +284,12 @@ def test_predict_reads_a_config_file(tmp_path):
     r = run(mpidl_cmd("scale", "predict", "--config", str(conf), "--overlap", "0", "--json"))
     assert r.returncode == 0, r.output
     rows = {row["size"]: row for row in json.loads(r.stdout)["rows"]}
-    assert set(rows) == {8, 32} and rows[32]["compute_s"] == pytest.approx(0.8 / 32)
+    assert set(rows) == {8, 32} and rows[32]["compute_no_stragglers_s"] == pytest.approx(0.8 / 32)
+    assert rows[32]["compute_s"] == pytest.approx(0.8 / 32 * (1 + model.JITTER_CV * model.expected_max_normal(32)))
     inter = model.node_link(model.PRESETS["IB-200"], 4)
-    t = model.hierarchical_allreduce(4, 8, 25.6e6 * 4, model.PRESETS["NVLink"], inter)
+    assert inter.kind == "net" and inter.bandwidth == 96e9
+    t = sum(model.allreduce_cost("hierarchical", 4, 8, n, model.PRESETS["NVLink"], inter, model.library("nccl"))
+            for n in model.buckets(25.6e6 * 4, 25 * 2**20))
     assert rows[32]["allreduce_hierarchical_s"] == pytest.approx(t)
     conf.write_text("mode: weak\nbogus: 1\n")
     r = run(mpidl_cmd("scale", "predict", "--config", str(conf)))
@@ -409,7 +490,7 @@ def test_tiny_study_json_matches_the_runs(tiny_study):
 def test_tiny_study_report_files_match(tiny_study):
     out, _ = tiny_study
     doc = json.loads((out / "study.json").read_text())
-    pngs = ["throughput.png", "efficiency.png", "breakdown.png", "allreduce.png", "prediction.png"]
+    pngs = ["summary.png", "throughput.png", "efficiency.png", "breakdown.png", "allreduce.png", "prediction.png"]
     for name in pngs:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     with open(out / "points.csv") as f:
@@ -446,7 +527,7 @@ def test_report_renders_in_headless_chromium(tiny_study, tmp_path):
                     "apt on Debian)")
     out, _ = tiny_study
     res = render(out / "report.html", tmp_path, browser)
-    assert res["images"] == 5 and res["rendered"] == 5, res
+    assert res["images"] == 6 and res["rendered"] == 6, res
     assert all(w > 100 and h > 100 for w, h in res["sizes"]), res["sizes"]
     assert res["problems"] == [] and res["console"] == [], res
     # the check itself can fail: a broken image and a script error are caught

@@ -22,7 +22,7 @@ With `launcher: {name: slurm, nodes: [1, 2]}` every run is one SLURM job (`mpidl
 Study keys: name, job, set, mode (strong|weak), sizes, batch_per_rank (weak) or global_batch
 (strong), warmup_steps, steps, window, repetitions, backends, baseline, threads_per_rank,
 launcher {name: mpirun|slurm, args (mpirun), nodes, partition (slurm)}, timeout_s, output,
-allreduce, flag_below, predict {...}.
+allreduce, flag_below, predict {...}, report {samples|epochs, samples_per_epoch, target}.
 See mpidl/scaling/study.py and benchmarks/studies/*.yaml.
 """
 
@@ -63,6 +63,19 @@ def _predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=float, help="ω, share of compute that can hide communication (default 2/3)")
     p.add_argument("--bucket-mb", type=float, help="the last gradient bucket, always exposed (default 25)")
     p.add_argument("--gamma", type=float, help="reduction seconds per byte (default 0)")
+    p.add_argument("--cycle-ms", type=float, help="tensor fusion's cycle (Horovod: what is ready goes out every "
+                                                  "cycle, up to --bucket-mb); default 0: a call per full bucket (DDP)")
+    p.add_argument("--library", choices=("nccl", "mpi"),
+                   help="whose algorithms and per-call costs: nccl (ring, tree; GPUs) or mpi (ring, recursive "
+                        "doubling, Rabenseifner; CPU ranks). Default: mpi where a link is measured, else nccl")
+    p.add_argument("--algorithms", help="narrow the library's choice, e.g. ring or ring,tree; also hierarchical, "
+                                        "torus2d (one of them per call, the fastest)")
+    p.add_argument("--jitter-cv", type=float, metavar="SIGMA",
+                   help=f"relative spread of a rank's step time, for stragglers (default: a study's measured "
+                        f"spread, else {model.JITTER_CV:g})")
+    p.add_argument("--published", nargs="+", metavar="FILE|DIR",
+                   help="hold the model against published results (benchmarks/published/*.yaml): row by row, "
+                        "with what each term adds; no other option applies")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
     return p
 
@@ -76,7 +89,8 @@ def _run_parser() -> argparse.ArgumentParser:
 
 def cmd_scale(args: argparse.Namespace) -> int:
     if args.study == "predict":
-        return cmd_predict(_predict_parser().parse_args(args.rest))
+        a = _predict_parser().parse_args(args.rest)
+        return cmd_published(a) if a.published else cmd_predict(a)
     extra = _run_parser().parse_args(args.rest)
     from mpidl.scaling.runner import StudyFailed, run_study
     from mpidl.scaling.study import load_study
@@ -172,14 +186,18 @@ def predict_inputs(a: argparse.Namespace) -> dict:
     step = a.step_time if a.step_time is not None else (work.step_s if work and a.per_sample is None else None)
     if step is None and a.per_sample is None:
         raise BadInput("predict: give --step-time, or --per-sample (and --fixed)")
-    for name in ("step_time", "per_sample", "fixed", "grad_bytes", "params", "overlap", "bucket_mb", "gamma"):
+    for name in ("step_time", "per_sample", "fixed", "grad_bytes", "params", "overlap", "bucket_mb", "gamma",
+                 "cycle_ms", "jitter_cv"):
         v = getattr(a, name)
         if v is not None and v < 0:
             raise BadInput(f"predict: --{name.replace('_', '-')} = {v}: must be >= 0")
     if a.overlap is not None and a.overlap > 1:
         raise BadInput(f"predict: --overlap = {a.overlap}: ω is a share, 0 … 1")
+    if a.jitter_cv is not None and a.jitter_cv > 1:
+        raise BadInput(f"predict: --jitter-cv = {a.jitter_cv}: σ is a share of the step time, 0 … 1")
+    jitter = a.jitter_cv if a.jitter_cv is not None else (work.jitter_cv if work else model.JITTER_CV)
     w = model.Workload(mode, int(batch), float(grad), step_s=step, per_sample_s=a.per_sample,
-                       fixed_s=a.fixed or 0.0, limit=work.limit if work else None)
+                       fixed_s=a.fixed or 0.0, limit=work.limit if work else None, jitter_cv=jitter)
     g = a.ranks_per_node or (machine.ranks_per_node if machine else None)
     if not g or g < 1:
         raise BadInput("predict: --ranks-per-node is required")
@@ -188,7 +206,14 @@ def predict_inputs(a: argparse.Namespace) -> dict:
     nics = a.nics_per_node or pred.get("nics_per_node", 1)
     inter = model.node_link(model.parse_link(a.inter, "--inter", measured_file, inter=True), nics) if a.inter else (
         machine.inter if machine else model.node_link(model.PRESETS["IB-100"], nics))
-    m = model.Machine(int(g), intra, inter)
+    algos = [x for x in (a.algorithms or "").replace(" ", "").split(",") if x] or pred.get("algorithms")
+    lib = a.library or pred.get("library")
+    try:
+        coll = model.library(lib, algos) if lib else (
+            model.library(model.Machine(1, intra, inter).coll().library, algos) if algos else None)
+    except BadInput as e:
+        raise BadInput(f"predict: --{'algorithms' if 'algorithm' in str(e) else 'library'}: {e}") from None
+    m = model.Machine(int(g), intra, inter, coll if coll else (machine.collective if machine else None))
     nodes = _split(a.nodes, "--nodes")
     sizes = _split(a.sizes, "--sizes")
     if nodes and sizes:
@@ -201,8 +226,9 @@ def predict_inputs(a: argparse.Namespace) -> dict:
         model.layout(p, m.ranks_per_node)
     overlap = a.overlap if a.overlap is not None else pred.get("overlap", 2 / 3)
     bucket = (a.bucket_mb if a.bucket_mb is not None else pred.get("bucket_mb", 25)) * 2**20
+    cycle = (a.cycle_ms if a.cycle_ms is not None else pred.get("cycle_ms", 0.0)) * 1e-3
     return {"work": w, "machine": m, "sizes": sizes, "overlap": overlap, "bucket_bytes": bucket,
-            "gamma": a.gamma or 0.0, "study": study_doc, "assumed": assumed}
+            "gamma": a.gamma or 0.0, "cycle_s": cycle, "study": study_doc, "assumed": assumed}
 
 
 def prediction(inp: dict) -> dict:
@@ -210,18 +236,23 @@ def prediction(inp: dict) -> dict:
     from mpidl.scaling import model
 
     w, m = inp["work"], inp["machine"]
-    rows = model.predict(w, m, inp["sizes"], inp["overlap"], inp["bucket_bytes"], inp["gamma"])
+    rows = model.predict(w, m, inp["sizes"], inp["overlap"], inp["bucket_bytes"], inp["gamma"], inp["cycle_s"])
+    coll = m.coll()
     out = {"inputs": {"mode": w.mode, "batch": w.batch, "grad_bytes": w.grad_bytes, "compute_step_s": w.step_s,
                       "per_sample_s": w.per_sample_s, "fixed_s": w.fixed_s, "contention_limit": w.limit,
                       "ranks_per_node": m.ranks_per_node, "intra": model.link_dict(m.intra),
                       "inter_node": model.link_dict(m.inter), "overlap": inp["overlap"],
-                      "bucket_bytes": inp["bucket_bytes"], "gamma": inp["gamma"]},
+                      "bucket_bytes": inp["bucket_bytes"], "gamma": inp["gamma"], "cycle_s": inp["cycle_s"],
+                      "jitter_cv": w.jitter_cv, "library": coll.library, "algorithms": list(coll.algorithms),
+                      "call_latency_s": coll.call_latency, "ring_plateau": coll.ring_plateau},
            "rows": rows, "fits": {}}
     doc = inp.get("study")
     if doc:
         fit, law = (model.fit_amdahl, "amdahl") if w.mode == "strong" else (model.fit_gustafson, "gustafson")
         for b in sorted({r["backend"] for r in doc.get("table", [])}):
             pts = [r for r in doc["table"] if r["backend"] == b and r.get("speedup") and not r["oversubscribed"]]
+            if len([r for r in pts if r["size"] > 1]) < 2:  # one measured size above 1 is not a fit
+                continue
             s = fit([r["size"] for r in pts], [r["speedup"] for r in pts])
             if s is not None:
                 out["fits"][b] = {"law": law, "serial_fraction": s, "points": len(pts)}
@@ -240,26 +271,62 @@ def cmd_predict(a: argparse.Namespace) -> int:
     print(f"intra: {i['intra']['name']} (α {i['intra']['alpha'] * 1e6:.2f} µs, {i['intra']['bandwidth_GBps']:.2f} GB/s); "
           f"inter: {i['inter_node']['name']} (α {i['inter_node']['alpha'] * 1e6:.2f} µs, "
           f"{i['inter_node']['bandwidth_GBps']:.2f} GB/s per node)")
-    print(f"{'ranks':>6} {'nodes':>6} {'T_c ms':>8} {'ring ms':>9} {'hier ms':>9} {'T ms':>9} {'samples/s':>12} "
-          f"{'E':>6} {'E no-ovl':>9}  best")
+    fusion = (f"tensor fusion every {i['cycle_s'] * 1e3:g} ms up to {i['bucket_bytes'] / 2**20:g} MiB" if i["cycle_s"]
+              else f"{i['bucket_bytes'] / 2**20:g} MiB buckets")
+    print(f"{i['library']} [{', '.join(i['algorithms'])}], {i['call_latency_s'] * 1e6:g} µs a call, ring plateau "
+          f"{i['ring_plateau']:g}; {fusion}; stragglers σ = {i['jitter_cv']:.3g}")
+    print(f"{'ranks':>6} {'nodes':>6} {'T_c ms':>8} {'ring ms':>9} {'hier ms':>9} {'calls':>5} {'T ms':>9} "
+          f"{'samples/s':>12} {'E':>6} {'E no-ovl':>9}  algorithm")
     for r in res["rows"]:
-        pr = r["predicted"]
-        no = r[f"{r['best']}_no_overlap"]
+        pr, no = r["predicted"], r["predicted_no_overlap"]
         print(f"{r['size']:>6} {r['nodes']:>6} {1e3 * r['compute_s']:>8.2f} {1e3 * r['allreduce_ring_s']:>9.3f} "
-              f"{1e3 * r['allreduce_hierarchical_s']:>9.3f} {1e3 * pr['step_s']:>9.2f} {pr['throughput']:>12,.0f} "
-              f"{pr['efficiency']:>6.3f} {no['efficiency']:>9.3f}  {r['best']}")
+              f"{1e3 * r['allreduce_hierarchical_s']:>9.3f} {r['calls']:>5} {1e3 * pr['step_s']:>9.2f} "
+              f"{pr['throughput']:>12,.0f} {pr['efficiency']:>6.3f} {no['efficiency']:>9.3f}  {r['best']}")
     for b, f in res["fits"].items():
         print(f"{f['law']} fit of {b}: serial fraction {f['serial_fraction']:.4f} ({f['points']} measured points)")
+    print("terms and their sources: mpidl scale predict --help (NCCL's latencies: its src/graph/tuning.cc; "
+          "stragglers: E[max of p normals], σ as stated; buckets and overlap: DDP/Horovod)")
+    return 0
+
+
+def cmd_published(a: argparse.Namespace) -> int:
+    """The model against published results: one block per file, a summary line."""
+    from mpidl.scaling import published
+
+    given = [k for k, v in vars(a).items() if v is not None and v is not False and k not in ("published", "json")]
+    if given:
+        raise BadInput(f"predict: --published takes its inputs from the files; --{given[0].replace('_', '-')} "
+                       "does not apply")
+    results, summary = published.run(a.published)
+    if a.json:
+        print(json.dumps({"files": [{"title": pub.title, "source": pub.source.model_dump(), "rows": rows}
+                                    for pub, rows in results], "summary": summary}, indent=2))
+        return 0
+    print(published.text(results))
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from mpidl.scaling.report import write_report
 
-    paths = write_report(Path(args.study_dir), allreduce=Path(args.allreduce) if args.allreduce else None)
+    paths = write_report(Path(args.study_dir), allreduce=Path(args.allreduce) if args.allreduce else None,
+                         samples=args.samples, epochs=args.epochs, target=args.target)
     for p in paths:
         print(f"wrote {p}")
     return 0
+
+
+def _positive(kind):
+    def convert(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
+        if not v > 0 or v != v or v == float("inf"):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be > 0 and finite")
+        return v
+    convert.__name__ = kind.__name__
+    return convert
 
 
 def register(sub) -> None:
@@ -274,4 +341,11 @@ def register(sub) -> None:
     r = sub.add_parser("report", help="HTML + Markdown + PNG plots + CSV of a scaling study")
     r.add_argument("study_dir", metavar="STUDY_DIR", help="the study's output folder (holds study.json)")
     r.add_argument("--allreduce", metavar="FILE", help="a bench_allreduce JSON (default: the study's allreduce.json)")
+    work = r.add_mutually_exclusive_group()
+    work.add_argument("--samples", type=_positive(float), metavar="N",
+                      help="the work the summary prices: samples to train (default: the study's report.samples, "
+                           "else one epoch)")
+    work.add_argument("--epochs", type=_positive(float), metavar="E",
+                      help="the work as epochs (× the study's report.samples_per_epoch, else the job's synthetic rows)")
+    r.add_argument("--target", type=_positive(int), metavar="P", help="a size, in ranks, to project the job to")
     r.set_defaults(func=cmd_report)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from mpidl.errors import BadInput
-from mpidl.scaling import efficiency, model
+from mpidl.scaling import efficiency, model, summary
 
 BASELINE = "none"
 COLORS = {"horovod": "#1f77b4", "mpi": "#2ca02c", "ddp": "#d62728", BASELINE: "#555555", "torch-gloo": "#d62728",
@@ -294,15 +294,16 @@ def plot_allreduce(ar: dict) -> bytes:
     return _png(fig)
 
 
-def prediction(doc: dict, allreduce: Optional[Path]) -> tuple[Optional[dict], str]:
-    """The model's rows from the study's inputs out to predict.max_ranks, or why not."""
+def prediction(doc: dict, allreduce: Optional[Path], extra: tuple[int, ...] = ()) -> tuple[Optional[dict], str]:
+    """The model's rows from the study's inputs out to predict.max_ranks (and any `extra` size), or why not."""
     try:
         work, machine, assumed = model.from_study(doc, allreduce=allreduce)
         measured = sorted({r["size"] for r in doc["table"]})
         top = assumed["max_ranks"]
-        sizes = sorted(set(model.powers_of_two(top)) | set(measured))
+        sizes = sorted(set(model.powers_of_two(top)) | set(measured) | set(extra))
         sizes = [p for p in sizes if p <= machine.ranks_per_node or p % machine.ranks_per_node == 0]
-        rows = model.predict(work, machine, sizes, assumed["overlap"], assumed["bucket_mb"] * 2**20)
+        cycle = (doc["study"].get("predict") or {}).get("cycle_ms", 0) * 1e-3
+        rows = model.predict(work, machine, sizes, assumed["overlap"], assumed["bucket_mb"] * 2**20, cycle_s=cycle)
     except BadInput as e:
         return None, str(e)
     fits = {}
@@ -310,6 +311,8 @@ def prediction(doc: dict, allreduce: Optional[Path]) -> tuple[Optional[dict], st
     fit = model.fit_amdahl if law == "amdahl" else model.fit_gustafson
     for b in _backends(doc["table"]):
         pts = [r for r in doc["table"] if r["backend"] == b and r.get("speedup") and not r["oversubscribed"]]
+        if len([r for r in pts if r["size"] > 1]) < 2:  # one measured size above 1 is not a fit: left out
+            continue
         s = fit([r["size"] for r in pts], [r["speedup"] for r in pts])
         if s is not None:
             fits[b] = {"law": law, "serial_fraction": s, "points": len(pts)}
@@ -605,8 +608,20 @@ def _kv_md(pairs: list[tuple[str, str]]) -> str:
 CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.6em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;text-align:left}
 th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}pre{background:#f7f7f7;padding:.8em;overflow:auto;
-font-size:12px}.note{background:#fff4e5;border-left:4px solid #f0a020;padding:.4em .8em;margin:.4em 0}"""
+font-size:12px}.note{background:#fff4e5;border-left:4px solid #f0a020;padding:.4em .8em;margin:.4em 0}
+h1{font-size:22px;margin:.2em 0}.machine{margin:.2em 0;color:#555;font-size:13px}
+#summary{border:1px solid #cfd8e3;background:#f7fafd;padding:.4em .9em;margin:.5em 0 1.5em}
+.headline{font-size:15px;margin:.35em 0}.cols{display:flex;gap:1.2em;align-items:flex-start;flex-wrap:wrap}
+#headline-plot{margin:.3em 0;flex:0 1 680px;min-width:0}#headline-plot img{width:100%;max-width:680px}
+#headline-plot figcaption{font-size:12px;color:#555}.side{flex:1 1 300px;min-width:0;font-size:13px}
+.side table{font-size:12px}.side td,.side th{padding:2px 5px}
+.small{font-size:12px;color:#444}"""
 
+
+APPENDIX = "Appendix: mpidl's own benchmark goals"
+APPENDIX_INTRO = ("What mpidl holds itself to (its backends against DDP and against the no-communication baseline, "
+                  "Horovod's busbw against raw MPI), as this study measured them: for mpidl's developers, not a "
+                  "statement about the job.")
 
 CROSSING_TITLE = "Crossing nodes: p ranks on n nodes against the same p on one node"
 CROSSING_INTRO = ("The same ranks and cores, placed differently: on one node the ranks talk through shared memory, "
@@ -614,7 +629,8 @@ CROSSING_INTRO = ("The same ranks and cores, placed differently: on one node the
                   "ratio shows what the placement changes apart from communication.")
 
 
-def write_report(study_dir: Path, allreduce: Optional[Path] = None) -> list[Path]:
+def write_report(study_dir: Path, allreduce: Optional[Path] = None, samples: Optional[float] = None,
+                 epochs: Optional[float] = None, target: Optional[int] = None) -> list[Path]:
     doc = load(study_dir)
     if not doc["table"]:
         raise BadInput(f"{study_dir / 'study.json'}: no successful run to report")
@@ -631,8 +647,16 @@ def write_report(study_dir: Path, allreduce: Optional[Path] = None) -> list[Path
 
     multi = _multinode(doc["table"])
     one_node = efficiency.on_one_node(doc)  # the model's machine is one node of ranks: its measured points
-    pred, why_not = prediction(one_node, ar_path if ar is not None else None)
+    if target is not None and target < 1:
+        raise BadInput(f"report: --target {target}: a size is >= 1 rank")
+    goal = target if target is not None else (doc["study"].get("report") or {}).get("target")
+    pred, why_not = prediction(one_node, ar_path if ar is not None else None, (goal,) if goal else ())
+    valid = summary.validation()
+    top = summary.build(doc, pred, samples, epochs, target, valid)
+    unit = summary.unit_of(doc)
     images: dict[str, tuple[bytes, str]] = {
+        "summary.png": (summary.plot(doc, pred, top, _png),
+                        "Throughput and efficiency against size: measured, the model's projection, the ideal line"),
         "throughput.png": (plot_throughput(doc), "Throughput against ranks, with the ideal line"),
         "efficiency.png": (plot_efficiency(doc), "Efficiency against ranks, with the no-communication baseline"),
         "breakdown.png": (plot_breakdown(doc), "Step time breakdown per size and backend"),
@@ -676,7 +700,9 @@ def write_report(study_dir: Path, allreduce: Optional[Path] = None) -> list[Path
                       f"{a['intra']['name']} (α {a['intra']['alpha'] * 1e6:.2f} µs, "
                       f"{a['intra']['bandwidth_GBps']:.2f} GB/s); inter {a['inter']['name']} "
                       f"(α {a['inter']['alpha'] * 1e6:.2f} µs, {a['inter']['bandwidth_GBps']:.2f} GB/s per node); "
-                      f"overlap ω = {a['overlap']:.2f}; last bucket {a['bucket_mb']} MiB; contention L = "
+                      f"overlap ω = {a['overlap']:.2f}; buckets of {a['bucket_mb']} MiB; {a['library']} "
+                      f"[{', '.join(a['algorithms'])}]; stragglers σ = {a['jitter_cv']:.3g} ({a['jitter_source']}); "
+                      f"contention L = "
                       f"{ {k: round(v, 3) for k, v in (a['contention_limit'] or {}).items()} or 'none measured'}.")
         fits = "; ".join(f"{f['law'].capitalize()} fit of {_label(b)}: s = {f['serial_fraction']:.4g} "
                          f"({f['points']} points)" for b, f in pred["fits"].items())
@@ -693,40 +719,61 @@ def write_report(study_dir: Path, allreduce: Optional[Path] = None) -> list[Path
         if tuning:
             ar_text += f". Horovod settings: {json.dumps(tuning)}"
 
-    # ------------------------------------------------ Markdown
+    sent = top["sentences"]
+    val_line = summary.validation_line(valid)
+    cost_h, cost_b = summary.cost_view(top, unit)
+    val_h, val_b = summary.validation_view(valid)
+    rows_h, rows_b = summary.rows_view(valid)
+    later = {k: v for k, v in images.items() if k != "summary.png"}
+
+    # ------------------------------------------------ Markdown: the summary first, mpidl's own goals last
     md = [f"# {title}", "", f"Machine: {doc['environment'].get('cpu_model')}, {doc['environment'].get('cores')} cores"
           + (f", {doc['environment'].get('gpu')}" if doc['environment'].get('gpu') else "")
           + f"; commit {doc['environment'].get('commit')}.", ""]
     if not doc.get("complete"):
         md += ["**This study did not finish: the figures cover the runs done so far.**", ""]
-    md += ["## Goals, as measured", "", _md_table(gh, gb) if gb else "No goal applies to this study.", ""]
-    md += ["## What falls short, and why", ""] + [f"- {n}" for n in notes] + ([""] if notes else ["Nothing.", ""])
+    md += ["## Summary", "", f"**{sent['headline']}**", "", f"**{sent['cost']}**" if sent["cost"] else "", "",
+           f"![{images['summary.png'][1]}](summary.png)", ""]
+    if cost_b:
+        md += [_md_table(cost_h, cost_b), ""]
+    md += [val_line, ""]
+    if val_b:
+        md += [_md_table(val_h, val_b), ""]
+    md += [sent["assumptions"], ""]
     md += ["## Points (medians over repetitions)", "", _md_table(ph, pb), "",
            "⚑: efficiency E* below the flag threshold. Times in ms.", ""]
     if cross:
         md += [f"## {CROSSING_TITLE}", "", CROSSING_INTRO, ""] + [f"- {line}" for line in _crossing_lines(cross)]
         md += ["", _md_table(*_crossing_view(cross)), ""]
         md += [f"- **{n}**: `{f}` — {w}" for n, f, w in efficiency.CROSSING_FORMULAS] + [""]
-    for name, (_, caption) in images.items():
+    for name, (_, caption) in later.items():
         md += [f"### {caption}", "", f"![{caption}]({name})", ""]
     md += ["## Formulas", ""] + [f"- **{n}**: `{f}` — {w}" for n, f, w in formulas] + [""]
     md += ["## The model", "", pred_intro or f"No prediction: {why_not}", "", "```", model.FORMULAS, "```", ""]
     if pred is not None:
         md += [_md_table(*_prediction_view(pred)), ""]
+    if rows_b:
+        md += ["### The model against published results", "", val_line, "", _md_table(rows_h, rows_b), "",
+               "Every input, with its source or the reasoning of its estimate: benchmarks/published/*.yaml; "
+               "`mpidl scale predict --published benchmarks/published` prints each row's step and why a row "
+               f"beyond ±{valid['bound']} points misses.", ""]
     if ar_text:
         md += ["## Allreduce fits (bench_allreduce)", "", ar_text, ""]
     md += ["## Settings", "", _kv_md(_settings(doc)), "", "## Environment", "", _kv_md(_env_view(doc)), "",
            "Raw numbers: [points.csv](points.csv), [runs.csv](runs.csv), [study.json](study.json)"
            + (", [crossing.csv](crossing.csv)" if cross else "")
            + (", [prediction.json](prediction.json)" if pred else "") + ".", ""]
+    md += [f"## {APPENDIX}", "", APPENDIX_INTRO, "", "### Goals, as measured", "",
+           _md_table(gh, gb) if gb else "No goal applies to this study.", ""]
+    md += ["### What falls short, and why", ""] + [f"- {n}" for n in notes] + ([""] if notes else ["Nothing.", ""])
     (study_dir / "report.md").write_text("\n".join(md))
     written.append(study_dir / "report.md")
 
     # ------------------------------------------------ HTML (self-contained)
-    def img(name: str, caption: str) -> str:
+    def img(name: str, caption: str, ident: str = "") -> str:
         b64 = base64.b64encode(images[name][0]).decode()
-        return f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{b64}"><figcaption>' \
-               f'{html.escape(caption)}</figcaption></figure>'
+        return f'<figure{f" id={chr(39)}{ident}{chr(39)}" if ident else ""}><img alt="{html.escape(caption)}" ' \
+               f'src="data:image/png;base64,{b64}"><figcaption>{html.escape(caption)}</figcaption></figure>'
 
     def download(name: str, text: str, mime: str) -> str:
         b64 = base64.b64encode(text.encode()).decode()
@@ -734,12 +781,15 @@ def write_report(study_dir: Path, allreduce: Optional[Path] = None) -> list[Path
 
     h = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
          f"<style>{CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>",
-         f"<p>{html.escape(md[2])}</p>"]
+         f"<p class='machine'>{html.escape(md[2])}</p>"]
     if not doc.get("complete"):
         h.append("<p class='note'>This study did not finish: the figures cover the runs done so far.</p>")
-    h += ["<h2>Goals, as measured</h2>", _html_table(gh, gb) if gb else "<p>No goal applies to this study.</p>",
-          "<h2>What falls short, and why</h2>"]
-    h += [f"<p class='note'>{html.escape(n)}</p>" for n in notes] or ["<p>Nothing.</p>"]
+    h += ["<section id='summary'>", f"<p id='headline' class='headline'>{html.escape(sent['headline'])}</p>",
+          f"<p id='cost' class='headline'>{html.escape(sent['cost'])}</p>" if sent["cost"] else "",
+          "<div class='cols'>", img("summary.png", images["summary.png"][1], "headline-plot"), "<div class='side'>",
+          _html_table(cost_h, cost_b) if cost_b else "",
+          f"<p id='validation'>{html.escape(val_line)}</p>", _html_table(val_h, val_b) if val_b else "",
+          "</div></div>", f"<p class='small'>{html.escape(sent['assumptions'])}</p>", "</section>"]
     h += ["<h2>Points (medians over repetitions)</h2>", _html_table(ph, pb),
           "<p>⚑: efficiency E* below the flag threshold. Times in ms.</p>"]
     if cross:
@@ -747,12 +797,18 @@ def write_report(study_dir: Path, allreduce: Optional[Path] = None) -> list[Path
         h += [f"<li>{html.escape(line)}</li>" for line in _crossing_lines(cross)] + ["</ul>"]
         h += [_html_table(*_crossing_view(cross)),
               _html_table(["", "formula", "meaning"], [list(f) for f in efficiency.CROSSING_FORMULAS])]
-    h += [img(name, caption) for name, (_, caption) in images.items()]
+    h += [img(name, caption) for name, (_, caption) in later.items()]
     h += ["<h2>Formulas</h2>", _html_table(["", "formula", "meaning"], [list(f) for f in formulas])]
     h += ["<h2>The model</h2>", f"<p>{html.escape(pred_intro or 'No prediction: ' + why_not)}</p>",
           f"<pre>{html.escape(model.FORMULAS)}</pre>"]
     if pred is not None:
         h.append(_html_table(*_prediction_view(pred)))
+    if rows_b:
+        h += ["<h3>The model against published results</h3>", f"<p>{html.escape(val_line)}</p>",
+              _html_table(rows_h, rows_b),
+              "<p>Every input, with its source or the reasoning of its estimate: benchmarks/published/*.yaml; "
+              "<code>mpidl scale predict --published benchmarks/published</code> prints each row's step and why a "
+              f"row beyond ±{valid['bound']} points misses.</p>"]
     if ar_text:
         h += ["<h2>Allreduce fits (bench_allreduce)</h2>", f"<p>{html.escape(ar_text)}</p>"]
     h += ["<h2>Settings</h2>", _kv_html(_settings(doc)), "<h2>Environment</h2>", _kv_html(_env_view(doc)),
@@ -761,7 +817,12 @@ def write_report(study_dir: Path, allreduce: Optional[Path] = None) -> list[Path
           *([download("crossing.csv", crossing_csv, "text/csv"), " · "] if cross else []),
           download("study.json", json.dumps(doc, indent=2), "application/json"), "</p>",
           f"<details><summary>points.csv</summary><pre>{html.escape(points_csv)}</pre></details>",
-          f"<details><summary>runs.csv</summary><pre>{html.escape(runs_csv)}</pre></details>", "</body></html>"]
+          f"<details><summary>runs.csv</summary><pre>{html.escape(runs_csv)}</pre></details>"]
+    h += [f"<h2 id='appendix'>{html.escape(APPENDIX)}</h2>", f"<p>{html.escape(APPENDIX_INTRO)}</p>",
+          "<h3>Goals, as measured</h3>", _html_table(gh, gb) if gb else "<p>No goal applies to this study.</p>",
+          "<h3>What falls short, and why</h3>"]
+    h += [f"<p class='note'>{html.escape(n)}</p>" for n in notes] or ["<p>Nothing.</p>"]
+    h += ["</body></html>"]
     (study_dir / "report.html").write_text("\n".join(h))
     written.append(study_dir / "report.html")
     return written

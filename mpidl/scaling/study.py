@@ -17,6 +17,8 @@
     launcher: {name: mpirun, args: []}
     # or, one SLURM job per point, each size at every node count that divides it:
     # launcher: {name: slurm, nodes: [1, 2], partition: debug}
+    predict: {inter: IB-100, library: nccl}   # the model's assumptions (PredictSpec)
+    report: {epochs: 90, target: 256}         # what the report's summary prices and projects
 
 COMMANDS: a study of your own script runs `command` on every rank of each point with what the
 point fixes in the environment, which `mpidl.Run` takes over what the script says: MPIDL_BACKEND
@@ -101,6 +103,38 @@ class PredictSpec(Strict):
     bucket_mb: float = Field(default=25, gt=0, description="the last bucket's size (it cannot overlap)")
     bytes_per_param: int = Field(default=4, ge=1)
     max_ranks: int = Field(default=4096, ge=1)
+    library: Optional[Literal["nccl", "mpi"]] = Field(
+        default=None, description="whose allreduce algorithms and costs; default mpi where a link is measured, "
+                                  "else nccl")
+    algorithms: Optional[list[Literal["ring", "tree", "hierarchical", "torus2d", "recursive_doubling",
+                                      "rabenseifner"]]] = Field(default=None, min_length=1)
+    cycle_ms: float = Field(default=0, ge=0, description="tensor fusion's cycle (Horovod); 0: a call per full bucket")
+    jitter_cv: Union[Literal["measured"], float] = Field(
+        default="measured", description="σ of a rank's step time for stragglers: 'measured' (the 1-rank windows' "
+                                        "spread) or a number 0 … 1")
+
+    @field_validator("jitter_cv")
+    @classmethod
+    def _jitter(cls, v):
+        if not isinstance(v, str) and not 0 <= v <= 1:
+            raise ValueError("σ is a share of the step time, 0 … 1, or 'measured'")
+        return v
+
+
+class ReportSpec(Strict):
+    """What the report's summary prices and projects (mpidl report's --samples, --epochs, --target override)."""
+
+    samples: Optional[float] = Field(default=None, gt=0, description="samples to train, for the cost")
+    epochs: Optional[float] = Field(default=None, gt=0, description="epochs to train (× samples_per_epoch)")
+    samples_per_epoch: Optional[int] = Field(default=None, gt=0,
+                                             description="default: the job's synthetic rows less validation")
+    target: Optional[int] = Field(default=None, ge=1, description="a size to project to, in ranks")
+
+    @model_validator(mode="after")
+    def _one(self) -> "ReportSpec":
+        if self.samples is not None and self.epochs is not None:
+            raise ValueError("give samples or epochs, not both")
+        return self
 
 
 class StudySpec(Strict):
@@ -126,6 +160,7 @@ class StudySpec(Strict):
     allreduce: Optional[str] = Field(default=None, description="a bench_allreduce JSON to show in the report")
     flag_below: float = Field(default=0.8, ge=0, le=1, description="flag points whose efficiency is below this")
     predict: PredictSpec = Field(default_factory=PredictSpec)
+    report: ReportSpec = Field(default_factory=ReportSpec)
 
     @field_validator("name")
     @classmethod
