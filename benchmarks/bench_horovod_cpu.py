@@ -13,14 +13,18 @@ each time), so drift hits them alike. A variant is a backend and environment:
   horovod-nocache  ... with HOROVOD_CACHE_CAPACITY=0 (no response cache: negotiate every tensor)
   horovod-nofuse   ... with HOROVOD_FUSION_THRESHOLD=0 (no fusion buffer)
   horovod-affinity ... with HOROVOD_THREAD_AFFINITY pinning the background thread to its rank's core
+  horovod-cycle0.2 ... with HOROVOD_CYCLE_TIME=0.2
+  horovod-spinwait ... with Horovod's own spinning wait for the allreduces (MPIDL_HOROVOD_WAIT=spin)
+  horovod-nocache-spinwait  both
   mpi-spin, mpi    the mpi backend, busy-polling and yielding
   ddp-spin, ddp    DDP (Gloo), the same two
   none-spin, none  the no-communication baseline, the same two
 
 Per run: samples/s and the step's split (data, compute, sync, optimizer) as medians over the
-log windows after the first `--warmup` steps, and each rank's CPU time by thread, read from
-/proc/self/task when the run ends: the training thread (the main one) and the rest (Horovod's
-background thread, the loader's reader, Gloo's threads), in CPU ms per step. Per variant: the
+log windows after the first `--warmup` steps, and each rank's CPU time by thread over the
+measured steps (from /proc/self/task at the end of the warm-up and before the backend is
+released): the training thread (the main one) and the rest (Horovod's background thread, the
+loader's reader, Gloo's threads), in CPU ms per step. Per variant: the
 median over repeats and its range; X/X0 is samples/s over the baseline of the same wait mode.
 
 --timeline: one more run of `horovod-spin` and `horovod` with HOROVOD_TIMELINE, summarised per
@@ -55,27 +59,43 @@ VARIANTS = {
     "horovod-nocache": ("horovod", {"HOROVOD_CACHE_CAPACITY": "0"}),
     "horovod-nofuse": ("horovod", {"HOROVOD_FUSION_THRESHOLD": "0"}),
     "horovod-affinity": ("horovod", {"HOROVOD_THREAD_AFFINITY": "AFFINITY"}),
+    "horovod-cycle0.2": ("horovod", {"HOROVOD_CYCLE_TIME": "0.2"}),
+    "horovod-spinwait": ("horovod", {"MPIDL_HOROVOD_WAIT": "spin"}),
+    "horovod-nocache-spinwait": ("horovod", {"HOROVOD_CACHE_CAPACITY": "0", "MPIDL_HOROVOD_WAIT": "spin"}),
     "mpi-spin": ("mpi", SPIN), "mpi": ("mpi", {}),
     "ddp-spin": ("ddp", SPIN), "ddp": ("ddp", {}),
     "none-spin": ("none", SPIN), "none": ("none", {}),
 }
 BUCKETS = ("data", "compute", "sync", "optimizer")
 
-# Runs the trainer as `mpidl train` does, and at the end writes this rank's CPU time per thread.
+# Runs the trainer as `mpidl train` does, and writes this rank's CPU time per thread twice: at the
+# end of the warm-up and before the trainer releases the backend (Horovod's thread still lives).
 RANK = r'''
-import atexit, json, os, sys
-def dump():
-    me = os.getpid()
-    threads = []
+import json, os, sys
+from mpidl.train import trainer
+
+def threads():
+    out = {}
     for tid in os.listdir("/proc/self/task"):
         stat = open(f"/proc/self/task/{tid}/stat").read()
         fields = stat[stat.rindex(")") + 2:].split()
-        threads.append({"tid": int(tid), "main": int(tid) == me, "name": stat[stat.index("(") + 1:stat.rindex(")")],
-                        "cpu_s": (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")})
+        out[tid] = (int(tid) == os.getpid(), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+    return out
+
+marks = {}
+done = trainer.Trainer.step_done
+def step_done(self, times):
+    done(self, times)
+    if self.position.global_step == int(os.environ["BENCH_WARMUP"]):
+        marks["warm"] = threads()
+close = trainer.Trainer.close
+def closing(self):
+    marks["end"] = threads()
     rank = os.environ.get("OMPI_COMM_WORLD_RANK", "0")
     with open(os.path.join(os.environ["BENCH_OUT"], f"threads-{rank}.json"), "w") as f:
-        json.dump(threads, f)
-atexit.register(dump)
+        json.dump(marks, f)
+    close(self)
+trainer.Trainer.step_done, trainer.Trainer.close = step_done, closing
 from mpidl.cli import main
 sys.exit(main(sys.argv[1:]))
 '''
@@ -86,11 +106,12 @@ def affinity_value(ranks: int) -> str:
     return ",".join(str(r % (os.cpu_count() or 1)) for r in range(ranks))
 
 
-def one_run(variant: str, ranks: int, steps: int, data: str, folder: Path, timeline: bool = False) -> dict:
+def one_run(variant: str, ranks: int, steps: int, data: str, folder: Path, warmup: int,
+            timeline: bool = False) -> dict:
     backend, extra = VARIANTS[variant]
     out = folder / variant
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **MPI_ENV, **extra, "BENCH_OUT": str(out)}
+    env = {**os.environ, **MPI_ENV, **extra, "BENCH_OUT": str(out), "BENCH_WARMUP": str(warmup)}
     if env.get("HOROVOD_THREAD_AFFINITY") == "AFFINITY":
         env["HOROVOD_THREAD_AFFINITY"] = affinity_value(ranks)
     if timeline:
@@ -109,8 +130,13 @@ def one_run(variant: str, ranks: int, steps: int, data: str, folder: Path, timel
 def figures(res: dict, warmup: int, steps: int) -> dict:
     recs = [json.loads(x) for x in (res["run"] / "metrics.jsonl").read_text().splitlines()]
     wins = [r for r in recs if "step_time" in r and r["step"] > warmup]
-    cpu_main = statistics.mean(sum(t["cpu_s"] for t in th if t["main"]) for th in res["threads"]) / steps
-    cpu_rest = statistics.mean(sum(t["cpu_s"] for t in th if not t["main"]) for th in res["threads"]) / steps
+    def delta(marks: dict, main: bool) -> float:  # CPU seconds of the measured steps, threads alive at both marks
+        return sum(cpu - marks["warm"][tid][1] for tid, (is_main, cpu) in marks["end"].items()
+                   if is_main == main and tid in marks["warm"])
+
+    measured = steps - warmup
+    cpu_main = statistics.mean(delta(m, True) for m in res["threads"]) / measured
+    cpu_rest = statistics.mean(delta(m, False) for m in res["threads"]) / measured
     return {"samples_per_s": statistics.median(r["samples_per_s"] for r in wins),
             "time": {k: statistics.median(r["time"][k] for r in wins) for k in BUCKETS},
             "cpu_main_ms_per_step": 1e3 * cpu_main, "cpu_other_threads_ms_per_step": 1e3 * cpu_rest}
@@ -161,7 +187,8 @@ def main() -> None:
         k = rep % len(names)
         order = names[k:] + names[:k]
         for name in (order if rep % 2 == 0 else order[::-1]):
-            runs[name].append(figures(one_run(name, args.ranks, args.steps, data, folder), args.warmup, args.steps))
+            runs[name].append(figures(one_run(name, args.ranks, args.steps, data, folder, args.warmup), args.warmup,
+                                      args.steps))
             print(f"rep {rep + 1}/{args.repeats} {name}: {runs[name][-1]['samples_per_s']:,.0f} samples/s", flush=True)
 
     table = {}
@@ -188,7 +215,7 @@ def main() -> None:
     timelines = {}
     if args.timeline:
         for name in ("horovod-spin", "horovod"):
-            res = one_run(name, args.ranks, args.steps, data, folder, timeline=True)
+            res = one_run(name, args.ranks, args.steps, data, folder, args.warmup, timeline=True)
             timelines[name] = timeline_summary(res["timeline"], args.steps)
             top = ", ".join(f"{k} {v:.2f}" for k, v in list(timelines[name].items())[:6])
             print(f"timeline {name} (ms a step): {top}")

@@ -212,7 +212,7 @@ def test_mpidl_command_parses(where, argv):
     except SystemExit as e:
         raise AssertionError(f"{where}: mpidl {' '.join(argv)}: the parser refuses it (exit {e.code})") from None
     if program:
-        assert isinstance(getattr(args, "program", None), list), \
+        assert hasattr(args, "program"), \
             f"{where}: mpidl {args.command} takes no command after --"
 
 
