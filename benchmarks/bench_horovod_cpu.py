@@ -29,7 +29,7 @@ median over repeats and its range; X/X0 is samples/s over the baseline of the sa
 
 --timeline: one more run of `horovod-spin` and `horovod` with HOROVOD_TIMELINE, summarised per
 activity (time per step in NEGOTIATE_ALLREDUCE, ALLREDUCE, MPI_ALLREDUCE, the fusion copies).
-Results: benchmarks/results/horovod-cpu-<machine>.json.
+Results: benchmarks/results/horovod-cpu-<ranks>ranks-<machine>.json.
 """
 from __future__ import annotations
 
@@ -221,7 +221,7 @@ def main() -> None:
             print(f"timeline {name} (ms a step): {top}")
 
     if not args.no_write:
-        path = write_result("horovod-cpu", {"ranks": args.ranks, "repeats": args.repeats, "steps": args.steps,
+        path = write_result(f"horovod-cpu-{args.ranks}ranks", {"ranks": args.ranks, "repeats": args.repeats, "steps": args.steps,
                                             "warmup": args.warmup, "job": "jobs/demo.yaml (small CNN, batch 64 a rank)",
                                             "variants": {n: {"backend": VARIANTS[n][0], "env": VARIANTS[n][1]}
                                                          for n in names},

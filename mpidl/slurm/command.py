@@ -91,6 +91,9 @@ def script(plan: Plan, spec: CommandSpec, runs: list[tuple[list[str], list[str]]
     python = venv / "bin" / "python"
     body = [f'export PATH={sh(str(venv / "bin"))}:"$PATH"  # the command finds the venv\'s python first',
             f"PYTHON={sh(python)}", *_venv_check(),
+            "# Open MPI ranks give their core away while they wait (mpidl.init does the same; a plain",
+            "# Horovod script's background thread would otherwise spin beside training: docs/training.md)",
+            'export OMPI_MCA_mpi_yield_when_idle="${OMPI_MCA_mpi_yield_when_idle:-1}"',
             "# A script on mpidl.Run checkpoints on the warning signal, then requeues this job itself.",
             f"export {REQUEUE_ENV}=1 {REQUEUE_LIMIT_ENV}={s.requeue_limit}"]
     about = ["# Written by `mpidl submit -- CMD`: every rank runs the command. Submit it from the",

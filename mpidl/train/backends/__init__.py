@@ -62,7 +62,8 @@ class Backend:
         yield
 
     def allreduce_mean(self, t: torch.Tensor) -> torch.Tensor:
-        """The mean of `t` over ranks (MPI; every backend has the world's communicator)."""
+        """The mean of `t` over ranks, for metrics: MPI on every backend (microseconds; Horovod's own
+        allreduce would wait for its background thread's next cycle, ~1 ms a record)."""
         if self.world.size == 1:
             return t.clone()
         from mpi4py import MPI

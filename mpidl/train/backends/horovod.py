@@ -110,8 +110,5 @@ class HorovodBackend(Backend):
         # backward_passes_per_step counts the passes itself: the last one triggers the allreduce.
         yield
 
-    def allreduce_mean(self, t: torch.Tensor) -> torch.Tensor:
-        return self.hvd.allreduce(t.detach(), op=self.hvd.Average, name=None)
-
     def close(self) -> None:
         self.hvd.shutdown()
