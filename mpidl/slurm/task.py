@@ -31,25 +31,24 @@ class TrainTask:
         self.overwrite = overwrite
 
     def __call__(self) -> dict:
-        import mpidl
         from mpidl import preemption
-        from mpidl.slurm.requeue import after_preemption, resume_mode
         from mpidl.spec import load_spec
-        from mpidl.train.trainer import train
+        from mpidl.train.trainer import run_job
 
         # submitit installed its handlers before calling us; mpidl takes SIGTERM and the
         # warning signal over (recorded from here on), so keep submitit's to call later.
         handlers = {s: signal.getsignal(s) for s in (signal.SIGUSR2, signal.SIGTERM)}
         preemption.arm()
-        world = mpidl.init()
-        spec = world.agree(lambda: load_spec(self.job_file, self.overrides, text=self.spec_text))
-        summary = train(spec, resume=resume_mode(self.resume), overwrite=self.overwrite)
-        if summary.get("preempted"):
+
+        def requeue_with(spec):
             warning = getattr(signal, f"SIG{spec.slurm.signal}")
-            code = after_preemption(world, summary, spec.slurm.requeue_limit,
-                                    _submitit_requeue(handlers.get(warning), warning))
-            if code:
-                raise SystemExit(code)
+            return _submitit_requeue(handlers.get(warning), warning)
+
+        _, _, summary, code = run_job(lambda: load_spec(self.job_file, self.overrides, text=self.spec_text),
+                                      resume=preemption.resume_mode(self.resume), overwrite=self.overwrite,
+                                      requeue_with=requeue_with)
+        if code:
+            raise SystemExit(code)
         return summary
 
     def checkpoint(self) -> DelayedSubmission:

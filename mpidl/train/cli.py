@@ -8,18 +8,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mpidl import preemption
 
     preemption.arm()  # from the first moment: a warning signal during set-up is kept, not fatal
-    import mpidl
-    from mpidl.slurm import requeue
     from mpidl.spec import load_spec
-    from mpidl.train.trainer import train
+    from mpidl.train.trainer import run_job
 
-    world = mpidl.init()
-    spec = world.agree(lambda: load_spec(args.job, args.set))  # the same one-line error on every rank
-    resume = requeue.resume_mode(args.resume) if args.requeue else args.resume
-    summary = train(spec, resume=resume, stop_at=args.stop_at, overwrite=args.overwrite)
-    if summary.get("preempted"):
-        return requeue.after_preemption(world, summary, spec.slurm.requeue_limit,
-                                        requeue.scontrol_requeue() if args.requeue else None)
+    world, spec, summary, code = run_job(
+        lambda: load_spec(args.job, args.set), stop_at=args.stop_at, overwrite=args.overwrite,
+        resume=preemption.resume_mode(args.resume) if args.requeue else args.resume,
+        requeue_with=lambda spec: preemption.scontrol_requeue() if args.requeue else None)
+    if code or summary.get("preempted"):
+        return code
     if args.require_target and summary["reached_target"] is False:
         if world.rank == 0:
             print(f"target accuracy {spec.target_accuracy} not reached: {summary['final']}")

@@ -243,11 +243,9 @@ class Run:
         if self.loader is not None:
             self.loader.close()  # its staged files go (a requeued job stages again)
         if self.preempted:
-            from mpidl.slurm import requeue  # the SLURM side of preemption, only when it happens
-
             limit = int(os.environ.get(REQUEUE_LIMIT_ENV, "3"))
-            requeue_fn = requeue.scontrol_requeue() if os.environ.get(REQUEUE_ENV) == "1" else None
-            raise SystemExit(requeue.after_preemption(self.world, summary, limit, requeue_fn))
+            requeue_fn = preemption.scontrol_requeue() if os.environ.get(REQUEUE_ENV) == "1" else None
+            raise SystemExit(preemption.after_preemption(self.world, summary, limit, requeue_fn))
 
     def log(self, **values) -> None:
         """Values of this step (a loss, a count): the record holds their mean over the steps since

@@ -39,12 +39,12 @@ from __future__ import annotations
 import contextlib
 import gc
 import time
-from typing import Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
 import mpidl
-from mpidl import log, usercode
+from mpidl import log, preemption, usercode
 from mpidl.spec import JobSpec
 from mpidl.train.backends import make_backend
 from mpidl.train.callbacks import Callback
@@ -320,3 +320,18 @@ def train(spec: JobSpec, resume: Union[bool, str] = False, stop_at: Optional[int
         raise
     trainer.close()  # not on an exception: fail-fast ends the job, and close() is a collective
     return summary
+
+
+def run_job(load: Callable[[], JobSpec], *, resume: Union[bool, str] = False, overwrite: bool = False,
+            stop_at: Optional[int] = None, requeue_with: Callable[[JobSpec], Optional[Callable[[], None]]] = lambda s: None):
+    """A job's whole life on this rank, for `mpidl train` and for the submitit task alike: the
+    spec loaded (the same one-line error on every rank), trained, and after a preemption requeued
+    through `requeue_with(spec)` or left with exit 3. Returns (world, spec, summary, exit code).
+    Call `preemption.arm()` first (the caller may keep handlers of its own before)."""
+    world = mpidl.init()
+    spec = world.agree(load)
+    summary = train(spec, resume=resume, stop_at=stop_at, overwrite=overwrite)
+    code = 0
+    if summary.get("preempted"):
+        code = preemption.after_preemption(world, summary, spec.slurm.requeue_limit, requeue_with(spec))
+    return world, spec, summary, code
