@@ -4,16 +4,13 @@ mpirun on every backend, resumed, preempted, quantized; every bad input one line
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import time
 
 import pytest
 import torch
 import yaml
 
 import userpkg
-from conftest import PYTHON, clean_env, mpidl_cmd, mpirun, run
+from conftest import PYTHON, mpidl_cmd, mpirun, run
 from test_train import BACKENDS, final_weights
 
 

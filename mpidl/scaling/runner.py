@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -31,9 +32,69 @@ from typing import Callable, Optional
 
 from mpidl.errors import BadInput
 from mpidl.scaling import efficiency, environment
-from mpidl.scaling.launch import Launcher, make_launcher, mpidl_command
-from mpidl.scaling.study import BASELINE, Study, check_feasible
-from mpidl.spec import load_spec
+from mpidl.scaling.launch import Launcher, make_launcher, mpidl_command, unreachable
+from mpidl.scaling.study import BASELINE, Study
+from mpidl.spec import JobSpec, load_spec
+
+
+def training_rows(job: JobSpec) -> tuple[int, str]:
+    """(rows the trainer will train on, where that number comes from), without MPI."""
+    d = job.data
+    files = d.files
+    if isinstance(files, str) and not any(c in files for c in "*?[") and not os.path.exists(files) and d.synth:
+        rows, where = d.synth.rows, f"{files} (data.synth.rows, generated on first use)"
+    else:
+        from mpidl.data import H5Source
+
+        rows, where = len(H5Source(files, keys=d.keys).validate()), str(files)
+    if d.val_files is None:
+        rows -= int(round(rows * d.val_fraction))
+    return rows, where
+
+
+def check_feasible(study: Study) -> None:
+    """Refuse, before anything runs, what some point could not do (one line, BadInput)."""
+    s, origin = study.spec, study.origin
+    if s.mode == "strong":
+        assert s.global_batch is not None
+        bad = [p for p in s.sizes if s.global_batch % p]
+        if bad:
+            raise BadInput(f"{origin}: sizes: global_batch = {s.global_batch} does not divide by {bad[0]} ranks "
+                           "(strong scaling keeps the global batch: choose sizes that divide it)")
+    rows, where = training_rows(study.job) if study.job else (None, "")
+    acc = study.job.accumulate if study.job else 1
+    for p in sorted(s.sizes, reverse=True) if rows is not None else []:
+        need = p * study.batch_per_rank(p) * acc
+        if need > rows:
+            raise BadInput(f"{origin}: sizes: {p} ranks need {need} samples per step "
+                           f"({p} × batch {study.batch_per_rank(p)}{f' × accumulate {acc}' if acc > 1 else ''}), "
+                           f"more than the {rows} training rows of {where}")
+    why_not = unreachable(s.launcher.name)
+    if why_not:
+        raise BadInput(f"{origin}: launcher.name = {s.launcher.name!r}: {why_not}")
+    missing = missing_backends(s.runs)
+    if missing:
+        name, why = missing[0]
+        raise BadInput(f"{origin}: backends: {name} is not installed here ({why})")
+
+
+_PROBES = {
+    "horovod": "import horovod.torch",
+    "ddp": "import torch.distributed as d; assert d.is_available(), 'torch.distributed is not available'",
+    "mpi": "import mpi4py",
+    BASELINE: "import mpi4py",
+}
+
+
+def missing_backends(names: list[str]) -> list[tuple[str, str]]:
+    """Backends that do not import in the interpreter the ranks run (a subprocess: no MPI here)."""
+    out = []
+    for name in names:
+        p = subprocess.run([sys.executable, "-c", _PROBES[name]], capture_output=True, text=True, timeout=120)
+        if p.returncode:
+            lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
+            out.append((name, lines[-1] if lines else f"exit {p.returncode}"))
+    return out
 
 
 @dataclass(frozen=True)
