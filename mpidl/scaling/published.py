@@ -17,12 +17,11 @@ import math
 from pathlib import Path
 from typing import Annotated, Generic, Literal, Optional, TypeVar, Union
 
-import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from mpidl.errors import BadInput
 from mpidl.scaling import model
-from mpidl.spec import Strict, _one_line
+from mpidl.config import Strict, read_yaml, validate
 
 T = TypeVar("T")
 Positive = Annotated[float, Field(gt=0)]
@@ -131,21 +130,7 @@ class Published(Strict):
 def load(path: Union[str, Path]) -> Published:
     """Read and validate one published file; BadInput with one line naming the file, key and value."""
     path = Path(path)
-    try:
-        tree = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise BadInput(f"{path}: published results not found") from None
-    except OSError as e:
-        raise BadInput(f"{path}: cannot read ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise BadInput(f"{path}: not valid YAML" + (f" at line {mark.line + 1}" if mark else "")) from None
-    if not isinstance(tree, dict):
-        raise BadInput(f"{path}: a published file is a mapping of keys, got {type(tree).__name__}")
-    try:
-        return Published.model_validate(tree)
-    except ValidationError as e:
-        raise BadInput(_one_line(e, str(path), tree, Published)) from None
+    return validate(Published, read_yaml(path, "published results"), str(path))
 
 
 def files(paths: list[str]) -> list[Path]:

@@ -36,11 +36,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from mpidl.errors import BadInput
-from mpidl.spec import JobSpec, Strict, _one_line, check_name, check_output, load_spec
+from mpidl.config import Strict, check_name, check_output, read_yaml, validate
+from mpidl.spec import JobSpec, load_spec
 
 BASELINE = "none"  # the backend that skips gradient communication (mpidl/train/backends/nocomm.py)
 
@@ -250,19 +249,5 @@ class Study:
 def load_study(path: Union[str, Path]) -> Study:
     """Read and validate a study; BadInput with one line on any problem."""
     origin = Path(path)
-    try:
-        tree = yaml.safe_load(origin.read_text()) or {}
-    except FileNotFoundError:
-        raise BadInput(f"{origin}: study not found") from None
-    except OSError as e:
-        raise BadInput(f"{origin}: cannot read study ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise BadInput(f"{origin}: not valid YAML" + (f" at line {mark.line + 1}" if mark else "")) from None
-    if not isinstance(tree, dict):
-        raise BadInput(f"{origin}: a study is a mapping of keys, got {type(tree).__name__}")
-    try:
-        spec = StudySpec.model_validate(tree)
-    except ValidationError as e:
-        raise BadInput(_one_line(e, str(origin), tree, StudySpec)) from None
+    spec = validate(StudySpec, read_yaml(origin, "study"), str(origin))
     return Study(spec, origin)

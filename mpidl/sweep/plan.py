@@ -36,11 +36,11 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import numpy as np
-import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from mpidl.errors import BadInput
-from mpidl.spec import JobSpec, Strict, _one_line, check_name, check_output, load_spec
+from mpidl.config import Strict, _one_line, check_name, check_output, read_yaml, validate
+from mpidl.spec import JobSpec, load_spec
 
 #: fields the sweep sets itself: each task is its own run, on a world of one rank
 RESERVED = {"name": "each task is named by the sweep", "output": "each task writes under the sweep's output",
@@ -170,18 +170,7 @@ def _put(tree: dict, dotted: str, value: Any) -> None:
 def load(path: str) -> tuple[SweepSpec, list[Task]]:
     """The sweep and its tasks; BadInput (one line) on any problem, before anything runs."""
     origin = str(path)
-    try:
-        tree = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise BadInput(f"{origin}: sweep file not found") from None
-    except yaml.YAMLError:
-        raise BadInput(f"{origin}: not valid YAML") from None
-    if not isinstance(tree, dict):
-        raise BadInput(f"{origin}: a sweep is a mapping of keys")
-    try:
-        sweep = SweepSpec.model_validate(tree)
-    except ValidationError as e:
-        raise BadInput(_one_line(e, origin, tree, SweepSpec)) from None
+    sweep = validate(SweepSpec, read_yaml(path, "sweep"), origin)
     for section, fields in (("set", sweep.set), ("grid", sweep.grid),
                             ("random.fields", sweep.random.fields if sweep.random else {})):
         for dotted in fields:
@@ -194,7 +183,7 @@ def load(path: str) -> tuple[SweepSpec, list[Task]]:
 
     job_path = Path(path).parent / sweep.job
     load_spec(job_path)  # the base job alone, with its own one-line errors
-    base = yaml.safe_load(job_path.read_text())
+    base = read_yaml(job_path, "job spec")
     for dotted, value in sweep.set.items():
         _put(base, dotted, value)
 
@@ -222,7 +211,7 @@ def load(path: str) -> tuple[SweepSpec, list[Task]]:
             spec = JobSpec.model_validate(tree_i)
         except ValidationError as e:
             shown = " ".join(f"{k}={json.dumps(v)}" for k, v in params.items())
-            raise BadInput(_one_line(e, f"{origin}: task {index} ({shown})", tree_i)) from None
+            raise BadInput(_one_line(e, f"{origin}: task {index} ({shown})", tree_i, JobSpec)) from None
         resolved = spec.model_dump(mode="json", exclude={"name", "output", "slurm"})  # resources: not the task
         tid = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:10]
         if tid in seen:  # a repeated grid value or random draw: the same job, run once
