@@ -51,6 +51,9 @@ FORMULAS = [
     ("Karp–Flatt", "KF(p) = (1/S − 1/p) / (1 − 1/p)", "the serial fraction the point implies"),
 ]
 
+# The backend that skips gradient communication (mpidl/train/backends/nocomm.py): one name everywhere.
+BASELINE = "none"
+
 
 def spread(values: Iterable[float]) -> dict:
     """Median, min, max, count and relative range (max − min) / median."""
@@ -92,7 +95,7 @@ CROSSING_FORMULAS = [
 ]
 
 
-def table(points: dict[tuple, dict], mode: str, baseline: str = "none", flag_below: float = 0.8) -> list[dict]:
+def table(points: dict[tuple, dict], mode: str, baseline: str = BASELINE, flag_below: float = 0.8) -> list[dict]:
     """One row per (backend, size, nodes) from aggregated points.
 
     points[(backend, size, nodes)] (or [(backend, size)]: one node) holds at least `throughput`
@@ -133,7 +136,7 @@ def table(points: dict[tuple, dict], mode: str, baseline: str = "none", flag_bel
     return rows
 
 
-def goals(rows: list[dict], mode: str, baseline: str = "none") -> list[dict]:
+def goals(rows: list[dict], mode: str, baseline: str = BASELINE) -> list[dict]:
     """The issue's goals, per size and placement, as measured (weak studies; strong ones report,
     not judge).
 
@@ -167,7 +170,7 @@ def goals(rows: list[dict], mode: str, baseline: str = "none") -> list[dict]:
     return out
 
 
-def crossing(rows: list[dict], baseline: str = "none") -> list[dict]:
+def crossing(rows: list[dict], baseline: str = BASELINE) -> list[dict]:
     """Per backend, p ranks on n > 1 nodes against the same p on one node (see CROSSING_FORMULAS)."""
     by = {(r["backend"], r["size"], r.get("nodes", 1)): r for r in rows}
     out = []

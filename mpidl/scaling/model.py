@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from mpidl.errors import BadInput
+from mpidl.scaling.efficiency import BASELINE
 
 FORMULAS = """\
 Allreduce of S bytes over p ranks, one link (α, β), ring algorithm (nccl-tests, Thakur et al.):
@@ -593,7 +594,7 @@ def measured_jitter(doc: dict) -> Optional[float]:
     of the coefficient of variation of its log windows' step times within the run. No √window
     scaling: on shared machines slow drift, not step-to-step noise, dominates a window's spread."""
     runs = [r for r in doc.get("runs", []) if r.get("size") == 1 and len(r.get("windows") or []) > 2]
-    base = [r for r in runs if r.get("backend") == "none"] or runs
+    base = [r for r in runs if r.get("backend") == BASELINE] or runs
     cvs = []
     for r in base:
         ts = [w["step_time"] for w in r["windows"] if w.get("step_time")]
@@ -616,8 +617,8 @@ def from_study(doc: dict, intra: Optional[str] = None, inter: Optional[str] = No
     pred = s.get("predict") or {}
     table = doc.get("table") or []
     at1 = {r["backend"]: r for r in table if r["size"] == 1}
-    if "none" in at1:
-        step_s, source = at1["none"]["step_time"], "no-communication baseline at 1 rank"
+    if BASELINE in at1:
+        step_s, source = at1[BASELINE]["step_time"], "no-communication baseline at 1 rank"
     elif at1:
         r = min(at1.values(), key=lambda r: r["step_time"])
         step_s, source = r["step_time"] - (r.get("sync") or 0.0), f"{r['backend']} at 1 rank, less its sync"
@@ -628,7 +629,7 @@ def from_study(doc: dict, intra: Optional[str] = None, inter: Optional[str] = No
         raise BadInput(f"{doc.get('study_file', 'study')}: the study did not record the model's parameter count")
     gpn = pred.get("ranks_per_node") or env.get("gpus") or env.get("cores") or 1
     limit = {r["size"]: r["machine_limit"] for r in table
-             if r["backend"] == "none" and r.get("machine_limit") and not r["oversubscribed"] and r["size"] <= gpn}
+             if r["backend"] == BASELINE and r.get("machine_limit") and not r["oversubscribed"] and r["size"] <= gpn}
     points = [pt for pt in doc.get("points", [])]
     batch = points[0]["batch_per_rank"] if s["mode"] == "weak" else points[0]["global_batch"]
     cv = pred.get("jitter_cv", "measured")

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Optional
 
 from mpidl.errors import BadInput
+from mpidl.scaling.efficiency import BASELINE
 from mpidl.scaling import efficiency, model, summary
 
-BASELINE = "none"
 COLORS = {"horovod": "#1f77b4", "mpi": "#2ca02c", "ddp": "#d62728", BASELINE: "#555555", "torch-gloo": "#d62728",
           "torch-nccl": "#d62728", "horovod-stock": "#9467bd"}
 SPARE = ["#ff7f0e", "#17becf", "#8c564b", "#e377c2", "#bcbd22", "#7f7f7f"]

@@ -33,7 +33,8 @@ from typing import Callable, Optional
 from mpidl.errors import BadInput
 from mpidl.scaling import efficiency, environment
 from mpidl.scaling.launch import Launcher, make_launcher, mpidl_command, unreachable
-from mpidl.scaling.study import BASELINE, Study
+from mpidl.scaling.efficiency import BASELINE
+from mpidl.scaling.study import Study
 from mpidl.spec import JobSpec, load_spec
 
 

@@ -38,10 +38,10 @@ from typing import Literal, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
 
+from mpidl.scaling.efficiency import BASELINE
 from mpidl.config import Strict, check_name, check_output, read_yaml, validate
 from mpidl.spec import JobSpec, load_spec
 
-BASELINE = "none"  # the backend that skips gradient communication (mpidl/train/backends/nocomm.py)
 
 
 class LauncherSpec(Strict):

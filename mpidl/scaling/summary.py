@@ -14,9 +14,9 @@ from __future__ import annotations
 from typing import Optional
 
 from mpidl.errors import BadInput
+from mpidl.scaling.efficiency import BASELINE
 from mpidl.scaling import model
 
-BASELINE = "none"
 
 
 def best_backend(table: list[dict]) -> Optional[str]:
