@@ -71,12 +71,12 @@ from typing import Optional
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
+from mpidl.world import LOCAL_MPIRUN_ENV  # noqa: E402
 
 from mpidl import net  # noqa: E402
 from mpidl.errors import EXIT_BAD_INPUT, BadInput  # noqa: E402
 
-MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-           "OMPI_MCA_btl_vader_single_copy_mechanism": "none", "OMP_NUM_THREADS": "1"}
+MPI_ENV = {**LOCAL_MPIRUN_ENV, "OMP_NUM_THREADS": "1"}
 GOAL_BYTES = 16 * 2**20
 GOAL_RATIO = 0.9
 RESULT = "ALLREDUCE-RESULT "  # rank 0's line on stdout: the launcher brings it back from any node

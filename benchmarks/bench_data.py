@@ -41,12 +41,12 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
+from mpidl.world import LOCAL_MPIRUN_ENV, OVERSUBSCRIBE_ENV  # noqa: E402
 
 FEATURES = 3 * 32 * 32  # CIFAR-sized float32 rows: 12 KiB each
 ROW_BYTES = FEATURES * 4 + 8
 GOAL = 0.85  # mpidl / h5py's large-slice read of the same file
-MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-           "OMPI_MCA_rmaps_base_oversubscribe": "1", "OMPI_MCA_btl_vader_single_copy_mechanism": "none"}
+MPI_ENV = {**LOCAL_MPIRUN_ENV, **OVERSUBSCRIBE_ENV}
 # name -> h5py create_dataset keywords (x and y alike, as users write them)
 LAYOUTS = {
     "contiguous": {},

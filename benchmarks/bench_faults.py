@@ -26,6 +26,7 @@ from pathlib import Path
 from common import REPO, write_result
 
 sys.path.insert(0, str(REPO))
+from mpidl.world import LOCAL_MPIRUN_ENV, OVERSUBSCRIBE_ENV  # noqa: E402
 from mpidl import net  # noqa: E402
 from mpidl.spec import DDPSpec  # noqa: E402
 
@@ -168,9 +169,7 @@ def main() -> int:
         state = work / "cluster"
         env = {**os.environ, "MPIDL_SLURM_DIR": str(state), "MPIDL_SLURMCTLD_PORT": str(free_port()),
                "MPIDL_SLURMD_PORT": str(free_port()), "SLURM_CONF": str(state / "slurm.conf"),
-               "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-               "OMPI_MCA_rmaps_base_oversubscribe": "1", "OMPI_MCA_btl_vader_single_copy_mechanism": "none",
-               "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+               **LOCAL_MPIRUN_ENV, **OVERSUBSCRIBE_ENV, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
         env.update(net.launcher_env(env))
         subprocess.run(["bash", CLUSTER, "start", "--nodes", "2"], env=env, check=True)
         try:

@@ -45,12 +45,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
+from mpidl.world import LOCAL_MPIRUN_ENV  # noqa: E402
 
 from common import write_result  # noqa: E402
 
-MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-           "OMPI_MCA_btl_vader_single_copy_mechanism": "none", "OMP_NUM_THREADS": "1", "CI": "1",
-           "MPIDL_PROGRESS": "lines", "PYTHONUNBUFFERED": "1"}
+MPI_ENV = {**LOCAL_MPIRUN_ENV, "OMP_NUM_THREADS": "1", "CI": "1", "MPIDL_PROGRESS": "lines", "PYTHONUNBUFFERED": "1"}
 SPIN = {"OMPI_MCA_mpi_yield_when_idle": "0"}
 VARIANTS = {
     "horovod-spin": ("horovod", SPIN),

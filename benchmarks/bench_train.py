@@ -53,10 +53,9 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
+from mpidl.world import LOCAL_MPIRUN_ENV, OVERSUBSCRIBE_ENV  # noqa: E402
 
-MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-           "OMPI_MCA_rmaps_base_oversubscribe": "1", "OMPI_MCA_btl_vader_single_copy_mechanism": "none",
-           "OMP_NUM_THREADS": "1", "CI": "1"}
+MPI_ENV = {**LOCAL_MPIRUN_ENV, **OVERSUBSCRIBE_ENV, "OMP_NUM_THREADS": "1", "CI": "1"}
 
 
 @dataclasses.dataclass(frozen=True)

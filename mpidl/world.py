@@ -247,6 +247,13 @@ def _mpi():
     return MPI
 
 
+# What `mpirun` needs where mpidl develops and tests itself (a container, as root): root's consent
+# and no cross-memory attach (containers forbid it); OVERSUBSCRIBE lets more ranks than cores
+# share them. The tests, benchmarks and the Makefile (its own copy: make reads no Python) set them.
+LOCAL_MPIRUN_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+                    "OMPI_MCA_btl_vader_single_copy_mechanism": "none"}
+OVERSUBSCRIBE_ENV = {"OMPI_MCA_rmaps_base_oversubscribe": "1"}
+
 # Open MPI settings every rank takes unless its environment says otherwise (read at MPI_Init).
 # A rank waiting in MPI gives its core away (sched_yield in the progress loop) instead of spinning:
 # Horovod's background thread drives MPI beside the training thread, and on CPU nodes where every

@@ -11,20 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from mpidl.world import LOCAL_MPIRUN_ENV, OVERSUBSCRIBE_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 MPIRUN = shutil.which("mpirun")
 
 # Root needs OpenMPI's consent; 3 ranks on 2 cores need oversubscription; containers
 # often forbid the cross-memory attach that vader's single copy uses.
-MPI_ENV = {
-    "OMPI_ALLOW_RUN_AS_ROOT": "1",
-    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-    "OMPI_MCA_rmaps_base_oversubscribe": "1",
-    "OMPI_MCA_btl_vader_single_copy_mechanism": "none",
-    "PYTHONUNBUFFERED": "1",
-    "OMP_NUM_THREADS": "1",
-}
+MPI_ENV = {**LOCAL_MPIRUN_ENV, **OVERSUBSCRIBE_ENV, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
 @dataclass
