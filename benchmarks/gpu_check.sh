@@ -18,7 +18,8 @@
 #
 # Knobs: PYTHON (the interpreter with CUDA torch, default python3), GPU_CHECK_TRAIN_ARGS (extra
 # bench_train.py arguments; default "--repeats 1 --steps 100 --windows 20" keeps the run within
-# 8 minutes on a 16-core H100 machine), HOROVOD_BUILD_CUDA_CC_LIST (default 90).
+# 8 minutes on a 16-core H100 machine), HOROVOD_BUILD_CUDA_CC_LIST (default: the architectures
+# torch is built for; see `mpidl setup horovod --dry-run`).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Optional
 
-from mpidl.errors import EXIT_BAD_INPUT, BadInput
+from mpidl.errors import EXIT_BAD_INPUT, BadInput, Fault
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_net)
 
     from mpidl.data.cli import register as register_data
+    from mpidl.install.cli import register as register_install
     from mpidl.slurm.cli import register as register_slurm
     from mpidl.scaling.cli import register as register_scaling
     from mpidl.quant.cli import register as register_quantize
@@ -100,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_scaling(sub)
     register_quantize(sub)
     register_sweep(sub)
+    register_install(sub)
     return p
 
 
@@ -139,6 +141,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         from mpidl.world import current, report_and_abort
 
         world = current()
+        if world is None and isinstance(e, Fault):  # a command without ranks (setup): one line too
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         if world is None:
             raise
         report_and_abort(world, e)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One idempotent set-up path for mpidl: system packages (as root on Debian/Ubuntu),
 # the .venv at the repo root, the Python stack, and Horovod 0.28.1 built from its
-# source package. A second run with everything in place takes seconds.
+# source package (by `mpidl setup horovod`, the same command a pip-installed mpidl runs).
+# A second run with everything in place takes seconds.
 #
 # Environment knobs:
 #   MPIDL_CACHE            where built wheels and the Horovod source live
@@ -14,15 +15,15 @@
 #                          (pip --no-index; `make gpu-check-prepare` fills one)
 #   MPIDL_EXTRAS           mpidl's extras to install (default dev)
 #   MPIDL_SKIP_SLURM=1     do not install SLURM for the local test cluster
+#   HOROVOD_BUILD_CUDA_CC_LIST  the CUDA architectures of a GPU build, e.g. 80,90 (default: those
+#                          the venv's torch is built for)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 PY="${PYTHON:-python3}"
 CACHE="${MPIDL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mpidl}"
-HOROVOD_VERSION=0.28.1
 TORCH_VERSION=2.13.0
-NPROC="$(nproc 2>/dev/null || echo 2)"
 
 say() { printf '[setup] %s\n' "$*"; }
 die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
@@ -103,7 +104,7 @@ pip_install() { "${PIP[@]}" install "${OFFLINE_ARGS[@]}" "$@"; }
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want_stamp" ] \
     && "$VPY" -c 'import mpidl, torch, mpi4py.MPI, h5py, submitit' 2>/dev/null \
-    && { [ "${MPIDL_SKIP_HOROVOD:-0}" = 1 ] || "$VPY" -c 'import horovod.torch' 2>/dev/null; }; then
+    && { [ "${MPIDL_SKIP_HOROVOD:-0}" = 1 ] || MPIDL_CACHE="$CACHE" "$VENV/bin/mpidl" setup horovod --check >/dev/null 2>&1; }; then
     say "environment up to date ($(basename "$VENV"))"
     exit 0
 fi
@@ -124,73 +125,10 @@ say "installing mpidl and its Python dependencies"
 pip_install -e "$ROOT[${MPIDL_EXTRAS:-dev}]"
 
 # ---------------------------------------------------------------- Horovod
-build_horovod() {
-    local torch_tag cuda_tag key wheel_dir wheel src work
-    torch_tag="$("$VPY" -c 'import torch; print(torch.__version__.replace("+", "_"))')"
-    cuda_tag=cpu
-    local use_nccl=0
-    if command -v nvcc >/dev/null && "$VPY" -c 'import torch, sys; sys.exit(0 if torch.version.cuda else 1)' 2>/dev/null \
-        && { [ -f /usr/include/nccl.h ] || [ -n "${NCCL_HOME:-}" ]; }; then
-        use_nccl=1
-        cuda_tag="cuda$("$VPY" -c 'import torch; print(torch.version.cuda)')"
-    fi
-    key="py$("$VPY" -c 'import sys; print("%d%d" % sys.version_info[:2])')-torch${torch_tag}-${cuda_tag}"
-    wheel_dir="$CACHE/wheels/horovod-$HOROVOD_VERSION-$key"
-    wheel="$(ls "$wheel_dir"/horovod-*.whl 2>/dev/null | head -1 || true)"
-
-    if [ -z "$wheel" ]; then
-        src="${MPIDL_HOROVOD_SDIST:-$CACHE/src/horovod-$HOROVOD_VERSION.tar.gz}"
-        if [ ! -f "$src" ]; then
-            say "downloading the Horovod $HOROVOD_VERSION source package"
-            mkdir -p "$CACHE/src"
-            "${PIP[@]}" download --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d "$CACHE/src" \
-                || die "could not download horovod==$HOROVOD_VERSION; set MPIDL_HOROVOD_SDIST to a local horovod-$HOROVOD_VERSION.tar.gz"
-        fi
-        work="$(mktemp -d)"
-        trap 'rm -rf "$work"' RETURN
-        # Built without isolation (setup.py imports torch): the venv itself needs the build tools,
-        # and cffi, which Horovod's setup_requires would otherwise fetch past pip (and its --no-index).
-        "$VPY" -c 'import setuptools, wheel, cffi' 2>/dev/null || pip_install "setuptools>=61" wheel cffi
-        tar -xzf "$src" -C "$work"
-        local tree="$work/horovod-$HOROVOD_VERSION"
-        # PyTorch >= 2.1 needs C++17; 0.28.1 hard-codes C++14 (fixed upstream, never released).
-        sed -i 's/CMAKE_CXX_STANDARD 14/CMAKE_CXX_STANDARD 17/' \
-            "$tree/CMakeLists.txt" "$tree/horovod/torch/CMakeLists.txt"
-        grep -q 'CMAKE_CXX_STANDARD 17' "$tree/CMakeLists.txt" || die "C++17 patch did not apply to Horovod's CMakeLists.txt"
-
-        local -a envs=(
-            HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
-            HOROVOD_WITH_MPI=1
-            CMAKE_POLICY_VERSION_MINIMUM=3.5       # bundled gloo asks for CMake 2.8
-            MAKEFLAGS="-j$NPROC"
-            # GCC 13 no longer pulls these in transitively; they are headers, so they survive CMake's -std.
-            CXXFLAGS="-include string -include cstdint -include stdexcept -include memory -include limits -include algorithm -include functional"
-        )
-        if [ "$use_nccl" = 1 ]; then
-            envs+=(HOROVOD_GPU_OPERATIONS=NCCL HOROVOD_NCCL_LINK=SHARED HOROVOD_WITHOUT_GLOO=1
-                   HOROVOD_BUILD_CUDA_CC_LIST="${HOROVOD_BUILD_CUDA_CC_LIST:-90}")
-        else
-            envs+=(HOROVOD_WITH_GLOO=1 HOROVOD_GPU_OPERATIONS= HOROVOD_GPU=)
-        fi
-        say "building Horovod $HOROVOD_VERSION ($cuda_tag, MPI) — a few minutes, once per machine"
-        mkdir -p "$work/dist"
-        ( cd "$tree" && env "${envs[@]}" "$VPY" -m pip --disable-pip-version-check wheel -q \
-            --no-build-isolation --no-deps -w "$work/dist" . ) > "$work/build.log" 2>&1 || {
-            tail -40 "$work/build.log" >&2
-            die "Horovod build failed (log above)"
-        }
-        mkdir -p "$wheel_dir"
-        cp "$work"/dist/horovod-*.whl "$wheel_dir/"
-        wheel="$(ls "$wheel_dir"/horovod-*.whl | head -1)"
-        say "cached $(basename "$wheel") under $wheel_dir"
-    fi
-    pip_install --no-deps --force-reinstall "$wheel"
-    # The rest of what Horovod declares (pip would warn of each one missing).
-    pip_install cffi cloudpickle psutil pyyaml packaging
-}
-
-if [ "${MPIDL_SKIP_HOROVOD:-0}" != 1 ] && ! "$VPY" -c 'import horovod.torch' 2>/dev/null; then
-    build_horovod
+# mpidl's own command builds it (patches, flags, the CUDA architectures, the wheel cache), so that a
+# pip-installed mpidl builds it the same way: it reads MPIDL_CACHE, MPIDL_HOROVOD_SDIST, MPIDL_WHEELS.
+if [ "${MPIDL_SKIP_HOROVOD:-0}" != 1 ]; then
+    MPIDL_CACHE="$CACHE" "$VENV/bin/mpidl" setup horovod || die "Horovod was not set up (above)"
 fi
 
 "$VPY" -c 'import mpidl, torch, mpi4py.MPI, h5py, submitit' \
