@@ -10,9 +10,30 @@ import shutil
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
-SETUP_FIX = "run `bash scripts/setup.sh` (or `make test`) from the mpidl checkout"
+from mpidl.install.cuda import Kernels, cap_number, cap_text, missed, package_kernels
+
+HOROVOD_FIX = ("run `mpidl setup horovod` (it builds the patched Horovod 0.28.1 for this environment; "
+               "--dry-run shows how)")
+
+
+def in_checkout() -> bool:
+    """Whether mpidl runs from its checkout (an editable install), where scripts/setup.sh is."""
+    return (Path(__file__).resolve().parents[1] / "scripts" / "setup.sh").is_file()
+
+
+def setup_fix(check: str) -> str:
+    """How to repair a failed core check, for a checkout or for a pip install."""
+    if check == "horovod":
+        return HOROVOD_FIX
+    if in_checkout():
+        return "run `bash scripts/setup.sh` (or `make test`) from the mpidl checkout"
+    if check == "mpi":
+        return ("rebuild mpi4py against the MPI on PATH (`module load openmpi`, names vary by site): "
+                "`pip install --force-reinstall --no-binary mpi4py mpi4py`")
+    return "install mpidl's requirements into this environment: `pip install mpidl`"
 
 
 @dataclass
@@ -62,16 +83,49 @@ def _mpi() -> Check:
                  "" if ok else "mpirun is not on PATH: apt-get install openmpi-bin, or `module load openmpi`", info)
 
 
+def gpu_mismatch(kernels: Kernels, gpus: list[tuple[str, tuple[int, int]]]) -> str:
+    """One line naming the GPUs here that no CUDA kernel of Horovod's runs on ('' when there are
+    none, or when Horovod has no kernels at all: a CPU build, which its detail says). `gpus`: (name,
+    compute capability) each."""
+    if not kernels or not gpus:
+        return ""
+    lost = missed(kernels, [cap for _, cap in gpus])
+    if not lost:
+        return ""
+    names = ", ".join(sorted({f"{name} ({cap_text(cap_number(cap))})" for name, cap in gpus if cap in lost}))
+    return f"CUDA kernels {kernels.describe()} do not run on this node's {names}"
+
+
+def _gpus() -> list[tuple[str, tuple[int, int]]]:
+    import torch
+
+    if not (torch.version.cuda and torch.cuda.is_available()):
+        return []
+    return [(torch.cuda.get_device_name(i), tuple(torch.cuda.get_device_capability(i)))  # type: ignore[misc]
+            for i in range(torch.cuda.device_count())]
+
+
 def _horovod() -> Check:
     import horovod
     import horovod.torch as hvd
 
+    kernels = package_kernels(Path(horovod.__file__).parent)
     info = {"version": horovod.__version__, "mpi": bool(hvd.mpi_built()), "gloo": bool(hvd.gloo_built()),
-            "nccl": bool(hvd.nccl_built())}
+            "nccl": bool(hvd.nccl_built()), "cuda_kernels": {"sass": sorted(kernels.sass), "ptx": sorted(kernels.ptx)}}
     built = ", ".join(k.upper() for k in ("mpi", "gloo", "nccl") if info[k]) or "nothing"
+    detail = f"{horovod.__version__} built with {built}"
+    gpus = _gpus()
+    missing = gpu_mismatch(kernels, gpus)
+    if missing:
+        return Check("horovod", False, True, f"{detail}: {missing}",
+                     "rebuild it: `mpidl setup horovod` compiles for the architectures torch lists "
+                     "(or set HOROVOD_BUILD_CUDA_CC_LIST, e.g. 80,90)", info)
+    if kernels:
+        detail += f"; CUDA kernels {kernels.describe()}"
+    elif gpus:
+        detail += "; no CUDA kernels, though this node has GPUs"
     ok = info["mpi"]
-    return Check("horovod", ok, True, f"{horovod.__version__} built with {built}",
-                 "" if ok else "Horovod lacks MPI support: " + SETUP_FIX, info)
+    return Check("horovod", ok, True, detail, "" if ok else "Horovod lacks MPI support: " + HOROVOD_FIX, info)
 
 
 def _h5py() -> Check:
@@ -117,7 +171,7 @@ def run_checks() -> list[Check]:
             results.append(fn())
         except Exception as e:  # an import or a library call failed: that is the finding
             msg = f"{type(e).__name__}: {e}".splitlines()[0]
-            results.append(Check(name, False, core, msg, SETUP_FIX if core else ""))
+            results.append(Check(name, False, core, msg, setup_fix(name) if core else ""))
     return results
 
 

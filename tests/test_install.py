@@ -158,3 +158,33 @@ def test_kernels_read_from_a_library_nvcc_built(tmp_path):
     assert kernels == Kernels(frozenset({80, 90}), frozenset({90})), kernels
     assert kernels.describe() == "sm_80, sm_90 (+PTX 9.0)"
     assert not library_kernels(Path(sys.executable).resolve())  # an ELF without CUDA kernels
+
+
+# ---------------------------------------------------------------- doctor on a GPU node
+def test_doctor_names_the_gpu_a_horovod_build_misses():
+    from mpidl import doctor
+
+    only_90 = Kernels(frozenset({90}), frozenset({90}))
+    line = doctor.gpu_mismatch(only_90, [("NVIDIA A100-SXM4-80GB", A100), ("NVIDIA A100-SXM4-80GB", A100)])
+    assert line == "CUDA kernels sm_90 (+PTX 9.0) do not run on this node's NVIDIA A100-SXM4-80GB (8.0)"
+    assert doctor.gpu_mismatch(only_90, [("NVIDIA H100", H100), ("NVIDIA B200", B200)]) == ""
+    assert doctor.gpu_mismatch(Kernels(), [("NVIDIA A100", A100)]) == ""  # a CPU build: said in its detail
+
+
+def test_doctor_fails_horovod_on_a_node_its_kernels_miss(monkeypatch):
+    """The real check with the real Horovod; the GPU and the build's kernels are given, since this
+    machine has neither (mocked: no GPU here)."""
+    pytest.importorskip("horovod.torch")
+    from mpidl import doctor
+
+    monkeypatch.setattr(doctor, "_gpus", lambda: [("NVIDIA V100-SXM2-32GB", V100)])
+    monkeypatch.setattr(doctor, "package_kernels", lambda folder: Kernels(frozenset({80, 90}), frozenset({90})))
+    check = doctor._horovod()
+    assert not check.ok and check.core
+    assert check.detail.endswith(": CUDA kernels sm_80, sm_90 (+PTX 9.0) do not run on this node's "
+                                 "NVIDIA V100-SXM2-32GB (7.0)"), check.detail
+    assert "mpidl setup horovod" in check.fix
+    shown = doctor.render([check]).splitlines()
+    assert len(shown) == 2 and shown[0].startswith("FAIL horovod") and shown[1].startswith("problem: horovod:")
+    monkeypatch.setattr(doctor, "_gpus", lambda: [("NVIDIA A100", A100)])
+    assert doctor._horovod().ok

@@ -105,7 +105,7 @@ def make_backend(name: str, world, options: dict) -> Backend:
             from mpidl.train.backends.horovod import HorovodBackend
         except ImportError as e:
             raise BadInput(f"backend: horovod is not importable here ({e}); use backend: mpi or ddp, "
-                           "or run scripts/setup.sh") from None
+                           "or run `mpidl setup horovod`") from None
         return HorovodBackend(world, options)
     if name == "ddp":
         from mpidl.train.backends.ddp import DDPBackend
