@@ -8,16 +8,21 @@ The pip install is real: a source package and wheel of this checkout, installed 
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import sysconfig
+import tarfile
+import venv
 from pathlib import Path
 
 import pytest
 
 from conftest import ROOT
 from mpidl.errors import BadInput, Fault
+from mpidl.install import examples
 from mpidl.install import horovod as hv
 from mpidl.install.cuda import Kernels, arch_numbers, library_kernels, parse_cc_list
 
@@ -188,3 +193,220 @@ def test_doctor_fails_horovod_on_a_node_its_kernels_miss(monkeypatch):
     assert len(shown) == 2 and shown[0].startswith("FAIL horovod") and shown[1].startswith("problem: horovod:")
     monkeypatch.setattr(doctor, "_gpus", lambda: [("NVIDIA A100", A100)])
     assert doctor._horovod().ok
+
+
+# ---------------------------------------------------------------- the examples
+def test_examples_copy_refuses_before_writing_anything(tmp_path):
+    assert examples.source() == ROOT  # in a checkout, the checkout's own files
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "demo.yaml").write_text("mine\n")
+    with pytest.raises(BadInput, match=r"jobs/demo.yaml: already exists \(1 of the \d+ example files"):
+        examples.copy(tmp_path)
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["demo.yaml"]
+    assert (tmp_path / "jobs" / "demo.yaml").read_text() == "mine\n"
+
+
+# ---------------------------------------------------------------- a pip-installed mpidl
+def _checkout_copy(dest: Path) -> Path:
+    """The files this checkout would ship: tracked and untracked-but-not-ignored."""
+    listed = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-co", "--exclude-standard", "-z"],
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        if (ROOT / rel).is_file() and not (ROOT / rel).is_symlink():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dest / rel)
+    return dest
+
+
+def _build(cwd: Path, hook: str, out: Path) -> Path:
+    code = f"from setuptools import build_meta as b; print(b.{hook}({str(out)!r}))"
+    p = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return out / p.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def pip_wheel(tmp_path_factory) -> Path:
+    """A wheel of this checkout as pip builds one: from a source package of its shipped files."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("needs the git checkout to know which files it ships")
+    tmp = tmp_path_factory.mktemp("dist")
+    sdist = _build(_checkout_copy(tmp / "checkout"), "build_sdist", tmp)
+    with tarfile.open(sdist) as tar:
+        tar.extractall(tmp / "unpacked", **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    return _build(tmp / "unpacked" / sdist.name[:-len(".tar.gz")], "build_wheel", tmp)
+
+
+def fresh_venv(wheel: Path, tmp: Path) -> Path:
+    """mpidl as `pip install mpidl` leaves it: the wheel installed with --no-deps into a fresh venv.
+    Its requirements come from this venv's site-packages, seen through a folder of links to
+    everything there but Horovod and mpidl (no 85 s of downloads; Horovod missing, as after pip)."""
+    site = Path(sysconfig.get_paths()["purelib"])
+    shared = tmp / "shared-site-packages"
+    shared.mkdir(parents=True)
+    for entry in site.iterdir():
+        if not entry.name.lower().startswith(("horovod", "mpidl", "__editable__", "_mpidl")) and entry.suffix != ".pth":
+            (shared / entry.name).symlink_to(entry)
+    env_dir = tmp / "venv"
+    venv.create(env_dir, with_pip=False)
+    python = env_dir / "bin" / "python"
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    Path(purelib, "_shared.pth").write_text(f"{shared}\n")
+    p = subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "--python", str(python),
+                        "install", "-q", "--no-deps", str(wheel)], capture_output=True, text=True, timeout=300)
+    if "no such option: --python" in p.stderr:
+        pytest.skip("pip here is older than 22.3 (no --python)")
+    assert p.returncode == 0, p.stderr
+    return env_dir
+
+
+@pytest.fixture(scope="module")
+def pip_venv(pip_wheel, tmp_path_factory) -> tuple[Path, Path]:
+    """One fresh venv for the tests that change nothing in it."""
+    tmp = tmp_path_factory.mktemp("pip")
+    return fresh_venv(pip_wheel, tmp), tmp
+
+
+def _in(env_dir: Path, args: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MPIDL_CACHE", "MPIDL_HOROVOD_SDIST")}
+    return subprocess.run([str(env_dir / "bin" / args[0]), *args[1:]], capture_output=True, text=True, cwd=cwd,
+                          env={**clean, **env}, timeout=300)
+
+
+def test_pip_installed_mpidl_points_at_its_own_horovod_build(pip_venv):
+    env_dir, tmp = pip_venv
+    p = _in(env_dir, ["python", "-c", "import mpidl; print(mpidl.__file__)"], tmp)
+    assert p.stdout.startswith(str(env_dir)), p.stdout + p.stderr  # the wheel's mpidl, not the checkout's
+    p = _in(env_dir, ["mpidl", "doctor", "--json"], tmp)
+    assert p.returncode == 1, p.stdout + p.stderr
+    check = json.loads(p.stdout)["checks"]["horovod"]
+    assert not check["ok"] and "ModuleNotFoundError" in check["detail"]
+    assert "mpidl setup horovod" in check["fix"] and "checkout" not in check["fix"]
+
+
+def test_pip_installed_setup_horovod_dry_run_says_what_it_would_do(pip_venv):
+    env_dir, tmp = pip_venv
+    cache = tmp / "empty-cache"
+    p = _in(env_dir, ["mpidl", "setup", "horovod", "--dry-run"], tmp, MPIDL_CACHE=str(cache))
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = p.stdout
+    assert f"[setup] Horovod {hv.VERSION} for Python" in out
+    assert f"would build Horovod {hv.VERSION} from {cache}/src/horovod-{hv.VERSION}.tar.gz" in out
+    assert f"into {env_dir}" in out
+    assert "build environment: HOROVOD_WITH_PYTORCH=1" in out and "CMAKE_POLICY_VERSION_MINIMUM=3.5" in out
+    assert "Horovod is not installed here" in out
+    assert not cache.exists()  # a dry run changes nothing
+    assert _in(env_dir, ["python", "-c", "import horovod"], tmp).returncode != 0
+
+
+def test_pip_installed_examples_copy_is_the_checkouts(pip_venv):
+    env_dir, tmp = pip_venv
+    dest = tmp / "work"
+    p = _in(env_dir, ["mpidl", "examples", "--copy", str(dest)], tmp)
+    assert p.returncode == 0, p.stdout + p.stderr
+    copied = sorted(q.relative_to(dest) for q in dest.rglob("*") if q.is_file())
+    # MANIFEST.in (into the sdist) and examples.FILES (into the wheel) agree.
+    assert copied == sorted(examples.files(ROOT)) and len(copied) >= 10
+    assert all((dest / rel).read_bytes() == (ROOT / rel).read_bytes() for rel in copied)
+    import yaml
+
+    for study in (dest / "benchmarks" / "studies").glob("*.yaml"):  # each study's files come along
+        tree = yaml.safe_load(study.read_text())
+        assert (dest / tree["job"]).is_file() and (dest / tree["allreduce"]).is_file(), study
+    p = _in(env_dir, ["mpidl", "examples", "--copy", str(dest)], tmp)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "already exists" in p.stderr
+
+
+def test_pip_installed_setup_horovod_installs_the_cached_wheel(pip_wheel, tmp_path):
+    """The install itself, when this machine's wheel cache makes it cheap (no second build); in a
+    venv of its own, since it changes it."""
+    tmp = tmp_path
+    env_dir = fresh_venv(pip_wheel, tmp)
+    p = _in(env_dir, ["mpidl", "setup", "horovod", "--json"], tmp)
+    assert p.returncode == 0, p.stderr
+    if json.loads(p.stdout)["action"] != "install":
+        pytest.skip("no cached Horovod wheel for this environment: installing would mean a build of minutes")
+    p = _in(env_dir, ["mpidl", "setup", "horovod"], tmp)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "installing the cached horovod-" in p.stdout
+    assert "[setup] installed: Horovod 0.28.1 built with MPI" in p.stdout
+    p = _in(env_dir, ["python", "-c", "import horovod; print(horovod.__file__)"], tmp)
+    assert p.stdout.startswith(str(env_dir)), p.stdout + p.stderr
+    assert _in(env_dir, ["mpidl", "setup", "horovod", "--check"], tmp).returncode == 0
+    p = _in(env_dir, ["mpidl", "doctor", "--json"], tmp)
+    assert json.loads(p.stdout)["checks"]["horovod"]["ok"], p.stdout
+
+
+STAND_IN_SETUP = '''
+import os
+from setuptools import setup
+# What the real build would be given: the variables, and the CMakeLists after the patches.
+seen = {k: v for k, v in os.environ.items() if k.startswith(("HOROVOD_", "CMAKE_", "CXXFLAGS", "MAKEFLAGS"))}
+seen["cmakelists"] = [open(p).read() for p in ("CMakeLists.txt", "horovod/torch/CMakeLists.txt")]
+with open("horovod/seen.py", "w") as f:
+    f.write("SEEN = %r\\n" % seen)
+setup(name="horovod", version="0.28.1", packages=["horovod", "horovod.torch"])
+'''
+STAND_IN_TORCH = "def mpi_built(): return True\ndef gloo_built(): return True\ndef nccl_built(): return False\n"
+
+
+def stand_in_sdist(tmp: Path, cmake_line: str = "set(CMAKE_CXX_STANDARD 14)") -> Path:
+    """A source package named as Horovod's that builds in a second: a pure wheel recording what its
+    build was given (mocked: the real compile takes minutes and its wheel is cached here)."""
+    tree = tmp / "stand-in" / f"horovod-{hv.VERSION}"
+    (tree / "horovod" / "torch").mkdir(parents=True)
+    (tree / "setup.py").write_text(STAND_IN_SETUP)
+    (tree / "CMakeLists.txt").write_text(cmake_line + "\n")
+    (tree / "horovod" / "torch" / "CMakeLists.txt").write_text(cmake_line + "\n")
+    (tree / "horovod" / "__init__.py").write_text(f"__version__ = {hv.VERSION!r}\n")
+    (tree / "horovod" / "torch" / "__init__.py").write_text(STAND_IN_TORCH)
+    sdist = tmp / f"horovod-{hv.VERSION}.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        tar.add(tree, arcname=tree.name)
+    return sdist
+
+
+def test_pip_installed_setup_horovod_builds_caches_and_installs(pip_wheel, tmp_path):
+    """The build path end to end, on a stand-in source package: the patches and the variables reach
+    the build, the wheel is cached under the plan's key with its record, installed and checked."""
+    import zipfile
+
+    if hv.missing_tools(hv.plan(hv.gather())):
+        pytest.skip(f"the build's tools are missing here: {hv.missing_tools(hv.plan(hv.gather()))}")
+    env_dir = fresh_venv(pip_wheel, tmp_path)
+    cache = tmp_path / "cache"
+    env = {"MPIDL_CACHE": str(cache), "MPIDL_HOROVOD_SDIST": str(stand_in_sdist(tmp_path))}
+    p = _in(env_dir, ["mpidl", "setup", "horovod"], tmp_path, **env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    plan = json.loads(_in(env_dir, ["mpidl", "setup", "horovod", "--json"], tmp_path, **env).stdout)["plan"]
+    wheel_dir = cache / "wheels" / f"horovod-{hv.VERSION}-{plan['key']}"
+    assert f"[setup] building Horovod {hv.VERSION} ({plan['label']})" in p.stdout
+    assert f"cached horovod-{hv.VERSION}-py3-none-any.whl under {wheel_dir}" in p.stdout
+    assert "[setup] installed: Horovod 0.28.1 built with MPI, Gloo" in p.stdout
+    record = json.loads((wheel_dir / "build.json").read_text())
+    assert record["key"] == plan["key"] and record["env"] == plan["env"]
+    with zipfile.ZipFile(next(wheel_dir.glob("*.whl"))) as whl:
+        seen: dict = {}
+        exec(whl.read("horovod/seen.py").decode(), seen)
+    seen = seen["SEEN"]
+    for k, v in plan["env"].items():
+        assert seen.get(k, "") == v, k
+    assert all("CMAKE_CXX_STANDARD 17" in text for text in seen.pop("cmakelists"))
+    assert not list(cache.glob("*.log"))  # a build that worked leaves no log behind
+    # Installed is planned: the second run does nothing, and --check agrees.
+    p = _in(env_dir, ["mpidl", "setup", "horovod"], tmp_path, **env)
+    assert "[setup] up to date: Horovod 0.28.1 built with MPI, Gloo" in p.stdout, p.stdout + p.stderr
+    assert _in(env_dir, ["mpidl", "setup", "horovod", "--check"], tmp_path, **env).returncode == 0
+
+
+def test_a_source_package_the_patch_does_not_fit_is_refused(pip_wheel, tmp_path):
+    if hv.missing_tools(hv.plan(hv.gather())):
+        pytest.skip("the build's tools are missing here")
+    env_dir = fresh_venv(pip_wheel, tmp_path)
+    sdist = stand_in_sdist(tmp_path, cmake_line="set(CMAKE_CXX_STANDARD 11)")
+    p = _in(env_dir, ["mpidl", "setup", "horovod"], tmp_path, MPIDL_CACHE=str(tmp_path / "cache"),
+            MPIDL_HOROVOD_SDIST=str(sdist))
+    assert p.returncode == 1
+    assert p.stderr == f"error: {sdist}: the C++17 patch does not apply to CMakeLists.txt: is it Horovod 0.28.1?\n"
+    assert not (tmp_path / "cache" / "wheels").exists()
