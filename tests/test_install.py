@@ -135,7 +135,11 @@ def test_gather_reads_this_machine():
 def test_fault_without_ranks_is_one_line(monkeypatch, capsys):
     """`mpidl setup horovod` runs no ranks; a Fault there (mocked: torch missing cannot be arranged
     in this venv) is one line and exit 1."""
+    import mpidl.world
     from mpidl import cli
+
+    # Earlier tests in this process may have made a World; a rankless command must not meet it.
+    monkeypatch.setattr(mpidl.world, "_world", None)
 
     def no_torch(env=os.environ):
         raise Fault("torch is not importable here")
