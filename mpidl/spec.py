@@ -13,10 +13,28 @@ import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from pydantic import (Field, PrivateAttr, SerializerFunctionWrapHandler, field_validator, model_serializer, model_validator)
+from pydantic import (
+    Field,
+    PrivateAttr,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
-from mpidl.config import (Strict, _one_line, _yaml, apply_sets, check_name, check_output,  # noqa: F401
-                          parse_yaml, quoted, read_text, read_yaml, validate)
+from mpidl.config import (  # noqa: F401
+    Strict,
+    _one_line,
+    _yaml,
+    apply_sets,
+    check_name,
+    check_output,
+    parse_yaml,
+    quoted,
+    read_text,
+    read_yaml,
+    validate,
+)
 from mpidl.errors import BadInput
 
 
@@ -185,16 +203,18 @@ class ScheduleSpec(Strict):
 class HorovodSpec(Strict):
     compression: Literal["none", "fp16"] = Field(default="none", description="gradients sent as fp16")
     op: Literal["average", "adasum"] = Field(default="average", description="how gradients are combined")
-    fusion_threshold_mb: Optional[float] = Field(default=None, ge=0, description="HOROVOD_FUSION_THRESHOLD; "
-                                                                             "default: the environment's, else Horovod's")
+    fusion_threshold_mb: Optional[float] = Field(default=None, ge=0,
+                                                 description="HOROVOD_FUSION_THRESHOLD; "
+                                                             "default: the environment's, else Horovod's")
     cycle_time_ms: Optional[float] = Field(default=None, gt=0, description="HOROVOD_CYCLE_TIME; default: the "
                                                                        "environment's, else Horovod's (1 ms)")
     # whole seconds, as Horovod reads them
     stall_check_s: Optional[int] = Field(default=None, ge=1, description="warn about ranks missing from an allreduce; "
                                                                          "default: HOROVOD_STALL_CHECK_TIME_SECONDS, "
                                                                          "else 10")
-    stall_shutdown_s: Optional[int] = Field(default=None, ge=1, description="then end the job; default: "
-                                                                            "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS, else 30")
+    stall_shutdown_s: Optional[int] = Field(default=None, ge=1,
+                                            description="then end the job; default: "
+                                                        "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS, else 30")
 
 
 class DDPSpec(Strict):
@@ -287,7 +307,8 @@ class SlurmSpec(Strict):
     account: Optional[str] = Field(default=None, description="the account charged")
     qos: Optional[str] = Field(default=None, description="quality of service")
     nodes: int = Field(default=1, ge=1, description="nodes")
-    tasks_per_node: Optional[int] = Field(default=None, ge=1, description="ranks per node; default: one per GPU, else 1")
+    tasks_per_node: Optional[int] = Field(default=None, ge=1,
+                                          description="ranks per node; default: one per GPU, else 1")
     gpus_per_node: int = Field(default=0, ge=0, description="GPUs per node (--gpus-per-node)")
     cpus_per_task: Optional[int] = Field(default=None, ge=1, description="default: cpus_per_node split evenly")
     cpus_per_node: Optional[int] = Field(default=None, ge=1, description="the node's CPUs, to split among its ranks")
@@ -445,8 +466,9 @@ class JobSpec(Strict):
     transform: Optional[CodeSpec] = Field(default=None, description="fn(x, y) -> (x, y) on each training batch, "
                                                                     "on its device, after data.preprocess")
     eval_transform: Optional[CodeSpec] = Field(default=None, description="the same for held-out batches")
-    metrics: dict[str, CodeSpec] = Field(default_factory=dict, description="name -> fn(output, target, **args) "
-                                                                           "giving a batch's count; logged as count/samples")
+    metrics: dict[str, CodeSpec] = Field(default_factory=dict,
+                                         description="name -> fn(output, target, **args) "
+                                                     "giving a batch's count; logged as count/samples")
 
     # The folder of the job file: your code's modules are found there first.
     _folder: Optional[Path] = PrivateAttr(default=None)

@@ -19,7 +19,7 @@ import traceback
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping, Optional, TypeVar
 
-from mpidl.errors import BadInput, EXIT_BAD_INPUT, Fault
+from mpidl.errors import EXIT_BAD_INPUT, BadInput, Fault
 
 T = TypeVar("T")
 

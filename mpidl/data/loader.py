@@ -241,7 +241,7 @@ class _Pipeline:
                 rows = idx[lo:hi]
                 for k in windowed:  # mode "raise" would buffer the whole output first
                     np.take(buf[k], rows, axis=0, out=out[k][lo:hi], mode="clip")
-                for k, (per, cols, sub) in columnar.items():  # each row from its C pieces
+                for k, (_per, cols, sub) in columnar.items():  # each row from its C pieces
                     at = chunk_rows[k][n][1][rows]
                     flat = buf[k].reshape(-1, buf[k].shape[-1])
                     into = out[k][lo:hi].reshape(hi - lo, sub, cols, -1)

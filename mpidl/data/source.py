@@ -447,7 +447,8 @@ class Reader:
         for i, local, n, pos in self._spans(ranges):
             for j, r0, r1 in _chunk_pieces(local, n, per):
                 k = slots.setdefault((i, j), len(slots))
-                where[pos + r0 - local:pos + r1 - local] = (k * parts * per + np.arange(r0 - j * per, r1 - j * per)) * sub
+                where[pos + r0 - local:pos + r1 - local] = (
+                    (k * parts * per + np.arange(r0 - j * per, r1 - j * per)) * sub)
         return list(slots), where
 
     def _spans(self, ranges: Sequence[tuple[int, int]]) -> Iterator[tuple[int, int, int, int]]:

@@ -204,5 +204,6 @@ def read_truth(path: str, key: str = "y") -> Optional[dict]:
         if key not in f or "true_coef" not in f[key].attrs:
             return None
         a = f[key].attrs
-        return {"coef": np.asarray(a["true_coef"], np.float64), "intercept": np.asarray(a["true_intercept"], np.float64),
+        return {"coef": np.asarray(a["true_coef"], np.float64),
+                "intercept": np.asarray(a["true_intercept"], np.float64),
                 "rule": str(a["rule"]), "noise": float(a["noise"])}

@@ -170,8 +170,9 @@ def quantize_run(run_dir: str, world, calibrate: int = 1024, log: Optional[Calla
         static_note = f"not supported on this CPU (int8 engines: {torch.backends.quantized.supported_engines})"
     else:
         # The same first training rows on every rank, so every rank builds the same model.
-        from mpidl.world import world_for
         from mpi4py import MPI
+
+        from mpidl.world import world_for
 
         one = world_for(MPI.COMM_SELF)
         batch = min(64, calibrate, len(inputs.train_source))
@@ -191,7 +192,8 @@ def quantize_run(run_dir: str, world, calibrate: int = 1024, log: Optional[Calla
         results[name] = held_out(world, m, inputs.val_loader, inputs.classify)
 
     report = {"run": str(folder), "checkpoint": str(run.checkpoint), "model": spec.model.name,
-              "held_out_rows": len(inputs.val_source), "calibration_rows": calibrate if "static_int8" in variants else 0,
+              "held_out_rows": len(inputs.val_source),
+              "calibration_rows": calibrate if "static_int8" in variants else 0,
               "engine": torch.backends.quantized.engine, "threads": torch.get_num_threads(),
               "static_int8": static_note, "variants": results, "versions": versions()}
     if world.rank == 0:

@@ -161,7 +161,8 @@ def predict_inputs(a: argparse.Namespace) -> dict:
             raise BadInput(f"{path}: no study here (run mpidl scale STUDY.yaml first)") from None
         except (OSError, ValueError) as e:
             raise BadInput(f"{path}: unreadable study ({e})") from None
-    measured_file = Path(a.study) / "allreduce.json" if a.study and (Path(a.study) / "allreduce.json").exists() else None
+    measured_file = (Path(a.study) / "allreduce.json" if a.study and (Path(a.study) / "allreduce.json").exists()
+                     else None)
     if study_doc is not None:
         work, machine, assumed = model.from_study(study_doc, a.intra, a.inter, measured_file)
         pred = study_doc["study"].get("predict") or {}
@@ -268,7 +269,8 @@ def cmd_predict(a: argparse.Namespace) -> int:
     print(f"{i['mode']} scaling, batch {i['batch']}{' per rank' if i['mode'] == 'weak' else ' global'}, "
           f"{i['grad_bytes'] / 2**20:.2f} MiB of gradients, {i['ranks_per_node']} ranks per node, "
           f"overlap ω = {i['overlap']:.2f}")
-    print(f"intra: {i['intra']['name']} (α {i['intra']['alpha'] * 1e6:.2f} µs, {i['intra']['bandwidth_GBps']:.2f} GB/s); "
+    print(f"intra: {i['intra']['name']} (α {i['intra']['alpha'] * 1e6:.2f} µs, "
+          f"{i['intra']['bandwidth_GBps']:.2f} GB/s); "
           f"inter: {i['inter_node']['name']} (α {i['inter_node']['alpha'] * 1e6:.2f} µs, "
           f"{i['inter_node']['bandwidth_GBps']:.2f} GB/s per node)")
     fusion = (f"tensor fusion every {i['cycle_s'] * 1e3:g} ms up to {i['bucket_bytes'] / 2**20:g} MiB" if i["cycle_s"]

@@ -20,8 +20,8 @@ its own run folder in MPIDL_OUTPUT (where `mpidl.Run` writes: elements never sha
 from __future__ import annotations
 
 import re
-import sys
 import shlex
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -29,7 +29,7 @@ from mpidl.errors import BadInput
 from mpidl.slurm import controller
 from mpidl.slurm.cli import FLAGS
 from mpidl.slurm.script import Plan, batch_script, sbatch_safe, sh, shown_path
-from mpidl.slurm.submit import Prepared, array_variants, generated_path, private_folder, _slug
+from mpidl.slurm.submit import Prepared, _slug, array_variants, generated_path, private_folder
 from mpidl.slurm.watch import Job
 from mpidl.spec import CommandSpec, load_command_spec
 from mpidl.train.run import OUTPUT_ENV, REQUEUE_ENV, REQUEUE_LIMIT_ENV

@@ -38,8 +38,8 @@ from typing import Any, Literal, Optional, Union
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from mpidl.errors import BadInput
 from mpidl.config import Strict, _one_line, check_name, check_output, read_yaml, validate
+from mpidl.errors import BadInput
 from mpidl.spec import JobSpec, load_spec
 
 #: fields the sweep sets itself: each task is its own run, on a world of one rank

@@ -16,9 +16,9 @@ import time
 
 import torch
 
+from mpidl.preemption import Preemption
 from mpidl.sweep import dispatch, plan, results
 from mpidl.sweep.task import cores_per_rank, run_task
-from mpidl.preemption import Preemption
 
 
 def run_sweep(path: str, world, retry_failed: bool = False) -> list[dict]:

@@ -50,8 +50,15 @@ from mpidl.runlock import RunLock
 from mpidl.train import checkpoint
 from mpidl.train.backends import Backend, make_backend
 from mpidl.train.record import Recorder, versions
-from mpidl.train.state import (Position, float_buffers, fresh_run_dir, read_latest, restore_rng, resume_position,
-                               snapshot)
+from mpidl.train.state import (
+    Position,
+    float_buffers,
+    fresh_run_dir,
+    read_latest,
+    restore_rng,
+    resume_position,
+    snapshot,
+)
 from mpidl.world import before_finalize, init
 
 BUCKETS = ("data", "compute", "sync", "optimizer")
@@ -90,7 +97,8 @@ class Run:
     scheduler to checkpoint (step it yourself). backend: horovod, ddp, mpi or none (or a Backend),
     with `backend_options` as a job spec's section of that name (default horovod). MPIDL_BACKEND,
     MPIDL_OUTPUT, MPIDL_STEPS and MPIDL_LOG_EVERY, when set (by `mpidl scale`, `mpidl check`,
-    `mpidl submit --array`), take precedence over the backend, output, length and log_every given here. resume: "auto" continues from the
+    `mpidl submit --array`), take precedence over the backend, output, length and log_every given here.
+    resume: "auto" continues from the
     newest checkpoint when there is one, True requires one, False starts afresh (refused where the
     folder holds checkpoints, unless `overwrite`). fingerprint: what a checkpoint must match
     (default: `model_fingerprint`).

@@ -323,7 +323,8 @@ def train(spec: JobSpec, resume: Union[bool, str] = False, stop_at: Optional[int
 
 
 def run_job(load: Callable[[], JobSpec], *, resume: Union[bool, str] = False, overwrite: bool = False,
-            stop_at: Optional[int] = None, requeue_with: Callable[[JobSpec], Optional[Callable[[], None]]] = lambda s: None):
+            stop_at: Optional[int] = None,
+            requeue_with: Callable[[JobSpec], Optional[Callable[[], None]]] = lambda s: None):
     """A job's whole life on this rank, for `mpidl train` and for the submitit task alike: the
     spec loaded (the same one-line error on every rank), trained, and after a preemption requeued
     through `requeue_with(spec)` or left with exit 3. Returns (world, spec, summary, exit code).

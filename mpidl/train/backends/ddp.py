@@ -85,7 +85,8 @@ class DDPBackend(Backend):
         no_buffer_sync = ({"forward_sync_buffers": False}  # torch >= 2.13 renamed broadcast_buffers
                           if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                           else {"broadcast_buffers": False})
-        wrapped = DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=float(self.options.get("bucket_cap_mb", 25)),
+        wrapped = DistributedDataParallel(model, device_ids=ids,
+                                          bucket_cap_mb=float(self.options.get("bucket_cap_mb", 25)),
                                           **no_buffer_sync)
         return wrapped, optimizer
 
