@@ -117,6 +117,7 @@ def _write(path: str, rows: int, specs: dict[str, tuple[tuple[int, ...], np.dtyp
             skip, tmp, offsets = comm.bcast((skip, tmp, offsets), root=0)
         if skip:
             return False
+        assert tmp is not None  # named by rank 0, which sent it to the others
         _fill(tmp, rows, specs, make, rank, size, comm, offsets)
         if rank == 0:
             os.replace(tmp, path)
