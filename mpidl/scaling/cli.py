@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from mpidl.errors import BadInput
 
@@ -141,6 +141,7 @@ def predict_inputs(a: argparse.Namespace) -> dict:
             if isinstance(v, list):
                 v = ",".join(map(str, v))
             convert = actions[k].type
+            assert not isinstance(convert, (str, argparse.FileType))  # the parser's types are functions
             if convert is not None:
                 try:
                     v = convert(v)
@@ -163,6 +164,8 @@ def predict_inputs(a: argparse.Namespace) -> dict:
             raise BadInput(f"{path}: unreadable study ({e})") from None
     measured_file = (Path(a.study) / "allreduce.json" if a.study and (Path(a.study) / "allreduce.json").exists()
                      else None)
+    work: Optional[model.Workload]
+    machine: Optional[model.Machine]
     if study_doc is not None:
         work, machine, assumed = model.from_study(study_doc, a.intra, a.inter, measured_file)
         pred = study_doc["study"].get("predict") or {}
@@ -239,6 +242,7 @@ def prediction(inp: dict) -> dict:
     w, m = inp["work"], inp["machine"]
     rows = model.predict(w, m, inp["sizes"], inp["overlap"], inp["bucket_bytes"], inp["gamma"], inp["cycle_s"])
     coll = m.coll()
+    out: dict[str, Any]  # the fits go in below
     out = {"inputs": {"mode": w.mode, "batch": w.batch, "grad_bytes": w.grad_bytes, "compute_step_s": w.step_s,
                       "per_sample_s": w.per_sample_s, "fixed_s": w.fixed_s, "contention_limit": w.limit,
                       "ranks_per_node": m.ranks_per_node, "intra": model.link_dict(m.intra),

@@ -167,6 +167,7 @@ def inputs(pub: Published, m: PublishedModel, jitter: Optional[float] = None):
     """The model's inputs for one model of a paper: (Workload, Machine, overlap, bucket bytes, cycle s)."""
     hw, sw = pub.hardware, pub.software
     gpu = "pre-ampere" if hw.compute_capability < 8.0 else "ampere+"
+    assert hw.inter.nics_per_node is not None  # Hardware._nics requires it
     coll = model.library(sw.library, sw.algorithms.value, gpu=gpu)
     machine = model.Machine(hw.gpus_per_node.value, _link(hw.intra), _link(hw.inter, hw.inter.nics_per_node.value),
                             coll)
@@ -259,7 +260,7 @@ def compare(pub: Published, name: str = "") -> list[dict]:
 
 def summary(rows: list[dict], key: str = "predicted") -> dict:
     errs = [abs(100 * (r[key] - r["published"])) for r in rows]
-    worst = max(range(len(rows)), key=lambda i: errs[i]) if rows else None
+    worst = max(range(len(rows)), key=lambda i: errs[i], default=0)  # read only when there are rows
     return {"rows": len(rows), "mean_abs_points": sum(errs) / len(errs) if errs else math.nan,
             "max_abs_points": errs[worst] if rows else math.nan,
             "worst": f"{rows[worst]['model']} at {rows[worst]['gpus']} GPUs ({rows[worst]['paper']})" if rows else ""}
@@ -278,6 +279,7 @@ TERMS = [
 
 def header(pub: Published) -> str:
     hw, sw = pub.hardware, pub.software
+    assert hw.inter.nics_per_node is not None  # Hardware._nics requires it
     nics = hw.inter.nics_per_node.value
     cv = sw.jitter_cv.value if sw.jitter_cv else model.JITTER_CV
     bucket = f"{sw.bucket_mb.value:g} MiB buckets" if sw.bucket_mb.value is not None else "one call for all gradients"

@@ -538,7 +538,7 @@ def _notes(doc: dict, ar: Optional[dict]) -> list[str]:
     multi = _multinode(doc["table"])
     for g in doc.get("goals", []):
         if not g["met"]:
-            r = next((r for r in doc["table"] if r["backend"] == g["goal"].split()[0] and r["size"] == g["size"]
+            r: dict = next((r for r in doc["table"] if r["backend"] == g["goal"].split()[0] and r["size"] == g["size"]
                       and r.get("nodes", 1) == g.get("nodes", 1)), {})
             why = (f" There its step takes {_fmt(1e3 * r.get('step_time', 0))} ms "
                    f"(data {_fmt(1e3 * (r.get('data') or 0))}, "
@@ -759,6 +759,7 @@ def write_report(study_dir: Path, allreduce: Optional[Path] = None, samples: Opt
     if pred is not None:
         md += [_md_table(*_prediction_view(pred)), ""]
     if rows_b:
+        assert valid is not None  # rows_view gives rows only from a validation
         md += ["### The model against published results", "", val_line, "", _md_table(rows_h, rows_b), "",
                "Every input, with its source or the reasoning of its estimate: benchmarks/published/*.yaml; "
                "`mpidl scale predict --published benchmarks/published` prints each row's step and why a row "
@@ -810,6 +811,7 @@ def write_report(study_dir: Path, allreduce: Optional[Path] = None, samples: Opt
     if pred is not None:
         h.append(_html_table(*_prediction_view(pred)))
     if rows_b:
+        assert valid is not None  # rows_view gives rows only from a validation
         h += ["<h3>The model against published results</h3>", f"<p>{html.escape(val_line)}</p>",
               _html_table(rows_h, rows_b),
               "<p>Every input, with its source or the reasoning of its estimate: benchmarks/published/*.yaml; "

@@ -67,6 +67,7 @@ def check_feasible(study: Study) -> None:
     acc = study.job.accumulate if study.job else 1
     for p in sorted(s.sizes, reverse=True) if rows is not None else []:
         need = p * study.batch_per_rank(p) * acc
+        assert rows is not None  # the loop runs only then
         if need > rows:
             raise BadInput(f"{origin}: sizes: {p} ranks need {need} samples per step "
                            f"({p} × batch {study.batch_per_rank(p)}{f' × accumulate {acc}' if acc > 1 else ''}), "
@@ -115,7 +116,7 @@ class Point:
 
 def plan(sizes: list[int], backends: list[str], repetitions: int, nodes: tuple[int, ...] = (1,)) -> list[Point]:
     """The interleaved order of runs (see the module's docstring)."""
-    out = []
+    out: list[Point] = []
     for rep in range(repetitions):
         down = bool(rep % 2)
         for size in sorted(sizes, reverse=down):
@@ -280,6 +281,7 @@ def run_study(study: Study, *, force: bool = False, echo: Callable[[str], None] 
         raise BadInput(f"{out}/study.json: a study is already there (mpidl scale --force replaces it)")
     for p in s.sizes if study.job_path else []:  # every point's full job spec validates before the first run starts
         for b in s.runs:
+            assert study.job_path is not None  # the loop runs only then
             load_spec(study.job_path, overrides(study, Point(0, 0, p, b), out / "runs" / "x"))
     if study.allreduce is not None and not study.allreduce.exists():
         raise BadInput(f"{study.origin}: allreduce = {study.spec.allreduce}: file not found")
