@@ -62,8 +62,8 @@ def cmd_net(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        for k, v in report.items():
-            print(f"{k}: {v}")
+        for key, value in report.items():
+            print(f"{key}: {value}")
     return 0
 
 

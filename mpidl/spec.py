@@ -163,7 +163,7 @@ class ClipWeightsSpec(Strict):
             raise ValueError("give both min and max")
         if ranged == (self.max_norm is not None):
             raise ValueError("give min and max, or max_norm")
-        if ranged and self.min > self.max:
+        if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError(f"min {self.min} > max {self.max}")
         return self
 
@@ -250,11 +250,13 @@ def slurm_time_seconds(text: str) -> int:
     if not m:
         raise ValueError("not a SLURM time limit")
     days, a, b, c = (None if g is None else int(g) for g in m.groups())
+    assert a is not None  # the one group the pattern requires
     if days is not None:                      # D-H, D-H:M, D-H:M:S
         hours, minutes, seconds = a, b or 0, c or 0
         if hours > 23:
             raise ValueError("hours after a day count must be below 24")
     elif c is not None:                       # H:M:S
+        assert b is not None  # c only after b
         hours, minutes, seconds = a, b, c
     else:                                     # M or M:S: the minutes may run past 59
         hours, minutes, seconds = 0, a, b or 0

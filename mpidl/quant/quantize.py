@@ -159,6 +159,7 @@ def quantize_run(run_dir: str, world, calibrate: int = 1024, log: Optional[Calla
             raise BadInput(f"{KEY}: {run_dir}: its job has no held-out split (data.val_fraction = "
                            f"{spec.data.val_fraction}, no data.val_files)")
     world.agree(check)
+    assert inputs.val_loader is not None and inputs.val_source is not None  # check() above
     model = world.agree(lambda: build_model(run, inputs.train_source, KEY)).float()
 
     variants: dict[str, nn.Module] = {"fp32": model, "dynamic_int8": dynamic_int8(model)}

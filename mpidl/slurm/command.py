@@ -125,7 +125,7 @@ def prepare(resources_file: Optional[str], flags: dict, sets: list[str], command
     if ask_controller and spec.slurm.cpus_for_each_task() is None and controller.controller_answers():
         node_cpus = controller.node_cpus(spec.slurm.partition)
     venv_path = Path(spec.slurm.venv or venv or sys.prefix).absolute()
-    plan = Plan(spec, " ".join(shlex.quote(w) for w in command), (), str(venv_path), node_cpus)  # type: ignore[arg-type]
+    plan = Plan(spec, " ".join(shlex.quote(w) for w in command), (), str(venv_path), node_cpus)  # type: ignore[arg-type]  # a CommandSpec: the plan reads its name and slurm section
     text = script(plan, spec, runs, cwd, venv_path)
     prepared = Prepared(resources_file or "", "", [plan], [v for v, _ in runs] if array else [], True,
                         spec.run_dir, text)

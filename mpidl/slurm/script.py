@@ -30,7 +30,7 @@ EXIT_RECORD = "[mpidl] job step exit status"
 Option = Union[str, int, bool]
 
 
-def sh(value: Union[str, Path]) -> str:
+def sh(value: Union[str, int, Path]) -> str:
     """One shell word that arrives as `value`, whatever it holds."""
     return shlex.quote(str(value))
 

@@ -74,6 +74,7 @@ class Distribution(Strict):
             return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
         if self.integer is not None:
             return int(rng.integers(self.integer[0], self.integer[1] + 1))
+        assert self.choice is not None  # _one: exactly one is given
         return self.choice[int(rng.integers(len(self.choice)))]
 
 
