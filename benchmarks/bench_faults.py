@@ -26,9 +26,9 @@ from pathlib import Path
 from common import REPO, write_result
 
 sys.path.insert(0, str(REPO))
-from mpidl.world import LOCAL_MPIRUN_ENV, OVERSUBSCRIBE_ENV  # noqa: E402
-from mpidl import net  # noqa: E402
-from mpidl.spec import DDPSpec  # noqa: E402
+from mpidl.world import LOCAL_MPIRUN_ENV, OVERSUBSCRIBE_ENV
+from mpidl import net
+from mpidl.spec import DDPSpec
 
 CLUSTER = str(REPO / "slurm" / "cluster.sh")
 PYTHON = str(REPO / ".venv" / "bin" / "python")

@@ -12,7 +12,6 @@ from mpidl.errors import EXIT_BAD_INPUT, BadInput, Fault
 
 def cmd_info(args: argparse.Namespace) -> int:
     import mpidl
-
     from mpidl import net
 
     world = mpidl.init()
@@ -63,8 +62,8 @@ def cmd_net(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        for k, v in report.items():
-            print(f"{k}: {v}")
+        for key, value in report.items():
+            print(f"{key}: {value}")
     return 0
 
 
@@ -89,9 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from mpidl.data.cli import register as register_data
     from mpidl.install.cli import register as register_install
-    from mpidl.slurm.cli import register as register_slurm
-    from mpidl.scaling.cli import register as register_scaling
     from mpidl.quant.cli import register as register_quantize
+    from mpidl.scaling.cli import register as register_scaling
+    from mpidl.slurm.cli import register as register_slurm
     from mpidl.sweep.cli import register as register_sweep
     from mpidl.train.cli import register as register_train
 

@@ -35,7 +35,8 @@ class Strict(BaseModel):
 # leaves the folder (/ or ..), hides it (a leading dot), or that a shell, sbatch or SLURM's log
 # patterns (%) would read.
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=,@-]{0,99}")
-NAME_RULE = "a name is one folder name: up to 100 ASCII letters, digits and _ . - + = , @, not starting with . - + = , @"
+NAME_RULE = ("a name is one folder name: up to 100 ASCII letters, digits and _ . - + = , @, not starting with "
+             ". - + = , @")
 
 
 def check_name(value: str) -> str:

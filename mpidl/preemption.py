@@ -148,7 +148,7 @@ def job_id(env: Mapping[str, str] = os.environ) -> Optional[str]:
     return env.get("SLURM_JOB_ID") or None
 
 
-def resume_mode(asked: bool, env: Mapping[str, str] = os.environ) -> "bool | str":
+def resume_mode(asked: "bool | str", env: Mapping[str, str] = os.environ) -> "bool | str":
     """A requeued job resumes from its newest checkpoint by itself ("auto": fresh when there is
     none; a fingerprint mismatch is BadInput, never a silent restart from zero)."""
     return "auto" if restart_count(env) > 0 else asked

@@ -141,7 +141,7 @@ class RunLock:
                 else:
                     why = gone(holder, self.me) or ""
                     if not why:
-                        raise BadInput(_in_use(self.path, holder))
+                        raise BadInput(_in_use(self.path, holder)) from None
                 if why:
                     log.get().warning("%s: taking over the lock of %s (%s)", self.path.parent,
                                       holder.describe() if holder else "an earlier run", why)

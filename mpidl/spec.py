@@ -13,10 +13,28 @@ import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from pydantic import (Field, PrivateAttr, SerializerFunctionWrapHandler, field_validator, model_serializer, model_validator)
+from pydantic import (
+    Field,
+    PrivateAttr,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
-from mpidl.config import (Strict, _one_line, _yaml, apply_sets, check_name, check_output,  # noqa: F401
-                          parse_yaml, quoted, read_text, read_yaml, validate)
+from mpidl.config import (  # noqa: F401
+    Strict,
+    _one_line,
+    _yaml,
+    apply_sets,
+    check_name,
+    check_output,
+    parse_yaml,
+    quoted,
+    read_text,
+    read_yaml,
+    validate,
+)
 from mpidl.errors import BadInput
 
 
@@ -145,7 +163,7 @@ class ClipWeightsSpec(Strict):
             raise ValueError("give both min and max")
         if ranged == (self.max_norm is not None):
             raise ValueError("give min and max, or max_norm")
-        if ranged and self.min > self.max:
+        if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError(f"min {self.min} > max {self.max}")
         return self
 
@@ -185,16 +203,18 @@ class ScheduleSpec(Strict):
 class HorovodSpec(Strict):
     compression: Literal["none", "fp16"] = Field(default="none", description="gradients sent as fp16")
     op: Literal["average", "adasum"] = Field(default="average", description="how gradients are combined")
-    fusion_threshold_mb: Optional[float] = Field(default=None, ge=0, description="HOROVOD_FUSION_THRESHOLD; "
-                                                                             "default: the environment's, else Horovod's")
+    fusion_threshold_mb: Optional[float] = Field(default=None, ge=0,
+                                                 description="HOROVOD_FUSION_THRESHOLD; "
+                                                             "default: the environment's, else Horovod's")
     cycle_time_ms: Optional[float] = Field(default=None, gt=0, description="HOROVOD_CYCLE_TIME; default: the "
                                                                        "environment's, else Horovod's (1 ms)")
     # whole seconds, as Horovod reads them
     stall_check_s: Optional[int] = Field(default=None, ge=1, description="warn about ranks missing from an allreduce; "
                                                                          "default: HOROVOD_STALL_CHECK_TIME_SECONDS, "
                                                                          "else 10")
-    stall_shutdown_s: Optional[int] = Field(default=None, ge=1, description="then end the job; default: "
-                                                                            "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS, else 30")
+    stall_shutdown_s: Optional[int] = Field(default=None, ge=1,
+                                            description="then end the job; default: "
+                                                        "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS, else 30")
 
 
 class DDPSpec(Strict):
@@ -230,11 +250,13 @@ def slurm_time_seconds(text: str) -> int:
     if not m:
         raise ValueError("not a SLURM time limit")
     days, a, b, c = (None if g is None else int(g) for g in m.groups())
+    assert a is not None  # the one group the pattern requires
     if days is not None:                      # D-H, D-H:M, D-H:M:S
         hours, minutes, seconds = a, b or 0, c or 0
         if hours > 23:
             raise ValueError("hours after a day count must be below 24")
     elif c is not None:                       # H:M:S
+        assert b is not None  # c only after b
         hours, minutes, seconds = a, b, c
     else:                                     # M or M:S: the minutes may run past 59
         hours, minutes, seconds = 0, a, b or 0
@@ -287,7 +309,8 @@ class SlurmSpec(Strict):
     account: Optional[str] = Field(default=None, description="the account charged")
     qos: Optional[str] = Field(default=None, description="quality of service")
     nodes: int = Field(default=1, ge=1, description="nodes")
-    tasks_per_node: Optional[int] = Field(default=None, ge=1, description="ranks per node; default: one per GPU, else 1")
+    tasks_per_node: Optional[int] = Field(default=None, ge=1,
+                                          description="ranks per node; default: one per GPU, else 1")
     gpus_per_node: int = Field(default=0, ge=0, description="GPUs per node (--gpus-per-node)")
     cpus_per_task: Optional[int] = Field(default=None, ge=1, description="default: cpus_per_node split evenly")
     cpus_per_node: Optional[int] = Field(default=None, ge=1, description="the node's CPUs, to split among its ranks")
@@ -445,8 +468,9 @@ class JobSpec(Strict):
     transform: Optional[CodeSpec] = Field(default=None, description="fn(x, y) -> (x, y) on each training batch, "
                                                                     "on its device, after data.preprocess")
     eval_transform: Optional[CodeSpec] = Field(default=None, description="the same for held-out batches")
-    metrics: dict[str, CodeSpec] = Field(default_factory=dict, description="name -> fn(output, target, **args) "
-                                                                           "giving a batch's count; logged as count/samples")
+    metrics: dict[str, CodeSpec] = Field(default_factory=dict,
+                                         description="name -> fn(output, target, **args) "
+                                                     "giving a batch's count; logged as count/samples")
 
     # The folder of the job file: your code's modules are found there first.
     _folder: Optional[Path] = PrivateAttr(default=None)

@@ -72,7 +72,7 @@ def resolve(target: str, key: str, folders: Iterable[Optional[Path]] = ()) -> An
         raise BadInput(f"{key}: {target}: importing {module_name} failed: {e}{_where(e)}") from None
     except BadInput:
         raise
-    except BaseException as e:  # noqa: BLE001 — whatever the user's module raises at import
+    except BaseException as e:  # whatever the user's module raises at import
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""

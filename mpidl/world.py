@@ -19,7 +19,7 @@ import traceback
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping, Optional, TypeVar
 
-from mpidl.errors import BadInput, EXIT_BAD_INPUT, Fault
+from mpidl.errors import EXIT_BAD_INPUT, BadInput, Fault
 
 T = TypeVar("T")
 
@@ -134,9 +134,9 @@ class World:
                 raise BadInput(err)
             return result
         errors = self.comm.allgather(err)
-        for r, e in enumerate(errors):
-            if e is not None:
-                raise BadInput(e, collective=True, origin=r)
+        for r, message in enumerate(errors):
+            if message is not None:
+                raise BadInput(message, collective=True, origin=r)
         return result
 
     def abort(self, code: int = 1) -> None:

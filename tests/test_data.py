@@ -273,7 +273,7 @@ def test_evaluation_sees_every_row_once(tmp_path, rows, np_, batch, chunks):
     seen = [y for rank in res for y in rank["seen"]]
     assert sorted(seen) == list(range(rows))  # every held-out row exactly once across ranks
     assert sum(rank["samples"] for rank in res) == rows
-    steps = -(-(-(-rows // np_)) // batch)
+    steps = -(-(-(-rows // np_)) // batch)  # noqa: B002 -- two ceiling divisions, not a decrement
     assert all(rank["steps"] == rank["batches"] == steps for rank in res)  # the same count on every rank
     assert sum(res[0]["sizes"]) == rows
 

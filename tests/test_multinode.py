@@ -308,7 +308,7 @@ def test_demo_trains_across_nodes(two_nodes, tmp_path, backend, per_node, launch
         # Open problem: under srun on the emulated nodes a Horovod rank once segfaulted within
         # seconds of starting, before any step (1 run in 4, not reproduced since). One retry keeps
         # the check of training across nodes meaningful; a second crash fails the test.
-        warnings.warn(f"horovod rank crashed at start, retrying once: {r.stderr[-500:]}")
+        warnings.warn(f"horovod rank crashed at start, retrying once: {r.stderr[-500:]}", stacklevel=1)
         shutil.rmtree(tmp_path / "run", ignore_errors=True)
         r = launch(two_nodes, launcher, per_node, pycode(TRAIN) + demo_args(tmp_path, backend, "run", *extra),
                    env=env, timeout=400)

@@ -21,7 +21,7 @@ from mpidl.scaling.study import load_study
 from mpidl.scaling.runner import aggregate, plan, windows
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import bench_allreduce  # noqa: E402
+import bench_allreduce
 
 
 # ---------------------------------------------------------------- arithmetic on known timings

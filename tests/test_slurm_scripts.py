@@ -21,8 +21,8 @@ import pytest
 import yaml
 
 pytest.importorskip("hypothesis", reason="hypothesis is in the dev extra (make setup installs it)")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import ROOT, run
 from mpidl.errors import BadInput

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from conftest import ROOT
 from mpidl.errors import BadInput
@@ -226,5 +227,5 @@ def test_fingerprint_tracks_what_a_checkpoint_depends_on(tmp_path):
 
 
 def test_schema_is_strict_in_python_too():
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="extra_forbidden"):
         JobSpec.model_validate({**BASE, "extra": 1})

@@ -142,7 +142,7 @@ class ChunkIndex:
             return self.decode(fd, at, path, key=key)[lo:hi]
         row = self.chunk_bytes // self.chunks[0]
         part = scratch(0, (hi - lo) * row)
-        got = os.preadv(fd, [part], int(self.offsets[at]) + lo * row)
+        got = os.preadv(fd, [part], int(self.offsets[at]) + lo * row)  # type: ignore[list-item]  # numpy's stubs make ndarray a Buffer from Python 3.12 on
         if got != part.size:
             raise OSError(f"{path}: short read of chunk {at} ({got} of {part.size} bytes): the file is truncated")
         return part.view(self.dtype).reshape(hi - lo, *self.chunks[1:])
@@ -156,7 +156,7 @@ class ChunkIndex:
         nbytes = self.chunk_bytes
         active = [i for i in range(len(self.filters)) if not mask >> i & 1]
         raw = into.reshape(-1).view(np.uint8) if into is not None and not active else scratch(0, size)
-        got = os.preadv(fd, [raw[:size]], offset)
+        got = os.preadv(fd, [raw[:size]], offset)  # type: ignore[list-item]  # numpy's stubs make ndarray a Buffer from Python 3.12 on
         if got != size:
             raise OSError(f"{path}: short read of chunk {at} ({got} of {size} bytes): the file is truncated")
         data: np.ndarray = raw[:size]
@@ -172,7 +172,7 @@ class ChunkIndex:
             elif code == LZF:
                 held = 0 if held == 1 else 1
                 out = scratch(held, nbytes)
-                n = _LZF(data.ctypes.data, data.size, out.ctypes.data, nbytes)
+                n = _LZF(data.ctypes.data, data.size, out.ctypes.data, nbytes)  # type: ignore[misc]  # load() refuses LZF without it
                 if n != nbytes:
                     raise BadInput(f"{_named(path, key)}: chunk {at} does not decompress (lzf gave {n} of {nbytes} "
                                    "bytes): a damaged file")
@@ -200,7 +200,7 @@ def _inflate(data: np.ndarray, nbytes: int) -> Optional[bytes]:
     would inflate it whole before any size check)."""
     d = zlib.decompressobj()
     try:
-        out = d.decompress(data, nbytes)
+        out = d.decompress(data, nbytes)  # type: ignore[arg-type]  # numpy's stubs make ndarray a Buffer from Python 3.12 on
         if not d.eof and d.decompress(d.unconsumed_tail, 1):
             return None  # more than the chunk holds
     except zlib.error:

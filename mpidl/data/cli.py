@@ -113,7 +113,8 @@ def register(sub) -> None:
     s = dsub.add_parser("convert", help=".npy/.npz arrays into chunked HDF5")
     s.add_argument("inputs", nargs="+")
     s.add_argument("--out", required=True)
-    s.add_argument("--keys", nargs="*", default=None, help="dataset names, one per .npy file in order, or the arrays of an .npz to "
+    s.add_argument("--keys", nargs="*", default=None,
+                   help="dataset names, one per .npy file in order, or the arrays of an .npz to "
                    "keep (default: x y for two .npy files, else each file's name)")
     s.add_argument("--chunk-rows", type=int, default=None)
     s.add_argument("--compression", type=_compression, default=None, choices=[None, "gzip", "lzf"])

@@ -199,8 +199,8 @@ class _Pipeline:
             windows = self.plan.windows[self.first_window:]
             # Keys whose rows span several chunks are held as the chunks store them (whole chunk
             # rows, decoded in place); the other windowed keys as rows in file order.
-            columnar = {k: reader.column_chunks(k) for k in self.keys if k not in direct}
-            columnar = {k: shape for k, shape in columnar.items() if shape is not None}
+            chunked = {k: reader.column_chunks(k) for k in self.keys if k not in direct}
+            columnar = {k: shape for k, shape in chunked.items() if shape is not None}
             windowed = [k for k in self.keys if k not in direct and k not in columnar]
             chunk_rows = {k: [reader.chunk_rows(k, _coalesce(w.ranges)) for w in windows] for k in columnar}
             max_rows = max((w.rows for w in windows), default=0)
@@ -209,8 +209,8 @@ class _Pipeline:
             for k, (per, parts, _sub) in columnar.items():
                 most = max(len(rows) for rows, _ in chunk_rows[k])
                 chunk = (per, *self.shapes[k][:-1], self.shapes[k][-1] // parts)
-                for b in bufs:
-                    b[k] = np.empty((most, parts, *chunk), self.dtypes[k])
+                for window_buf in bufs:
+                    window_buf[k] = np.empty((most, parts, *chunk), self.dtypes[k])
             # Per columnar key: the sub-row offsets of a row's pieces, shaped (S, C), added to
             # where a row starts (chunk_rows) they index the buffer's sub-rows of one column chunk.
             pieces = {k: np.arange(sub)[:, None] + np.arange(parts)[None, :] * per * sub
@@ -241,7 +241,7 @@ class _Pipeline:
                 rows = idx[lo:hi]
                 for k in windowed:  # mode "raise" would buffer the whole output first
                     np.take(buf[k], rows, axis=0, out=out[k][lo:hi], mode="clip")
-                for k, (per, cols, sub) in columnar.items():  # each row from its C pieces
+                for k, (_per, cols, sub) in columnar.items():  # each row from its C pieces
                     at = chunk_rows[k][n][1][rows]
                     flat = buf[k].reshape(-1, buf[k].shape[-1])
                     into = out[k][lo:hi].reshape(hi - lo, sub, cols, -1)
@@ -401,6 +401,7 @@ class _Masks:
     """The evaluation mask of each batch in turn: True for real rows, False for padding."""
 
     def __init__(self, batch: int, plan: RankPlan, device: torch.device, start_step: int):
+        assert plan.valid is not None  # an evaluation plan
         self.batch, self.valid, self.step = batch, plan.valid, start_step
         self.arange = torch.arange(batch, device=device)
 

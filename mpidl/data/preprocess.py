@@ -58,7 +58,10 @@ class Standardizer:
             if world.rank == 0:
                 with np.load(cache) as z:
                     arrays = (z["mean"], z["std"])
-            mean, std = world.comm.bcast(arrays, root=0) if world.size > 1 else arrays
+            if world.size > 1:
+                arrays = world.comm.bcast(arrays, root=0)
+            assert arrays is not None  # read by rank 0, which sent it to the others
+            mean, std = arrays
             return cls(mean, std, per)
 
         n = len(source)

@@ -105,9 +105,10 @@ def first_row(source: H5Source, world, key: str, bad: Callable[[np.ndarray], np.
     for a, rows in _blocks(source, world, key):
         flags = bad(rows)
         count += int(np.count_nonzero(flags))
-        hit = np.flatnonzero(flags.reshape(flags.shape[0], -1).any(axis=1)) if first == _NONE else ()
-        if len(hit):
-            first, value = a + int(hit[0]), rows[hit[0]].copy()
+        if first == _NONE:
+            hit = np.flatnonzero(flags.reshape(flags.shape[0], -1).any(axis=1))
+            if len(hit):
+                first, value = a + int(hit[0]), rows[hit[0]].copy()
     count = int(_reduce(world, np.array([count], np.int64), "sum")[0])
     first = int(_reduce(world, np.array([first], np.int64), "min")[0])
     if first == _NONE:
@@ -126,6 +127,7 @@ def check_labels(source: H5Source, world, key: str, classes: int) -> tuple[int, 
     lo, hi = label_range(source, world, key)
     if lo < 0 or hi >= classes:
         count, where, value = first_row(source, world, key, lambda y: (y < 0) | (y >= classes))
+        assert value is not None  # the range says a label lies outside, so the scan finds its row
         raise BadInput(f"{where} holds label {int(np.ravel(value)[0])}, outside [0, {classes}) for {classes} "
                        f"classes ({count} such labels; they range {lo}..{hi})", collective=world.size > 1)
     return lo, hi
@@ -136,6 +138,7 @@ def check_finite(source: H5Source, world, key: str, what: str = "value") -> None
     _need(source, world, key, "f", "a non-finite scan")
     count, where, row = first_row(source, world, key, lambda v: ~np.isfinite(v))
     if where is not None:
+        assert row is not None  # where and row are found together
         v = np.ravel(row)
         raise BadInput(f"{where} holds {v[~np.isfinite(v)][0]}: the data holds {count} non-finite "
                        f"{what}{'s' if count != 1 else ''}", collective=world.size > 1)

@@ -125,6 +125,7 @@ class H5Source:
                             d[d.shape[0] - 1]
                     except (OSError, RuntimeError) as e:
                         raise BadInput(f"{path}: dataset '{key}' cannot be read ({str(e).splitlines()[0]})") from None
+                assert rows is not None  # keys is never empty
                 layouts.append(_layout_of(path, int(rows), {k: f[k] for k in self.keys}))
         total = sum(lay.rows for lay in layouts)
         if total == 0:
@@ -314,7 +315,7 @@ class Reader:
         offsets = np.empty(n, np.int64)
         for i in (np.unique(files) if many else (0,)):
             sel = files == i if many else slice(None)
-            offsets[sel] = self._storage[i][key].row_offsets(rows[sel] - int(self._starts[i]))
+            offsets[sel] = self._storage[i][key].row_offsets(rows[sel] - int(self._starts[i]))  # type: ignore[union-attr]  # addressable: not None
         place = np.arange(n) % per
         starts = np.flatnonzero(np.concatenate(([True], (np.diff(offsets) != rb) | (np.diff(files) != 0)
                                                 | (place[1:] == 0))))
@@ -363,7 +364,9 @@ class Reader:
     def _map_rows(self, i: int, key: str) -> np.ndarray:
         """File i's rows of `key` as a (rows, row bytes) uint8 array over a mapping of the file."""
         rows, rb = int(self._starts[i + 1] - self._starts[i]), self._row_bytes[key]
-        offset, size = self._storage[i][key].offset, os.fstat(self._fds[i]).st_size
+        st = self._storage[i][key]
+        assert isinstance(st, _Contiguous), key  # mapped() maps contiguous storage only
+        offset, size = st.offset, os.fstat(self._fds[i]).st_size
         if offset + rows * rb > size:  # reading a mapping past the end of its file raises SIGBUS
             raise OSError(f"{self._paths[i]}: '{key}' ends past the file's end")
         if i not in self._maps:
@@ -447,7 +450,8 @@ class Reader:
         for i, local, n, pos in self._spans(ranges):
             for j, r0, r1 in _chunk_pieces(local, n, per):
                 k = slots.setdefault((i, j), len(slots))
-                where[pos + r0 - local:pos + r1 - local] = (k * parts * per + np.arange(r0 - j * per, r1 - j * per)) * sub
+                where[pos + r0 - local:pos + r1 - local] = (
+                    (k * parts * per + np.arange(r0 - j * per, r1 - j * per)) * sub)
         return list(slots), where
 
     def _spans(self, ranges: Sequence[tuple[int, int]]) -> Iterator[tuple[int, int, int, int]]:
@@ -475,7 +479,7 @@ class Reader:
             return Pending([self._pool.submit(self.read_runs, key, part, into) for part in runs])
 
         def read(k: int, i: int, j: int) -> None:
-            index: ChunkIndex = self._storage[i][key]
+            index: ChunkIndex = self._storage[i][key]  # type: ignore[assignment]  # a chunked key
             middle = (0,) * (len(index.chunks) - 2)
             for c in range(out.shape[1]):
                 index.decode(self._fds[i], (j, *middle, c), self._paths[i], into=out[k, c], key=key)
@@ -486,7 +490,7 @@ class Reader:
         lays them out, chunks that follow each other both in the file and in the buffer read as
         one (h5py writes a chunk row's chunks back to back: one pread, not one a chunk), cut
         into tasks of about PIECE_BYTES. None when some chunk is filtered."""
-        indexes = [self._storage[i][key] for i in range(len(self._fds))]
+        indexes: list[ChunkIndex] = [self._storage[i][key] for i in range(len(self._fds))]  # type: ignore[misc]  # a chunked key
         if any(index.filters for index in indexes):
             return None
         size = indexes[0].chunk_bytes
@@ -551,7 +555,7 @@ class Reader:
         size = 0
         for (i, j) in pieces:
             group.append((i, j))
-            index = self._storage[i][key]
+            index: ChunkIndex = self._storage[i][key]  # type: ignore[assignment]  # pieces: chunked files only
             size += index.chunk_bytes * len(index.trailing_chunks)
             if size >= 1 << 20:
                 tasks.append(partial(self._decode, key, group, pieces, out))
@@ -593,7 +597,7 @@ class Reader:
         in file order (the batch gathers them later, whole).
         """
         for i, j in group:
-            index: ChunkIndex = self._storage[i][key]
+            index: ChunkIndex = self._storage[i][key]  # type: ignore[assignment]  # a chunked key
             wanted = pieces[(i, j)]
             lo, hi = min(r0 for r0, _, _ in wanted), max(r1 for _, r1, _ in wanted)
             for at, dst in index.trailing_chunks:
@@ -635,7 +639,7 @@ def byte_view(a: np.ndarray) -> memoryview:
     """The bytes of a C-contiguous array, to read into."""
     if not a.flags.c_contiguous:  # reshape would copy, and the reads would land in the copy
         raise ValueError("reads go into C-contiguous arrays only")
-    return memoryview(a.reshape(-1).view(np.uint8))
+    return memoryview(a.reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # numpy's stubs make ndarray a Buffer from Python 3.12 on
 
 
 class Pending:

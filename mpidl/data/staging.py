@@ -27,7 +27,7 @@ import stat
 import tempfile
 import weakref
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -102,7 +102,7 @@ class _Digest:
     them from the source; checking a file before reuse reads it once from the local disk, less
     than staging it again from shared storage."""
 
-    def __init__(self, keys: list[str]):
+    def __init__(self, keys: Sequence[str]):
         self.keys = keys
         self.parts = {k: hashlib.sha256() for k in keys}
 

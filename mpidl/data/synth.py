@@ -117,6 +117,7 @@ def _write(path: str, rows: int, specs: dict[str, tuple[tuple[int, ...], np.dtyp
             skip, tmp, offsets = comm.bcast((skip, tmp, offsets), root=0)
         if skip:
             return False
+        assert tmp is not None  # named by rank 0, which sent it to the others
         _fill(tmp, rows, specs, make, rank, size, comm, offsets)
         if rank == 0:
             os.replace(tmp, path)
@@ -204,5 +205,6 @@ def read_truth(path: str, key: str = "y") -> Optional[dict]:
         if key not in f or "true_coef" not in f[key].attrs:
             return None
         a = f[key].attrs
-        return {"coef": np.asarray(a["true_coef"], np.float64), "intercept": np.asarray(a["true_intercept"], np.float64),
+        return {"coef": np.asarray(a["true_coef"], np.float64),
+                "intercept": np.asarray(a["true_intercept"], np.float64),
                 "rule": str(a["rule"]), "noise": float(a["noise"])}

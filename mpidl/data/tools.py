@@ -179,7 +179,8 @@ def inspect(path: str) -> str:
             if d.dtype.kind not in "biuf":
                 advice.append(f"'{name}' has non-numeric dtype {d.dtype}: mpidl cannot load it")
         if len(rows) > 1:
-            advice.append(f"datasets have different lengths {sorted(rows)}: only aligned datasets can be loaded together")
+            advice.append(f"datasets have different lengths {sorted(rows)}: only aligned datasets can be loaded "
+                          "together")
     if not advice:
         advice.append("layout is good for sharded block reads")
     return "\n".join(lines + ["advice:"] + [f"  - {a}" for a in advice])

@@ -18,8 +18,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shlex
 import re
+import shlex
 import shutil
 import subprocess
 import sys

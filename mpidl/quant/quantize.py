@@ -159,6 +159,7 @@ def quantize_run(run_dir: str, world, calibrate: int = 1024, log: Optional[Calla
             raise BadInput(f"{KEY}: {run_dir}: its job has no held-out split (data.val_fraction = "
                            f"{spec.data.val_fraction}, no data.val_files)")
     world.agree(check)
+    assert inputs.val_loader is not None and inputs.val_source is not None  # check() above
     model = world.agree(lambda: build_model(run, inputs.train_source, KEY)).float()
 
     variants: dict[str, nn.Module] = {"fp32": model, "dynamic_int8": dynamic_int8(model)}
@@ -170,8 +171,9 @@ def quantize_run(run_dir: str, world, calibrate: int = 1024, log: Optional[Calla
         static_note = f"not supported on this CPU (int8 engines: {torch.backends.quantized.supported_engines})"
     else:
         # The same first training rows on every rank, so every rank builds the same model.
-        from mpidl.world import world_for
         from mpi4py import MPI
+
+        from mpidl.world import world_for
 
         one = world_for(MPI.COMM_SELF)
         batch = min(64, calibrate, len(inputs.train_source))
@@ -191,7 +193,8 @@ def quantize_run(run_dir: str, world, calibrate: int = 1024, log: Optional[Calla
         results[name] = held_out(world, m, inputs.val_loader, inputs.classify)
 
     report = {"run": str(folder), "checkpoint": str(run.checkpoint), "model": spec.model.name,
-              "held_out_rows": len(inputs.val_source), "calibration_rows": calibrate if "static_int8" in variants else 0,
+              "held_out_rows": len(inputs.val_source),
+              "calibration_rows": calibrate if "static_int8" in variants else 0,
               "engine": torch.backends.quantized.engine, "threads": torch.get_num_threads(),
               "static_int8": static_note, "variants": results, "versions": versions()}
     if world.rank == 0:

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from mpidl.errors import BadInput
 
@@ -141,6 +141,7 @@ def predict_inputs(a: argparse.Namespace) -> dict:
             if isinstance(v, list):
                 v = ",".join(map(str, v))
             convert = actions[k].type
+            assert not isinstance(convert, (str, argparse.FileType))  # the parser's types are functions
             if convert is not None:
                 try:
                     v = convert(v)
@@ -161,7 +162,10 @@ def predict_inputs(a: argparse.Namespace) -> dict:
             raise BadInput(f"{path}: no study here (run mpidl scale STUDY.yaml first)") from None
         except (OSError, ValueError) as e:
             raise BadInput(f"{path}: unreadable study ({e})") from None
-    measured_file = Path(a.study) / "allreduce.json" if a.study and (Path(a.study) / "allreduce.json").exists() else None
+    measured_file = (Path(a.study) / "allreduce.json" if a.study and (Path(a.study) / "allreduce.json").exists()
+                     else None)
+    work: Optional[model.Workload]
+    machine: Optional[model.Machine]
     if study_doc is not None:
         work, machine, assumed = model.from_study(study_doc, a.intra, a.inter, measured_file)
         pred = study_doc["study"].get("predict") or {}
@@ -238,6 +242,7 @@ def prediction(inp: dict) -> dict:
     w, m = inp["work"], inp["machine"]
     rows = model.predict(w, m, inp["sizes"], inp["overlap"], inp["bucket_bytes"], inp["gamma"], inp["cycle_s"])
     coll = m.coll()
+    out: dict[str, Any]  # the fits go in below
     out = {"inputs": {"mode": w.mode, "batch": w.batch, "grad_bytes": w.grad_bytes, "compute_step_s": w.step_s,
                       "per_sample_s": w.per_sample_s, "fixed_s": w.fixed_s, "contention_limit": w.limit,
                       "ranks_per_node": m.ranks_per_node, "intra": model.link_dict(m.intra),
@@ -268,7 +273,8 @@ def cmd_predict(a: argparse.Namespace) -> int:
     print(f"{i['mode']} scaling, batch {i['batch']}{' per rank' if i['mode'] == 'weak' else ' global'}, "
           f"{i['grad_bytes'] / 2**20:.2f} MiB of gradients, {i['ranks_per_node']} ranks per node, "
           f"overlap ω = {i['overlap']:.2f}")
-    print(f"intra: {i['intra']['name']} (α {i['intra']['alpha'] * 1e6:.2f} µs, {i['intra']['bandwidth_GBps']:.2f} GB/s); "
+    print(f"intra: {i['intra']['name']} (α {i['intra']['alpha'] * 1e6:.2f} µs, "
+          f"{i['intra']['bandwidth_GBps']:.2f} GB/s); "
           f"inter: {i['inter_node']['name']} (α {i['inter_node']['alpha'] * 1e6:.2f} µs, "
           f"{i['inter_node']['bandwidth_GBps']:.2f} GB/s per node)")
     fusion = (f"tensor fusion every {i['cycle_s'] * 1e3:g} ms up to {i['bucket_bytes'] / 2**20:g} MiB" if i["cycle_s"]

@@ -13,7 +13,7 @@ import math
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from mpidl.errors import BadInput
 from mpidl.scaling.efficiency import BASELINE
@@ -354,10 +354,17 @@ class Workload:
 
     def compute(self, p: int, per_node: int, stragglers: bool = True) -> float:
         if self.mode == "weak":
-            t = self.step_s if self.step_s is not None else self.fixed_s + self.batch * self.per_sample_s
+            if self.step_s is not None:
+                t = self.step_s
+            else:
+                assert self.per_sample_s is not None  # predict's _check: one of the two is given
+                t = self.fixed_s + self.batch * self.per_sample_s
         else:
-            per_sample = self.per_sample_s if self.per_sample_s is not None else self.step_s / self.batch
-            fixed = self.fixed_s if self.per_sample_s is not None else 0.0
+            if self.per_sample_s is not None:
+                per_sample, fixed = self.per_sample_s, self.fixed_s
+            else:
+                assert self.step_s is not None  # predict's _check: one of the two is given
+                per_sample, fixed = self.step_s / self.batch, 0.0
             t = fixed + self.batch / p * per_sample
         t /= self.contention(min(p, per_node))
         return t * (1 + self.straggling(p)) if stragglers else t
@@ -425,7 +432,7 @@ def predict(work: Workload, machine: Machine, sizes: Sequence[int], overlap: flo
     for p in sizes:
         nodes, per_node = layout(p, g)
         tc = work.compute(p, per_node)
-        row = {"size": p, "nodes": nodes, "ranks_per_node": per_node, "compute_s": tc,
+        row: dict[str, Any] = {"size": p, "nodes": nodes, "ranks_per_node": per_node, "compute_s": tc,
                "compute_no_stragglers_s": work.compute(p, per_node, stragglers=False),
                "library": coll.library, "algorithms": list(coll.algorithms)}
 
@@ -480,6 +487,7 @@ def predict_v1(work: Workload, machine: Machine, sizes: Sequence[int], overlap: 
             t = step_time(tc, f(nodes, per_node, work.grad_bytes, machine.intra, machine.inter, gamma),
                           f(nodes, per_node, last, machine.intra, machine.inter, gamma), overlap)
             best = t if best is None else min(best, t)
+        assert best is not None  # two algorithms were tried
         x = work.samples(p) / best
         rows.append({"size": p, "step_s": best, "throughput": x, "efficiency": x / (p * x1)})
     return rows

@@ -19,9 +19,9 @@ from typing import Annotated, Generic, Literal, Optional, TypeVar, Union
 
 from pydantic import Field, model_validator
 
+from mpidl.config import Strict, read_yaml, validate
 from mpidl.errors import BadInput
 from mpidl.scaling import model
-from mpidl.config import Strict, read_yaml, validate
 
 T = TypeVar("T")
 Positive = Annotated[float, Field(gt=0)]
@@ -167,6 +167,7 @@ def inputs(pub: Published, m: PublishedModel, jitter: Optional[float] = None):
     """The model's inputs for one model of a paper: (Workload, Machine, overlap, bucket bytes, cycle s)."""
     hw, sw = pub.hardware, pub.software
     gpu = "pre-ampere" if hw.compute_capability < 8.0 else "ampere+"
+    assert hw.inter.nics_per_node is not None  # Hardware._nics requires it
     coll = model.library(sw.library, sw.algorithms.value, gpu=gpu)
     machine = model.Machine(hw.gpus_per_node.value, _link(hw.intra), _link(hw.inter, hw.inter.nics_per_node.value),
                             coll)
@@ -214,7 +215,8 @@ def would_match(pub: Published, m: PublishedModel, gpus: int, target: float) -> 
         return model.predict(w, mach, [gpus], overlap, bucket, cycle_s=cycle)[0]["predicted"]["efficiency"]
 
     def by_network(k: float) -> float:
-        inter = model.Link(machine.inter.name, machine.inter.alpha, machine.inter.bandwidth * k, kind=machine.inter.kind)
+        inter = model.Link(machine.inter.name, machine.inter.alpha, machine.inter.bandwidth * k,
+                           kind=machine.inter.kind)
         return eff(work, model.Machine(machine.ranks_per_node, machine.intra, inter, machine.collective))
 
     def by_gpu(k: float) -> float:  # a slower GPU (k > 1: longer compute) hides more communication
@@ -258,7 +260,7 @@ def compare(pub: Published, name: str = "") -> list[dict]:
 
 def summary(rows: list[dict], key: str = "predicted") -> dict:
     errs = [abs(100 * (r[key] - r["published"])) for r in rows]
-    worst = max(range(len(rows)), key=lambda i: errs[i]) if rows else None
+    worst = max(range(len(rows)), key=lambda i: errs[i], default=0)  # read only when there are rows
     return {"rows": len(rows), "mean_abs_points": sum(errs) / len(errs) if errs else math.nan,
             "max_abs_points": errs[worst] if rows else math.nan,
             "worst": f"{rows[worst]['model']} at {rows[worst]['gpus']} GPUs ({rows[worst]['paper']})" if rows else ""}
@@ -277,13 +279,15 @@ TERMS = [
 
 def header(pub: Published) -> str:
     hw, sw = pub.hardware, pub.software
+    assert hw.inter.nics_per_node is not None  # Hardware._nics requires it
     nics = hw.inter.nics_per_node.value
     cv = sw.jitter_cv.value if sw.jitter_cv else model.JITTER_CV
     bucket = f"{sw.bucket_mb.value:g} MiB buckets" if sw.bucket_mb.value is not None else "one call for all gradients"
     if sw.cycle_ms:
         bucket = f"tensor fusion every {sw.cycle_ms.value:g} ms up to {sw.bucket_mb.value:g} MiB"
     return (f"{pub.title} ({pub.source.citation}; {pub.source.url})\n"
-            f"  {hw.gpus_per_node.value} × {hw.gpu} a node; intra {hw.intra.name} {hw.intra.bandwidth_GBps.value:g} GB/s; "
+            f"  {hw.gpus_per_node.value} × {hw.gpu} a node; "
+            f"intra {hw.intra.name} {hw.intra.bandwidth_GBps.value:g} GB/s; "
             f"inter {hw.inter.name}{f' ×{nics}' if nics > 1 else ''} {hw.inter.bandwidth_GBps.value:g} GB/s per NIC; "
             f"{sw.library} [{', '.join(sw.algorithms.value)}]; overlap ω {sw.overlap.value:.2f}; {bucket}; σ {cv:.0%}")
 
@@ -296,7 +300,8 @@ def text(results: list[tuple[Published, list[dict]]]) -> str:
                   f"{'α-β only':>8} {'+latency':>8} {'+stragglers':>11}  {'algorithm':<12} step = compute + stragglers "
                   "+ exposed comm (ms)"]
         for r in rows:
-            lines.append(f"  {r['model']:<13} {r['gpus']:>5} {r['nodes']:>5} {r['published']:>9.3f} {r['predicted']:>9.3f} "
+            lines.append(f"  {r['model']:<13} {r['gpus']:>5} {r['nodes']:>5} {r['published']:>9.3f} "
+                         f"{r['predicted']:>9.3f} "
                          f"{r['error_points']:>+6.1f}   {r['alpha_beta']:>8.3f} {r['with_latency']:>8.3f} "
                          f"{r['predicted']:>11.3f}  {r['algorithm']:<12} {r['step_ms']:.1f} = {r['compute_ms']:.1f} + "
                          f"{r['stragglers_ms']:.1f} + {r['exposed_ms']:.1f} ({r['calls']} call"

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Optional
 
 from mpidl.errors import BadInput
-from mpidl.scaling.efficiency import BASELINE
 from mpidl.scaling import efficiency, model, summary
+from mpidl.scaling.efficiency import BASELINE
 
 COLORS = {"horovod": "#1f77b4", "mpi": "#2ca02c", "ddp": "#d62728", BASELINE: "#555555", "torch-gloo": "#d62728",
           "torch-nccl": "#d62728", "horovod-stock": "#9467bd"}
@@ -44,8 +44,8 @@ CROSSING_COLUMNS = ["backend", "size", "nodes", "ranks_per_node", "throughput_on
                     "step_time_one_node", "step_time", "sync_one_node", "sync", "comm_share_one_node", "comm_share",
                     "exposed_one_node", "exposed", "crossing_cost"]
 RUN_COLUMNS = ["order", "rep", "size", "backend", "oversubscribed", "batch_per_rank", "global_batch", "returncode",
-               "seconds", "load_before", "load_after", "throughput", "step_time", "data", "compute", "sync", "optimizer", "breakdown_source",
-               "windows", "error", "run_dir"]
+               "seconds", "load_before", "load_after", "throughput", "step_time", "data", "compute", "sync",
+               "optimizer", "breakdown_source", "windows", "error", "run_dir"]
 
 
 def load(study_dir: Path) -> dict:
@@ -428,7 +428,8 @@ def _points_view(doc: dict) -> tuple[list[str], list[list[str]]]:
 def _goals_view(doc: dict, ar: Optional[dict]) -> tuple[list[str], list[list[str]]]:
     head = ["goal", "size", "measured", "target", "met"]
     multi = _multinode(doc["table"])
-    body = [[g["goal"], _where(g["size"], g.get("nodes", 1), multi) + (" (oversubscribed)" if g["oversubscribed"] else ""),
+    body = [[g["goal"],
+             _where(g["size"], g.get("nodes", 1), multi) + (" (oversubscribed)" if g["oversubscribed"] else ""),
              _fmt(g["value"]), _fmt(g["target"]), "yes" if g["met"] else "NO"] for g in doc.get("goals", [])]
     for g in _allreduce_goals(ar):
         body.append([g["goal"], f"{g['ranks']} ranks, {g['bytes'] // 2**20} MiB", _fmt(g["value"]), _fmt(g["target"]),
@@ -499,7 +500,8 @@ def _env_view(doc: dict) -> list[tuple[str, str]]:
     launcher = e.get("launcher") or {}
     if launcher.get("name") == "slurm":
         out.append(("launcher", f"slurm ({launcher.get('version')}): partition {launcher.get('partition')}, nodes "
-                                f"{', '.join(launcher.get('nodes') or []) or '?'} ({launcher.get('cpus_per_node')} CPUs "
+                                f"{', '.join(launcher.get('nodes') or []) or '?'} "
+                                f"({launcher.get('cpus_per_node')} CPUs "
                                 f"each); {launcher.get('launch')}"))
     else:
         out.append(("launcher", f"{launcher.get('name')} ({launcher.get('version')}) "
@@ -536,9 +538,10 @@ def _notes(doc: dict, ar: Optional[dict]) -> list[str]:
     multi = _multinode(doc["table"])
     for g in doc.get("goals", []):
         if not g["met"]:
-            r = next((r for r in doc["table"] if r["backend"] == g["goal"].split()[0] and r["size"] == g["size"]
+            r: dict = next((r for r in doc["table"] if r["backend"] == g["goal"].split()[0] and r["size"] == g["size"]
                       and r.get("nodes", 1) == g.get("nodes", 1)), {})
-            why = (f" There its step takes {_fmt(1e3 * r.get('step_time', 0))} ms (data {_fmt(1e3 * (r.get('data') or 0))}, "
+            why = (f" There its step takes {_fmt(1e3 * r.get('step_time', 0))} ms "
+                   f"(data {_fmt(1e3 * (r.get('data') or 0))}, "
                    f"compute {_fmt(1e3 * (r.get('compute') or 0))}, sync {_fmt(1e3 * (r.get('sync') or 0))}, optimizer "
                    f"{_fmt(1e3 * (r.get('optimizer') or 0))} ms); its communication share c = 1 − T₀/T is "
                    f"{_fmt(r.get('comm_share'))}.") if r else ""
@@ -556,7 +559,8 @@ def _notes(doc: dict, ar: Optional[dict]) -> list[str]:
         ratio = at1["mpi"]["throughput"] / at1[BASELINE]["throughput"]
         notes.append(f"Noise floor: at 1 rank the mpi backend and the baseline run the same code (nothing is "
                      f"sent), yet their medians differ: X_mpi(1) / X₀(1) = {_fmt(ratio)}. Differences between "
-                     f"backends smaller than |1 − {_fmt(ratio)}| = {_fmt(abs(1 - ratio))} are not resolved by this study.")
+                     f"backends smaller than |1 − {_fmt(ratio)}| = {_fmt(abs(1 - ratio))} are not resolved by "
+                     "this study.")
     ranges = [(r["throughput_max"] - r["throughput_min"]) / r["throughput"] for r in doc["table"]
               if r.get("repetitions", 1) > 1 and r["throughput"]]
     if ranges and statistics.median(ranges) > 0.1:
@@ -572,11 +576,13 @@ def _notes(doc: dict, ar: Optional[dict]) -> list[str]:
                      "backends at one size are more trustworthy than absolute rates.")
     over = sorted({r["size"] for r in doc["table"] if r["oversubscribed"]})
     if over:
-        notes.append(f"Sizes {over} run more ranks than the {doc['environment'].get('cores')} cores: ranks share cores, "
+        notes.append(f"Sizes {over} run more ranks than the {doc['environment'].get('cores')} cores: "
+                     "ranks share cores, "
                      "so these points measure time slicing, not scaling; they are shown hatched or hollow.")
     flagged = [r for r in doc["table"] if r["flagged"] and r["backend"] != BASELINE]
     for r in flagged:
-        notes.append(f"Flagged: {r['backend']} at p={r['size']}{_on(r.get('nodes', 1), multi)}: E* = {_fmt(r.get('efficiency_vs_lone_rank'))} "
+        notes.append(f"Flagged: {r['backend']} at p={r['size']}{_on(r.get('nodes', 1), multi)}: "
+                     f"E* = {_fmt(r.get('efficiency_vs_lone_rank'))} "
                      f"< {doc['study'].get('flag_below')}.")
     failed = [r for r in doc["runs"] if r.get("throughput") is None]
     for r in failed:
@@ -753,6 +759,7 @@ def write_report(study_dir: Path, allreduce: Optional[Path] = None, samples: Opt
     if pred is not None:
         md += [_md_table(*_prediction_view(pred)), ""]
     if rows_b:
+        assert valid is not None  # rows_view gives rows only from a validation
         md += ["### The model against published results", "", val_line, "", _md_table(rows_h, rows_b), "",
                "Every input, with its source or the reasoning of its estimate: benchmarks/published/*.yaml; "
                "`mpidl scale predict --published benchmarks/published` prints each row's step and why a row "
@@ -804,6 +811,7 @@ def write_report(study_dir: Path, allreduce: Optional[Path] = None, samples: Opt
     if pred is not None:
         h.append(_html_table(*_prediction_view(pred)))
     if rows_b:
+        assert valid is not None  # rows_view gives rows only from a validation
         h += ["<h3>The model against published results</h3>", f"<p>{html.escape(val_line)}</p>",
               _html_table(rows_h, rows_b),
               "<p>Every input, with its source or the reasoning of its estimate: benchmarks/published/*.yaml; "

@@ -1,5 +1,6 @@
 """Run a study: every (size, nodes, backend, repetition) point is a real `mpidl train` (or the
-study's command, on mpidl.Run, with the point in its environment: `point_env`) under the launcher (a size runs at every node count of `launcher.nodes` that divides it; 1 by default).
+study's command, on mpidl.Run, with the point in its environment: `point_env`) under the launcher
+(a size runs at every node count of `launcher.nodes` that divides it; 1 by default).
 
 Order: repetitions are the outer loop; within one, sizes go up on even repetitions and down
 on odd ones, and so do a size's node counts; at each placement the backends (baseline
@@ -32,8 +33,8 @@ from typing import Callable, Optional
 
 from mpidl.errors import BadInput
 from mpidl.scaling import efficiency, environment
-from mpidl.scaling.launch import Launcher, make_launcher, mpidl_command, unreachable
 from mpidl.scaling.efficiency import BASELINE
+from mpidl.scaling.launch import Launcher, make_launcher, mpidl_command, unreachable
 from mpidl.scaling.study import Study
 from mpidl.spec import JobSpec, load_spec
 
@@ -66,6 +67,7 @@ def check_feasible(study: Study) -> None:
     acc = study.job.accumulate if study.job else 1
     for p in sorted(s.sizes, reverse=True) if rows is not None else []:
         need = p * study.batch_per_rank(p) * acc
+        assert rows is not None  # the loop runs only then
         if need > rows:
             raise BadInput(f"{origin}: sizes: {p} ranks need {need} samples per step "
                            f"({p} × batch {study.batch_per_rank(p)}{f' × accumulate {acc}' if acc > 1 else ''}), "
@@ -114,7 +116,7 @@ class Point:
 
 def plan(sizes: list[int], backends: list[str], repetitions: int, nodes: tuple[int, ...] = (1,)) -> list[Point]:
     """The interleaved order of runs (see the module's docstring)."""
-    out = []
+    out: list[Point] = []
     for rep in range(repetitions):
         down = bool(rep % 2)
         for size in sorted(sizes, reverse=down):
@@ -248,7 +250,8 @@ def point_env(study: Study, point: Point, run_dir: Path) -> dict[str, str]:
 
     s = study.spec
     venv_bin = str(Path(sys.executable).parent)  # `python` in the command is this environment's, as under submit
-    return {"PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""), BACKEND_ENV: point.backend, OUTPUT_ENV: str(run_dir.absolute()), STEPS_ENV: str(s.warmup_steps + s.steps),
+    return {"PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""), BACKEND_ENV: point.backend,
+            OUTPUT_ENV: str(run_dir.absolute()), STEPS_ENV: str(s.warmup_steps + s.steps),
             LOG_EVERY_ENV: str(s.window), "MPIDL_BATCH_PER_RANK": str(study.batch_per_rank(point.size))}
 
 
@@ -278,6 +281,7 @@ def run_study(study: Study, *, force: bool = False, echo: Callable[[str], None] 
         raise BadInput(f"{out}/study.json: a study is already there (mpidl scale --force replaces it)")
     for p in s.sizes if study.job_path else []:  # every point's full job spec validates before the first run starts
         for b in s.runs:
+            assert study.job_path is not None  # the loop runs only then
             load_spec(study.job_path, overrides(study, Point(0, 0, p, b), out / "runs" / "x"))
     if study.allreduce is not None and not study.allreduce.exists():
         raise BadInput(f"{study.origin}: allreduce = {study.spec.allreduce}: file not found")
@@ -355,7 +359,8 @@ def run_study(study: Study, *, force: bool = False, echo: Callable[[str], None] 
         if n == len(s.runs) and all(r.get("throughput") is None for r in doc["runs"]):
             # every backend failed at the first size: the set-up is broken, not one point
             raise StudyFailed(f"{out / 'study.json'}: the first {n} runs all failed, so the study stops; "
-                              f"the first: {doc['runs'][0]['error']} (see {out / doc['runs'][0]['run_dir']}/output.log)")
+                              f"the first: {doc['runs'][0]['error']} "
+                              f"(see {out / doc['runs'][0]['run_dir']}/output.log)")
 
     doc["model_inputs"] = {"grad_params": _grad_params(study, doc["runs"], out)}
     doc["failed_runs"] = sum(1 for r in doc["runs"] if r.get("throughput") is None)

@@ -38,10 +38,9 @@ from typing import Literal, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from mpidl.scaling.efficiency import BASELINE
 from mpidl.config import Strict, check_name, check_output, read_yaml, validate
+from mpidl.scaling.efficiency import BASELINE
 from mpidl.spec import JobSpec, load_spec
-
 
 
 class LauncherSpec(Strict):
@@ -90,8 +89,10 @@ class LinkSpec(Strict):
 class PredictSpec(Strict):
     """What the report's prediction beyond the measured sizes assumes (see mpidl.scaling.model)."""
 
-    ranks_per_node: Optional[int] = Field(default=None, ge=1, description="default: the measured machine's cores or GPUs")
-    intra: Union[str, LinkSpec] = Field(default="measured", description="'measured', a preset name, or {alpha_s, bandwidth_GBps}")
+    ranks_per_node: Optional[int] = Field(default=None, ge=1,
+                                          description="default: the measured machine's cores or GPUs")
+    intra: Union[str, LinkSpec] = Field(default="measured",
+                                        description="'measured', a preset name, or {alpha_s, bandwidth_GBps}")
     inter: Union[str, LinkSpec] = "IB-100"
     nics_per_node: int = Field(default=1, ge=1)
     overlap: float = Field(default=2 / 3, ge=0, le=1, description="share of compute that can hide communication")

@@ -14,9 +14,8 @@ from __future__ import annotations
 from typing import Optional
 
 from mpidl.errors import BadInput
-from mpidl.scaling.efficiency import BASELINE
 from mpidl.scaling import model
-
+from mpidl.scaling.efficiency import BASELINE
 
 
 def best_backend(table: list[dict]) -> Optional[str]:

@@ -55,7 +55,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     s = sub.add_parser("submit", help="submit a job spec, or any command (-- CMD), to SLURM",
-                       usage="mpidl submit JOB.yaml [options]\n       mpidl submit [RESOURCES.yaml] [options] -- CMD ...",
+                       usage="mpidl submit JOB.yaml [options]\n"
+                             "       mpidl submit [RESOURCES.yaml] [options] -- CMD ...",
                        description="Submit JOB.yaml to SLURM with the resources of its slurm: section (through "
                                    "submitit, or as a plain sbatch script), or any command: every rank runs CMD, "
                                    "with the resources of RESOURCES.yaml's slurm: section, the flags below and "

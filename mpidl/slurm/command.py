@@ -20,8 +20,8 @@ its own run folder in MPIDL_OUTPUT (where `mpidl.Run` writes: elements never sha
 from __future__ import annotations
 
 import re
-import sys
 import shlex
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -29,7 +29,7 @@ from mpidl.errors import BadInput
 from mpidl.slurm import controller
 from mpidl.slurm.cli import FLAGS
 from mpidl.slurm.script import Plan, batch_script, sbatch_safe, sh, shown_path
-from mpidl.slurm.submit import Prepared, array_variants, generated_path, private_folder, _slug
+from mpidl.slurm.submit import Prepared, _slug, array_variants, generated_path, private_folder
 from mpidl.slurm.watch import Job
 from mpidl.spec import CommandSpec, load_command_spec
 from mpidl.train.run import OUTPUT_ENV, REQUEUE_ENV, REQUEUE_LIMIT_ENV
@@ -125,7 +125,7 @@ def prepare(resources_file: Optional[str], flags: dict, sets: list[str], command
     if ask_controller and spec.slurm.cpus_for_each_task() is None and controller.controller_answers():
         node_cpus = controller.node_cpus(spec.slurm.partition)
     venv_path = Path(spec.slurm.venv or venv or sys.prefix).absolute()
-    plan = Plan(spec, " ".join(shlex.quote(w) for w in command), (), str(venv_path), node_cpus)  # type: ignore[arg-type]
+    plan = Plan(spec, " ".join(shlex.quote(w) for w in command), (), str(venv_path), node_cpus)  # type: ignore[arg-type]  # a CommandSpec: the plan reads its name and slurm section
     text = script(plan, spec, runs, cwd, venv_path)
     prepared = Prepared(resources_file or "", "", [plan], [v for v, _ in runs] if array else [], True,
                         spec.run_dir, text)

@@ -17,7 +17,7 @@ from mpidl.spec import load_spec
 ROOT = Path(__file__).resolve().parents[2]
 
 # file -> (job spec, --set overrides, mode); paths as a checkout names them, submitted from its root
-EXAMPLES = {
+EXAMPLES: dict[str, tuple[str, list[str], str]] = {
     "slurm/demo-cpu.sbatch": ("jobs/demo.yaml", [], "standalone"),
     "slurm/resnet50-2x4gpu.sbatch": ("jobs/gpu-resnet50.yaml", [], "standalone"),
     "slurm/demo-submitit.sbatch": ("jobs/demo.yaml", [], "submitit"),

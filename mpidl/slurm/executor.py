@@ -15,7 +15,7 @@ from typing import Any
 
 from submitit import SlurmExecutor
 
-from mpidl.slurm.script import (Plan, exit_record, forward_function, mpirun_line, sh, venv_check)
+from mpidl.slurm.script import Plan, exit_record, forward_function, mpirun_line, sh, venv_check
 
 
 class MpidlSlurmExecutor(SlurmExecutor):

@@ -30,7 +30,7 @@ EXIT_RECORD = "[mpidl] job step exit status"
 Option = Union[str, int, bool]
 
 
-def sh(value: Union[str, Path]) -> str:
+def sh(value: Union[str, int, Path]) -> str:
     """One shell word that arrives as `value`, whatever it holds."""
     return shlex.quote(str(value))
 
@@ -182,7 +182,8 @@ def standalone(plan: Plan, output: str = "slurm-%j.out") -> str:
     s = plan.slurm
     args = " ".join(sh(a) for a in ["train", plan.job_file, "--requeue", *plan.train_flags,
                                      *[x for o in plan.overrides for x in ("--set", o)]])
-    body = [f"MPIDL={sh(Path(plan.venv) / 'bin' / 'mpidl')}", *venv_check("MPIDL", "this virtual environment (set slurm.venv)"),
+    body = [f"MPIDL={sh(Path(plan.venv) / 'bin' / 'mpidl')}",
+            *venv_check("MPIDL", "this virtual environment (set slurm.venv)"),
             "",
             f"# Every rank trains. On SIG{s.signal}, {s.signal_lead_s} s before the time limit or at preemption, the",
             "# ranks finish their step, rank 0 writes a checkpoint and requeues the job (at most",

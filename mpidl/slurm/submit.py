@@ -209,7 +209,8 @@ def submit(prepared: Prepared, cwd: Path) -> list[Job]:
         log = cwd / f"slurm-{job_id}.out"
         return [Job(job_id, prepared.run_dir, [log], cwd, log.name)]
 
-    with tempfile.NamedTemporaryFile("w", prefix="mpidl-test-only-", suffix=".sh") as f:  # nothing in the run folder yet
+    # nothing in the run folder yet
+    with tempfile.NamedTemporaryFile("w", prefix="mpidl-test-only-", suffix=".sh") as f:
         f.write(prepared.text)
         f.flush()
         controller.test_only(Path(f.name), prepared.plans[0].slurm)

@@ -38,8 +38,8 @@ from typing import Any, Literal, Optional, Union
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from mpidl.errors import BadInput
 from mpidl.config import Strict, _one_line, check_name, check_output, read_yaml, validate
+from mpidl.errors import BadInput
 from mpidl.spec import JobSpec, load_spec
 
 #: fields the sweep sets itself: each task is its own run, on a world of one rank
@@ -74,6 +74,7 @@ class Distribution(Strict):
             return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
         if self.integer is not None:
             return int(rng.integers(self.integer[0], self.integer[1] + 1))
+        assert self.choice is not None  # _one: exactly one is given
         return self.choice[int(rng.integers(len(self.choice)))]
 
 

@@ -16,9 +16,9 @@ import time
 
 import torch
 
+from mpidl.preemption import Preemption
 from mpidl.sweep import dispatch, plan, results
 from mpidl.sweep.task import cores_per_rank, run_task
-from mpidl.preemption import Preemption
 
 
 def run_sweep(path: str, world, retry_failed: bool = False) -> list[dict]:
@@ -32,6 +32,7 @@ def run_sweep(path: str, world, retry_failed: bool = False) -> list[dict]:
     done = results.read_done(tasks) if world.rank == 0 else None
     if world.size > 1:
         done = world.comm.bcast(done, root=0)
+    assert done is not None  # read by rank 0, which sent it to the others
     todo = [t.index for t in tasks
             if t.id not in done or (retry_failed and done[t.id].get("status") == "failed")]
     threads = cores_per_rank(world)

@@ -53,7 +53,8 @@ def save(folder: Path, step: int, state: dict, keep: int) -> Path:
         cause = _os_error(e)  # torch reports a failed write as a RuntimeError around the OSError
         if cause is None:
             raise
-        what = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded"}.get(cause.errno, cause.strerror)
+        known: dict[Optional[int], str] = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded"}
+        what = known.get(cause.errno, cause.strerror)
         raise Fault(f"{final}: cannot write the checkpoint: {what}; free space or set checkpoint.dir elsewhere, "
                     "then continue with --resume") from None
     dfd = os.open(folder, os.O_RDONLY)

@@ -59,11 +59,13 @@ class Distillation(Objective):
 
     def counts(self, out, y):
         t, self._teacher_out = self._teacher_out, None
+        assert t is not None  # set by __call__ on this batch
         return {"correct": (out.detach().float().argmax(1) == y).sum(), "teacher_correct": (t.argmax(1) == y).sum()}
 
 
 def load_teacher(spec: JobSpec, inputs, device: torch.device) -> tuple[nn.Module, TrainedRun]:
     """The teacher of `spec.distill`, checked against this job; BadInput on a mismatch."""
+    assert spec.distill is not None  # a distillation job
     run = load_run(spec.distill.teacher, KEY)
     src = inputs.train_source
     if not inputs.classify:
@@ -89,6 +91,7 @@ def load_teacher(spec: JobSpec, inputs, device: torch.device) -> tuple[nn.Module
 def distillation(spec: JobSpec, world, inputs, device: torch.device) -> tuple[Distillation, "DistillReport"]:
     teacher, run = world.agree(lambda: load_teacher(spec, inputs, device))
     d = spec.distill
+    assert d is not None  # a distillation job
     objective = Distillation(teacher, d.alpha, d.temperature, device)
     return objective, DistillReport(objective, run)
 

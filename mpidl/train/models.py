@@ -204,7 +204,8 @@ def user_model(spec, source) -> nn.Module:
         raise BadInput(f"model.name: {name}: not a class or a function (a {type(fn).__name__})")
     args = dict(spec.model.args)
     x_shape = source.shapes[source.keys[0]]
-    for arg, value in (("in_features", int(np.prod(x_shape))), ("in_channels", x_shape[0] if len(x_shape) == 3 else None)):
+    for arg, value in (("in_features", int(np.prod(x_shape))),
+                       ("in_channels", x_shape[0] if len(x_shape) == 3 else None)):
         if value is not None and arg not in args and usercode.accepts(fn, arg) and _named(fn, arg):
             args[arg] = value
     model = usercode.call(fn, args, "model.args", name)

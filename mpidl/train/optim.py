@@ -15,7 +15,7 @@ def build_optimizer(spec: JobSpec, model: nn.Module, lr: float) -> torch.optim.O
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=o.momentum, nesterov=o.nesterov,
                                weight_decay=o.weight_decay)
     cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
-    return cls(model.parameters(), lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    return cls(model.parameters(), lr=lr, betas=o.betas, weight_decay=o.weight_decay)
 
 
 def lr_scale(spec: JobSpec, world_size: int) -> int:

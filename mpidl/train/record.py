@@ -40,8 +40,8 @@ class Progress:
 
 
 def versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-           "mpidl": mpidl.__version__}
+    out: dict[str, Optional[str]] = {"python": platform.python_version(), "torch": torch.__version__,
+                                     "numpy": np.__version__, "mpidl": mpidl.__version__}
     for mod in ("h5py", "mpi4py", "horovod"):
         try:
             out[mod] = __import__(mod).__version__

@@ -52,7 +52,7 @@ class CoefficientReport(Callback):
         err = w - true_w
         summary["coefficients"] = {
             "max_abs_error": float(np.abs(err).max()),
-            "rel_error": float(np.linalg.norm(err) / max(np.linalg.norm(true_w), 1e-300)),
+            "rel_error": float(np.linalg.norm(err) / max(float(np.linalg.norm(true_w)), 1e-300)),
             "intercept_max_abs_error": float(np.abs(b - true_b).max()),
             "least_squares_standard_error": self.truth["noise"] / math.sqrt(self.rows),
             "features": int(w.shape[0]), "noise": self.truth["noise"],

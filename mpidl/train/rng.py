@@ -37,7 +37,7 @@ def numpy_state_plain(state: tuple) -> dict:
 
 def capture() -> dict:
     """The global generators' states (torch, numpy, random), as plain values."""
-    return {"torch": torch.get_rng_state(), "numpy": numpy_state_plain(np.random.get_state()),
+    return {"torch": torch.get_rng_state(), "numpy": numpy_state_plain(np.random.get_state()),  # type: ignore[arg-type]  # a tuple for the global MT19937 (the stub says dict)
             "python": random.getstate()}
 
 

@@ -39,7 +39,7 @@ import os
 import time
 import types
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Iterator, Literal, Optional, Union
 
 import torch
 from torch import nn
@@ -50,8 +50,15 @@ from mpidl.runlock import RunLock
 from mpidl.train import checkpoint
 from mpidl.train.backends import Backend, make_backend
 from mpidl.train.record import Recorder, versions
-from mpidl.train.state import (Position, float_buffers, fresh_run_dir, read_latest, restore_rng, resume_position,
-                               snapshot)
+from mpidl.train.state import (
+    Position,
+    float_buffers,
+    fresh_run_dir,
+    read_latest,
+    restore_rng,
+    resume_position,
+    snapshot,
+)
 from mpidl.world import before_finalize, init
 
 BUCKETS = ("data", "compute", "sync", "optimizer")
@@ -90,7 +97,8 @@ class Run:
     scheduler to checkpoint (step it yourself). backend: horovod, ddp, mpi or none (or a Backend),
     with `backend_options` as a job spec's section of that name (default horovod). MPIDL_BACKEND,
     MPIDL_OUTPUT, MPIDL_STEPS and MPIDL_LOG_EVERY, when set (by `mpidl scale`, `mpidl check`,
-    `mpidl submit --array`), take precedence over the backend, output, length and log_every given here. resume: "auto" continues from the
+    `mpidl submit --array`), take precedence over the backend, output, length and log_every given here.
+    resume: "auto" continues from the
     newest checkpoint when there is one, True requires one, False starts afresh (refused where the
     folder holds checkpoints, unless `overwrite`). fingerprint: what a checkpoint must match
     (default: `model_fingerprint`).
@@ -124,7 +132,7 @@ class Run:
         if not spe or (epochs is None and steps is None):
             raise BadInput(f"Run {self.run_dir}: give epochs or steps, and a loader or steps_per_epoch")
         self.steps_per_epoch = spe
-        self.total_steps = steps or epochs * spe
+        self.total_steps = steps or epochs * spe  # type: ignore[operator]  # epochs is None only when steps is given (checked above)
         self.epochs_total = math.ceil(self.total_steps / spe)
         self.end = self.total_steps
         self.spec_record = spec  # the job spec a checkpoint holds (None for one's own loop)
@@ -155,13 +163,15 @@ class Run:
             log.get().info("resumed from %s at epoch %d, step %d (global %d)", self.resumed_from, p.epoch,
                            p.step_in_epoch, p.global_step)
         self.same_world = state is not None and state["world_size"] == world.size
+        self.model: nn.Module
+        self.optimizer: torch.optim.Optimizer
         self.model, self.optimizer = self.backend.prepare(model, optimizer)  # rank 0's weights everywhere
         if state is not None:
             # Into the optimizer the backend returned: Horovod's wrapper is a new optimizer that
             # starts with empty state.
             self.optimizer.load_state_dict(state["optimizer"])
         self.net = self.backend.unwrap(self.model)  # the plain module: its state_dict is what checkpoints hold
-        if self.same_world:  # each rank takes back its own BatchNorm statistics
+        if state is not None and self.same_world:  # each rank takes back its own BatchNorm statistics
             for k, b in float_buffers(self.net).items():
                 b.copy_(state["rank_buffers"][world.rank][k])
         self.scheduler = scheduler
@@ -222,7 +232,7 @@ class Run:
         self._open_signals()
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         """Leaving the block: as the end of `epochs()` (nothing more after it), unless an error left it."""
         if exc_type is not None and not issubclass(exc_type, Preempted):
             self._close_signals(failed=True)
@@ -345,7 +355,7 @@ class Run:
                                "log the same values on every rank", collective=True, origin=odd)
             self._agreed_keys = keys
         avg = self.backend.average({k: float(window[k]) for k in keys})
-        rec = {"step": self.position.global_step, "epoch": self._epoch_float()}
+        rec: dict[str, Any] = {"step": self.position.global_step, "epoch": self._epoch_float()}
         rec.update({k: avg[k] / n for k in keys if not k.startswith("time")})
         rec["lr"] = self.optimizer.param_groups[0]["lr"]
         rec["step_time"] = avg["time"] / n
@@ -353,9 +363,9 @@ class Run:
             rec["samples_per_s"] = n * self.batch * self.batches_per_step * self.world.size / avg["time"]
         rec["time"] = {k: avg[f"time_{k}"] / n for k in BUCKETS}
         self.recorder.write(rec)
-        shown = " ".join(f"{k} {rec[k]:.4f}" for k in keys if not k.startswith("time"))
+        logged = " ".join(f"{k} {rec[k]:.4f}" for k in keys if not k.startswith("time"))
         self.recorder.show(f"epoch {self.position.epoch + 1}/{self.epochs_total} step {self.position.step_in_epoch}/"
-                           f"{self.steps_per_epoch} {shown}"
+                           f"{self.steps_per_epoch} {logged}"
                            + (f" {rec['samples_per_s']:.0f} samples/s" if "samples_per_s" in rec else ""))
 
     def save_checkpoint(self, extra: Optional[dict] = None) -> None:
@@ -434,4 +444,4 @@ class Run:
             run._times["optimizer"] += time.perf_counter() - t1
             return out
 
-        opt.step = types.MethodType(step, opt)
+        opt.step = types.MethodType(step, opt)  # type: ignore[method-assign]  # this instance's step, on purpose

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import time
 from typing import Callable, Iterator, Optional, Sequence, Union
 
@@ -65,6 +66,8 @@ def _shown(metrics: dict) -> str:
 
 class Trainer(Run):
     """One job on this rank. The constructor sets everything up (a collective); `fit` runs it."""
+
+    log: logging.Logger  # type: ignore[assignment]  # a logger in place of Run.log: a Trainer records its own metrics
 
     def __init__(self, spec: JobSpec, resume: Union[bool, str] = False, objective: Optional[Objective] = None,
                  callbacks: Sequence[Callback] = (), overwrite: bool = False, world=None):
@@ -107,9 +110,10 @@ class Trainer(Run):
             for g in self.optimizer.param_groups:  # the scaled lr follows the new world size
                 g["initial_lr"] = spec.optimizer.lr * lr_scale(spec, world.size)
         if spec.model.compile:
-            self.model = torch.compile(self.model)
+            self.model = torch.compile(self.model)  # type: ignore[assignment]  # compiling a Module gives a Module (OptimizedModule)
         self.scheduler = build_scheduler(spec, self.optimizer, world.size, self.steps_per_epoch, self.total_steps,
-                                         self.position.global_step, state["scheduler"] if self.same_world else None)
+                                         self.position.global_step,
+                                         state["scheduler"] if state is not None and self.same_world else None)
         self.restored = state = None
 
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if spec.precision == "bf16"
@@ -297,7 +301,7 @@ class Trainer(Run):
         self.inputs.loader.close()
         if self.inputs.val_loader is not None:
             self.inputs.val_loader.close()
-        self.model = self.net = self.optimizer = self.scheduler = None
+        self.model = self.net = self.optimizer = self.scheduler = None  # type: ignore[assignment]  # released at the end
         gc.collect()
         self.backend.close()
         self.release()
@@ -323,7 +327,8 @@ def train(spec: JobSpec, resume: Union[bool, str] = False, stop_at: Optional[int
 
 
 def run_job(load: Callable[[], JobSpec], *, resume: Union[bool, str] = False, overwrite: bool = False,
-            stop_at: Optional[int] = None, requeue_with: Callable[[JobSpec], Optional[Callable[[], None]]] = lambda s: None):
+            stop_at: Optional[int] = None,
+            requeue_with: Callable[[JobSpec], Optional[Callable[[], None]]] = lambda s: None):
     """A job's whole life on this rank, for `mpidl train` and for the submitit task alike: the
     spec loaded (the same one-line error on every rank), trained, and after a preemption requeued
     through `requeue_with(spec)` or left with exit 3. Returns (world, spec, summary, exit code).

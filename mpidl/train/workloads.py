@@ -27,6 +27,7 @@ def workload_pieces(spec: JobSpec, world, inputs, device: torch.device) -> tuple
         from mpidl.train.clipping import Clipping
 
         callbacks.append(Clipping(opt.clip_grad_norm, opt.clip_weights))
+    objective: Objective
     if spec.distill is not None:
         from mpidl.train.distill import distillation
 

@@ -15,7 +15,7 @@ import inspect
 import os
 import socket
 import sys
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -52,6 +52,7 @@ class DDPBackend(Backend):
             addr = world.comm.bcast(addr, root=0)
         if isinstance(addr, str):  # rank 0 found no address: every rank says so (exit 2)
             raise BadInput(addr)
+        assert addr is not None  # made by rank 0, which sent it to the others
         self.rendezvous = f"{addr[0]}:{addr[1]}"
         if world.across_nodes:
             # Gloo binds to whatever the host name resolves to, loopback included: name the
@@ -82,10 +83,11 @@ class DDPBackend(Backend):
         ids = [self.device.index] if self.device.type == "cuda" else None
         # Buffers (BatchNorm statistics) stay per rank, as with the other backends; the trainer
         # averages them before evaluation and checkpoints.
-        no_buffer_sync = ({"forward_sync_buffers": False}  # torch >= 2.13 renamed broadcast_buffers
+        no_buffer_sync: dict[str, Any] = ({"forward_sync_buffers": False}  # torch >= 2.13 renamed broadcast_buffers
                           if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                           else {"broadcast_buffers": False})
-        wrapped = DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=float(self.options.get("bucket_cap_mb", 25)),
+        wrapped = DistributedDataParallel(model, device_ids=ids,
+                                          bucket_cap_mb=float(self.options.get("bucket_cap_mb", 25)),
                                           **no_buffer_sync)
         return wrapped, optimizer
 

@@ -13,14 +13,12 @@ import os
 import time
 from typing import Iterator
 
+import horovod.torch as hvd  # at import time, so make_backend can report a missing Horovod
 import torch
 from torch import nn
 
-import horovod.torch as hvd  # at import time, so make_backend can report a missing Horovod
-
 from mpidl.train.backends import Backend
 from mpidl.world import before_finalize
-
 
 # Horovod's coordinator checks every stall_check_s, so Horovod shuts down between stall_shutdown_s
 # and stall_shutdown_s + stall_check_s after a stall began (30-40 s here), and the job ends after.

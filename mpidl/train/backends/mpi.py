@@ -27,7 +27,8 @@ class MPIBackend(Backend):
         self._params = [p for p in model.parameters() if p.requires_grad]
         # Buckets of whole tensors up to bucket_mb, float32 or float64 as the parameters are.
         self._buckets: list[list[torch.nn.Parameter]] = []
-        cur, size = [], 0
+        cur: list[torch.nn.Parameter] = []
+        size = 0
         for p in self._params:
             nbytes = p.numel() * p.element_size()
             if cur and (size + nbytes > self.bucket_bytes or p.dtype != cur[0].dtype):
