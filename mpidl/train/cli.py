@@ -16,7 +16,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     world = mpidl.init()
     spec = world.agree(lambda: load_spec(args.job, args.set))  # the same one-line error on every rank
     resume = requeue.resume_mode(args.resume) if args.requeue else args.resume
-    summary = train(spec, resume=resume, stop_at=args.stop_at, overwrite=args.overwrite)
+    summary = train(spec, resume=resume, stop_at=args.stop_at, overwrite=args.overwrite,
+                    callbacks=getattr(args, "callbacks", ()))  # `mpidl check` adds its probe
     if summary.get("preempted"):
         return requeue.after_preemption(world, summary, spec.slurm.requeue_limit,
                                         requeue.scontrol_requeue() if args.requeue else None)
