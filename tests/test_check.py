@@ -53,7 +53,7 @@ FAULTS = '''
 
 def check(cwd: Path, *args: str, env: dict | None = None) -> tuple[int, dict[str, tuple[str, str]], str]:
     """`mpidl check ARGS` in `cwd`: (exit status, name -> (status, detail), output)."""
-    r = run(mpidl_cmd("check", *args, "--out", str(cwd / "check")), cwd=cwd, env=env, timeout=900)
+    r = run(mpidl_cmd("check", "--out", str(cwd / "check"), *args), cwd=cwd, env=env, timeout=900)
     lines = {m[1]: (m[2], m[3]) for m in map(LINE.match, r.stdout.splitlines()) if m}
     return r.returncode, lines, r.output
 
@@ -164,3 +164,18 @@ def test_bad_input_exits_2(user, args, expect):
         return
     assert code == 2 and expect in out, out
     assert "Traceback" not in out
+
+
+def test_a_loop_of_ones_own_on_mpidl_run(user):
+    """`mpidl check -- python mpidl_loop.py DATA`: the example's loop, on its own data, with the
+    run folder and length the check gives it (MPIDL_OUTPUT, MPIDL_STEPS)."""
+    folder = user.parent
+    from mpidl.data import synth
+
+    synth.synth_tabular(str(folder / "example.h5"), 4000, features=16, classes=4, seed=2)
+    code, lines, out = check(folder, "--", "python", "mpidl_loop.py", "example.h5")
+    assert code == 0 and list(lines) == CHECKS, out
+    assert {k for k, (s, _) in lines.items() if s != "ok"} == {"data", "slurm"}, out
+    assert lines["shares"][1] == "512 rows a rank in epoch 0, equal and disjoint in the run's one epoch"
+    assert lines["resume"][1] == "resumed at step 5: steps 6-8 equal the uninterrupted run's bit for bit"
+    assert not (folder / "runs").exists()  # its runs/example went where the check said

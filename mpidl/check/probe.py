@@ -8,6 +8,10 @@ the rows this rank reads in each epoch of the run (the loader's own plan, mapped
 the data file where the rows are staged), a hash of each parameter after every step, and at
 the end its peak memory. With MPIDL_CHECK_SIGNAL_AT=k the last rank sends itself SIGUSR2
 during step k + 1, as SLURM's warning signal arrives: in the middle of a step.
+
+Your own loop on `mpidl.Run` (`mpidl check -- python train.py`) gets the same probe from the
+Run itself when $MPIDL_CHECK_DIR is set (`from_env`): a Run and a Trainer offer it the same
+attributes (world, position, steps_per_epoch, end, batch, batches_per_step, loader, net).
 """
 from __future__ import annotations
 
@@ -68,9 +72,10 @@ class Probe(Callback):
         self.folder.mkdir(parents=True, exist_ok=True)
         self.out = open(self.folder / f"rank-{w.rank}.jsonl", "w")
         pos, spe, end = trainer.position, trainer.steps_per_epoch, trainer.end
-        per_step = trainer.spec.data.batch * trainer.spec.accumulate
+        per_step = (trainer.batch or 0) * trainer.batches_per_step
+        self._write({"event": "start", "batch": trainer.batch, "steps_per_epoch": spe, "step": pos.global_step})
         step, epoch, first = pos.global_step, pos.epoch, pos.step_in_epoch
-        while step < end:  # the epochs this run touches, and which of their steps it takes
+        while step < end and trainer.loader is not None:  # the epochs this run touches, and their steps
             n = min(spe - first, end - step)
             rows = data_rows(trainer.loader, epoch)[first * per_step:(first + n) * per_step]
             self._write({"event": "share", "epoch": epoch, "rows": sorted(int(r) for r in rows)})
@@ -91,12 +96,19 @@ class Probe(Callback):
                      "cuda_peak_mib": cuda})
 
 
+def from_env() -> Optional[Probe]:
+    """The probe `mpidl check` asks a run of your own loop for, or None outside a check."""
+    if not os.environ.get(DIR_ENV):
+        return None
+    at = os.environ.get(SIGNAL_ENV)
+    return Probe(Path(os.environ[DIR_ENV]), int(at) if at else None)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     from mpidl import cli
 
     args = cli.build_parser().parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
-    at = os.environ.get(SIGNAL_ENV)
-    args.callbacks = [Probe(Path(os.environ[DIR_ENV]), int(at) if at else None)]
+    args.callbacks = [from_env()]
     return cli.dispatch(args)
 
 

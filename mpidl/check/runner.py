@@ -46,6 +46,7 @@ from mpidl.check import DIR_ENV, SIGNAL_ENV, data
 from mpidl.errors import EXIT_BAD_INPUT, BadInput
 
 OK, FAIL, SKIPPED = "ok", "FAIL", "skipped"
+RUN_ENV = ("MPIDL_BACKEND", "MPIDL_OUTPUT", "MPIDL_STEPS", "MPIDL_LOG_EVERY", "MPIDL_REQUEUE", "MPIDL_REQUEUE_LIMIT")
 WIDTH = 11  # the check names' column
 
 
@@ -130,7 +131,7 @@ class Checker:
         self.per_epoch = max(2, math.ceil(steps / 3))
         self.signal_at = self.per_epoch           # 0-based: SIGUSR2 during step per_epoch + 1
         self.stop = self.per_epoch + 2             # the ranks learn of it one step later
-        self.first: tuple = (None, None)           # run A and the spec, for the estimate
+        self.first: Optional[Run] = None           # run A, for the estimate
 
     def line(self, name: str, status: str, detail: str) -> Line:
         ln = Line(name, status, detail)
@@ -139,6 +140,13 @@ class Checker:
         return ln
 
     # ------------------------------------------------------------------ runs
+    def command(self, sets: list[str], run_dir: Path, resume: bool) -> tuple[list[str], dict[str, str]]:
+        """A run's argv and the variables it adds: `mpidl train` with the probe, pointed at run_dir."""
+        argv = [sys.executable, "-m", "mpidl.check.probe", self.job]
+        for item in [*sets, f"output={quoted_path(run_dir)}"]:
+            argv += ["--set", item]
+        return argv + (["--resume"] if resume else []), {}
+
     def launch(self, name: str, sets: list[str], *, signal_at: Optional[int] = None, resume: bool = False,
                output: Optional[Path] = None) -> Run:
         from mpidl.scaling.launch import MpirunLauncher
@@ -146,15 +154,14 @@ class Checker:
         run_dir = output or self.folder / name
         probe = self.folder / f"probe-{name}"
         shutil.rmtree(probe, ignore_errors=True)
-        env = {k: v for k, v in os.environ.items() if k not in (DIR_ENV, SIGNAL_ENV)}
-        env.update({DIR_ENV: str(probe), "CUDA_VISIBLE_DEVICES": ""})  # local CPU ranks
+        argv, extra = self.command(sets, run_dir, resume)
+        # The check's own runs: no requeue, and none of a study's or a check's settings from outside.
+        env = {k: v for k, v in os.environ.items() if k not in (DIR_ENV, SIGNAL_ENV, *RUN_ENV)}
+        env.update({**extra, DIR_ENV: str(probe), "CUDA_VISIBLE_DEVICES": ""})  # local CPU ranks
+        # `python` in a command is this venv's, as in the scripts `mpidl submit -- CMD` writes.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         if signal_at is not None:
             env[SIGNAL_ENV] = str(signal_at)
-        argv = [sys.executable, "-m", "mpidl.check.probe", self.job]
-        for item in [*sets, f"output={quoted_path(run_dir)}"]:
-            argv += ["--set", item]
-        if resume:
-            argv.append("--resume")
         if shutil.which("mpirun") is None:
             raise BadInput("mpirun: not found on PATH (mpidl check starts the job's ranks with it)")
         done = MpirunLauncher([], os.cpu_count() or 1).run(self.ranks, argv, env=env, cwd=Path.cwd(),
@@ -187,19 +194,21 @@ class Checker:
         except BadInput as e:
             self.line("data", FAIL, str(e))
         if sliced is not None:
-            self.runs([*self.sets, *sliced.sets, f"steps={self.steps}", "log_every=1", "checkpoint.dir=null"], spec)
+            self.runs([*self.sets, *sliced.sets, f"steps={self.steps}", "log_every=1", "checkpoint.dir=null"])
         else:
             for name in ("loss", "shares", "weights", "preemption", "resume"):
                 self.line(name, SKIPPED, "no data to run on")
         self.slurm()
         self.estimate()
-        failed = sum(ln.status == FAIL for ln in self.lines)
+        return self.verdict(t0)
+
+    def verdict(self, t0: float) -> int:
         counts = {s: sum(ln.status == s for ln in self.lines) for s in (OK, FAIL, SKIPPED)}
         self.show(f"{counts[OK]} passed, {counts[FAIL]} failed, {counts[SKIPPED]} skipped in "
                   f"{time.monotonic() - t0:.1f} s")
-        return 1 if failed else 0
+        return 1 if counts[FAIL] else 0
 
-    def runs(self, sets: list[str], spec) -> None:
+    def runs(self, sets: list[str]) -> None:
         a = self.launch("a", sets)
         ok = a.returncode == 0 and not a.timed_out
         self.loss(a, ok)
@@ -215,7 +224,7 @@ class Checker:
                 self.resume(a, b, c)
             else:
                 self.line("resume", SKIPPED, "no checkpoint from a preemption to resume")
-        self.first = (a, spec)
+        self.first = a
 
     def loss(self, a: Run, ok: bool) -> None:
         if not ok:
@@ -224,7 +233,8 @@ class Checker:
         losses = [m["loss"] for m in a.metrics() if "loss" in m and "val_loss" not in m]
         bad = [i for i, v in enumerate(losses, 1) if not math.isfinite(v)]
         if not losses:
-            self.line("loss", FAIL, f"{a.folder / 'metrics.jsonl'}: no training record")
+            self.line("loss", SKIPPED, f"the run ended well, but {a.folder / 'metrics.jsonl'} holds no loss: log it "
+                                       "(run.log(loss=loss))")
         elif bad:
             self.line("loss", FAIL, f"non-finite loss {losses[bad[0] - 1]} at step {bad[0]}")
         else:
@@ -254,8 +264,8 @@ class Checker:
                         return
                     seen[row] = r
         per = len(shares[0][epochs[0]])
-        self.line("shares", OK, f"{per} rows a rank in epoch {epochs[0]}, equal and disjoint in each of "
-                                f"{len(epochs)} epochs")
+        self.line("shares", OK, f"{per} rows a rank in epoch {epochs[0]}, equal and disjoint in "
+                                + (f"each of {len(epochs)} epochs" if len(epochs) > 1 else "the run's one epoch"))
 
     def weights(self, a: Run) -> None:
         steps = a.steps()
@@ -321,12 +331,17 @@ class Checker:
         self.line("resume", OK, f"resumed at step {self.stop}: steps {self.stop + 1}-{max(first)} equal the "
                                 "uninterrupted run's bit for bit")
 
+    def prepared(self):
+        """The submission `mpidl submit` would make of the job (checked, nothing written)."""
+        from mpidl.slurm import submit
+
+        return submit.prepare(self.job, self.sets, array=[], standalone_script=False, cwd=Path.cwd(), overwrite=True)
+
     def slurm(self) -> None:
-        from mpidl.slurm import controller, submit
+        from mpidl.slurm import controller
 
         try:
-            prepared = submit.prepare(self.job, self.sets, array=[], standalone_script=False, cwd=Path.cwd(),
-                                      overwrite=True)
+            prepared = self.prepared()
             if not controller.controller_answers():
                 self.line("slurm", SKIPPED, "no controller: the script was written and its values checked, "
                                             "sbatch --test-only not asked")
@@ -340,10 +355,12 @@ class Checker:
             self.line("slurm", FAIL, str(e))
 
     def estimate(self) -> None:
-        a, spec = self.first
+        a = self.first
         if a is None:
             self.line("estimate", SKIPPED, "no run")
             return
+        starts = [x for recs in a.events("start").values() for x in recs]
+        batch = f"batch {starts[0]['batch']} a rank, " if starts and starts[0]["batch"] else ""
         times = [m["step_time"] for m in a.metrics() if "step_time" in m][1:]  # the first step warms up
         probe = [x["probe_s"] for recs in a.events("step").values() for x in recs]
         peaks = [x["peak_rss_mib"] for recs in a.events("end").values() for x in recs]
@@ -351,8 +368,54 @@ class Checker:
             self.line("estimate", SKIPPED, "the run did not finish")
             return
         ms = 1000 * max(0.0, statistics.median(times) - (statistics.median(probe) if probe else 0.0))
-        self.line("estimate", OK, f"{ms:.1f} ms a step on {self.ranks} CPU ranks here (batch {spec.data.batch} a "
-                                  f"rank, median of {len(times)} steps); peak memory {max(peaks):.0f} MiB a rank")
+        self.line("estimate", OK, f"{ms:.1f} ms a step on {self.ranks} CPU ranks here ({batch}median of {len(times)} "
+                                  f"steps); peak memory {max(peaks):.0f} MiB a rank")
+
+
+class ScriptChecker(Checker):
+    """`mpidl check [RESOURCES.yaml] -- CMD`: your own loop on `mpidl.Run`, run as `mpidl scale`
+    runs one: the run folder in MPIDL_OUTPUT (a folder of the check's), MPIDL_STEPS, a record a
+    step; the Run itself hands the probe what it sees. Its data is its own: no slice."""
+
+    def __init__(self, program: list[str], resources: Optional[str], *args, **kwargs):
+        super().__init__(resources or "", *args, **kwargs)
+        self.program, self.resources = list(program), resources
+
+    def command(self, sets: list[str], run_dir: Path, resume: bool) -> tuple[list[str], dict[str, str]]:
+        # A resumed run is the same command: a Run resumes from its folder's checkpoint (resume="auto").
+        return self.program, {"MPIDL_OUTPUT": str(run_dir), "MPIDL_STEPS": str(self.steps), "MPIDL_LOG_EVERY": "1"}
+
+    def prepared(self):
+        from mpidl.slurm import command
+
+        return command.prepare(self.resources, {}, self.sets, self.program, array=[], cwd=Path.cwd(), venv=None)[0]
+
+    def run(self, synthetic: bool = False, shapes: Optional[list[str]] = None, classes: Optional[int] = None) -> int:
+        from mpidl.slurm import command
+
+        t0 = time.monotonic()
+        shown = " ".join(self.program)
+        self.show(f"mpidl check -- {shown}: {self.ranks} CPU ranks, {self.steps} steps")
+        try:
+            spec = command.resources(self.resources, {}, self.sets, self.program)
+            script = next((w for w in self.program[1:] if w.endswith(".py")), None)
+            if shutil.which(self.program[0]) is None and not Path(self.program[0]).is_file():
+                raise BadInput(f"{self.program[0]}: not found (on PATH or as a file)")
+            if script is not None and not Path(script).is_file():
+                raise BadInput(f"{script}: not found")
+        except BadInput as e:
+            self.line("spec", FAIL, str(e))
+            return EXIT_BAD_INPUT
+        self.line("spec", OK, (f"{self.resources}'s slurm: section validates" if self.resources else
+                               "no resources file: the slurm: defaults") + f"; job {spec.name}")
+        if synthetic or shapes:
+            self.line("data", FAIL, "--synthetic and --shape are for job specs: your script reads its own data")
+        else:
+            self.line("data", SKIPPED, "your script reads its own data, all of it, as the job will")
+        self.runs([])
+        self.slurm()
+        self.estimate()
+        return self.verdict(t0)
 
 
 def _digest(hashes: dict[str, str]) -> str:
@@ -361,18 +424,27 @@ def _digest(hashes: dict[str, str]) -> str:
     return hashlib.blake2b("".join(hashes[k] for k in sorted(hashes)).encode(), digest_size=6).hexdigest()
 
 
-def check(job: str, sets: list[str], *, ranks: int = 2, steps: int = 8, synthetic: bool = False,
+def check(job: Optional[str], sets: list[str], *, ranks: int = 2, steps: int = 8, synthetic: bool = False,
           shapes: Optional[list[str]] = None, classes: Optional[int] = None, timeout: float = 300,
-          out: Optional[Path] = None, show: Callable[[str], None] = print) -> int:
-    """Run the checks, print the table; the exit status. `out`: keep the runs there (else a
-    temporary folder, kept only when a check failed)."""
+          out: Optional[Path] = None, program: Optional[list[str]] = None,
+          show: Callable[[str], None] = print) -> int:
+    """Run the checks, print the table; the exit status. `program`: a command on `mpidl.Run`
+    (`job` is then its resources file, or None). `out`: keep the runs there (else a temporary
+    folder, kept only when a check failed)."""
+    if program is None and job is None:
+        raise BadInput("mpidl check: give a job spec (JOB.yaml), or a command after `--`")
+    if program is not None and not program:
+        raise BadInput("mpidl check: no command after `--` (e.g. -- python train.py)")
     if ranks < 1:
         raise BadInput(f"-n {ranks}: at least 1 rank")
     if steps < 6:
         raise BadInput(f"--steps {steps}: at least 6 (an epoch, a preemption two steps into the next, a resume)")
     folder = Path(out) if out else Path(tempfile.mkdtemp(prefix="mpidl-check-"))
     folder.mkdir(parents=True, exist_ok=True)
-    checker = Checker(job, sets, ranks, steps, folder.absolute(), timeout, show)
+    if program is not None:
+        checker: Checker = ScriptChecker(program, job, sets, ranks, steps, folder.absolute(), timeout, show)
+    else:
+        checker = Checker(job, sets, ranks, steps, folder.absolute(), timeout, show)
     code = EXIT_BAD_INPUT
     try:
         code = checker.run(synthetic=synthetic, shapes=shapes, classes=classes)
