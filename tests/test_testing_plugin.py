@@ -153,3 +153,16 @@ def test_mpidl_suite_runs_on_the_plugin(world, shared_tmp_path):
     assert world.size == 2 and world.launcher == "mpirun"
     assert shared_tmp_path.is_dir()
     assert subprocess.run(["true"]).returncode == 0  # a rank may start processes of its own
+
+
+def test_the_docs_example_passes(tmp_path):
+    """docs/testing.md's user test file, as printed there, on its ranks."""
+    page = (ROOT / "docs" / "testing.md").read_text()
+    code = page.split("```python\n# tests/test_my_loop.py\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "test_my_loop.py").write_text(code)
+    r = run([PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "mpidl.testing", "-rA",
+             f"--basetemp={tmp_path / 'tmp'}", "test_my_loop.py"], cwd=tmp_path, timeout=900)
+    assert r.returncode == 0, r.output[-3000:]
+    passed = sorted(line.split()[1] for line in r.stdout.splitlines() if line.startswith("PASSED "))
+    assert passed == ["test_my_loop.py::test_allreduce_sums", "test_my_loop.py::test_my_loop_resumes_exactly[np=1]",
+                      "test_my_loop.py::test_my_loop_resumes_exactly[np=2]"], r.output[-3000:]
