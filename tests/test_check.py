@@ -144,7 +144,8 @@ def test_a_stand_in_of_the_data_shapes(user):
     missing = ["--set", "data.files=elsewhere/train.h5", "--set", "data.synth=null", "--steps", "6"]
     code, lines, out = check(folder, "job.yaml", *missing)
     assert code == 1 and set(only_failures(lines)) == {"data"}, out
-    assert "elsewhere/train.h5: file not found; for a stand-in of the same shapes give them: --shape" in lines["data"][1]
+    assert "elsewhere/train.h5: file not found; for a stand-in of the same shapes give them: --shape" \
+        in lines["data"][1]
 
     code, lines, out = check(folder, "job.yaml", *missing, "--shape", "x=8:float32", "--shape", "y=:int64",
                              "--classes", "3")

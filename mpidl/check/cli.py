@@ -41,5 +41,5 @@ def register(sub) -> None:
                    help="classes of a stand-in's integer labels (default: the spec's)")
     s.add_argument("--timeout", type=float, default=300, metavar="S", help="seconds a run may take (default 300)")
     s.add_argument("--out", default=None, metavar="DIR",
-                   help="keep the runs, logs and data slice here (default: a temporary folder, kept when a check fails)")
+                   help="keep the runs, logs and data slice here (default: a temporary folder, kept when a line fails)")
     s.set_defaults(func=cmd_check, program=None)

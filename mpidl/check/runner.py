@@ -116,6 +116,10 @@ def reason(text: str, returncode: int) -> str:
     return f"exit status {returncode}" + (f": {lines[-1].strip()}" if lines else "")
 
 
+def ranks_of(n: int, kind: str = "") -> str:
+    return f"{n} {kind}rank" + ("s" if n != 1 else "")
+
+
 def quoted_path(path: Path) -> str:
     """A path as a --set value for `output` (YAML-quoted; braces doubled: it is a template)."""
     return json.dumps(str(path).replace("{", "{{").replace("}", "}}"))
@@ -130,7 +134,8 @@ class Checker:
         # A few epochs in S steps: a preemption lands mid-epoch and a resume crosses an epoch's end.
         self.per_epoch = max(2, math.ceil(steps / 3))
         self.signal_at = self.per_epoch           # 0-based: SIGUSR2 during step per_epoch + 1
-        self.stop = self.per_epoch + 2             # the ranks learn of it one step later
+        # Ranks learn of a signal one step later (no extra synchronisation); one rank at once.
+        self.stop = self.signal_at + (2 if ranks > 1 else 1)
         self.first: Optional[Run] = None           # run A, for the estimate
 
     def line(self, name: str, status: str, detail: str) -> Line:
@@ -178,7 +183,8 @@ class Checker:
         from mpidl.spec import load_spec
 
         t0 = time.monotonic()
-        self.show(f"mpidl check {self.job}: {self.ranks} CPU ranks, {self.steps} steps ({self.per_epoch} an epoch)")
+        self.show(f"mpidl check {self.job}: {ranks_of(self.ranks, 'CPU ')}, {self.steps} steps "
+                  f"({self.per_epoch} an epoch)")
         try:
             spec = load_spec(self.job, self.sets)
         except BadInput as e:
@@ -209,7 +215,13 @@ class Checker:
         return 1 if counts[FAIL] else 0
 
     def runs(self, sets: list[str]) -> None:
-        a = self.launch("a", sets)
+        try:
+            a = self.launch("a", sets)
+        except BadInput as e:  # no mpirun here
+            self.line("loss", FAIL, str(e))
+            for name in ("shares", "weights", "preemption", "resume"):
+                self.line(name, SKIPPED, "no run")
+            return
         ok = a.returncode == 0 and not a.timed_out
         self.loss(a, ok)
         self.shares(a)
@@ -238,7 +250,7 @@ class Checker:
         elif bad:
             self.line("loss", FAIL, f"non-finite loss {losses[bad[0] - 1]} at step {bad[0]}")
         else:
-            self.line("loss", OK, f"finite at each of {len(losses)} steps on {self.ranks} ranks "
+            self.line("loss", OK, f"finite at each of {len(losses)} steps on {ranks_of(self.ranks)} "
                                   f"({losses[0]:.4g} -> {losses[-1]:.4g}), {a.seconds:.1f} s")
 
     def shares(self, a: Run) -> None:
@@ -286,6 +298,9 @@ class Checker:
                     return
         last = max(steps)
         checksum = _digest(steps[last][0])
+        if self.ranks == 1:
+            self.line("weights", OK, f"one rank, nothing to compare (checksum {checksum} after step {last})")
+            return
         self.line("weights", OK, f"identical on {self.ranks} ranks after each of {len(steps)} steps "
                                  f"(checksum {checksum} after step {last})")
 
@@ -368,8 +383,8 @@ class Checker:
             self.line("estimate", SKIPPED, "the run did not finish")
             return
         ms = 1000 * max(0.0, statistics.median(times) - (statistics.median(probe) if probe else 0.0))
-        self.line("estimate", OK, f"{ms:.1f} ms a step on {self.ranks} CPU ranks here ({batch}median of {len(times)} "
-                                  f"steps); peak memory {max(peaks):.0f} MiB a rank")
+        self.line("estimate", OK, f"{ms:.1f} ms a step on {ranks_of(self.ranks, 'CPU ')} here ({batch}median of "
+                                  f"{len(times)} steps); peak memory {max(peaks):.0f} MiB a rank")
 
 
 class ScriptChecker(Checker):
@@ -395,7 +410,7 @@ class ScriptChecker(Checker):
 
         t0 = time.monotonic()
         shown = " ".join(self.program)
-        self.show(f"mpidl check -- {shown}: {self.ranks} CPU ranks, {self.steps} steps")
+        self.show(f"mpidl check -- {shown}: {ranks_of(self.ranks, 'CPU ')}, {self.steps} steps")
         try:
             spec = command.resources(self.resources, {}, self.sets, self.program)
             script = next((w for w in self.program[1:] if w.endswith(".py")), None)
