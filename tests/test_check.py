@@ -180,3 +180,20 @@ def test_a_loop_of_ones_own_on_mpidl_run(user):
     assert lines["shares"][1] == "512 rows a rank in epoch 0, equal and disjoint in the run's one epoch"
     assert lines["resume"][1] == "resumed at step 5: steps 6-8 equal the uninterrupted run's bit for bit"
     assert not (folder / "runs").exists()  # its runs/example went where the check said
+
+
+@pytest.mark.parametrize("text,expect", [
+    ("epoch 1/3\n[rank 1] error: non-finite loss (nan) at step 3 on rank 1\n--------\nmpirun detected that one",
+     "[rank 1] error: non-finite loss (nan) at step 3 on rank 1"),
+    ("[rank 0] Traceback (most recent call last):\n[rank 0]   File \"x.py\", line 3\n[rank 0] KeyError: 'y'\n",
+     "[rank 0] KeyError: 'y'"),
+    ("----------\nmpirun has detected an attempt to run as root.\n\nRunning as root is *strongly* discouraged\n"
+     "----------\n", "exit status 1: mpirun has detected an attempt to run as root."),
+    ("step 1\nmpirun noticed that process rank 1 with PID 7 on node vm exited on signal 11 (Segmentation fault).\n",
+     "exit status 1: mpirun noticed that process rank 1 with PID 7 on node vm exited on signal 11 (Segmentation "
+     "fault)."),
+])
+def test_the_line_that_says_why_a_run_failed(text, expect):
+    from mpidl.check.runner import reason
+
+    assert reason(text, 1) == expect

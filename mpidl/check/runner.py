@@ -113,7 +113,9 @@ def reason(text: str, returncode: int) -> str:
     raised = [ln for ln in lines if re.match(r"^(\[rank \d+\] )?[\w.]*(Error|Exception|Interrupt)\b", ln)]
     if raised:
         return raised[-1].strip()
-    return f"exit status {returncode}" + (f": {lines[-1].strip()}" if lines else "")
+    lines = [ln for ln in lines if not set(ln.strip()) <= set("-=")]  # Open MPI frames its messages
+    said = [ln for ln in lines if ln.startswith("mpirun ")]  # "mpirun has detected…", "mpirun noticed that…"
+    return f"exit status {returncode}" + (f": {(said or lines[-1:])[0].strip()}" if lines else "")
 
 
 def ranks_of(n: int, kind: str = "") -> str:
@@ -137,6 +139,7 @@ class Checker:
         # Ranks learn of a signal one step later (no extra synchronisation); one rank at once.
         self.stop = self.signal_at + (2 if ranks > 1 else 1)
         self.first: Optional[Run] = None           # run A, for the estimate
+        self.seconds: dict[str, float] = {}        # each run's, for check.json
 
     def line(self, name: str, status: str, detail: str) -> Line:
         ln = Line(name, status, detail)
@@ -171,6 +174,7 @@ class Checker:
             raise BadInput("mpirun: not found on PATH (mpidl check starts the job's ranks with it)")
         done = MpirunLauncher([], os.cpu_count() or 1).run(self.ranks, argv, env=env, cwd=Path.cwd(),
                                                            timeout=self.timeout, log=self.folder / f"{name}.log")
+        self.seconds[name] = done.seconds
         ranks = {}
         for r in range(self.ranks):
             path = probe / f"rank-{r}.jsonl"
@@ -209,10 +213,15 @@ class Checker:
         return self.verdict(t0)
 
     def verdict(self, t0: float) -> int:
+        """The last line, and check.json in the folder (the lines, each run's seconds) for scripts."""
         counts = {s: sum(ln.status == s for ln in self.lines) for s in (OK, FAIL, SKIPPED)}
-        self.show(f"{counts[OK]} passed, {counts[FAIL]} failed, {counts[SKIPPED]} skipped in "
-                  f"{time.monotonic() - t0:.1f} s")
-        return 1 if counts[FAIL] else 0
+        seconds = time.monotonic() - t0
+        self.show(f"{counts[OK]} passed, {counts[FAIL]} failed, {counts[SKIPPED]} skipped in {seconds:.1f} s")
+        code = 1 if counts[FAIL] else 0
+        (self.folder / "check.json").write_text(json.dumps({
+            "exit": code, "seconds": seconds, "runs": self.seconds,
+            "lines": [{"name": ln.name, "status": ln.status, "detail": ln.detail} for ln in self.lines]}, indent=2))
+        return code
 
     def runs(self, sets: list[str]) -> None:
         try:
