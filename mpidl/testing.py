@@ -77,7 +77,7 @@ def pytest_addoption(parser) -> None:
 
 
 def rank_env(config) -> dict[str, str]:
-    """The ini's `mpirun_env` as a dict (BadInput-free: a line without = is a usage error)."""
+    """The ini's `mpirun_env` as a dict; a line without `=` is a usage error."""
     env = {}
     for line in config.getini("mpirun_env"):
         key, eq, value = line.partition("=")
@@ -124,6 +124,8 @@ def pytest_generate_tests(metafunc) -> None:
 
 
 def _np(item) -> int:
+    if item.get_closest_marker(MARK) is None:
+        return 1  # a test in the pytest process
     callspec = getattr(item, "callspec", None)
     if callspec is not None and "mpirun_np" in callspec.params:
         return callspec.params["mpirun_np"]
