@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from mpidl import log, preemption
+from mpidl.check import DIR_ENV as CHECK_DIR_ENV
 from mpidl.errors import BadInput
 from mpidl.runlock import RunLock
 from mpidl.train import checkpoint
@@ -173,7 +174,7 @@ class Run:
             self._average_in_step()
         # Under `mpidl check -- CMD`: what this rank sees, for the check (mpidl/check/probe.py).
         self._probe = None
-        if averaging_step and os.environ.get("MPIDL_CHECK_DIR"):
+        if averaging_step and os.environ.get(CHECK_DIR_ENV):
             from mpidl.check.probe import from_env
 
             self._probe = from_env()
