@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print `export` lines for the launcher (mpirun's interface and keepalive)")
     s.set_defaults(func=cmd_net)
 
+    from mpidl.check.cli import register as register_check
     from mpidl.data.cli import register as register_data
     from mpidl.install.cli import register as register_install
     from mpidl.quant.cli import register as register_quantize
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_quantize(sub)
     register_sweep(sub)
     register_install(sub)
+    register_check(sub)
     return p
 
 
@@ -115,6 +117,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"error: mpidl {args.command}: takes no command after --", file=sys.stderr)
             return EXIT_BAD_INPUT
         args.program = command
+    return dispatch(args)
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    """Run a parsed command; errors to exit codes (`mpidl check`'s ranks come in here too)."""
     if not faulthandler.is_enabled():  # a rank killed by a signal (SIGBUS on a mapped file) shows its stack
         faulthandler.enable()
     try:

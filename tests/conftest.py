@@ -1,4 +1,10 @@
-"""Shared test helpers: launch real ranks with mpirun and collect what they print."""
+"""Shared test helpers: launch real ranks with mpirun and collect what they print.
+
+Tests that run their own code on ranks use mpidl's pytest plugin (`@pytest.mark.mpirun(N)`,
+mpidl/testing.py), loaded here as `pip install mpidl` registers it for users; its ranks get
+setup.cfg's `mpirun_env`, the same environment as `MPI_ENV` below gives the launches written
+out here. The plugin also holds the `slurm_cluster` fixture.
+"""
 from __future__ import annotations
 
 import os
@@ -11,15 +17,23 @@ from pathlib import Path
 
 import pytest
 
-from mpidl.world import LOCAL_MPIRUN_ENV, OVERSUBSCRIBE_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 MPIRUN = shutil.which("mpirun")
 
-# Root needs OpenMPI's consent; 3 ranks on 2 cores need oversubscription; containers
-# often forbid the cross-memory attach that vader's single copy uses.
-MPI_ENV = {**LOCAL_MPIRUN_ENV, **OVERSUBSCRIBE_ENV, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+pytest_plugins = ["mpidl.testing"]
+
+# setup.cfg's `mpirun_env` (read at configure): root needs OpenMPI's consent; 3 ranks on 2 cores
+# need oversubscription; containers often forbid the cross-memory attach that vader's single
+# copy uses; one thread per rank.
+MPI_ENV: dict[str, str] = {}
+
+
+def pytest_configure(config):
+    from mpidl.testing import rank_env
+
+    MPI_ENV.update(rank_env(config))
 
 
 @dataclass
@@ -119,25 +133,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory):
-    """A real one-node SLURM cluster (slurm/cluster.sh) for this test session; yields its env.
-
-    Skips where SLURM is not installed and cannot be (not root); stops only what it started.
-    """
-    if shutil.which("slurmctld") is None or shutil.which("srun") is None:
-        pytest.skip("SLURM is not installed (as root: bash slurm/cluster.sh install)")
-    state = tmp_path_factory.mktemp("slurm")
-    env = {"MPIDL_SLURM_DIR": str(state), "MPIDL_SLURMCTLD_PORT": str(_free_port()),
-           "MPIDL_SLURMD_PORT": str(_free_port())}
-    script = str(ROOT / "slurm" / "cluster.sh")
-    started = run(["bash", script, "start"], env=env, timeout=90)
-    assert started.returncode == 0, started.output
-    cluster_env = {**env, "SLURM_CONF": str(state / "slurm.conf")}
-    yield cluster_env
-    run(["bash", script, "stop"], env=env, timeout=60)
 
 
 # ------------------------------------------------------------------ emulated nodes

@@ -14,7 +14,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     world, spec, summary, code = run_job(
         lambda: load_spec(args.job, args.set), stop_at=args.stop_at, overwrite=args.overwrite,
         resume=preemption.resume_mode(args.resume) if args.requeue else args.resume,
-        requeue_with=lambda spec: preemption.scontrol_requeue() if args.requeue else None)
+        requeue_with=lambda spec: preemption.scontrol_requeue() if args.requeue else None,
+        callbacks=getattr(args, "callbacks", ()))  # `mpidl check` adds its probe
     if code or summary.get("preempted"):
         return code
     if args.require_target and summary["reached_target"] is False:

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from mpidl import log, preemption
+from mpidl.check import DIR_ENV as CHECK_DIR_ENV
 from mpidl.errors import BadInput
 from mpidl.runlock import RunLock
 from mpidl.train import checkpoint
@@ -181,6 +182,12 @@ class Run:
         self.restored: Optional[dict] = state
         if averaging_step:
             self._average_in_step()
+        # Under `mpidl check -- CMD`: what this rank sees, for the check (mpidl/check/probe.py).
+        self._probe = None
+        if averaging_step and os.environ.get(CHECK_DIR_ENV):
+            from mpidl.check.probe import from_env
+
+            self._probe = from_env()
 
         self.recorder = Recorder(world, self.run_dir, append=self.resumed_from is not None)
         # A warning signal during set-up (label scan, standardisation, staging): stop before the
@@ -248,6 +255,8 @@ class Run:
         self._left = True
         self._close_signals(failed=False)
         summary = self.finish()
+        if self._probe is not None:
+            self._probe.on_end(self, summary)
         self.write_summary(summary)
         self.release()
         if self.loader is not None:
@@ -422,6 +431,9 @@ class Run:
         if self._signals is None:
             self._signals = preemption.Preemption(self.world).__enter__()
             self._t_start = time.perf_counter()
+            probe = getattr(self, "_probe", None)
+            if probe is not None and probe.out is None:
+                probe.on_start(self)
 
     def _close_signals(self, failed: bool) -> None:
         if self._signals is not None:
@@ -440,6 +452,8 @@ class Run:
             t1 = time.perf_counter()
             with backend.stepping(self_opt):
                 out = inner(*args, **kwargs)
+            if run._probe is not None:
+                run._probe.after_step(run)
             run._times["sync"] += t1 - t0
             run._times["optimizer"] += time.perf_counter() - t1
             return out

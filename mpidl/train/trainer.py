@@ -328,14 +328,15 @@ def train(spec: JobSpec, resume: Union[bool, str] = False, stop_at: Optional[int
 
 def run_job(load: Callable[[], JobSpec], *, resume: Union[bool, str] = False, overwrite: bool = False,
             stop_at: Optional[int] = None,
-            requeue_with: Callable[[JobSpec], Optional[Callable[[], None]]] = lambda s: None):
+            requeue_with: Callable[[JobSpec], Optional[Callable[[], None]]] = lambda s: None,
+            callbacks: Sequence[Callback] = ()):
     """A job's whole life on this rank, for `mpidl train` and for the submitit task alike: the
     spec loaded (the same one-line error on every rank), trained, and after a preemption requeued
     through `requeue_with(spec)` or left with exit 3. Returns (world, spec, summary, exit code).
     Call `preemption.arm()` first (the caller may keep handlers of its own before)."""
     world = mpidl.init()
     spec = world.agree(load)
-    summary = train(spec, resume=resume, stop_at=stop_at, overwrite=overwrite)
+    summary = train(spec, resume=resume, stop_at=stop_at, overwrite=overwrite, callbacks=callbacks)
     code = 0
     if summary.get("preempted"):
         code = preemption.after_preemption(world, summary, spec.slurm.requeue_limit, requeue_with(spec))
