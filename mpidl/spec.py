@@ -216,6 +216,8 @@ class CheckpointSpec(Strict):
     dir: Optional[str] = Field(default=None, description="default: OUTPUT/checkpoints; every node must see it")
     every_steps: Optional[int] = Field(default=None, gt=0, description="a checkpoint every this many steps")
     every_epochs: Optional[int] = Field(default=1, gt=0, description="a checkpoint every this many epochs")
+    every_minutes: Optional[float] = Field(default=None, gt=0, description="a checkpoint once this many minutes "
+                                           "have passed since the last one (agreed by the ranks at a step boundary)")
     keep: int = Field(default=2, ge=1, description="checkpoints kept (the newest)")
 
 
@@ -471,6 +473,9 @@ class JobSpec(Strict):
                                                                                    "are written")
     output: str = Field(default="runs/{name}", description="the run folder; {name} its only placeholder, no %")
     log_every: int = Field(default=20, gt=0, description="a metrics record every this many steps")
+    watchdog_s: Optional[float] = Field(default=None, ge=0, description="a rank that makes no progress this many "
+                                        "seconds ends the job, named (exit 4); default: 30 × the mean step time, at "
+                                        "least 120; 0: off")
     timing: Literal["sync", "off"] = Field(default="sync", description="synchronise CUDA to split step time")
     target_accuracy: Optional[float] = Field(default=None, gt=0, le=1, description="reported, not enforced")
     slurm: SlurmSpec = Field(default_factory=SlurmSpec, description="what mpidl submit asks SLURM for")

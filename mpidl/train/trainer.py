@@ -44,7 +44,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 
 import mpidl
-from mpidl import log, usercode
+from mpidl import log, usercode, watchdog
 from mpidl.spec import JobSpec
 from mpidl.train.backends import make_backend
 from mpidl.train.callbacks import Callback
@@ -69,6 +69,9 @@ class Trainer(Run):
     def __init__(self, spec: JobSpec, resume: Union[bool, str] = False, objective: Optional[Objective] = None,
                  callbacks: Sequence[Callback] = (), overwrite: bool = False, world=None):
         world = world or mpidl.init()  # a World over part of the job (a sweep's task) or all of it
+        # The watchdog watches the set-up too (data generation, label scans, staging, resume);
+        # the Run below takes it over.
+        mine = watchdog.start(world, spec.watchdog_s)
         self.log = log.get()
         device = torch.device(world.device)
         if device.type == "cuda":
@@ -99,15 +102,18 @@ class Trainer(Run):
         super().__init__(spec.run_dir, model, optimizer, self.inputs.loader, steps=spec.steps, epochs=spec.epochs,
                          backend=backend, world=world, resume=resume, overwrite=overwrite, seed=spec.seed,
                          checkpoint_every_steps=ck.every_steps, checkpoint_every_epochs=ck.every_epochs,
-                         keep=ck.keep, checkpoint_dir=spec.checkpoint_dir, log_every=spec.log_every,
+                         checkpoint_every_minutes=ck.every_minutes, keep=ck.keep, checkpoint_dir=spec.checkpoint_dir,
+                         log_every=spec.log_every, watchdog_s=spec.watchdog_s,
                          name=spec.name, fingerprint=spec.fingerprint(), steps_per_epoch=spe,
                          batches_per_step=spec.accumulate, spec=spec.redacted_dump(), averaging_step=False)
+        self.watchdog, self._own_watchdog = mine, mine is not None
         state = self.restored
         if state is not None and not self.same_world:
             for g in self.optimizer.param_groups:  # the scaled lr follows the new world size
                 g["initial_lr"] = spec.optimizer.lr * lr_scale(spec, world.size)
         if spec.model.compile:
             self.model = torch.compile(self.model)
+            watchdog.watch_compilation()  # its compilations are phases of their own (see mpidl.watchdog)
         self.scheduler = build_scheduler(spec, self.optimizer, world.size, self.steps_per_epoch, self.total_steps,
                                          self.position.global_step, state["scheduler"] if self.same_world else None)
         self.restored = state = None
@@ -147,9 +153,13 @@ class Trainer(Run):
         self.inputs.train_transform.generator.manual_seed(step_seed(spec.seed + 1, step, world.rank))
         t0 = time.perf_counter()
         t_data = t_compute = 0.0
+        # the first step of a run may take long (cold files, lazy set-up, compilation): LONG
+        factor = watchdog.LONG if not self.totals["steps"] else 1
         for micro in range(spec.accumulate):
             ta = time.perf_counter()
+            watchdog.mark("data", f"waiting for a batch of step {step + 1}", factor, reads=True)
             x, y = next(batches)
+            watchdog.mark("step", f"forward/backward of step {step + 1}", factor)
             if self.channels_last and x.ndim == 4:
                 x = x.to(memory_format=torch.channels_last)
             self._sync_device()
@@ -170,8 +180,10 @@ class Trainer(Run):
                 window[k] += v if self.lagged_metrics else v.item()
             window["count"] += x.shape[0]
         t1 = time.perf_counter()
-        backend.sync_gradients(model, optimizer)
-        self._sync_device()
+        with watchdog.waiting(f"the gradient allreduce of step {step + 1}"):
+            backend.sync_gradients(model, optimizer)
+            self._sync_device()
+        watchdog.mark("optimizer", f"the optimizer step of step {step + 1}")
         t2 = time.perf_counter()
         for cb in self.callbacks:
             cb.after_sync(self)
@@ -203,6 +215,7 @@ class Trainer(Run):
         for name, key in self.objective.ratios.items():
             rec[name] = avg[key] / avg["count"]
         rec["time"] = {k: avg[k] / n for k in BUCKETS}
+        watchdog.observe_step_time(rec["step_time"])
         for cb in self.callbacks:
             cb.on_record(self, rec)
         self.recorder.write(rec)
@@ -301,6 +314,7 @@ class Trainer(Run):
         gc.collect()
         self.backend.close()
         self.release()
+        self.stop_watchdog()
 
 
 def train(spec: JobSpec, resume: Union[bool, str] = False, stop_at: Optional[int] = None,
