@@ -39,6 +39,20 @@ def resume_mode(asked: bool, env: Mapping[str, str] = os.environ) -> "bool | str
     return "auto" if restart_count(env) > 0 else asked
 
 
+def too_many_restarts(world, limit: int, env: Mapping[str, str] = os.environ) -> int:
+    """EXIT_PREEMPTED, after one line on rank 0, when SLURM has restarted this job more than
+    `limit` times; else 0. Besides mpidl's own requeues after preemption (at most `limit`),
+    SLURM requeues a job that loses a node by itself (`--requeue`): this bounds both together."""
+    restarts = restart_count(env)
+    if job_id(env) is None or restarts <= limit:
+        return 0
+    if world.rank == 0:
+        sys.stderr.write(f"error: job {job_id(env)} was restarted {restarts} times (preemptions, lost nodes), more "
+                         f"than slurm.requeue_limit = {limit}: not continuing; continue with --resume\n")
+        sys.stderr.flush()
+    return EXIT_PREEMPTED
+
+
 def after_preemption(world, summary: dict, limit: int, requeue: Optional[Callable[[], None]],
                      env: Mapping[str, str] = os.environ) -> int:
     """Requeue or explain; returns the exit code every rank leaves with (0 once requeued).

@@ -33,7 +33,7 @@ class TrainTask:
     def __call__(self) -> dict:
         import mpidl
         from mpidl import preemption
-        from mpidl.slurm.requeue import after_preemption, resume_mode
+        from mpidl.slurm.requeue import after_preemption, resume_mode, too_many_restarts
         from mpidl.spec import load_spec
         from mpidl.train.trainer import train
 
@@ -43,6 +43,9 @@ class TrainTask:
         preemption.arm()
         world = mpidl.init()
         spec = world.agree(lambda: load_spec(self.job_file, self.overrides, text=self.spec_text))
+        code = too_many_restarts(world, spec.slurm.requeue_limit)
+        if code:
+            raise SystemExit(code)
         summary = train(spec, resume=resume_mode(self.resume), overwrite=self.overwrite)
         if summary.get("preempted"):
             warning = getattr(signal, f"SIG{spec.slurm.signal}")

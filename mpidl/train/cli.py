@@ -15,6 +15,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     world = mpidl.init()
     spec = world.agree(lambda: load_spec(args.job, args.set))  # the same one-line error on every rank
+    if args.requeue and (code := requeue.too_many_restarts(world, spec.slurm.requeue_limit)):
+        return code
     resume = requeue.resume_mode(args.resume) if args.requeue else args.resume
     summary = train(spec, resume=resume, stop_at=args.stop_at, overwrite=args.overwrite)
     if summary.get("preempted"):

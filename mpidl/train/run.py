@@ -107,6 +107,12 @@ class Run:
                  steps_per_epoch: Optional[int] = None, batches_per_step: int = 1,
                  spec: Optional[dict] = None, averaging_step: bool = True):
         self.world = world = world or init()
+        if averaging_step and os.environ.get(REQUEUE_ENV) == "1":  # under `mpidl submit -- CMD`
+            from mpidl.slurm import requeue
+
+            code = requeue.too_many_restarts(world, int(os.environ.get(REQUEUE_LIMIT_ENV, "3")))
+            if code:
+                raise SystemExit(code)
         # From here on a rank that makes no progress ends the job, named (mpidl/watchdog.py); the
         # Trainer starts it before its set-up, a Run of your own loop here.
         running = watchdog.current()
