@@ -476,8 +476,8 @@ def test_exception_on_the_remote_node_shows_its_traceback_once(two_nodes, tmp_pa
 
 
 # A rank whose process lives but whose training stops (a hung read, a deadlock): no launcher
-# notices; the backend's own collective timeout must end the job. (The mpi backend has none: it
-# waits, as MPI does; the README says so.)
+# notices. With watchdog_s above their timeouts, DDP's and Horovod's own end the job; mpidl's
+# watchdog ends it on every backend (the mpi backend has no timeout of its own).
 STUCK = {
     "ddp": (["ddp.timeout_s=10"], r"Timed out waiting 10000ms for (send|recv) operation to complete"),
     "horovod": (["horovod.stall_check_s=3", "horovod.stall_shutdown_s=10"],
@@ -496,6 +496,24 @@ def test_stuck_rank_ends_the_job_after_the_backends_timeout(two_nodes, tmp_path,
         left = end_leftovers(two_nodes, tmp_path / "run")
     assert r.returncode != 0 and "finished" not in r.stdout, r.output[-3000:]
     assert re.search(named, r.stderr), r.stderr[-3000:]
+    assert not left
+
+
+@needs_nodes
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stuck_rank_across_nodes_is_named_by_the_watchdog(two_nodes, tmp_path, backend):
+    """The same stuck rank, with watchdog_s below the backends' own timeouts: mpidl's watchdog ends
+    the job on every backend (the mpi backend has nothing else), naming the rank and its node."""
+    try:
+        args = demo_args(tmp_path, backend, "run", "log_every=2", "watchdog_s=5")
+        r = srun(two_nodes, 1, pycode(FAULT_ON) + ["stuck", *args], timeout=240)
+    finally:
+        left = end_leftovers(two_nodes, tmp_path / "run")
+    assert r.returncode == 4 and "finished" not in r.stdout, r.output[-3000:]  # srun returns the rank's 4
+    waits = "the gradient allreduce (DDP, inside backward)" if backend == "ddp" else "the gradient allreduce of step 7"
+    assert re.search(r"\[rank 1\] error: watchdog: rank 1 on node2 made no progress for \d+ s, in forward/backward "
+                     rf"of step 7; rank 0 on node1 waits in {re.escape(waits)} \(watchdog_s 5\); ending the job "
+                     r"\(exit 4\)", r.stderr), r.stderr[-3000:]
     assert not left
 
 
