@@ -4,6 +4,8 @@ from __future__ import annotations
 from typing import Optional
 
 EXIT_BAD_INPUT = 2
+# The progress watchdog ended the job: a rank made no progress for watchdog_s (mpidl/watchdog.py).
+EXIT_STUCK = 4
 
 
 class Fault(Exception):

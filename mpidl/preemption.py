@@ -7,7 +7,9 @@ handler only records the signal; a second SIGTERM after one was recorded ends th
 (SLURM's final word, or a user who means it). Training asks at every step boundary: the ranks
 combine what they recorded with a non-blocking allreduce (MAX) whose answer is read one step
 later, so the check adds no synchronisation point of its own, and all ranks stop after the same
-step, write one checkpoint and leave. `agreed_now()` asks once, blocking: after set-up, so a
+step, write one checkpoint and leave. The same allreduce carries a second flag, "a time-based
+checkpoint is due" (`checkpoint.every_minutes`), so ranks whose clocks differ still write it
+after the same step. `agreed_now()` asks once, blocking: after set-up, so a
 signal that came during the label scan, standardisation or staging stops the job before its
 first step, with a checkpoint.
 
@@ -30,7 +32,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
-from mpidl import log
+from mpidl import log, watchdog
 
 SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
@@ -82,7 +84,8 @@ def agreed_now(world) -> Optional[str]:
         return _name(_received or 0)
     from mpi4py import MPI
 
-    return _name(world.comm.allreduce(_received or 0, op=MPI.MAX))
+    with watchdog.waiting("the preemption check"):
+        return _name(world.comm.allreduce(_received or 0, op=MPI.MAX))
 
 
 class Preemption:
@@ -93,7 +96,8 @@ class Preemption:
         self.signals = tuple(signals)
         #: the handlers in place before (submitit's, mpidl's fail-fast), to call after the checkpoint
         self.previous: dict[int, Any] = {}
-        self._send, self._recv = np.zeros(1, np.int32), np.zeros(1, np.int32)
+        # [the signal recorded, a time-based checkpoint due]: both combined with MAX
+        self._send, self._recv = np.zeros(2, np.int32), np.zeros(2, np.int32)
         self._request: Any = None
 
     @property
@@ -108,7 +112,8 @@ class Preemption:
 
     def __exit__(self, exc_type, *exc) -> None:
         if self._request is not None and exc_type is None:
-            self._request.Wait()  # every rank has one in flight from the same step
+            with watchdog.waiting("the last preemption check"):
+                self._request.Wait()  # every rank has one in flight from the same step
             self._request = None
         for s, h in self.previous.items():
             signal.signal(s, h)
@@ -118,17 +123,30 @@ class Preemption:
 
         Call once per step on every rank. Ranks learn of a signal one check after it arrived.
         """
+        return self.check()[0]
+
+    def check(self, due: Callable[[], bool] = lambda: False) -> tuple[Optional[str], bool]:
+        """(the signal some rank received or None, whether a checkpoint is due), the same on every
+        rank: `requested()` with a second flag riding in the same allreduce, for checkpoints
+        every so many minutes. Each rank's `due()` reads its own clock; the flag any rank raised
+        comes back one check later on all of them, so they checkpoint after the same step.
+
+        `due` is asked after the answer of the previous check: a rank that has just learned of a
+        checkpoint (it will write it at this step) sends no flag for the one it already has.
+        """
         if self.world.size == 1:
-            return _name(_received or 0)
+            return _name(_received or 0), bool(due())
         from mpi4py import MPI
 
-        agreed = 0
+        agreed = (0, 0)
         if self._request is not None:
-            self._request.Wait()
-            agreed = int(self._recv[0])
+            with watchdog.waiting("the preemption check"):
+                self._request.Wait()
+            agreed = (int(self._recv[0]), int(self._recv[1]))
         self._send[0] = _received or 0
+        self._send[1] = 0 if agreed[1] else int(bool(due()))
         self._request = self.world.comm.Iallreduce(self._send, self._recv, op=MPI.MAX)
-        return _name(agreed)
+        return _name(agreed[0]), bool(agreed[1])
 
 
 # A job that stopped early with a checkpoint and was not requeued.
@@ -152,6 +170,20 @@ def resume_mode(asked: "bool | str", env: Mapping[str, str] = os.environ) -> "bo
     """A requeued job resumes from its newest checkpoint by itself ("auto": fresh when there is
     none; a fingerprint mismatch is BadInput, never a silent restart from zero)."""
     return "auto" if restart_count(env) > 0 else asked
+
+
+def too_many_restarts(world, limit: int, env: Mapping[str, str] = os.environ) -> int:
+    """EXIT_PREEMPTED, after one line on rank 0, when SLURM has restarted this job more than
+    `limit` times; else 0. Besides mpidl's own requeues after preemption (at most `limit`),
+    SLURM requeues a job that loses a node by itself (`--requeue`): this bounds both together."""
+    restarts = restart_count(env)
+    if job_id(env) is None or restarts <= limit:
+        return 0
+    if world.rank == 0:
+        sys.stderr.write(f"error: job {job_id(env)} was restarted {restarts} times (preemptions, lost nodes), more "
+                         f"than slurm.requeue_limit = {limit}: not continuing; continue with --resume\n")
+        sys.stderr.flush()
+    return EXIT_PREEMPTED
 
 
 def after_preemption(world, summary: dict, limit: int, requeue: Optional[Callable[[], None]],

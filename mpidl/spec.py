@@ -230,6 +230,8 @@ class CheckpointSpec(Strict):
     dir: Optional[str] = Field(default=None, description="default: OUTPUT/checkpoints; every node must see it")
     every_steps: Optional[int] = Field(default=None, gt=0, description="a checkpoint every this many steps")
     every_epochs: Optional[int] = Field(default=1, gt=0, description="a checkpoint every this many epochs")
+    every_minutes: Optional[float] = Field(default=None, gt=0, description="a checkpoint once this many minutes "
+                                           "have passed since the last one (agreed by the ranks at a step boundary)")
     keep: int = Field(default=2, ge=1, description="checkpoints kept (the newest)")
 
 
@@ -288,7 +290,7 @@ def _sbatch_safe(value: str) -> str:
 REDACTED = "<redacted>"
 
 # Options mpidl writes itself; setting them under slurm.sbatch would contradict the section.
-OWNED_SBATCH = {"job-name", "partition", "account", "qos", "nodes", "ntasks", "ntasks-per-node",
+OWNED_SBATCH = {"job-name", "partition", "account", "qos", "nodes", "ntasks", "ntasks-per-node", "mincpus",
                 "gpus-per-node", "gres", "cpus-per-task", "mem", "time", "t", "constraint", "exclusive",
                 "signal", "requeue", "no-requeue", "output", "error", "open-mode", "array", "wrap",
                 "gpus"}  # a total beside gpus-per-node
@@ -308,7 +310,9 @@ class SlurmSpec(Strict):
     partition: Optional[str] = Field(default=None, description="default: the cluster's")
     account: Optional[str] = Field(default=None, description="the account charged")
     qos: Optional[str] = Field(default=None, description="quality of service")
-    nodes: int = Field(default=1, ge=1, description="nodes")
+    nodes: Union[int, str] = Field(default=1, description="nodes: a count, or a range min-max (2-4): the job starts "
+                                   "on as many as are free, and a job that loses a node is requeued by SLURM and "
+                                   "resumes on the nodes left, at the world size it then has")
     tasks_per_node: Optional[int] = Field(default=None, ge=1,
                                           description="ranks per node; default: one per GPU, else 1")
     gpus_per_node: int = Field(default=0, ge=0, description="GPUs per node (--gpus-per-node)")
@@ -328,6 +332,22 @@ class SlurmSpec(Strict):
     signal: Literal["USR2", "TERM"] = Field(default="USR2", description="the warning SLURM sends before the end")
     signal_lead_s: int = Field(default=90, ge=1, le=65535, description="seconds before the end")
     requeue_limit: int = Field(default=3, ge=0, description="requeues after preemption or time limit")
+
+    @field_validator("nodes", mode="before")
+    @classmethod
+    def _nodes(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError("a node count, or a range min-max (2-4)")
+        text = str(v).strip()
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", text)
+        if not m:
+            raise ValueError("a node count, or a range min-max (2-4)")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if lo < 1:
+            raise ValueError("at least 1 node")
+        if hi < lo:
+            raise ValueError(f"a range min-max with min <= max, not {lo}-{hi}")
+        return lo if lo == hi else f"{lo}-{hi}"
 
     @field_validator("time", mode="before")
     @classmethod
@@ -423,8 +443,22 @@ class SlurmSpec(Strict):
         return self.tasks_per_node or max(1, self.gpus_per_node)
 
     @property
+    def min_nodes(self) -> int:
+        return int(str(self.nodes).split("-")[0])
+
+    @property
+    def max_nodes(self) -> int:
+        return int(str(self.nodes).split("-")[-1])
+
+    @property
+    def node_range(self) -> bool:
+        """Whether the job asks for a range of node counts (an elastic job)."""
+        return self.min_nodes < self.max_nodes
+
+    @property
     def ranks(self) -> int:
-        return self.nodes * self.ranks_per_node
+        """The most ranks the job can have."""
+        return self.max_nodes * self.ranks_per_node
 
     @property
     def time_seconds(self) -> int:
@@ -460,6 +494,9 @@ class JobSpec(Strict):
                                                                                    "are written")
     output: str = Field(default="runs/{name}", description="the run folder; {name} its only placeholder, no %")
     log_every: int = Field(default=20, gt=0, description="a metrics record every this many steps")
+    watchdog_s: Optional[float] = Field(default=None, ge=0, description="a rank that makes no progress this many "
+                                        "seconds ends the job, named (exit 4); default: 30 × the mean step time, at "
+                                        "least 120; 0: off")
     timing: Literal["sync", "off"] = Field(default="sync", description="synchronise CUDA to split step time")
     target_accuracy: Optional[float] = Field(default=None, gt=0, le=1, description="reported, not enforced")
     slurm: SlurmSpec = Field(default_factory=SlurmSpec, description="what mpidl submit asks SLURM for")

@@ -109,10 +109,13 @@ class World:
     def is_root(self) -> bool:
         return self.rank == 0
 
-    def barrier(self) -> None:
-        """Block until every rank arrives (a collective)."""
+    def barrier(self, what: str = "a barrier") -> None:
+        """Block until every rank arrives (a collective); `what` for the watchdog."""
         if self.comm is not None:
-            self.comm.Barrier()
+            from mpidl import watchdog
+
+            with watchdog.waiting(what):
+                self.comm.Barrier()
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("comm", "node_comm")}
@@ -133,7 +136,10 @@ class World:
             if err is not None:
                 raise BadInput(err)
             return result
-        errors = self.comm.allgather(err)
+        from mpidl import watchdog
+
+        with watchdog.waiting("the ranks' agreement on a check of the input"):
+            errors = self.comm.allgather(err)
         for r, message in enumerate(errors):
             if message is not None:
                 raise BadInput(message, collective=True, origin=r)

@@ -22,6 +22,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import (CLUSTER_SH, MPIRUN, PYTHON, ROOT, clean_env, has_horovod, multinode_unavailable, mpidl_cmd,
                       pycode, run, sbatch_wait, start_nodes, stop_nodes)
@@ -475,8 +476,8 @@ def test_exception_on_the_remote_node_shows_its_traceback_once(two_nodes, tmp_pa
 
 
 # A rank whose process lives but whose training stops (a hung read, a deadlock): no launcher
-# notices; the backend's own collective timeout must end the job. (The mpi backend has none: it
-# waits, as MPI does; the README says so.)
+# notices. With watchdog_s above their timeouts, DDP's and Horovod's own end the job; mpidl's
+# watchdog ends it on every backend (the mpi backend has no timeout of its own).
 STUCK = {
     "ddp": (["ddp.timeout_s=10"], r"Timed out waiting 10000ms for (send|recv) operation to complete"),
     "horovod": (["horovod.stall_check_s=3", "horovod.stall_shutdown_s=10"],
@@ -495,6 +496,24 @@ def test_stuck_rank_ends_the_job_after_the_backends_timeout(two_nodes, tmp_path,
         left = end_leftovers(two_nodes, tmp_path / "run")
     assert r.returncode != 0 and "finished" not in r.stdout, r.output[-3000:]
     assert re.search(named, r.stderr), r.stderr[-3000:]
+    assert not left
+
+
+@needs_nodes
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stuck_rank_across_nodes_is_named_by_the_watchdog(two_nodes, tmp_path, backend):
+    """The same stuck rank, with watchdog_s below the backends' own timeouts: mpidl's watchdog ends
+    the job on every backend (the mpi backend has nothing else), naming the rank and its node."""
+    try:
+        args = demo_args(tmp_path, backend, "run", "log_every=2", "watchdog_s=5")
+        r = srun(two_nodes, 1, pycode(FAULT_ON) + ["stuck", *args], timeout=240)
+    finally:
+        left = end_leftovers(two_nodes, tmp_path / "run")
+    assert r.returncode == 4 and "finished" not in r.stdout, r.output[-3000:]  # srun returns the rank's 4
+    waits = "the gradient allreduce (DDP, inside backward)" if backend == "ddp" else "the gradient allreduce of step 7"
+    assert re.search(r"\[rank 1\] error: watchdog: rank 1 on node2 made no progress for \d+ s, in forward/backward "
+                     rf"of step 7; rank 0 on node1 waits in {re.escape(waits)} \(watchdog_s 5\); ending the job "
+                     r"\(exit 4\)", r.stderr), r.stderr[-3000:]
     assert not left
 
 
@@ -619,3 +638,75 @@ def test_bench_allreduce_under_srun(two_nodes, tmp_path):
     assert two["links"]["mpi"] == "tcp between nodes, shared memory within: node1 mpidl0, node2 mpidl0"
     assert doc["fits"] == {}
     assert set(doc["inter_node_fits"]["mpi"]) == {"2x1"}
+
+
+# ------------------------------------------------------------------ a lost node does not end the work
+def restart_slurmd(nodes, node: str) -> None:
+    """Start `node`'s slurmd again (it re-registers: ReturnToService=2) and wait for it to be idle."""
+    r = run(["bash", CLUSTER_SH, "exec", node, f"slurmd -f {nodes.env['SLURM_CONF']} -N {node}"], env=nodes.env)
+    assert r.returncode == 0, r.output
+    state = ""
+    for _ in range(120):
+        state = run(["sinfo", "-h", "-n", node, "-o", "%T"], env=nodes.env).stdout.strip()
+        if state == "idle":
+            return
+        if state.startswith("down"):
+            run(["scontrol", "update", f"nodename={node}", "state=resume"], env=nodes.env)
+        time.sleep(0.5)
+    raise AssertionError(f"{node} did not come back: {state}")
+
+
+@needs_nodes
+@pytest.mark.timeout(1200)
+def test_a_lost_node_requeues_the_job_and_it_finishes_on_the_node_left(two_nodes, tmp_path):
+    """`slurm.nodes: 1-2`: node2's slurmd dies mid-training; SLURM declares node2 down after
+    SlurmdTimeout, ends the job and requeues it (`--requeue`); the requeued job starts on node1
+    alone, resumes from its newest checkpoint (written every few seconds: checkpoint.every_minutes)
+    at 2 ranks instead of 4, and finishes. Its final weights equal those of a run resumed by hand
+    from the same checkpoint on as many ranks."""
+    run_dir = tmp_path / "run"
+    args = demo_args(tmp_path, "mpi", "run", "epochs=300", "log_every=2", "checkpoint.every_minutes=0.05",
+                     "checkpoint.keep=1000")
+    job, sets = args[0], args[1:]
+    cmd = [*mpidl_cmd("submit", job, "--standalone", "--wait", "--nodes", "1-2", "--tasks-per-node", "2"),
+           *[x for kv in sets for x in ("--set", kv)]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                            env=clean_env(two_nodes.env))
+    pidfile = two_nodes.dir / "run" / "slurmd-node2.pid"
+    try:
+        metrics = run_dir / "metrics.jsonl"
+        deadline = time.monotonic() + 400
+        while not (metrics.exists() and len(list((run_dir / "checkpoints").glob("ckpt-*.pt"))) >= 1
+                   and len(metrics.read_text().splitlines()) >= 5):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+            time.sleep(0.3)
+        assert {w for w in ("node1", "node2") if two_nodes.pids_on(w, str(run_dir))} == {"node1", "node2"}
+        os.kill(int(pidfile.read_text()), signal.SIGKILL)  # node2's slurmd: SLURM no longer hears from node2
+        out, _ = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        end_leftovers(two_nodes, run_dir)
+        restart_slurmd(two_nodes, "node2")
+    assert proc.returncode == 0, out[-4000:]
+    assert re.search(r"\[mpidl\] job \d+ ended: COMPLETED, exit status 0, 1 restart\(s\)", out), out[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world"]["size"] == 2 and summary["world"]["local_size"] == 2 and summary["preempted"] is None
+    resumed = Path(summary["resumed_from"])
+    assert resumed.parent == run_dir / "checkpoints", summary["resumed_from"]
+    # 3600 rows / (4 ranks × 32) = 28 steps an epoch before, 56 after: a checkpoint of the 4-rank run
+    assert 0 < int(resumed.stem.split("-")[1]) < 300 * 28
+    assert summary["final"]["val_accuracy"] >= 0.8
+
+    # by hand: the same checkpoint, 2 ranks on node1, into another folder
+    hand = tmp_path / "hand"
+    (hand / "checkpoints").mkdir(parents=True)
+    shutil.copy(resumed, hand / "checkpoints" / resumed.name)
+    hand_args = demo_args(tmp_path, "mpi", "hand", "epochs=300", "log_every=2", "checkpoint.keep=1000")
+    r = srun(two_nodes, 2, mpidl_cmd(*cli_args(hand_args), "--resume"), where=["node1"], timeout=600)
+    assert r.returncode == 0, r.output[-3000:]
+    final = torch.load(sorted((run_dir / "checkpoints").glob("ckpt-*.pt"))[-1], weights_only=True)["model"]
+    by_hand = torch.load(sorted((hand / "checkpoints").glob("ckpt-*.pt"))[-1], weights_only=True)["model"]
+    assert final.keys() == by_hand.keys()
+    for k in final:
+        assert torch.equal(final[k], by_hand[k]), k

@@ -218,3 +218,17 @@ def test_requeue_limit_and_fingerprint_mismatch(shared, tmp_path):
     assert r.returncode == 2, r.output[-3000:]
     errors = [ln for ln in r.stderr.splitlines() if "error:" in ln]
     assert len(errors) == 1 and "fingerprint" in errors[0], r.stderr
+
+
+def test_a_job_restarted_more_often_than_its_requeue_limit_stops(shared, tmp_path):
+    """SLURM requeues a job that lost a node by itself, without asking mpidl: a job started again
+    more than slurm.requeue_limit times (preemptions and lost nodes together) stops at once with
+    one line and exit 3, before it trains (under mpirun, with the variables SLURM would set)."""
+    env = {"SLURM_JOB_ID": "4243", "SLURM_RESTART_COUNT": "2"}
+    r = mpirun(2, mpidl_cmd("train", str(shared["job"]), "--requeue", "--set", f"output={tmp_path / 'run'}",
+                            "--set", "slurm.requeue_limit=1"), env=env, timeout=300)
+    assert r.returncode == 3, r.output[-3000:]
+    errors = [ln for ln in r.stderr.splitlines() if "error:" in ln]
+    assert errors == ["error: job 4243 was restarted 2 times (preemptions, lost nodes), more than "
+                      "slurm.requeue_limit = 1: not continuing; continue with --resume"], r.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -50,6 +50,30 @@ def test_examples_are_valid_bash_and_pass_sbatch_parsing():
     assert str(ROOT) not in text and "/root" not in text  # no machine paths in committed scripts
 
 
+@pytest.mark.parametrize("launcher,launch", [
+    ("srun", 'srun --mpi=pmix --ntasks-per-node=2 "$MPIDL" train job.yaml --requeue'),
+    ("mpirun", 'launch mpirun --bind-to none -npernode 2 "$MPIDL" train job.yaml --requeue')])
+def test_a_node_range_asks_for_cpus_per_node_and_places_ranks_on_the_launch_line(tmp_path, launcher, launch):
+    """A task count in the allocation would be fixed when the job first starts, and the job requeued
+    after losing a node would wait for that node: the allocation asks for each node's CPUs instead
+    (--mincpus), and the launch line places the ranks."""
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({**BASE, "slurm": {"nodes": "1-2", "tasks_per_node": 2, "cpus_per_task": 3,
+                                                     "launcher": launcher}}))
+    lines = standalone(Plan(load_spec(job), "job.yaml")).splitlines()
+    assert "#SBATCH --nodes=1-2" in lines and "#SBATCH --mincpus=6" in lines and "#SBATCH --cpus-per-task=3" in lines
+    assert not any("ntasks" in ln for ln in lines if ln.startswith("#SBATCH"))
+    assert launch in lines
+    prepared = submit.prepare(str(job), [], array=[], standalone_script=False, cwd=tmp_path, ask_controller=False)
+    text = prepared.text.splitlines()
+    assert "#SBATCH --nodes=1-2" in text and "#SBATCH --mincpus=6" in text
+    assert not any("ntasks" in ln for ln in text if ln.startswith("#SBATCH"))
+    if launcher == "srun":
+        assert any(ln.startswith("srun ") and " --mpi=pmix --ntasks-per-node=2 " in ln for ln in text), text
+    else:
+        assert any(ln.startswith("launch mpirun --bind-to none -npernode 2 ") for ln in text), text
+
+
 # Pieces of hostile text; hypothesis strings them together with arbitrary characters.
 FRAGMENTS = ["$(touch PWNED)", "`touch PWNED`", "; touch PWNED", "&& touch PWNED", "'", '"', "\\", "\n",
              " ", "\t", "$HOME", "${X:-y}", "*", "?", "~", "#", "!", "|", ">PWNED", "--set", "=", "é"]

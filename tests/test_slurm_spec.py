@@ -36,6 +36,16 @@ def test_yaml_reads_times_as_text(tmp_path):
     assert load_spec(p, ["slurm.time=45"]).slurm.time_seconds == 45 * 60  # a bare number is minutes
 
 
+def test_a_node_range(tmp_path):
+    """`nodes: 2-4`: as many nodes as are free, and fewer after a lost node; 2-2 is just 2."""
+    s = load_spec(spec_file(tmp_path), ["slurm.nodes=2-4", "slurm.tasks_per_node=2"]).slurm
+    assert (s.nodes, s.min_nodes, s.max_nodes, s.node_range, s.ranks) == ("2-4", 2, 4, True, 8)
+    s = load_spec(spec_file(tmp_path), ["slurm.nodes=2-2"]).slurm
+    assert (s.nodes, s.node_range) == (2, False)
+    for given in ("3", 3):
+        assert load_spec(spec_file(tmp_path), [f"slurm.nodes={given}"]).slurm.nodes == 3
+
+
 def test_defaults_fit_gpus(tmp_path):
     s = load_spec(spec_file(tmp_path)).slurm
     assert (s.nodes, s.ranks_per_node, s.gpus_per_node, s.launcher, s.signal, s.signal_lead_s, s.requeue_limit) == \
@@ -54,7 +64,11 @@ def test_set_reaches_the_slurm_section(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,expect", [
-    (["slurm.nodes=0"], "slurm.nodes = 0: Input should be greater than or equal to 1"),
+    (["slurm.nodes=0"], "slurm.nodes = 0: at least 1 node"),
+    (["slurm.nodes=3-2"], 'slurm.nodes = "3-2": a range min-max with min <= max, not 3-2'),
+    (["slurm.nodes=two"], 'slurm.nodes = "two": a node count, or a range min-max (2-4)'),
+    (["slurm.nodes=0-2"], 'slurm.nodes = "0-2": at least 1 node'),
+    (["slurm.sbatch={mincpus: 4}"], "'mincpus' is set from the section's own keys"),
     (["slurm.gpus_per_node=4", "slurm.tasks_per_node=2"],
      "slurm.gpus_per_node = 4: more GPUs than the 2 rank(s) per node (tasks_per_node) can use"),
     (["slurm.gpus_per_node=4", "slurm.tasks_per_node=6"], "slurm.gpus_per_node = 4: tasks_per_node = 6 ranks"),

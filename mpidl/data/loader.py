@@ -51,6 +51,7 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import torch
 
+from mpidl import watchdog
 from mpidl.data.shard import RankPlan, check_shape, eval_steps, plan_eval, plan_rank, steps_per_epoch
 from mpidl.data.source import DIRECT_ROW_BYTES, H5Source, Pending, byte_view
 from mpidl.data.staging import Staging
@@ -270,6 +271,7 @@ class _Pipeline:
                 t = clock()
                 done.result()
                 spent["assembly_wait"] += clock() - t
+                watchdog.progress()  # a rank waiting for data sees it come (a slow disk is no hang)
                 return self.batches.put((slot, self.ring[slot]))
 
             # Small batches are cut by this thread: a hop through the pool (two wake-ups, the
@@ -297,6 +299,7 @@ class _Pipeline:
                 t = clock()
                 pending.wait()
                 spent["window_wait"] += clock() - t
+                watchdog.progress()
                 if n + 1 < len(windows):
                     pending = fill(n + 1)
                 # The preads of every batch of the window, worked out at once (numpy, not a loop).
@@ -368,7 +371,8 @@ class _Pipeline:
 
     def close(self) -> None:
         self.stop.set()
-        self.thread.join(timeout=10)
+        with watchdog.phase("data", "the loader's reads still in flight, at the end of a pass", reads=True):
+            self.thread.join(timeout=10)
 
 
 def default_workers(world) -> int:

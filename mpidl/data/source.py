@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
+from mpidl import watchdog
 from mpidl.data.chunks import ChunkIndex, cuts_last_axis_only, native
 from mpidl.errors import BadInput
 
@@ -654,6 +655,7 @@ class Pending:
     def wait(self) -> None:
         for f in self.futures:
             f.result()  # re-raises a worker's error here, in the caller's thread
+            watchdog.progress()  # each piece read (about a MiB): a slow file system is no hang
 
 
 def _storage_of(d, fd: int, row_bytes: int, cache: dict, name: tuple[str, str]) -> Storage:

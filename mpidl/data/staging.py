@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from mpidl import log
+from mpidl import log, watchdog
 from mpidl.data.shard import plan_rank, steps_per_epoch
 from mpidl.data.source import H5Source
 from mpidl.errors import BadInput
@@ -153,15 +153,21 @@ class Staging:
         w = self.world
         node = w.node_comm if w.local_size > 1 else None
         mine = (w.rank, _job() if w.local_rank == 0 else None)
-        here = node.allgather(mine) if node is not None else [mine]
+        with watchdog.waiting("the node's ranks, before staging"):
+            here = node.allgather(mine) if node is not None else [mine]
         self.job = here[0][1]  # the stager's: one name on every rank of the node
         if w.local_rank == 0:
             for rank, _ in here:
                 path = self.path(rank)
-                if not self._reusable(path):
-                    self._copy(rank, path)
+                # a check of a staged file reads it whole in one call (LONG); a copy marks each block
+                with watchdog.phase("staging", f"checking the staged file {path}", factor=watchdog.LONG):
+                    reusable = self._reusable(path)
+                if not reusable:
+                    with watchdog.phase("staging", f"copying rank {rank}'s rows to {path}"):
+                        self._copy(rank, path)
         if node is not None:
-            node.Barrier()
+            with watchdog.waiting(f"staging by the node's local rank 0 (rank {here[0][0]})"):
+                node.Barrier()
         path = self.path(w.rank)
         self._remove = weakref.finalize(self, _unlink, path)  # at close(), or at a normal exit
         self.staged = H5Source(str(path), keys=self.source.keys).validate()
@@ -239,6 +245,7 @@ class Staging:
                             dsets[k][pos:pos + b - a] = part
                             digest.update(k, part)
                         pos += b - a
+                        watchdog.touch()
                 assert pos == self.rows, (pos, self.rows)
                 out.attrs["mpidl_sha256"] = digest.hexdigest(src.shapes, src.dtypes)
             os.replace(tmp, path)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from submitit import SlurmExecutor
 
@@ -27,6 +27,7 @@ class MpidlSlurmExecutor(SlurmExecutor):
     """
 
     launcher: str = "srun"
+    per_node: Optional[int] = None  # ranks a node runs, said on the launch line (a node range)
 
     @classmethod
     def affinity(cls) -> int:
@@ -39,7 +40,7 @@ class MpidlSlurmExecutor(SlurmExecutor):
         if self.launcher == "srun":
             return super()._submitit_command_str
         program = " ".join([self.python, "-u -m mpidl.slurm.rank", shlex.quote(str(self.folder))])
-        return f"launch {mpirun_line(program)}"
+        return f"launch {mpirun_line(program, self.per_node)}"
 
 
 def parameters(plan: Plan) -> dict[str, Any]:
@@ -54,13 +55,15 @@ def parameters(plan: Plan) -> dict[str, Any]:
     if s.launcher == "mpirun":
         setup += forward_function(s.signal)
     extra: dict[str, Any] = {"signal": plan.signal_option, "requeue": True, "time": s.time}
+    if s.node_range:  # see Plan.resources: CPUs per node, no task count; the launch line places ranks
+        extra["mincpus"] = s.ranks_per_node * (plan.cpus_per_task or 1)
     if s.mem is not None:
         extra["mem"] = s.mem  # as written: submitit's mem_gb would convert
     extra.update(s.sbatch)
     params: dict[str, Any] = {
         "job_name": plan.job_name,
         "nodes": s.nodes,
-        "ntasks_per_node": s.ranks_per_node,
+        "ntasks_per_node": None if s.node_range else s.ranks_per_node,
         "time": plan.time_minutes,  # submitit's own timeout bookkeeping; the text above is what sbatch reads
         "signal_delay_s": s.signal_lead_s,
         "setup": setup,
@@ -77,7 +80,7 @@ def parameters(plan: Plan) -> dict[str, Any]:
     if s.exclusive:
         params["exclusive"] = True
     if s.launcher == "srun":
-        params["srun_args"] = ["--mpi=pmix"]
+        params["srun_args"] = ["--mpi=pmix", *([f"--ntasks-per-node={s.ranks_per_node}"] if s.node_range else [])]
     else:
         params["use_srun"] = False
     return params
@@ -88,6 +91,7 @@ def make(plan: Plan, folder: Path) -> MpidlSlurmExecutor:
     python = Path(plan.venv) / "bin" / "python"
     ex = MpidlSlurmExecutor(folder, max_num_timeout=plan.slurm.requeue_limit, python=shlex.quote(str(python)))
     ex.launcher = plan.slurm.launcher
+    ex.per_node = plan.slurm.ranks_per_node if plan.slurm.node_range else None
     ex.update_parameters(**parameters(plan))
     return ex
 
@@ -100,7 +104,7 @@ def script_text(executor: MpidlSlurmExecutor, array: int = 0) -> str:
     """
     if array > 1:
         copy = MpidlSlurmExecutor(executor.folder, executor.max_num_timeout, python=executor.python)
-        copy.launcher = executor.launcher
+        copy.launcher, copy.per_node = executor.launcher, executor.per_node
         copy.update_parameters(**executor.parameters)
         copy.parameters["map_count"] = array
         return copy._make_submission_file_text(executor._submitit_command_str, "dry-run")

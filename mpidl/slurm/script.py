@@ -105,7 +105,14 @@ class Plan:
             if getattr(s, key) is not None:
                 opts[key] = getattr(s, key)
         opts["nodes"] = s.nodes
-        opts["ntasks-per-node"] = s.ranks_per_node
+        if s.node_range:
+            # No task count in the allocation: SLURM fixes a job's task count when it first starts,
+            # and a job requeued after losing a node would then wait for that node to come back
+            # (seen with SLURM 22.05). Each node gets the CPUs of its ranks instead, and the launch
+            # line places the ranks (srun --ntasks-per-node, mpirun -npernode).
+            opts["mincpus"] = s.ranks_per_node * (self.cpus_per_task or 1)
+        else:
+            opts["ntasks-per-node"] = s.ranks_per_node
         if s.gpus_per_node:
             opts["gpus-per-node"] = s.gpus_per_node
         if self.cpus_per_task is not None:
@@ -171,10 +178,17 @@ def exit_record() -> list[str]:
     ]
 
 
-def mpirun_line(program: str) -> str:
+def mpirun_line(program: str, per_node: Optional[int] = None) -> str:
     # mpirun takes the rank count and placement from the allocation; ranks are not bound to
-    # one core each (cpus_per_task cores are theirs: data loading, torch threads).
-    return f"mpirun --bind-to none {program}"
+    # one core each (cpus_per_task cores are theirs: data loading, torch threads). A job of a
+    # node range says how many ranks a node runs (its allocation counts CPUs, not tasks).
+    placement = f"-npernode {per_node} " if per_node else ""
+    return f"mpirun --bind-to none {placement}{program}"
+
+
+def srun_line(program: str, per_node: Optional[int] = None) -> str:
+    placement = f"--ntasks-per-node={per_node} " if per_node else ""
+    return f"srun --mpi=pmix {placement}{program}"
 
 
 def standalone(plan: Plan, output: str = "slurm-%j.out") -> str:
@@ -204,10 +218,11 @@ def batch_script(plan: Plan, options: dict[str, Option], body: list[str], progra
     if s.setup:
         lines += ["", "# setup (the spec's slurm.setup)"] + list(s.setup)
     lines += ["", *plan.environment(), *body, *(before_launch or [])]
+    per_node = s.ranks_per_node if s.node_range else None
     if s.launcher == "srun":
-        lines.append(f"srun --mpi=pmix {program}")
+        lines.append(srun_line(program, per_node))
     else:
         lines += forward_function(s.signal)
-        lines.append(f"launch {mpirun_line(program)}")
+        lines.append(f"launch {mpirun_line(program, per_node)}")
     lines += exit_record()
     return "\n".join(lines) + "\n"

@@ -46,7 +46,7 @@ class TrainTask:
 
         _, _, summary, code = run_job(lambda: load_spec(self.job_file, self.overrides, text=self.spec_text),
                                       resume=preemption.resume_mode(self.resume), overwrite=self.overwrite,
-                                      requeue_with=requeue_with)
+                                      requeue_with=requeue_with, bound_restarts=True)
         if code:
             raise SystemExit(code)
         return summary

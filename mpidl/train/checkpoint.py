@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from mpidl import log
+from mpidl import log, watchdog
 from mpidl.errors import BadInput, Fault
 
 
@@ -43,9 +43,11 @@ def save(folder: Path, step: int, state: dict, keep: int) -> Path:
     final = path_for(folder, step)
     tmp = folder / f".{final.name}.tmp{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            torch.save({**state, "format": FORMAT}, f)
+        with watchdog.phase("checkpoint", f"writing {final}"), open(tmp, "wb") as f:
+            torch.save({**state, "format": FORMAT}, _Progressing(f))  # type: ignore[arg-type]  # a writable file object
             f.flush()
+            # one call that may take long on a shared file system, and cannot say how far it got
+            watchdog.mark("checkpoint", f"fsync of {final}", factor=watchdog.LONG)
             os.fsync(f.fileno())
         os.replace(tmp, final)
     except BaseException as e:
@@ -65,6 +67,22 @@ def save(folder: Path, step: int, state: dict, keep: int) -> Path:
     for old in all_checkpoints(folder)[:-keep]:
         old.unlink(missing_ok=True)
     return final
+
+
+class _Progressing:
+    """The checkpoint's file as torch.save writes it, piece by piece: each piece written is
+    progress for the watchdog (a slow file system is no hang; one that stops answering is)."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, data) -> int:
+        n = self.f.write(data)
+        watchdog.touch()
+        return n
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def all_checkpoints(folder: Path) -> list[Path]:

@@ -15,7 +15,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         lambda: load_spec(args.job, args.set), stop_at=args.stop_at, overwrite=args.overwrite,
         resume=preemption.resume_mode(args.resume) if args.requeue else args.resume,
         requeue_with=lambda spec: preemption.scontrol_requeue() if args.requeue else None,
-        callbacks=getattr(args, "callbacks", ()))  # `mpidl check` adds its probe
+        callbacks=getattr(args, "callbacks", ()), bound_restarts=args.requeue)  # `mpidl check` adds its probe
     if code or summary.get("preempted"):
         return code
     if args.require_target and summary["reached_target"] is False:

@@ -7,6 +7,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from mpidl import watchdog
 from mpidl.data import ShardedLoader
 from mpidl.train.objectives import Objective
 from mpidl.train.state import sync_buffers
@@ -39,8 +40,11 @@ def evaluate(world, backend, model: nn.Module, net: nn.Module, loader: Optional[
     model.eval()
     # summed on the device, read once at the end: no host sync per batch on a GPU
     sums: dict = {"loss": 0.0, "count": 0.0, **{k: 0.0 for k in objective.counts_keys()}}
+    # each batch is progress; the first (cold files, a compiled model's eval-mode graph) may take long
+    watchdog.mark("evaluation", "the first held-out batch", factor=watchdog.LONG, reads=True)
     with torch.no_grad(), (autocast or contextlib.nullcontext()):
-        for x, y in real_rows(loader):
+        for i, (x, y) in enumerate(real_rows(loader)):
+            watchdog.mark("evaluation", f"held-out batch {i + 1} of {len(loader)}", reads=True)
             if channels_last and x.ndim == 4:
                 x = x.to(memory_format=torch.channels_last)
             loss, out = objective(model, x, y)
@@ -49,7 +53,8 @@ def evaluate(world, backend, model: nn.Module, net: nn.Module, loader: Optional[
                 sums[k] = sums.get(k, 0.0) + v
             sums["count"] += x.shape[0]
     model.train()
-    avg = backend.average(sums)
+    with watchdog.waiting("the other ranks' evaluation"):
+        avg = backend.average(sums)
     res = {"val_loss": avg["loss"] / avg["count"]}
     for name, key in objective.ratios.items():
         res[f"val_{name}"] = avg[key] / avg["count"]

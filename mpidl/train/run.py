@@ -44,7 +44,7 @@ from typing import Any, Iterator, Literal, Optional, Union
 import torch
 from torch import nn
 
-from mpidl import log, preemption
+from mpidl import log, preemption, watchdog
 from mpidl.check import DIR_ENV as CHECK_DIR_ENV
 from mpidl.errors import BadInput
 from mpidl.runlock import RunLock
@@ -110,11 +110,21 @@ class Run:
                  backend: Union[str, Backend, None] = None, backend_options: Optional[dict] = None, world=None,
                  resume: Union[bool, str] = "auto", overwrite: bool = False, seed: int = 0,
                  checkpoint_every_steps: Optional[int] = None, checkpoint_every_epochs: Optional[int] = 1,
+                 checkpoint_every_minutes: Optional[float] = None, watchdog_s: Optional[float] = None,
                  keep: int = 2, checkpoint_dir: Union[str, Path, None] = None, log_every: int = 20,
                  name: Optional[str] = None, fingerprint: Optional[str] = None,
                  steps_per_epoch: Optional[int] = None, batches_per_step: int = 1,
                  spec: Optional[dict] = None, averaging_step: bool = True):
         self.world = world = world or init()
+        if averaging_step and os.environ.get(REQUEUE_ENV) == "1":  # under `mpidl submit -- CMD`
+            code = preemption.too_many_restarts(world, int(os.environ.get(REQUEUE_LIMIT_ENV, "3")))
+            if code:
+                raise SystemExit(code)
+        # From here on a rank that makes no progress ends the job, named (mpidl/watchdog.py); the
+        # Trainer starts it before its set-up, a Run of your own loop here.
+        running = watchdog.current()
+        self._own_watchdog = running is None or running.world is not world
+        self.watchdog = watchdog.start(world, watchdog_s) if self._own_watchdog else running
         self.device = torch.device(world.device)
         if averaging_step:  # your loop: a study or a check may point it elsewhere
             output = os.environ.get(OUTPUT_ENV) or output
@@ -129,6 +139,7 @@ class Run:
         self.loader, self.batches_per_step, self.seed = loader, batches_per_step, seed
         self.every_steps, self.every_epochs, self.keep, self.log_every = (checkpoint_every_steps,
                                                                           checkpoint_every_epochs, keep, log_every)
+        self.every_minutes = checkpoint_every_minutes
         spe = steps_per_epoch or (len(loader) // batches_per_step if loader is not None else None)
         if not spe or (epochs is None and steps is None):
             raise BadInput(f"Run {self.run_dir}: give epochs or steps, and a loader or steps_per_epoch")
@@ -202,6 +213,7 @@ class Run:
         self._left = False
         self._agreed_keys: list[str] = []
         self._t_start = time.perf_counter()
+        self._saved_clock = time.monotonic()  # this rank's clock at the last checkpoint (every_minutes)
         self._times = {k: 0.0 for k in BUCKETS}
 
     # ------------------------------------------------------------------ your loop
@@ -210,7 +222,9 @@ class Run:
         done: the final checkpoint and summary, and the run folder is free again."""
         self._open_signals()
         try:
-            yield from self._epochs()
+            for epoch in self._epochs():
+                watchdog.mark("your code", f"epoch {epoch + 1}, outside run.batches()", factor=watchdog.LONG)
+                yield epoch
         except Preempted:
             pass
         self._leave()
@@ -224,16 +238,22 @@ class Run:
             raise BadInput("Run.batches(): this run was given no loader")
         source = iter(self.loader)
         try:
-            for _ in self.epoch_steps():
+            for pos in self.epoch_steps():
+                # the first step of a run may take long (cold files, lazy set-up): LONG
+                factor = watchdog.LONG if not self.totals["steps"] else 1
+                watchdog.mark("data", f"waiting for the batch of step {pos.global_step + 1}", factor, reads=True)
                 t0 = time.perf_counter()
                 batch = next(source)
                 self._times["data"] += time.perf_counter() - t0
+                watchdog.mark("step", f"your step {pos.global_step + 1} (forward, backward)", factor)
                 yield batch
         except Preempted:
             source.close()
             self._leave()
         finally:
             source.close()
+        watchdog.mark("your code", f"after the batches of epoch {self.position.epoch + 1}, outside run.batches()",
+                      factor=watchdog.LONG)
 
     def __enter__(self) -> "Run":
         self._open_signals()
@@ -261,6 +281,7 @@ class Run:
         self.release()
         if self.loader is not None:
             self.loader.close()  # its staged files go (a requeued job stages again)
+        self.stop_watchdog()
         if self.preempted:
             limit = int(os.environ.get(REQUEUE_LIMIT_ENV, "3"))
             requeue_fn = preemption.scontrol_requeue() if os.environ.get(REQUEUE_ENV) == "1" else None
@@ -284,6 +305,14 @@ class Run:
         self.recorder.show(f"epoch {self._epoch_float():.2f}/{self.epochs_total} "
                            + " ".join(f"{k} {v:.4f}" for k, v in values.items()), final=True)
         self.final = dict(values)
+
+    def progress(self, what: Optional[str] = None) -> None:
+        """Tell the watchdog that your own code makes progress: long work between epochs (your own
+        evaluation, say) calls this now and then; `what` names it in the line a hang prints."""
+        if what is None:
+            watchdog.touch()
+        else:
+            watchdog.mark("your code", what, factor=watchdog.LONG)
 
     def average(self, values: dict[str, float]) -> dict[str, float]:
         """`values` averaged over the ranks (one allreduce)."""
@@ -339,14 +368,23 @@ class Run:
         pos.step_in_epoch += 1
         pos.global_step += 1
         assert self._signals is not None, "a step outside the Run's `with` block"
-        self.preempted = self._signals.requested()
+        self.preempted, due = self._signals.check(self._minutes_passed)
         if (pos.global_step % self.log_every == 0 or pos.step_in_epoch == self.steps_per_epoch
                 or pos.global_step == self.end or self.preempted):
             self.log_window()
         if self.every_steps and pos.global_step % self.every_steps == 0:
             self.save_checkpoint()
+        elif due and self._saved_at != pos.global_step - 1:
+            # every_minutes: agreed one step late, so no new synchronisation point; the flag sent
+            # before a checkpoint of the step just before is already satisfied
+            self.save_checkpoint()
         if self.preempted:
             raise Preempted(self.preempted)
+
+    def _minutes_passed(self) -> bool:
+        """Whether checkpoint.every_minutes have passed on this rank's clock since its last checkpoint."""
+        m = self.every_minutes
+        return m is not None and m > 0 and time.monotonic() - self._saved_clock >= 60 * m
 
     def log_window(self) -> None:
         """The record of the steps since the last one (a collective): the mean of each value."""
@@ -356,7 +394,8 @@ class Run:
             return
         keys = sorted(window)
         if self.world.size > 1 and keys != self._agreed_keys:  # one allreduce over the same keys everywhere
-            every = self.world.comm.allgather(keys)
+            with watchdog.waiting("the ranks' agreement on the keys run.log was given"):
+                every = self.world.comm.allgather(keys)
             odd = next((r for r, k in enumerate(every) if k != every[0]), None)
             if odd is not None:
                 shown = lambda ks: ", ".join(k for k in ks if not k.startswith("time")) or "nothing"  # noqa: E731
@@ -371,6 +410,7 @@ class Run:
         if self.batch:
             rec["samples_per_s"] = n * self.batch * self.batches_per_step * self.world.size / avg["time"]
         rec["time"] = {k: avg[f"time_{k}"] / n for k in BUCKETS}
+        watchdog.observe_step_time(rec["step_time"])
         self.recorder.write(rec)
         logged = " ".join(f"{k} {rec[k]:.4f}" for k in keys if not k.startswith("time"))
         self.recorder.show(f"epoch {self.position.epoch + 1}/{self.epochs_total} step {self.position.step_in_epoch}/"
@@ -385,11 +425,13 @@ class Run:
             path = checkpoint.save(self.checkpoint_dir, self.position.global_step, state, self.keep)
             log.get().info("checkpoint %s", path)
         self._saved_at = self.position.global_step
-        self.world.barrier()
+        self._saved_clock = time.monotonic()
+        self.world.barrier(f"the barrier while rank 0 writes the checkpoint of step {self.position.global_step}")
 
     def finish(self, extra: Optional[dict] = None) -> dict:
         """The final checkpoint (unless this step has one) and the summary (rank 0 writes it)."""
         wall = time.perf_counter() - self._t_start
+        watchdog.mark("finishing", "the final checkpoint, the summary", factor=watchdog.LONG)
         if self.preempted and self.world.rank == 0:
             log.get().warning("%s received: stopping after step %d with a checkpoint", self.preempted,
                               self.position.global_step)
@@ -418,6 +460,11 @@ class Run:
         if self.lock is not None:
             self.lock.release()
 
+    def stop_watchdog(self) -> None:
+        """The run's watchdog stops (every rank, at the run's end)."""
+        if self._own_watchdog and self.watchdog is not None:
+            self.watchdog.stop()
+
     # ------------------------------------------------------------------ pieces
     def _epoch_float(self) -> float:
         return self.position.epoch + self.position.step_in_epoch / self.steps_per_epoch
@@ -425,7 +472,10 @@ class Run:
     def _has_checkpoint(self) -> bool:
         have = checkpoint.path_for(self.checkpoint_dir, self.position.global_step).exists() \
             if self.world.rank == 0 else None
-        return self.world.comm.bcast(have, root=0) if self.world.size > 1 else bool(have)
+        if self.world.size == 1:
+            return bool(have)
+        with watchdog.waiting("rank 0's look for the final checkpoint"):
+            return self.world.comm.bcast(have, root=0)
 
     def _open_signals(self) -> None:
         if self._signals is None:
@@ -448,7 +498,10 @@ class Run:
 
         def step(self_opt, *args, **kwargs):
             t0 = time.perf_counter()
-            backend.sync_gradients(run.model, self_opt)
+            step = run.position.global_step + 1
+            with watchdog.waiting(f"the gradient allreduce of step {step}"):
+                backend.sync_gradients(run.model, self_opt)
+            watchdog.mark("optimizer", f"optimizer.step() of step {step}, and your code after it")
             t1 = time.perf_counter()
             with backend.stepping(self_opt):
                 out = inner(*args, **kwargs)

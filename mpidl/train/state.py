@@ -15,7 +15,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from mpidl import log
+from mpidl import log, watchdog
 from mpidl.errors import BadInput
 from mpidl.train import checkpoint, rng
 
@@ -49,8 +49,9 @@ def averaged_buffers(world, model: nn.Module) -> dict[str, torch.Tensor]:
 def sync_buffers(world, model: nn.Module) -> None:
     """Make every rank's buffers the average: evaluation sees one model."""
     if world.size > 1:
-        for k, avg in averaged_buffers(world, model).items():
-            float_buffers(model)[k].copy_(avg)
+        with watchdog.waiting("averaging BatchNorm statistics"):
+            for k, avg in averaged_buffers(world, model).items():
+                float_buffers(model)[k].copy_(avg)
 
 
 def read_latest(folder: Path, fingerprint: Optional[str], world, resume: Union[bool, str]) -> Optional[dict]:
@@ -70,7 +71,8 @@ def read_latest(folder: Path, fingerprint: Optional[str], world, resume: Union[b
 
     state = world.agree(read)
     if world.size > 1:
-        state = world.comm.bcast(state, root=0)
+        with watchdog.waiting("rank 0's checkpoint, read to resume"):
+            state = world.comm.bcast(state, root=0)
     return state
 
 
@@ -121,9 +123,10 @@ def snapshot(world, net: nn.Module, optimizer, scheduler, pos: Position, fingerp
     The saved model has the averaged buffers; each rank's own are kept beside it so a resume
     on as many ranks continues exactly (saving must not change the training).
     """
-    avg = averaged_buffers(world, net)
-    mine = {k: b.detach().cpu().clone() for k, b in float_buffers(net).items()}
-    per_rank = world.comm.gather(mine, root=0) if world.size > 1 else [mine]
+    with watchdog.waiting("gathering the checkpoint's BatchNorm statistics"):
+        avg = averaged_buffers(world, net)
+        mine = {k: b.detach().cpu().clone() for k, b in float_buffers(net).items()}
+        per_rank = world.comm.gather(mine, root=0) if world.size > 1 else [mine]
     if world.rank != 0:
         return None
     weights = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}

@@ -45,7 +45,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import torch
 
 import mpidl
-from mpidl import log, preemption, usercode
+from mpidl import log, preemption, usercode, watchdog
 from mpidl.spec import JobSpec
 from mpidl.train.backends import make_backend
 from mpidl.train.callbacks import Callback
@@ -72,6 +72,9 @@ class Trainer(Run):
     def __init__(self, spec: JobSpec, resume: Union[bool, str] = False, objective: Optional[Objective] = None,
                  callbacks: Sequence[Callback] = (), overwrite: bool = False, world=None):
         world = world or mpidl.init()  # a World over part of the job (a sweep's task) or all of it
+        # The watchdog watches the set-up too (data generation, label scans, staging, resume);
+        # the Run below takes it over.
+        mine = watchdog.start(world, spec.watchdog_s)
         self.log = log.get()
         device = torch.device(world.device)
         if device.type == "cuda":
@@ -102,15 +105,18 @@ class Trainer(Run):
         super().__init__(spec.run_dir, model, optimizer, self.inputs.loader, steps=spec.steps, epochs=spec.epochs,
                          backend=backend, world=world, resume=resume, overwrite=overwrite, seed=spec.seed,
                          checkpoint_every_steps=ck.every_steps, checkpoint_every_epochs=ck.every_epochs,
-                         keep=ck.keep, checkpoint_dir=spec.checkpoint_dir, log_every=spec.log_every,
+                         checkpoint_every_minutes=ck.every_minutes, keep=ck.keep, checkpoint_dir=spec.checkpoint_dir,
+                         log_every=spec.log_every, watchdog_s=spec.watchdog_s,
                          name=spec.name, fingerprint=spec.fingerprint(), steps_per_epoch=spe,
                          batches_per_step=spec.accumulate, spec=spec.redacted_dump(), averaging_step=False)
+        self.watchdog, self._own_watchdog = mine, mine is not None
         state = self.restored
         if state is not None and not self.same_world:
             for g in self.optimizer.param_groups:  # the scaled lr follows the new world size
                 g["initial_lr"] = spec.optimizer.lr * lr_scale(spec, world.size)
         if spec.model.compile:
             self.model = torch.compile(self.model)  # type: ignore[assignment]  # compiling a Module gives a Module (OptimizedModule)
+            watchdog.watch_compilation()  # its compilations are phases of their own (see mpidl.watchdog)
         self.scheduler = build_scheduler(spec, self.optimizer, world.size, self.steps_per_epoch, self.total_steps,
                                          self.position.global_step,
                                          state["scheduler"] if state is not None and self.same_world else None)
@@ -151,9 +157,13 @@ class Trainer(Run):
         self.inputs.train_transform.generator.manual_seed(step_seed(spec.seed + 1, step, world.rank))
         t0 = time.perf_counter()
         t_data = t_compute = 0.0
+        # the first step of a run may take long (cold files, lazy set-up, compilation): LONG
+        factor = watchdog.LONG if not self.totals["steps"] else 1
         for micro in range(spec.accumulate):
             ta = time.perf_counter()
+            watchdog.mark("data", f"waiting for a batch of step {step + 1}", factor, reads=True)
             x, y = next(batches)
+            watchdog.mark("step", f"forward/backward of step {step + 1}", factor)
             if self.channels_last and x.ndim == 4:
                 x = x.to(memory_format=torch.channels_last)
             self._sync_device()
@@ -174,8 +184,10 @@ class Trainer(Run):
                 window[k] += v if self.lagged_metrics else v.item()
             window["count"] += x.shape[0]
         t1 = time.perf_counter()
-        backend.sync_gradients(model, optimizer)
-        self._sync_device()
+        with watchdog.waiting(f"the gradient allreduce of step {step + 1}"):
+            backend.sync_gradients(model, optimizer)
+            self._sync_device()
+        watchdog.mark("optimizer", f"the optimizer step of step {step + 1}")
         t2 = time.perf_counter()
         for cb in self.callbacks:
             cb.after_sync(self)
@@ -207,6 +219,7 @@ class Trainer(Run):
         for name, key in self.objective.ratios.items():
             rec[name] = avg[key] / avg["count"]
         rec["time"] = {k: avg[k] / n for k in BUCKETS}
+        watchdog.observe_step_time(rec["step_time"])
         for cb in self.callbacks:
             cb.on_record(self, rec)
         self.recorder.write(rec)
@@ -305,6 +318,7 @@ class Trainer(Run):
         gc.collect()
         self.backend.close()
         self.release()
+        self.stop_watchdog()
 
 
 def train(spec: JobSpec, resume: Union[bool, str] = False, stop_at: Optional[int] = None,
@@ -329,13 +343,17 @@ def train(spec: JobSpec, resume: Union[bool, str] = False, stop_at: Optional[int
 def run_job(load: Callable[[], JobSpec], *, resume: Union[bool, str] = False, overwrite: bool = False,
             stop_at: Optional[int] = None,
             requeue_with: Callable[[JobSpec], Optional[Callable[[], None]]] = lambda s: None,
-            callbacks: Sequence[Callback] = ()):
+            callbacks: Sequence[Callback] = (), bound_restarts: bool = False):
     """A job's whole life on this rank, for `mpidl train` and for the submitit task alike: the
     spec loaded (the same one-line error on every rank), trained, and after a preemption requeued
     through `requeue_with(spec)` or left with exit 3. Returns (world, spec, summary, exit code).
-    Call `preemption.arm()` first (the caller may keep handlers of its own before)."""
+    Call `preemption.arm()` first (the caller may keep handlers of its own before). `bound_restarts`: a
+    job SLURM restarted more than slurm.requeue_limit times leaves with exit 3 before training."""
     world = mpidl.init()
     spec = world.agree(load)
+    # SLURM requeues a job that lost a node by itself: with mpidl's own requeues, at most the limit.
+    if bound_restarts and (code := preemption.too_many_restarts(world, spec.slurm.requeue_limit)):
+        return world, spec, {}, code
     summary = train(spec, resume=resume, stop_at=stop_at, overwrite=overwrite, callbacks=callbacks)
     code = 0
     if summary.get("preempted"):

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mpidl import watchdog
 from mpidl.errors import BadInput
 
 NAMES = ("horovod", "ddp", "mpi", "none")
@@ -69,7 +70,8 @@ class Backend:
         from mpi4py import MPI
 
         arr = t.detach().to("cpu", torch.float64).contiguous().numpy().copy()
-        self.world.comm.Allreduce(MPI.IN_PLACE, arr, op=MPI.SUM)
+        with watchdog.waiting("the metrics allreduce"):
+            self.world.comm.Allreduce(MPI.IN_PLACE, arr, op=MPI.SUM)
         return torch.from_numpy(arr / self.world.size).to(t.device, t.dtype)
 
     def average(self, metrics: dict[str, float]) -> dict[str, float]:
@@ -90,6 +92,11 @@ def broadcast_module(world, model: nn.Module) -> None:
     """Rank 0's parameters and buffers onto every rank, over MPI."""
     if world.size == 1:
         return
+    with watchdog.waiting("the broadcast of rank 0's weights"):
+        _broadcast_tensors(world, model)
+
+
+def _broadcast_tensors(world, model: nn.Module) -> None:
     for t in list(model.state_dict().values()):
         if not torch.is_tensor(t) or t.numel() == 0:
             continue

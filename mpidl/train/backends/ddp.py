@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from mpidl import log, net
+from mpidl import log, net, watchdog
 from mpidl.errors import BadInput
 from mpidl.train.backends import Backend, broadcast_module
 
@@ -39,6 +39,18 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
+
+
+def _allreduce_marked(state, bucket):
+    """DDP's own allreduce of a gradient bucket (each gradient scaled by 1/size, then summed, as
+    its reducer does without a hook), first telling the watchdog that this rank now waits for the
+    others: DDP communicates inside backward, where a rank that waits looks like one that computes."""
+    watchdog.wait_mark("the gradient allreduce (DDP, inside backward)")
+    group = state if state is not None else dist.group.WORLD
+    assert group is not None  # the default group exists once DDP wraps the model
+    buffer = bucket.buffer()
+    buffer.mul_(1.0 / group.size())
+    return dist.all_reduce(buffer, group=group, async_op=True).get_future().then(lambda fut: fut.value()[0])
 
 
 class DDPBackend(Backend):
@@ -89,6 +101,7 @@ class DDPBackend(Backend):
         wrapped = DistributedDataParallel(model, device_ids=ids,
                                           bucket_cap_mb=float(self.options.get("bucket_cap_mb", 25)),
                                           **no_buffer_sync)
+        wrapped.register_comm_hook(None, _allreduce_marked)
         return wrapped, optimizer
 
     def sync_gradients(self, model: nn.Module, optimizer) -> None:
@@ -106,5 +119,5 @@ class DDPBackend(Backend):
         if dist.is_initialized():
             # Tearing down while a peer still talks to us aborts Gloo's threads: meet first.
             # Drop DDP-wrapped models before this, or their process group outlives it.
-            self.world.barrier()
+            self.world.barrier("the end of the DDP process group")
             dist.destroy_process_group()
