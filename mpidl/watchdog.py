@@ -297,17 +297,23 @@ class Watchdog:
         return answers
 
     def _check(self) -> None:
-        m, now = self.state, _clock()
+        m, now, bg = self.state, _clock(), self.bg
         age, limit = self._age(m, now), self._limit(m)
         if age <= limit:
             return
         if self.comm is None:
             self._fire({})
         elif not m.waiting:
-            self._fire(self._ask())
+            answers = self._ask()
+            if (self.state, self.bg) == (m, bg):  # no progress while asking (else the rank moved on: no hang)
+                self._fire(answers)
         elif now >= self._next_ask:
             answers = self._ask()
             self._next_ask = _clock() + max(2.0, self.seconds / 4)
+            if (self.state, self.bg) != (m, bg):
+                # The wait ended while we asked: a rank that has finished since (its watchdog
+                # stopped, so it did not answer) is no sign of a hang.
+                return
             silent = [r for r, a in answers.items() if a is None]
             stuck = [r for r, a in answers.items() if a and not a["waiting"] and a["age"] > a["limit"]]
             busy = [r for r, a in answers.items() if a and not a["waiting"] and a["age"] <= a["limit"]]

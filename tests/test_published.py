@@ -210,3 +210,20 @@ def test_the_summary_and_its_plot_fill_the_first_screen(report, tmp_path):
             assert 0 <= top and bottom <= g["height"] and right <= g["width"], (size, name, g)
         assert box["headline-plot"][1] - box["headline-plot"][0] > 200, g  # the plot, not a sliver of it
         assert box["appendix"][0] > g["height"]  # mpidl's own goals are below the fold
+
+
+def test_the_headline_plot_of_a_study_with_no_single_rank_run():
+    """A study of one size on 1 and 2 nodes has no best backend to plot: the plot says so (a log axis
+    of nothing ended `mpidl report` with a matplotlib error)."""
+    import io
+
+    from mpidl.scaling import summary
+
+    def png(fig):
+        out = io.BytesIO()
+        fig.savefig(out, format="png")
+        return out.getvalue()
+
+    doc = {"table": [{"backend": "mpi", "size": 2, "throughput": 100.0}], "study": {}, "environment": {}}
+    s = {"cost": [], "target": None, "measured": [], "flag_below": 0.8, "backend": None}
+    assert summary.plot(doc, None, s, png).startswith(b"\x89PNG")

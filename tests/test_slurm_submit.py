@@ -185,7 +185,7 @@ def _one_error_line(r) -> str:
 
 @pytest.mark.parametrize("override,expect", [
     ("slurm.time=25:99", 'slurm.time = "25:99": seconds must be below 60'),
-    ("slurm.nodes=0", "slurm.nodes = 0: Input should be greater than or equal to 1"),
+    ("slurm.nodes=0", "slurm.nodes = 0: at least 1 node"),
     ("slurm.gpus_per_node=4", "slurm.gpus_per_node = 4: more GPUs than the 2 rank(s) per node"),
     ("slurm.partition=nope", 'slurm.partition = "nope": the controller refused the job (sbatch --test-only: '
                              "invalid partition specified: nope)"),

@@ -129,7 +129,7 @@ def test_submit_command_bad_input_is_one_line(tmp_path):
         return run([PYTHON, "-m", "mpidl.cli", "submit", "--dry-run", *args], cwd=tmp_path)
 
     r = submit("--nodes", "0", "--", "python", "x.py")
-    assert r.returncode == 2 and "slurm.nodes = 0: Input should be greater than or equal to 1" in r.stderr, r.output
+    assert r.returncode == 2 and "slurm.nodes = 0: at least 1 node" in r.stderr, r.output
     r = submit("--array", "lr=1,2", "--", "python", "x.py", "--lr", "{learning_rate}")
     assert r.returncode == 2 and "the command has {learning_rate}, which no --array key gives" in r.stderr, r.output
     r = submit("--")

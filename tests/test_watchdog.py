@@ -362,3 +362,29 @@ def test_the_line_for_collectives_that_never_match():
     assert line == ("watchdog: every rank waits in a collective that the others never join: rank 0 on a in the "
                     "metrics allreduce; rank 1 on b in a barrier (watchdog_s 10); ending the job (exit 4)")
     assert stacks == []
+
+
+# ------------------------------------------------------------------ the decision, without MPI
+class _World:
+    rank, size, host = 1, 2, "a"
+
+
+@pytest.mark.parametrize("waiting", [True, False], ids=["waiting", "not-waiting"])
+@pytest.mark.parametrize("moves_on", [True, False], ids=["moves-on", "stays"])
+def test_a_rank_that_moves_on_while_it_asks_does_not_fire(monkeypatch, waiting, moves_on):
+    """The race seen at a run's end: rank 1 waits past its allowance and asks; meanwhile the wait
+    ends and rank 0 finishes (its watchdog stopped: no answer). Silence then is no hang."""
+    wd = watchdog.Watchdog(_World(), 2)
+    wd.comm = object()
+    wd.state = watchdog.Mark("sync" if waiting else "step", "x", watchdog._clock() - 10, 1.0, waiting, False)
+    fired = []
+
+    def ask():
+        if moves_on:
+            wd.state = watchdog.Mark("finishing", "the summary", watchdog._clock(), 10.0, False, False)
+        return {0: None}
+
+    monkeypatch.setattr(wd, "_ask", ask)
+    monkeypatch.setattr(wd, "_fire", fired.append)
+    wd._check()
+    assert fired == ([] if moves_on else [{0: None}])

@@ -287,11 +287,19 @@ def plot(doc: dict, pred: Optional[dict], s: dict, png) -> bytes:
         ax.set_xticklabels([f"{t:,}" for t in ticks], fontsize=7, rotation=45 if len(ticks) > 8 else 0)
         ax.set_xlabel(f"{unit_of(doc)}s")
         ax.grid(True, alpha=0.3, which="both")
-    a1.set_yscale("log")
+    import numpy as np
+
+    ys = [np.asarray(ln.get_ydata(), dtype=float) for ln in a1.lines] + \
+        [np.asarray(c.get_offsets(), dtype=float)[:, 1] for c in a1.collections if len(c.get_offsets())]
+    if any((np.nan_to_num(y) > 0).any() for y in ys):
+        a1.set_yscale("log")
+    else:  # no rank count measured alone or with the best backend (e.g. one size on 1 and 2 nodes)
+        a1.text(0.5, 0.5, "no throughput to plot", ha="center", va="center", transform=a1.transAxes, fontsize=8)
     a1.set_ylabel("samples/s")
     a2.set_ylabel("efficiency E")
     a2.set_ylim(0, 1.1)
-    a1.legend(fontsize=7)
+    if a1.get_legend_handles_labels()[0]:
+        a1.legend(fontsize=7)
     a2.legend(fontsize=7, loc="lower left")
     a1.set_title("throughput", fontsize=9)
     a2.set_title("efficiency", fontsize=9)
