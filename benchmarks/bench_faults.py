@@ -139,18 +139,17 @@ def final_model(folder: Path) -> dict:
     return torch.load(sorted(folder.glob("ckpt-*.pt"))[-1], map_location="cpu", weights_only=True)["model"]
 
 
-def first_run(metrics: Path) -> tuple[int, float]:
-    """The last step the first run logged and its mean step time: its records come before the
-    requeued run's, whose epoch goes back to the checkpoint's (steps may not: a re-sharded epoch
-    has more of them)."""
-    last, epoch, times = 0, -1.0, []
-    for line in metrics.read_text().splitlines():
+def first_run(metrics: Path, lines: int) -> tuple[int, float]:
+    """The last step the first run logged and its mean step time: its records are the first
+    `lines` lines of metrics.jsonl, counted when SLURM requeued the job (before the requeued run
+    appends). Neither the epoch nor the step tells the runs apart: a first run that stopped
+    progressing right after its checkpoint is followed by records of a later epoch."""
+    last, times = 0, []
+    for line in metrics.read_text().splitlines()[:lines]:
         rec = json.loads(line)
         if "loss" not in rec:
             continue
-        if rec["epoch"] < epoch:
-            break
-        last, epoch = rec["step"], rec["epoch"]
+        last = rec["step"]
         times.append(rec["step_time"])
     return last, sum(times) / max(1, len(times))
 
@@ -250,11 +249,14 @@ def lost(env: dict, made: list[list[str]], launcher: str, backend: str, kind: st
             subprocess.run(["ip", "link", "set", link, "down"], check=True)
         t0 = time.monotonic()
         seen: dict[str, float] = {}
+        first_lines = 0
         while time.monotonic() < deadline:
             info = job_info(env, job)
             st, restarts = info.get("JobState"), int(info.get("Restarts", "0") or 0)
             now = time.monotonic() - t0
             if restarts >= 1:
+                if "requeued_s" not in seen:  # the first run has ended: its records are all written
+                    first_lines = len(metrics.read_text().splitlines())
                 seen.setdefault("requeued_s", now)
                 if st == "RUNNING":
                     seen.setdefault("running_again_s", now)
@@ -284,7 +286,7 @@ def lost(env: dict, made: list[list[str]], launcher: str, backend: str, kind: st
     resumed = Path(summary["resumed_from"])
     row["ranks_after"] = summary["world"]["size"]
     row["resumed_step"] = int(resumed.stem.split("-")[1])
-    row["first_run_last_step"], step_time = first_run(metrics)
+    row["first_run_last_step"], step_time = first_run(metrics, first_lines)
     row["steps_lost"] = row["first_run_last_step"] - row["resumed_step"]
     row["work_lost_s"] = row["steps_lost"] * step_time  # at the first run's mean step time
     row["steps_per_epoch_before"] = 4000 * 9 // 10 // (4 * 32)
