@@ -227,3 +227,8 @@ def test_the_headline_plot_of_a_study_with_no_single_rank_run():
     doc = {"table": [{"backend": "mpi", "size": 2, "throughput": 100.0}], "study": {}, "environment": {}}
     s = {"cost": [], "target": None, "measured": [], "flag_below": 0.8, "backend": None}
     assert summary.plot(doc, None, s, png).startswith(b"\x89PNG")
+    # measured, but no efficiency (no one-rank point): the efficiency axis holds no point
+    s["measured"] = [{"size": 2, "nodes": n, "efficiency": None, "throughput": 100.0, "oversubscribed": False}
+                     for n in (1, 2)]
+    s["backend"] = "mpi"
+    assert summary.plot(doc, None, s, png).startswith(b"\x89PNG")

@@ -283,6 +283,7 @@ def plot(doc: dict, pred: Optional[dict], s: dict, png) -> bytes:
     ticks = sorted({r["size"] for r in mrows} | {m["size"] for m in s["measured"]} | {1})
     for ax in (a1, a2):
         ax.set_xscale("log", base=2)
+        ax.set_xlim(min(ticks) / 1.4, max(ticks) * 1.4)  # also where an axis holds no point (no efficiency)
         ax.set_xticks(ticks)
         ax.set_xticklabels([f"{t:,}" for t in ticks], fontsize=7, rotation=45 if len(ticks) > 8 else 0)
         ax.set_xlabel(f"{unit_of(doc)}s")
