@@ -288,11 +288,9 @@ def plot(doc: dict, pred: Optional[dict], s: dict, png) -> bytes:
         ax.set_xticklabels([f"{t:,}" for t in ticks], fontsize=7, rotation=45 if len(ticks) > 8 else 0)
         ax.set_xlabel(f"{unit_of(doc)}s")
         ax.grid(True, alpha=0.3, which="both")
-    import numpy as np
-
-    ys = [np.asarray(ln.get_ydata(), dtype=float) for ln in a1.lines] + \
-        [np.asarray(c.get_offsets(), dtype=float)[:, 1] for c in a1.collections if len(c.get_offsets())]
-    if any((np.nan_to_num(y) > 0).any() for y in ys):
+    plotted = ([base1["throughput"]] if base1 else []) + [r["predicted"]["throughput"] for r in mrows] + \
+        [m["throughput"] for m in s["measured"]]
+    if any(t and t > 0 for t in plotted):
         a1.set_yscale("log")
     else:  # no rank count measured alone or with the best backend (e.g. one size on 1 and 2 nodes)
         a1.text(0.5, 0.5, "no throughput to plot", ha="center", va="center", transform=a1.transAxes, fontsize=8)
