@@ -11,7 +11,7 @@ export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 export OMPI_MCA_rmaps_base_oversubscribe := 1
 export OMPI_MCA_btl_vader_single_copy_mechanism := none
 
-.PHONY: setup demo test doctor clean gpu-check-prepare gpu-check
+.PHONY: setup demo test test-quick doctor clean gpu-check-prepare gpu-check
 
 setup:
 	bash scripts/setup.sh
@@ -22,6 +22,11 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+# What needs no launcher: no mpirun, no SLURM, no emulated nodes, no Horovod, nothing slow.
+QUICK := not mpi and not slurm and not multinode and not horovod and not slow
+test-quick: setup
+	$(VENV)/bin/python -m pytest -q -m "$(QUICK)" $(PYTEST_ARGS)
 
 doctor: setup
 	$(VENV)/bin/mpidl doctor

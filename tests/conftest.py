@@ -34,6 +34,134 @@ def pytest_configure(config):
     from mpidl.testing import rank_env
 
     MPI_ENV.update(rank_env(config))
+    _make_mpirun_shim()
+
+
+def pytest_unconfigure(config):
+    if _SHIM_DIR:
+        shutil.rmtree(_SHIM_DIR, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ tiers
+#
+# setup.cfg declares the markers; this hook applies them from what a test uses, so a new test
+# lands in the right tier without anyone remembering to mark it (`make test-quick` deselects
+# mpi, slurm, multinode, horovod and slow):
+#   mpi        the plugin's @pytest.mark.mpirun, or code that reaches this file's `mpirun`/`MPIRUN`
+#              (the test, its fixtures, and the module's functions they call)
+#   slurm      the `slurm_cluster` or `two_nodes` fixture, or code reaching `sbatch_wait`,
+#              `CLUSTER_SH` or `start_nodes`
+#   multinode  the `two_nodes` fixture, or code reaching `start_nodes`
+#   horovod    `@needs_horovod`, or a parameter whose value is "horovod"
+# `slow` is given by hand (explicitly, in the test file). What the static look misses, the guard
+# below catches at run time: a test that starts mpirun (itself, or through a child found on PATH)
+# without the `mpi` marker fails.
+
+REACHES = {
+    "mpi": {"mpirun", "MPIRUN"},
+    "slurm": {"sbatch_wait", "CLUSTER_SH", "start_nodes"},
+    "multinode": {"start_nodes"},
+}
+FIXTURE_MARKS = {"slurm_cluster": ("slurm",), "two_nodes": ("slurm", "multinode")}
+
+
+def _names_reached(funcs, module_globals: dict) -> set[str]:
+    """The global names the code of `funcs` uses, following the functions of the module (or of
+    this file) it calls, and code nested in it (inner functions, lambdas, comprehensions)."""
+    import types
+
+    names: set[str] = set()
+    seen: set[int] = set()
+    todo = [getattr(f, "__code__", None) for f in funcs]
+    while todo:
+        code = todo.pop()
+        if code is None or id(code) in seen:
+            continue
+        seen.add(id(code))
+        for const in code.co_consts:
+            if isinstance(const, types.CodeType):
+                todo.append(const)
+        for name in code.co_names:
+            names.add(name)
+            target = module_globals.get(name, globals().get(name))
+            target = getattr(target, "__wrapped__", target)
+            if isinstance(target, types.FunctionType) and target.__module__ in (module_globals.get("__name__"), __name__):
+                todo.append(target.__code__)
+    return names
+
+
+def tier_marks(item) -> set[str]:
+    """The tier markers `item` earns from what it uses (see above)."""
+    marks: set[str] = set()
+    if item.get_closest_marker("mpirun") is not None:
+        marks.add("mpi")
+    for fixture, given in FIXTURE_MARKS.items():
+        if fixture in getattr(item, "fixturenames", ()):
+            marks.update(given)
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and "horovod" in [v for v in callspec.params.values() if isinstance(v, str)]:
+        marks.add("horovod")
+    func = getattr(item, "function", None)
+    module = getattr(item, "module", None)
+    if func is not None and module is not None:
+        funcs = [func]
+        infos = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {}) or {}
+        for defs in infos.values():
+            funcs += [d.func for d in defs if getattr(d, "func", None) is not None]
+        names = _names_reached(funcs, vars(module))
+        marks.update(mark for mark, wanted in REACHES.items() if names & wanted)
+    return marks
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for mark in sorted(tier_marks(item)):
+            if item.get_closest_marker(mark) is None:
+                item.add_marker(mark)
+
+
+# The guard. Children of `run` find this `mpirun` first on PATH: it notes the launch in the file
+# MPIDL_TEST_LAUNCHES names, then runs the real one.
+_SHIM_DIR: str | None = None
+LAUNCHES = "MPIDL_TEST_LAUNCHES"
+
+
+def _make_mpirun_shim() -> None:
+    global _SHIM_DIR
+    if MPIRUN is None or _SHIM_DIR is not None:
+        return
+    import tempfile
+
+    _SHIM_DIR = tempfile.mkdtemp(prefix="mpidl-test-shim-")
+    shim = Path(_SHIM_DIR) / "mpirun"
+    shim.write_text(f'#!/bin/sh\n[ -n "${LAUNCHES}" ] && echo "mpirun $*" >> "${LAUNCHES}"\nexec "{MPIRUN}" "$@"\n')
+    shim.chmod(0o755)
+
+
+def unmarked_launch(item, launches: Path) -> str | None:
+    """Why `item` fails the guard: it started mpirun (the lines in `launches`) without `mpi`."""
+    if item.get_closest_marker("mpi") is not None or not launches.exists():
+        return None
+    lines = launches.read_text().splitlines()
+    if not lines:
+        return None
+    return (f"{item.nodeid} starts mpirun but is not marked `mpi` (tests/conftest.py's tier_marks did not see "
+            f"it: add @pytest.mark.mpi): {lines[0][:200]}")
+
+
+@pytest.fixture(autouse=True)
+def _mpirun_guard(request, tmp_path_factory):
+    launches = tmp_path_factory.getbasetemp() / f"launches-{os.getpid()}"
+    launches.unlink(missing_ok=True)
+    os.environ[LAUNCHES] = str(launches)
+    try:
+        yield
+    finally:
+        os.environ.pop(LAUNCHES, None)
+    why = unmarked_launch(request.node, launches)
+    launches.unlink(missing_ok=True)
+    if why:
+        pytest.fail(why, pytrace=False)
 
 
 @dataclass
@@ -53,6 +181,8 @@ def clean_env(extra: dict | None = None) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("OMPI_COMM_WORLD", "PMIX_", "PMI_", "SLURM_"))}
     env.update(MPI_ENV)
+    if _SHIM_DIR:
+        env["PATH"] = _SHIM_DIR + os.pathsep + env.get("PATH", "")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     if extra:
         env.update(extra)
@@ -61,6 +191,9 @@ def clean_env(extra: dict | None = None) -> dict:
 
 def run(cmd: list[str], *, timeout: float = 120, env: dict | None = None, cwd: Path | str | None = None) -> Ran:
     t0 = time.monotonic()
+    if cmd and os.path.basename(str(cmd[0])) == "mpirun" and os.environ.get(LAUNCHES):
+        with open(os.environ[LAUNCHES], "a") as f:
+            f.write("mpirun " + " ".join(map(str, cmd[1:])) + "\n")
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=clean_env(env),
                        cwd=cwd or ROOT)
     return Ran(p.returncode, p.stdout, p.stderr, time.monotonic() - t0)
@@ -111,7 +244,9 @@ def has_horovod() -> bool:
     return True
 
 
-needs_horovod = pytest.mark.skipif(not has_horovod(), reason="Horovod is not installed")
+def needs_horovod(test):
+    """Runs only where Horovod imports; marked `horovod`, so `pytest -m horovod` selects it."""
+    return pytest.mark.horovod(pytest.mark.skipif(not has_horovod(), reason="Horovod is not installed")(test))
 
 
 def has_cuda() -> bool:

@@ -4,9 +4,13 @@ from __future__ import annotations
 import re
 import sys
 
+import pytest
+
 from conftest import ROOT, run
 
 
+@pytest.mark.slow
+@pytest.mark.mpi  # its child starts mpirun
 def test_bench_train_resnet_workload_smoke():
     # The GPU goal's workload (bf16, channels_last, HDF5 uint8 vs synthetic tensors) shrunk to CPU size.
     r = run([sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--workload", "resnet50",

@@ -70,6 +70,7 @@ def user(tmp_path) -> Path:
     return job
 
 
+@pytest.mark.mpi  # its child starts mpirun
 def test_the_demo_passes_every_check(tmp_path):
     code, lines, out = check(tmp_path, str(ROOT / "jobs" / "demo.yaml"))
     assert code == 0, out
@@ -103,6 +104,7 @@ def test_a_diverging_learning_rate_and_a_slurm_section_the_controller_refuses(sl
     assert lines["preemption"] == ("skipped", "the uninterrupted run failed (see loss)")
 
 
+@pytest.mark.mpi  # its child starts mpirun
 def test_labels_outside_the_models_classes_and_a_slice_of_real_data(user):
     folder = user.parent
     from mpidl.data import synth
@@ -125,12 +127,14 @@ def test_labels_outside_the_models_classes_and_a_slice_of_real_data(user):
         assert f["y"].shape == (72,) and int(f["y"][:].max()) == 5
 
 
+@pytest.mark.mpi  # its child starts mpirun
 def test_ranks_that_diverge(user):
     code, lines, out = check(user.parent, "job.yaml", "--set", "model.name=mynets.faults:Drifting")
     assert code == 1 and "weights" in only_failures(lines), out
     assert lines["weights"][1].startswith("after step 1, rank 1's scale differs from rank 0's (1 of 5 parameters")
 
 
+@pytest.mark.mpi  # its child starts mpirun
 def test_a_checkpoint_that_does_not_resume_exactly(user):
     code, lines, out = check(user.parent, "job.yaml", "--set", "model.name=mynets.faults:Counting")
     assert code == 1 and set(only_failures(lines)) == {"resume"}, out
@@ -139,6 +143,7 @@ def test_a_checkpoint_that_does_not_resume_exactly(user):
     assert lines["weights"][0] == lines["preemption"][0] == "ok"
 
 
+@pytest.mark.mpi  # its child starts mpirun
 def test_a_stand_in_of_the_data_shapes(user):
     folder = user.parent
     missing = ["--set", "data.files=elsewhere/train.h5", "--set", "data.synth=null", "--steps", "6"]
@@ -167,6 +172,7 @@ def test_bad_input_exits_2(user, args, expect):
     assert "Traceback" not in out
 
 
+@pytest.mark.mpi  # its child starts mpirun
 def test_a_loop_of_ones_own_on_mpidl_run(user):
     """`mpidl check -- python mpidl_loop.py DATA`: the example's loop, on its own data, with the
     run folder and length the check gives it (MPIDL_OUTPUT, MPIDL_STEPS)."""

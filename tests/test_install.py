@@ -322,6 +322,7 @@ def test_pip_installed_examples_copy_is_the_checkouts(pip_venv):
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "already exists" in p.stderr
 
 
+@pytest.mark.slow
 def test_pip_installed_setup_horovod_installs_the_cached_wheel(pip_wheel, tmp_path):
     """The install itself, when this machine's wheel cache makes it cheap (no second build); in a
     venv of its own, since it changes it."""
@@ -371,6 +372,7 @@ def stand_in_sdist(tmp: Path, cmake_line: str = "set(CMAKE_CXX_STANDARD 14)") ->
     return sdist
 
 
+@pytest.mark.slow
 def test_pip_installed_setup_horovod_builds_caches_and_installs(pip_wheel, tmp_path):
     """The build path end to end, on a stand-in source package: the patches and the variables reach
     the build, the wheel is cached under the plan's key with its record, installed and checked."""

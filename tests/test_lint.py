@@ -32,6 +32,7 @@ def test_ruff_finds_nothing():
     _check("ruff", ["check", "--output-format", "concise", "."], timeout=120)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_mypy_finds_nothing():
     _check("mypy", [], timeout=540)  # the files and options: pyproject.toml's [tool.mypy]

@@ -605,6 +605,7 @@ def test_bad_value_in_the_job_overrides_is_refused(tmp_path):
     _refused(tmp_path, study, "optimizer.lr = -1")
 
 
+@pytest.mark.mpi  # its child starts mpirun
 def test_job_the_trainer_refuses_is_refused(tmp_path):
     # passes the study's own checks; the trainer finds the crop larger than the 8×8 images
     study = _study(tmp_path, _job(tmp_path), set=["data.preprocess.crop=64"], backends=["mpi"], baseline=False)
@@ -612,6 +613,7 @@ def test_job_the_trainer_refuses_is_refused(tmp_path):
              started=True)
 
 
+@pytest.mark.mpi  # its child starts mpirun
 def test_a_study_whose_first_runs_all_fail_stops(tmp_path):
     # a broken set-up (here the launcher's arguments): exit 1 after one round, not a study of failures
     study = _study(tmp_path, _job(tmp_path), launcher={"args": ["--no-such-mpirun-option"]}, backends=["mpi"])

@@ -96,6 +96,7 @@ def alive(pid: int) -> bool:
     return not (stat.exists() and stat.read_text().split(")")[-1].split()[0] == "Z")
 
 
+@pytest.mark.mpi  # its child starts mpirun
 def test_user_file_passes_fails_and_times_out_per_rank(tmp_path):
     results, output = run_user_tests(tmp_path, "-p", "mpidl.testing")
     assert results["test_pass"] == ("passed", ""), output
@@ -120,6 +121,7 @@ def test_user_file_passes_fails_and_times_out_per_rank(tmp_path):
     assert not left, f"rank processes left running: {left}"
 
 
+@pytest.mark.mpi  # its child starts mpirun
 def test_isolate_gives_each_test_a_launch(tmp_path):
     results, output = run_user_tests(tmp_path, "-p", "mpidl.testing", "--mpirun-isolate", "-k",
                                      "pass or fixtures or after")
@@ -127,6 +129,7 @@ def test_isolate_gives_each_test_a_launch(tmp_path):
     assert len(list((tmp_path / "tmp" / "mpirun").glob("launch-*"))) == 4
 
 
+@pytest.mark.mpi  # its child starts mpirun
 def test_pip_install_registers_the_plugin(tmp_path):
     """The pytest11 entry point: installed from this checkout, the plugin loads with no -p."""
     site = tmp_path / "site"
@@ -155,6 +158,7 @@ def test_mpidl_suite_runs_on_the_plugin(world, shared_tmp_path):
     assert subprocess.run(["true"]).returncode == 0  # a rank may start processes of its own
 
 
+@pytest.mark.mpi  # its child starts mpirun
 def test_the_docs_example_passes(tmp_path):
     """docs/testing.md's user test file, as printed there, on its ranks."""
     page = (ROOT / "docs" / "testing.md").read_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -115,7 +116,7 @@ def test_parameters_identical_across_ranks(tmp_path, backend):
     assert len(hashes) == 3 and len(set(hashes)) == 1
 
 
-@pytest.mark.parametrize("setting,expect", [
+BAD_SPECS = [
     (["--set", "optimizer.lr=-1"], "optimizer.lr = -1: Input should be greater than 0"),
     (["--set", "schedule.warmup_epochs=.inf"], "schedule.warmup_epochs = .inf: Input should be a finite number"),
     (["--set", "name=../../x"], 'name = "../../x": a name is one folder name'),
@@ -125,11 +126,36 @@ def test_parameters_identical_across_ranks(tmp_path, backend):
     (["--set", "data.batch=5000"], "fewer than ranks × batch"),
     (["--resume"], "no checkpoint (ckpt-*.pt) is there"),
     (["--set", "model.args.num_classes=ten"], "model.args.num_classes = 'ten': a class count must be a positive"),
-])
-def test_bad_spec_exits_2_with_one_line(tmp_path, setting, expect):
-    """Under 2 ranks: one line in all, exit 2 (spec checks alone are in test_spec.py)."""
-    job = write_job(tmp_path)
-    r = mpirun(2, mpidl_cmd("train", str(job), *setting), timeout=120)
+]
+
+
+def refused(job: Path, *args: str) -> str:
+    """What `mpidl train JOB ARGS` refuses with, run in this process: the BadInput of `run_job`, the
+    function the command calls (its exit status and one line under mpirun: the tests below that
+    launch)."""
+    from mpidl.cli import build_parser
+    from mpidl.errors import BadInput
+    from mpidl.spec import load_spec
+    from mpidl.train.trainer import run_job
+
+    a = build_parser().parse_args(["train", str(job), *args])
+    with pytest.raises(BadInput) as e:
+        run_job(lambda: load_spec(a.job, a.set), resume=a.resume, overwrite=a.overwrite)
+    message = str(e.value)
+    assert "\n" not in message, message  # one line
+    return message
+
+
+@pytest.mark.parametrize("setting,expect", BAD_SPECS)
+def test_bad_spec_is_refused_with_one_line(tmp_path, setting, expect):
+    """Each bad setting's one line (spec checks alone are in test_spec.py); under 2 ranks: next test."""
+    assert expect in refused(write_job(tmp_path), *setting)
+
+
+def test_bad_spec_exits_2_with_one_line(tmp_path):
+    """Under 2 ranks: one line in all, exit 2, no traceback (the exit-status test of `train`)."""
+    setting, expect = BAD_SPECS[0]
+    r = mpirun(2, mpidl_cmd("train", str(write_job(tmp_path)), *setting), timeout=120)
     assert r.returncode == 2, r.output[-3000:]
     errors = [line for line in r.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
@@ -137,11 +163,9 @@ def test_bad_spec_exits_2_with_one_line(tmp_path, setting, expect):
 
 
 def test_missing_or_broken_spec_file(tmp_path):
-    r = mpirun(2, mpidl_cmd("train", str(tmp_path / "nope.yaml")), timeout=60)
-    assert r.returncode == 2 and r.stderr.count("job spec not found") == 1
+    assert "job spec not found" in refused(tmp_path / "nope.yaml")
     (tmp_path / "bad.yaml").write_text("name: [unclosed\n")
-    r = mpirun(2, mpidl_cmd("train", str(tmp_path / "bad.yaml")), timeout=60)
-    assert r.returncode == 2 and "not valid YAML at line" in r.stderr
+    assert "not valid YAML at line" in refused(tmp_path / "bad.yaml")
 
 
 FAULT = """
@@ -184,12 +208,13 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_mpi_backend_needs_no_horovod(tmp_path):
+def test_mpi_backend_needs_no_horovod(tmp_path, monkeypatch):
     job = write_job(tmp_path, epochs=1)
     r = mpirun(2, pycode(NO_HOROVOD) + ["train", str(job), "--set", "backend=mpi"], timeout=300)
     assert r.returncode == 0, r.output[-3000:]
-    r = mpirun(2, pycode(NO_HOROVOD) + ["train", str(job), "--set", "backend=horovod"], timeout=120)
-    assert r.returncode == 2 and "horovod is not importable" in r.stderr
+    monkeypatch.setitem(sys.modules, "horovod", None)          # as NO_HOROVOD does
+    monkeypatch.setitem(sys.modules, "horovod.torch", None)
+    assert "horovod is not importable" in refused(job, "--set", "backend=horovod", "--overwrite")
 
 
 def image_job(tmp: Path, **over) -> Path:
@@ -302,11 +327,8 @@ def test_non_finite_regression_targets_stop_every_rank_before_training(tmp_path,
     with h5py.File(data, "w") as f:
         f["x"], f["y"] = x, y
     job = write_job(tmp_path, data__files=str(data), data__synth=None, model={"name": "linear"})
-    r = mpirun(2, mpidl_cmd("train", str(job)), timeout=180)
-    errors = [line for line in r.stderr.splitlines() if "error:" in line]
-    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.output, r.output[-3000:]
-    assert errors[0].endswith(f"error: {data}: dataset 'y' row {row} holds nan: the data holds 1 non-finite target"), \
-        errors[0]
+    message = refused(job)
+    assert message == f"{data}: dataset 'y' row {row} holds nan: the data holds 1 non-finite target", message
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
@@ -353,12 +375,10 @@ def test_labels_outside_the_classes_stop_every_rank_before_training(tmp_path, cl
     _tabular(data, _planted(planted))
     args = {"hidden": [16], **({"num_classes": classes} if classes else {})}
     job = write_job(tmp_path, data__files=str(data), data__synth=None, model={"name": "mlp", "args": args})
-    r = mpirun(2, mpidl_cmd("train", str(job)), timeout=180)
-    errors = [line for line in r.stderr.splitlines() if "error:" in line]
-    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.output, r.output[-3000:]
+    message = refused(job)
     n = classes or hi + 1
-    assert errors[0].endswith(f"error: {data}: dataset 'y' row {row} holds label {value}, outside [0, {n}) for "
-                              f"{n} classes ({count} such labels; they range {lo}..{hi})"), errors[0]
+    assert message == (f"{data}: dataset 'y' row {row} holds label {value}, outside [0, {n}) for "
+                       f"{n} classes ({count} such labels; they range {lo}..{hi})"), message
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped before the first step
 
 
@@ -396,10 +416,8 @@ def test_held_out_rows_of_another_shape_or_dtype_are_refused(tmp_path, val, expe
 
 def test_an_output_that_is_a_file_stops_every_rank_before_training(tmp_path):
     (tmp_path / "run").write_text("not a folder")
-    r = mpirun(2, mpidl_cmd("train", str(write_job(tmp_path))), timeout=120)
-    errors = [line for line in r.stderr.splitlines() if "error:" in line]
-    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.output, r.output[-3000:]
-    assert errors[0].endswith(f'error: output = "{tmp_path}/run": {tmp_path}/run is a file, not a folder'), errors[0]
+    message = refused(write_job(tmp_path))
+    assert message == f'output = "{tmp_path}/run": {tmp_path}/run is a file, not a folder', message
     assert not (tmp_path / "tab.h5").exists()  # before anything: not even the synthetic data
 
 
@@ -408,11 +426,9 @@ def test_held_out_rows_of_another_shape_stop_every_rank_before_training(tmp_path
     _tabular(train, lambda y: y)
     _tabular(held, lambda y: y, rows=200, features=9)
     job = write_job(tmp_path, data__files=str(train), data__val_files=str(held), data__synth=None)
-    r = mpirun(2, mpidl_cmd("train", str(job)), timeout=180)
-    errors = [line for line in r.stderr.splitlines() if "error:" in line]
-    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.output, r.output[-3000:]
-    assert errors[0].endswith(f"error: data.val_files: {held}: dataset 'x' rows are (9,) float32, but in the training "
-                              f"files ({train}) (8,) float32"), errors[0]
+    message = refused(job)
+    assert message == (f"data.val_files: {held}: dataset 'x' rows are (9,) float32, but in the training "
+                       f"files ({train}) (8,) float32"), message
     assert not (tmp_path / "run").exists()  # stopped before the run folder was made
 
 

@@ -173,6 +173,7 @@ def test_the_example_loop_resumes_on_another_world_size(tmp_path):
     assert s["world"]["size"] == 3 and s["global_step"] == 5 * (3000 // (3 * 64))
 
 
+@pytest.mark.mpi  # its child starts mpirun
 def test_a_two_size_study_of_your_own_loop(tmp_path):
     """`mpidl scale` with `command:`: the points' backend, folder and length reach the script's
     mpidl.Run through the environment; the figures come from the records the Run writes."""
