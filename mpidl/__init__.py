@@ -24,7 +24,7 @@ from mpidl.world import World, current, init
 __version__ = "0.1.0"
 
 # Loaded on first use: `import mpidl` (and `mpidl --help`) need not import torch.
-_LAZY = {"Run": "mpidl.train.run", "H5Source": "mpidl.data.source", "ShardedLoader": "mpidl.data.loader"}
+_LAZY = {"Run": "mpidl.train.run", "H5Source": "mpidl.data.layout", "ShardedLoader": "mpidl.data.loader"}
 
 __all__ = ["BadInput", "H5Source", "Run", "ShardedLoader", "World", "current", "init", "__version__"]
 

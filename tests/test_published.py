@@ -215,20 +215,13 @@ def test_the_summary_and_its_plot_fill_the_first_screen(report, tmp_path):
 def test_the_headline_plot_of_a_study_with_no_single_rank_run():
     """A study of one size on 1 and 2 nodes has no best backend to plot: the plot says so (a log axis
     of nothing ended `mpidl report` with a matplotlib error)."""
-    import io
-
-    from mpidl.scaling import summary
-
-    def png(fig):
-        out = io.BytesIO()
-        fig.savefig(out, format="png")
-        return out.getvalue()
+    from mpidl.scaling import plots
 
     doc = {"table": [{"backend": "mpi", "size": 2, "throughput": 100.0}], "study": {}, "environment": {}}
     s = {"cost": [], "target": None, "measured": [], "flag_below": 0.8, "backend": None}
-    assert summary.plot(doc, None, s, png).startswith(b"\x89PNG")
+    assert plots.plot_summary(doc, None, s).startswith(b"\x89PNG")
     # measured, but no efficiency (no one-rank point): the efficiency axis holds no point
     s["measured"] = [{"size": 2, "nodes": n, "efficiency": None, "throughput": 100.0, "oversubscribed": False}
                      for n in (1, 2)]
     s["backend"] = "mpi"
-    assert summary.plot(doc, None, s, png).startswith(b"\x89PNG")
+    assert plots.plot_summary(doc, None, s).startswith(b"\x89PNG")

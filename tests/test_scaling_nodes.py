@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
 import statistics
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -35,14 +38,24 @@ def test_plan_places_each_size_on_every_node_count_that_divides_it():
     assert [p.key for p in first[2:5]] == ["p2-mpi-r0", "p2-none-r0", "p2-n2-mpi-r0"]
 
 
-def test_slurm_job_is_the_trainers_command_submitted_with_the_placement():
+def test_slurm_job_is_the_trainers_job_submitted_with_the_placement(tmp_path, monkeypatch):
     launcher = SlurmLauncher("debug", threads_per_rank=1, timeout_s=300, cores=2)
     argv = ["/venv/bin/mpidl", "train", "jobs/demo.yaml", "--set", "backend=mpi", "--set", 'output="runs/x"']
-    assert launcher.command(4, 2, argv) == [
-        "/venv/bin/mpidl", "submit", "--wait", "jobs/demo.yaml", "--set", "backend=mpi", "--set", 'output="runs/x"',
-        "--set", "slurm.nodes=2", "--set", "slurm.tasks_per_node=2", "--set", "slurm.launcher=srun",
-        "--set", "slurm.time=7", "--set", "slurm.requeue_limit=0", "--set", "slurm.cpus_per_task=1",
-        "--set", 'slurm.partition="debug"']
+    assert launcher.submission(4, 2, argv) == ("jobs/demo.yaml", [
+        "backend=mpi", 'output="runs/x"', "slurm.nodes=2", "slurm.tasks_per_node=2", "slurm.launcher=srun",
+        "slurm.time=7", "slurm.requeue_limit=0", "slurm.cpus_per_task=1", 'slurm.partition="debug"'])
+    # the job the submit API is given: the spec with the study's items and the placement applied
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("mpidl.slurm.controller.controller_answers", lambda: False)
+    job = _job(tmp_path)
+    prepared, runs = launcher.prepare(4, 2, ["mpidl", "train", str(job), "--set", "backend=mpi"], cwd=tmp_path)
+    s = prepared.plans[0].spec
+    assert runs is None and s.backend == "mpi"
+    assert (s.slurm.nodes, s.slurm.tasks_per_node, s.slurm.launcher, s.slurm.time, s.slurm.requeue_limit,
+            s.slurm.partition) == (2, 2, "srun", "7", 0, "debug")
+    # a study's own command: `mpidl submit -- CMD`, its logs in the point's folder
+    prepared, runs = launcher.prepare(2, 1, ["python", "train.py"], cwd=tmp_path, output=tmp_path / "p2")
+    assert [words for _, words in runs] == [["python", "train.py"]] and prepared.run_dir == tmp_path / "p2"
 
 
 def test_crossing_nodes_on_known_timings():
@@ -173,3 +186,21 @@ def test_committed_studies_load(monkeypatch):
         assert spec.output.format(name=spec.name) == f"benchmarks/results/{path.stem}", path
     two = load_study(ROOT / "benchmarks" / "studies" / "two-nodes.yaml").spec
     assert two.launcher.name == "slurm" and [two.node_counts(p) for p in two.sizes] == [[1], [1, 2]]
+
+
+@pytest.mark.timeout(300)
+def test_slurm_point_past_its_timeout_is_cancelled(slurm_cluster, tmp_path, monkeypatch):
+    """The launcher keeps the job it submitted: past the study's timeout it cancels it and says so."""
+    for k, v in slurm_cluster.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(tmp_path)
+    launcher = SlurmLauncher(None, threads_per_rank=0, timeout_s=60, cores=2)
+    log = tmp_path / "p1" / "output.log"
+    log.parent.mkdir()
+    done = launcher.run(1, ["sleep", "600"], nodes=1, env=dict(os.environ), cwd=tmp_path, timeout=20, log=log)
+    text = log.read_text()
+    assert done.timed_out and done.returncode == 1, text
+    job = re.search(r"^submitted job (\d+)", text, re.M).group(1)
+    assert f"[mpidl] job {job}: cancelled by the study" in text and f"job {job} ended: CANCELLED" in text, text
+    left = subprocess.run(["squeue", "-h", "-j", job, "-o", "%t"], capture_output=True, text=True)
+    assert not left.stdout.strip(), left.stdout

@@ -9,7 +9,7 @@ import importlib
 from typing import Any
 
 _WHERE = {"ShardedLoader": "loader", "RankPlan": "shard", "plan_epoch": "shard", "plan_rank": "shard",
-          "steps_per_epoch": "shard", "H5Source": "source"}
+          "steps_per_epoch": "shard", "H5Source": "layout"}
 
 __all__ = sorted(_WHERE)
 

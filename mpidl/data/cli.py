@@ -34,7 +34,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from mpidl.data.source import expand_files
+    from mpidl.data.layout import expand_files
     from mpidl.data.tools import inspect
 
     for path in expand_files(args.files):

@@ -52,8 +52,9 @@ import numpy as np
 import torch
 
 from mpidl import watchdog
+from mpidl.data.layout import H5Source
 from mpidl.data.shard import RankPlan, check_shape, eval_steps, plan_eval, plan_rank, steps_per_epoch
-from mpidl.data.source import DIRECT_ROW_BYTES, H5Source, Pending, byte_view
+from mpidl.data.source import DIRECT_ROW_BYTES, Pending, byte_view
 from mpidl.data.staging import Staging
 from mpidl.errors import BadInput
 

@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from mpidl.data.source import H5Source
+from mpidl.data.layout import H5Source
 from mpidl.errors import BadInput
 
 

@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from mpidl.data.source import H5Source
+from mpidl.data.layout import H5Source
 from mpidl.errors import BadInput
 
 _NONE = np.iinfo(np.int64).max  # "no row found" in a MIN reduction

@@ -32,8 +32,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from mpidl import log, watchdog
+from mpidl.data.layout import H5Source
 from mpidl.data.shard import plan_rank, steps_per_epoch
-from mpidl.data.source import H5Source
 from mpidl.errors import BadInput
 
 AUTO = "auto"

@@ -7,6 +7,11 @@ machine allows (a no-communication baseline) and with one node, predict beyond, 
     efficiency.py  speedup, efficiency, the baseline's limit, communication share, crossing nodes
                    (pure arithmetic)
     model.py       allreduce and step-time model, presets, Amdahl/Gustafson fits (pure arithmetic)
-    report.py      plots, Markdown and a self-contained HTML page from a study folder
+    report.py      a study folder's report: CSV, prediction.json, and its sections built once
+    document.py    the report's neutral structure (headings, paragraphs, tables, figures, notes),
+                   rendered to Markdown and to a self-contained HTML page
+    plots.py       the report's figures (PNG bytes from the study's JSON)
+    summary.py     the report's first screen: how far the job scales, its cost, the model's record
+    published.py   published results as data, held against the model
     environment.py what the study records about the machine and the software stack
 """

@@ -6,8 +6,10 @@ per launcher.
     launcher.run(ranks, argv, nodes=n, env=env, cwd=cwd, timeout=s, log=path) -> Finished
 
 argv is the trainer's command line, `mpidl train JOB --set ...`. `mpirun` runs it here, now, on
-one node. `slurm` makes each point one SLURM job through `mpidl submit --wait` (the same job and
-`--set` items, plus the placement: slurm.nodes, slurm.tasks_per_node, srun --mpi=pmix). Either
+one node. `slurm` makes each point one SLURM job through the submit API, in this process, and
+follows it as `mpidl submit --wait` does (the same job and `--set` items, plus the placement:
+slurm.nodes, slurm.tasks_per_node, srun --mpi=pmix); it keeps the job objects, and cancels a job
+past the timeout or when the study is interrupted. Either
 returns once the ranks (the job) have ended, with the exit status, and leaves the trainer's
 files in the run folder named on the command line (`--set output=...`), where `log` lies too;
 the runner reads nothing else.
@@ -17,21 +19,24 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Protocol
+from typing import TYPE_CHECKING, Iterator, Optional, Protocol, TextIO
 
-from mpidl.errors import BadInput
+from mpidl.errors import EXIT_BAD_INPUT, BadInput
 
 if TYPE_CHECKING:
     from mpidl.scaling.study import Study
+    from mpidl.slurm.submit import Prepared
+    from mpidl.slurm.watch import Job
 
 
 @dataclass(frozen=True)
@@ -118,13 +123,16 @@ class MpirunLauncher:
 
 
 class SlurmLauncher:
-    """One SLURM job per point: `mpidl submit --wait JOB --set ...` with the point's placement.
+    """One SLURM job per point, submitted and followed in this process through the submit API
+    (`mpidl.slurm.submit`, or `mpidl.slurm.command` for a study's own command): the job
+    `mpidl submit --wait JOB --set ...` would send, with the point's placement.
 
-    The job is the trainer's command line with `train` replaced by `submit --wait` (both take a
-    job spec and `--set` items), plus what the study fixes for SLURM: the node count and ranks per
-    node, srun --mpi=pmix, one CPU per thread of a rank (so 1 node × 2 ranks and 2 nodes × 1 rank
-    run the same threads), a time limit just past the study's per-run timeout, and no requeue (a
-    run that restarts would measure its restart).
+    The job is the trainer's job spec and `--set` items, plus what the study fixes for SLURM: the
+    node count and ranks per node, srun --mpi=pmix, one CPU per thread of a rank (so 1 node × 2
+    ranks and 2 nodes × 1 rank run the same threads), a time limit just past the study's per-run
+    timeout, and no requeue (a run that restarts would measure its restart). The point's
+    environment is the job's (sbatch exports the environment it is run in). A job still running
+    past the timeout, or when the study is interrupted, is cancelled, and its ranks waited for.
     """
 
     name = "slurm"
@@ -146,20 +154,26 @@ class SlurmLauncher:
             sets.append(f"slurm.partition={json.dumps(self.partition)}")
         return sets
 
-    def submission(self, ranks: int, nodes: int, argv: list[str]) -> tuple[list[str], str, list[str]]:
-        """(the mpidl command, the job file, the --set items) of the point's job."""
+    def submission(self, ranks: int, nodes: int, argv: list[str]) -> tuple[str, list[str]]:
+        """(the job file, the --set items) of the point's job, from `mpidl train JOB --set ...`."""
         i = argv.index("train")
         job, rest = argv[i + 1], argv[i + 2:]
         if len(rest) % 2 or any(flag != "--set" for flag in rest[::2]):
             raise ValueError(f"expected `mpidl train JOB --set ...`, got {argv}")
-        return argv[:i], job, [*rest[1::2], *self.placement(ranks, nodes)]
+        return job, [*rest[1::2], *self.placement(ranks, nodes)]
 
-    def command(self, ranks: int, nodes: int, argv: list[str], output: Optional[Path] = None) -> list[str]:
-        if "train" not in argv[:3]:  # a study's own command: `mpidl submit -- CMD`, its logs in `output`
+    def prepare(self, ranks: int, nodes: int, argv: list[str], *, cwd: Path, output: Optional[Path] = None,
+                overwrite: bool = False) -> tuple["Prepared", Optional[list]]:
+        """The point's job, validated and its script written out (nothing submitted): (prepared, the
+        command's elements) for a study's own command (`mpidl submit -- CMD`, its logs in
+        `output`), (prepared, None) for the trainer's job."""
+        from mpidl.slurm import command, submit
+
+        if "train" not in argv[:3]:
             sets = self.placement(ranks, nodes) + ([f"output={json.dumps(str(output))}"] if output else [])
-            return [*mpidl_command(), "submit", "--wait", *[x for item in sets for x in ("--set", item)], "--", *argv]
-        mpidl, job, sets = self.submission(ranks, nodes, argv)
-        return [*mpidl, "submit", "--wait", job, *[x for item in sets for x in ("--set", item)]]
+            return command.prepare(None, {}, sets, argv, array=[], cwd=cwd, venv=None)
+        job, sets = self.submission(ranks, nodes, argv)
+        return submit.prepare(job, sets, array=[], standalone_script=False, cwd=cwd, overwrite=overwrite), None
 
     def node_cpus(self) -> int:
         if self._node_cpus is None:
@@ -172,15 +186,10 @@ class SlurmLauncher:
         return ranks // nodes > self.node_cpus()
 
     def check(self, ranks: int, nodes: int, argv: list[str]) -> None:
-        """The point's job as `mpidl submit` would send it, judged by `sbatch --test-only`."""
-        from mpidl.slurm import command, controller, submit
+        """The point's job as it will be sent, judged by `sbatch --test-only`."""
+        from mpidl.slurm import controller
 
-        if "train" not in argv[:3]:
-            prepared, _ = command.prepare(None, {}, self.placement(ranks, nodes), argv, array=[], cwd=Path.cwd(),
-                                          venv=None)
-        else:
-            _, job, sets = self.submission(ranks, nodes, argv)
-            prepared = submit.prepare(job, sets, array=[], standalone_script=False, cwd=Path.cwd(), overwrite=True)
+        prepared, _ = self.prepare(ranks, nodes, argv, cwd=Path.cwd(), overwrite=True)
         with tempfile.NamedTemporaryFile("w", prefix="mpidl-scale-", suffix=".sh") as f:
             f.write(prepared.text)
             f.flush()
@@ -188,26 +197,41 @@ class SlurmLauncher:
 
     def run(self, ranks: int, argv: list[str], *, nodes: int = 1, env: dict, cwd: Path, timeout: float,
             log: Path) -> Finished:
-        def cancel(text: str) -> None:
-            """Ending `mpidl submit --wait` would leave the job running: cancel it, and wait until its
-            ranks are gone (on SIGTERM they still write a checkpoint and a summary)."""
-            found = re.findall(r"^submitted job (\d+)", text, re.M)
-            if not found:
-                return
-            subprocess.run(["scancel", found[-1]], env=env, capture_output=True, timeout=60)
-            for _ in range(120):
-                left = subprocess.run(["squeue", "-h", "-j", found[-1], "-o", "%t"], env=env, capture_output=True,
-                                      text=True, timeout=60)
-                if left.returncode or not left.stdout.strip():
-                    return
-                time.sleep(0.5)
+        """Submit the point's job, follow it into `log` (as `mpidl submit --wait` prints it), and
+        return its exit status: 0, 2 for bad input (the job's, or the submission's), 1 otherwise."""
+        from mpidl.slurm import command, submit, watch
 
-        done = _supervise(self.command(ranks, nodes, argv, log.parent), env=env, cwd=cwd, timeout=timeout, log=log,
-                          on_timeout=cancel)
+        t0 = time.monotonic()
+        jobs: list[Job] = []
+        ended = None
+        timed_out = False
+        with open(log, "w") as out:
+            try:
+                with _environment(env):  # sbatch gives the job the environment it runs in
+                    prepared, runs = self.prepare(ranks, nodes, argv, cwd=cwd, output=log.parent)
+                    jobs = command.submit(prepared, runs, cwd) if runs is not None else submit.submit(prepared, cwd)
+                submit.describe(jobs, prepared, out)
+                try:
+                    ended, = watch.wait(jobs, out=out, deadline=t0 + timeout)
+                except TimeoutError:
+                    timed_out = True
+                    _cancel(jobs, out)
+                    ended, = watch.wait(jobs, out=out, deadline=time.monotonic() + 120)
+                watch.report(jobs[0], ended, out, out)
+                returncode = ended.exit_code
+            except BadInput as e:  # what `mpidl submit` refuses: one line, exit 2
+                out.write(f"error: {e}\n")
+                returncode = EXIT_BAD_INPUT
+            except Exception:  # a point that cannot be submitted or followed fails alone, its traceback in its log
+                out.write(traceback.format_exc())
+                returncode = 1
+            finally:  # interrupted, or lost track of: the job must not outlive the study's account of it
+                if jobs and ended is None:
+                    _cancel(jobs, out)
         # submitit's folder: the job's script and pickles, every rank's log. Rank 0's log is in
         # `log` already; the rest is kept where the job failed, to find out why.
         folder = log.parent / "slurm"
-        if done.returncode == 0 and not done.timed_out:
+        if returncode == 0 and not timed_out:
             shutil.rmtree(folder, ignore_errors=True)
         else:
             for pickle in folder.glob("*.pkl"):
@@ -216,7 +240,7 @@ class SlurmLauncher:
         # committed study's logs then say nothing about the machine it ran on.
         text = log.read_text(errors="replace").replace(f"{Path(cwd).absolute()}/", "")
         log.write_text(text)
-        return Finished(done.returncode, done.seconds, done.timed_out, text[-4000:])
+        return Finished(returncode, time.monotonic() - t0, timed_out, text[-4000:])
 
     def describe(self) -> dict:
         def ask(cmd: list[str]) -> str:
@@ -233,6 +257,34 @@ class SlurmLauncher:
                 "nodes": list(dict.fromkeys(ask(["sinfo", "-h", "-N", "-o", "%N", *where]).split())),
                 "cpus_per_node": self.node_cpus(),
                 "launch": "mpidl submit --wait, one job per point; srun --mpi=pmix", "args": []}
+
+
+@contextmanager
+def _environment(env: dict) -> Iterator[None]:
+    """os.environ is `env` inside (sbatch, run by the submit API, exports it to the job)."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _cancel(jobs: list["Job"], out: TextIO) -> None:
+    """Cancel the jobs still running and wait until their ranks are gone (on SIGTERM they still
+    write a checkpoint and a summary)."""
+    for job in jobs:
+        subprocess.run(["scancel", job.job_id], capture_output=True, timeout=60)
+        out.write(f"[mpidl] job {job.job_id}: cancelled by the study\n")
+        out.flush()
+        for _ in range(120):
+            left = subprocess.run(["squeue", "-h", "-j", job.job_id, "-o", "%t"], capture_output=True, text=True,
+                                  timeout=60)
+            if left.returncode or not left.stdout.strip():
+                break
+            time.sleep(0.5)
 
 
 def mpidl_command() -> list[str]:

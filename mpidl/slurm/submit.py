@@ -16,7 +16,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, TextIO
 
 import yaml
 
@@ -232,16 +232,19 @@ def submit(prepared: Prepared, cwd: Path) -> list[Job]:
     return jobs
 
 
-def describe(jobs: list[Job], prepared: Prepared) -> None:
-    """What was submitted: job ids, run folders, log paths."""
+def describe(jobs: list[Job], prepared: Prepared, out: Optional[TextIO] = None) -> None:
+    """What was submitted: job ids, run folders, log paths (to `out`, standard output by default)."""
+    stream = out or sys.stdout
     if prepared.variants:
-        print(f"submitted array {jobs[0].job_id.split('_')[0]} ({len(jobs)} elements) under {prepared.run_dir}")
+        print(f"submitted array {jobs[0].job_id.split('_')[0]} ({len(jobs)} elements) under {prepared.run_dir}",
+              file=stream)
         for job in jobs:
-            print(f"  {job.job_id}  {' '.join(job.variant)}  run {job.run_dir}  log {job.rank0_logs[0]}")
+            print(f"  {job.job_id}  {' '.join(job.variant)}  run {job.run_dir}  log {job.rank0_logs[0]}", file=stream)
         return
     job = jobs[0]
-    print(f"submitted job {job.job_id}")
-    print(f"  run folder  {job.run_dir}")
-    print(f"  rank 0 log  {'  '.join(str(p) for p in job.rank0_logs)}")
+    print(f"submitted job {job.job_id}", file=stream)
+    print(f"  run folder  {job.run_dir}", file=stream)
+    print(f"  rank 0 log  {'  '.join(str(p) for p in job.rank0_logs)}", file=stream)
     if not prepared.standalone:
-        print(f"  every rank  {job.log_dir / job.log_pattern}")
+        print(f"  every rank  {job.log_dir / job.log_pattern}", file=stream)
+    stream.flush()

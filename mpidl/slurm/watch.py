@@ -139,16 +139,22 @@ def _say(text: str, stream: TextIO = sys.stdout) -> None:
     stream.flush()
 
 
-def wait(jobs: list[Job], poll_s: float = 2.0, follow: bool = True) -> list[Outcome]:
-    """Poll until every job has ended; print rank 0's log lines (follow) and state changes."""
+def wait(jobs: list[Job], poll_s: float = 2.0, follow: bool = True, out: Optional[TextIO] = None,
+         deadline: Optional[float] = None) -> list[Outcome]:
+    """Poll until every job has ended; print rank 0's log lines (follow) and state changes to `out`
+    (standard output by default). deadline: a time.monotonic() past which TimeoutError is raised
+    (the jobs are left as they are: the caller decides)."""
+    stream = out or sys.stdout
     tails = [Tail(p) for p in jobs[0].rank0_logs] if follow and len(jobs) == 1 else []
     seen: dict[str, str] = {}
     done: dict[str, Optional[dict]] = {}
     failures = 0
     while len(done) < len(jobs):
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"job {', '.join(j.job_id for j in jobs if j.job_id not in done)} still running")
         for t in tails:
             for line in t.read():
-                _say(line)
+                _say(line, stream)
         for job in jobs:
             if job.job_id in done:
                 continue
@@ -166,7 +172,7 @@ def wait(jobs: list[Job], poll_s: float = 2.0, follow: bool = True) -> list[Outc
                 note += f", reason {info['Reason']}"
             if seen.get(job.job_id) != note:
                 seen[job.job_id] = note
-                _say(f"[mpidl] job {job.job_id}: {note}")
+                _say(f"[mpidl] job {job.job_id}: {note}", stream)
             if info is None or state in controller.FINAL_STATES:
                 done[job.job_id] = info
         if len(done) < len(jobs):
@@ -174,17 +180,18 @@ def wait(jobs: list[Job], poll_s: float = 2.0, follow: bool = True) -> list[Outc
     time.sleep(0.5 if tails else 0)  # the last lines reach the log as the job ends
     for t in tails:
         for line in t.read():
-            _say(line)
+            _say(line, stream)
     return [outcome(job, done[job.job_id]) for job in jobs]
 
 
-def report(job: Job, out: Outcome) -> None:
-    """One line for the end of a single job, plus the failing rank's error."""
+def report(job: Job, out: Outcome, stream: Optional[TextIO] = None, errors: Optional[TextIO] = None) -> None:
+    """One line for the end of a single job (to `stream`, standard output by default), plus the
+    failing rank's error (to `errors`, standard error by default)."""
     status = "?" if out.status is None else str(out.status)
     _say(f"[mpidl] job {job.job_id} ended: {out.state}, exit status {status}, {out.restarts} restart(s); "
-         f"run folder {job.run_dir}")
+         f"run folder {job.run_dir}", stream or sys.stdout)
     if out.error:
-        _say(out.error, sys.stderr)
+        _say(out.error, errors or sys.stderr)
 
 
 def final_metrics(run_dir: Path) -> dict:
