@@ -1,7 +1,8 @@
 """Where the Horovod backend's time goes on CPU ranks, and what mpidl sets about it.
 
     .venv/bin/python benchmarks/bench_horovod_cpu.py [--ranks 2] [--repeats 5] [--steps 300]
-                                                     [--variants NAME,...] [--timeline] [--no-write]
+                                                     [--variants NAME,...] [--batch 64] [--timeline]
+                                                     [--controllers] [--no-write]
 
 The demo job (small CNN, batch 64 a rank, one thread a rank) on `--ranks` ranks under mpirun,
 each variant a separate `mpidl train` run; variants alternate, repeat by repeat (the order turns
@@ -27,9 +28,16 @@ released): the training thread (the main one) and the rest (Horovod's background
 loader's reader, Gloo's threads), in CPU ms per step. Per variant: the
 median over repeats and its range; X/X0 is samples/s over the baseline of the same wait mode.
 
+--batch B: B samples a rank a step (default the demo's 64): a longer step shows which of Horovod's
+costs are fixed per step (they shrink as a share of it).
+
+--controllers: instead of the variants, Horovod's MPI controller (under mpirun) against its Gloo
+controller (under `horovodrun --gloo`, TCP) and no communication, on a bare loop of the demo's
+model (no mpidl around it: `mpidl train` launches under mpirun only), interleaved the same way.
+
 --timeline: one more run of `horovod-spin` and `horovod` with HOROVOD_TIMELINE, summarised per
 activity (time per step in NEGOTIATE_ALLREDUCE, ALLREDUCE, MPI_ALLREDUCE, the fusion copies).
-Results: benchmarks/results/horovod-cpu-<ranks>ranks-<machine>.json.
+Results: benchmarks/results/horovod-cpu-<ranks>ranks[-b<batch>|-controllers]-<machine>.json.
 """
 from __future__ import annotations
 
@@ -45,7 +53,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from mpidl.world import LOCAL_MPIRUN_ENV  # noqa: E402
+from mpidl.world import LOCAL_MPIRUN_ENV, MPI_DEFAULTS  # noqa: E402
 
 from common import write_result  # noqa: E402
 
@@ -105,8 +113,92 @@ def affinity_value(ranks: int) -> str:
     return ",".join(str(r % (os.cpu_count() or 1)) for r in range(ranks))
 
 
+# The controllers' loop: the demo's model and step, bare, with each thread's CPU time over the measured steps.
+LOOP = r'''
+import json, os, sys, time
+import torch
+from mpidl.train.models import small_cnn
+torch.set_num_threads(1)
+mode, steps, warmup, batch = sys.argv[1], *map(int, sys.argv[2:5])
+torch.manual_seed(0)
+model = small_cnn(3, 10, 32)
+opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+rank, size = int(os.environ.get("OMPI_COMM_WORLD_RANK", 0)), int(os.environ.get("OMPI_COMM_WORLD_SIZE", 1))
+if mode != "none":
+    import horovod.torch as hvd
+    hvd.init()
+    rank, size = hvd.rank(), hvd.size()
+    opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
+    hvd.broadcast_parameters(model.state_dict(), 0)
+x, y = torch.randn(batch, 3, 16, 16), torch.randint(0, 10, (batch,))
+def cpu():
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        f = open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+        out[tid] = (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+for i in range(steps):
+    if i == warmup:
+        t0, c0 = time.perf_counter(), cpu()
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+dt, c1, n, main = time.perf_counter() - t0, cpu(), steps - warmup, str(os.getpid())
+if rank == 0:
+    rest = sum(c1[t] - c0.get(t, 0.0) for t in c1 if t != main)
+    print("RESULT " + json.dumps({"samples_per_s": size * batch * n / dt, "ms_per_step": 1e3 * dt / n,
+                                  "cpu_main_ms_per_step": 1e3 * (c1[main] - c0[main]) / n,
+                                  "cpu_other_threads_ms_per_step": 1e3 * rest / n}))
+'''
+CONTROLLERS = ("mpi", "gloo", "none")
+
+
+def controller_run(mode: str, ranks: int, steps: int, warmup: int, batch: int) -> dict:
+    args = [sys.executable, "-c", LOOP, mode, str(steps), str(warmup), str(batch)]
+    if mode == "gloo":  # Horovod's own launcher: the Gloo rendezvous needs it
+        cmd = [str(Path(sys.executable).with_name("horovodrun")), "--gloo", "-np", str(ranks), "-H",
+               f"localhost:{ranks}", *args]
+    else:
+        cmd = ["mpirun", "-np", str(ranks), "--bind-to", "core", *args]
+    env = {**os.environ, **MPI_ENV, **MPI_DEFAULTS}  # as mpidl.init() sets it: no mpidl in this loop
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    line = next((ln for ln in p.stdout.splitlines() if "RESULT " in ln), None)
+    if p.returncode or line is None:
+        raise RuntimeError(f"{mode}: exit {p.returncode}: {(p.stdout + p.stderr)[-2000:]}")
+    return json.loads(line.split("RESULT ", 1)[1])
+
+
+def controllers(args) -> None:
+    runs: dict[str, list[dict]] = {m: [] for m in CONTROLLERS}
+    for rep in range(args.repeats):
+        order = CONTROLLERS[rep % 3:] + CONTROLLERS[:rep % 3]
+        for mode in (order if rep % 2 == 0 else order[::-1]):
+            runs[mode].append(controller_run(mode, args.ranks, args.steps, args.warmup, args.batch))
+            print(f"rep {rep + 1}/{args.repeats} {mode}: {runs[mode][-1]['samples_per_s']:,.0f} samples/s", flush=True)
+    table = {m: {"samples_per_s": spread([r["samples_per_s"] for r in rs]),
+                 **{k: statistics.median(r[k] for r in rs)
+                    for k in ("ms_per_step", "cpu_main_ms_per_step", "cpu_other_threads_ms_per_step")}}
+             for m, rs in runs.items()}
+    base = table["none"]["samples_per_s"]["median"]
+    print(f"{'controller':<12}{'samples/s':>10} {'(min-max)':<16}{'X/X0':>6}{'ms/step':>9}{'cpu main':>10}"
+          f"{'cpu other':>10}  ({args.ranks} ranks, batch {args.batch} a rank, {args.repeats} repeats)")
+    for m, row in table.items():
+        s = row["samples_per_s"]
+        row["x_over_x0"] = s["median"] / base
+        print(f"{m:<12}{s['median']:>10,.0f} ({s['min']:,.0f}-{s['max']:,.0f}){'':<3}{row['x_over_x0']:>6.2f}"
+              f"{row['ms_per_step']:>9.1f}{row['cpu_main_ms_per_step']:>10.1f}{row['cpu_other_threads_ms_per_step']:>10.1f}")
+    if not args.no_write:
+        path = write_result(f"horovod-cpu-{args.ranks}ranks-controllers", {
+            "ranks": args.ranks, "repeats": args.repeats, "steps": args.steps, "warmup": args.warmup,
+            "batch": args.batch, "loop": "bare loop of the demo's small CNN, hvd.DistributedOptimizer",
+            "launch": {"mpi": "mpirun (MPI controller, OMPI_MCA_mpi_yield_when_idle as mpidl sets it)",
+                       "gloo": "horovodrun --gloo (Gloo controller and CPU operations)", "none": "mpirun, no Horovod"},
+            "table": table, "runs": runs})
+        print(f"wrote {path}")
+
+
 def one_run(variant: str, ranks: int, steps: int, data: str, folder: Path, warmup: int,
-            timeline: bool = False) -> dict:
+            timeline: bool = False, batch: int = 64) -> dict:
     backend, extra = VARIANTS[variant]
     out = folder / variant
     out.mkdir(parents=True, exist_ok=True)
@@ -116,7 +208,8 @@ def one_run(variant: str, ranks: int, steps: int, data: str, folder: Path, warmu
     if timeline:
         env["HOROVOD_TIMELINE"] = str(out / "timeline.json")
     sets = [f"backend={backend}", f"steps={steps}", "epochs=null", "log_every=10", f"data.files={data}",
-            f"output={out / 'run'}", "checkpoint.every_epochs=null", "data.val_fraction=0", "data.synth.rows=24000"]
+            f"output={out / 'run'}", "checkpoint.every_epochs=null", "data.val_fraction=0", "data.synth.rows=24000",
+            f"data.batch={batch}"]
     cmd = ["mpirun", "-np", str(ranks), "--bind-to", "core", sys.executable, "-c", RANK, "train",
            str(HERE.parent / "jobs" / "demo.yaml"), "--overwrite", *[x for s in sets for x in ("--set", s)]]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
@@ -171,9 +264,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--timeline", action="store_true")
+    ap.add_argument("--controllers", action="store_true")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
+    if args.controllers:
+        return controllers(args)
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
@@ -186,8 +283,8 @@ def main() -> None:
         k = rep % len(names)
         order = names[k:] + names[:k]
         for name in (order if rep % 2 == 0 else order[::-1]):
-            runs[name].append(figures(one_run(name, args.ranks, args.steps, data, folder, args.warmup), args.warmup,
-                                      args.steps))
+            runs[name].append(figures(one_run(name, args.ranks, args.steps, data, folder, args.warmup,
+                                              batch=args.batch), args.warmup, args.steps))
             print(f"rep {rep + 1}/{args.repeats} {name}: {runs[name][-1]['samples_per_s']:,.0f} samples/s", flush=True)
 
     table = {}
@@ -214,14 +311,15 @@ def main() -> None:
     timelines = {}
     if args.timeline:
         for name in ("horovod-spin", "horovod"):
-            res = one_run(name, args.ranks, args.steps, data, folder, args.warmup, timeline=True)
+            res = one_run(name, args.ranks, args.steps, data, folder, args.warmup, timeline=True, batch=args.batch)
             timelines[name] = timeline_summary(res["timeline"], args.steps)
             top = ", ".join(f"{k} {v:.2f}" for k, v in list(timelines[name].items())[:6])
             print(f"timeline {name} (ms a step): {top}")
 
     if not args.no_write:
-        path = write_result(f"horovod-cpu-{args.ranks}ranks", {"ranks": args.ranks, "repeats": args.repeats, "steps": args.steps,
-                                            "warmup": args.warmup, "job": "jobs/demo.yaml (small CNN, batch 64 a rank)",
+        name = f"horovod-cpu-{args.ranks}ranks" + (f"-b{args.batch}" if args.batch != 64 else "")
+        path = write_result(name, {"ranks": args.ranks, "batch": args.batch, "repeats": args.repeats, "steps": args.steps,
+                                            "warmup": args.warmup, "job": f"jobs/demo.yaml (small CNN, batch {args.batch} a rank)",
                                             "variants": {n: {"backend": VARIANTS[n][0], "env": VARIANTS[n][1]}
                                                          for n in names},
                                             "table": table, "runs": runs, "timelines": timelines})
