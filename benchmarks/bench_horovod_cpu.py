@@ -16,6 +16,7 @@ each time), so drift hits them alike. A variant is a backend and environment:
   horovod-affinity ... with HOROVOD_THREAD_AFFINITY pinning the background thread to its rank's core
   horovod-cycle0.2 ... with HOROVOD_CYCLE_TIME=0.2
   horovod-spinwait ... with Horovod's own spinning wait for the allreduces (MPIDL_HOROVOD_WAIT=spin)
+  horovod-threads2 ... with 2 torch threads a rank (OMP_NUM_THREADS=2) instead of 1
   horovod-nocache-spinwait  both
   mpi-spin, mpi    the mpi backend, busy-polling and yielding
   ddp-spin, ddp    DDP (Gloo), the same two
@@ -68,6 +69,7 @@ VARIANTS = {
     "horovod-affinity": ("horovod", {"HOROVOD_THREAD_AFFINITY": "AFFINITY"}),
     "horovod-cycle0.2": ("horovod", {"HOROVOD_CYCLE_TIME": "0.2"}),
     "horovod-spinwait": ("horovod", {"MPIDL_HOROVOD_WAIT": "spin"}),
+    "horovod-threads2": ("horovod", {"OMP_NUM_THREADS": "2"}),
     "horovod-nocache-spinwait": ("horovod", {"HOROVOD_CACHE_CAPACITY": "0", "MPIDL_HOROVOD_WAIT": "spin"}),
     "mpi-spin": ("mpi", SPIN), "mpi": ("mpi", {}),
     "ddp-spin": ("ddp", SPIN), "ddp": ("ddp", {}),
@@ -267,6 +269,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--timeline", action="store_true")
     ap.add_argument("--controllers", action="store_true")
+    ap.add_argument("--tag", default="", help="appended to the result's name (a subset of the variants)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     if args.controllers:
@@ -317,7 +320,8 @@ def main() -> None:
             print(f"timeline {name} (ms a step): {top}")
 
     if not args.no_write:
-        name = f"horovod-cpu-{args.ranks}ranks" + (f"-b{args.batch}" if args.batch != 64 else "")
+        name = f"horovod-cpu-{args.ranks}ranks" + (f"-b{args.batch}" if args.batch != 64 else "") + \
+            (f"-{args.tag}" if args.tag else "")
         path = write_result(name, {"ranks": args.ranks, "batch": args.batch, "repeats": args.repeats, "steps": args.steps,
                                             "warmup": args.warmup, "job": f"jobs/demo.yaml (small CNN, batch {args.batch} a rank)",
                                             "variants": {n: {"backend": VARIANTS[n][0], "env": VARIANTS[n][1]}
