@@ -231,12 +231,7 @@ def plot_allreduce(ar: dict) -> bytes:
             if pts:
                 a1.plot([s["bytes"] for s in pts], [s["busbw_GBps"] for s in pts], styles[i % 4], marker=".",
                         color=_color(b, names), label=f"{b}, {_placement_label(*pl)}")
-    a1.set_xscale("log", base=2)
-    a1.set_xlabel("message size (bytes)")
-    a1.set_ylabel("busbw (GB/s) = algbw · 2(n−1)/n")
-    a1.set_title("allreduce bus bandwidth (median over repeats)", fontsize=9)
-    a1.grid(True, alpha=0.3)
-    a1.legend(fontsize=7)
+    _by_message_size(a1, "busbw (GB/s) = algbw · 2(n−1)/n", "allreduce bus bandwidth (median over repeats)")
     variants = sorted({r["variant"] for r in ar.get("ratios", [])})
     for i, pl in enumerate(places):
         for j, v in enumerate(variants):
@@ -247,13 +242,17 @@ def plot_allreduce(ar: dict) -> bytes:
                         color=_color(v, names), label=f"{v} / raw MPI, {_placement_label(*pl)}")
     a2.axhline(0.9, color="#cc0000", ls=":", label="goal 0.9 at ≥ 16 MiB")
     a2.axvline(16 * 2**20, color="gray", ls=":")
-    a2.set_xscale("log", base=2)
-    a2.set_xlabel("message size (bytes)")
-    a2.set_ylabel("busbw ratio")
-    a2.set_title("Horovod busbw / raw MPI busbw (medians of paired repeats)", fontsize=9)
-    a2.grid(True, alpha=0.3)
-    a2.legend(fontsize=7)
+    _by_message_size(a2, "busbw ratio", "Horovod busbw / raw MPI busbw (medians of paired repeats)")
     return _png(fig)
+
+
+def _by_message_size(ax, ylabel: str, title: str) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("message size (bytes)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def plot_prediction(doc: dict, pred: dict) -> bytes:
