@@ -99,6 +99,7 @@ def pytest_configure(config) -> None:
         # Each rank's own tmp_path, inside the launch's folder: the numbered folders pytest makes
         # (and prunes) under the system's temp dir are left to the pytest process.
         config.option.basetemp = str(Path(folder) / f"rank-{rank}" / "tmp")
+        (Path(folder) / f"rank-{rank}").mkdir(parents=True, exist_ok=True)  # pytest makes only the leaf
         config.pluginmanager.register(_Rank(config, Path(folder), rank), "mpidl-rank")
     else:
         config.pluginmanager.register(_Parent(config), "mpidl-mpirun")

@@ -31,10 +31,11 @@ MPI_ENV: dict[str, str] = {}
 
 
 def pytest_configure(config):
-    from mpidl.testing import rank_env
+    from mpidl.testing import DIR_ENV, rank_env
 
     MPI_ENV.update(rank_env(config))
-    _make_mpirun_shim()
+    if not os.environ.get(DIR_ENV):  # the guard watches the pytest process, not the plugin's ranks
+        _make_mpirun_shim()
 
 
 def pytest_unconfigure(config):
@@ -150,8 +151,11 @@ def unmarked_launch(item, launches: Path) -> str | None:
 
 
 @pytest.fixture(autouse=True)
-def _mpirun_guard(request, tmp_path_factory):
-    launches = tmp_path_factory.getbasetemp() / f"launches-{os.getpid()}"
+def _mpirun_guard(request):
+    if _SHIM_DIR is None:
+        yield
+        return
+    launches = Path(_SHIM_DIR) / "launches"
     launches.unlink(missing_ok=True)
     os.environ[LAUNCHES] = str(launches)
     try:

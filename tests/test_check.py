@@ -86,6 +86,7 @@ def test_the_demo_passes_every_check(tmp_path):
     assert not (tmp_path / "runs").exists()  # everything under --out
 
 
+@pytest.mark.mpi  # mpirun started inside mpidl (or inside the batch job), out of the static look's sight
 def test_a_users_own_code_passes_and_the_controller_accepts_it(slurm_cluster, user):
     code, lines, out = check(user.parent, "job.yaml", env=slurm_cluster)
     assert code == 0 and list(lines) == CHECKS and not only_failures(lines), out
@@ -94,6 +95,7 @@ def test_a_users_own_code_passes_and_the_controller_accepts_it(slurm_cluster, us
     assert lines["slurm"][1].startswith("sbatch --test-only: ")
 
 
+@pytest.mark.mpi  # mpirun started inside mpidl (or inside the batch job), out of the static look's sight
 def test_a_diverging_learning_rate_and_a_slurm_section_the_controller_refuses(slurm_cluster, user):
     code, lines, out = check(user.parent, "job.yaml", "--set", "optimizer.lr=1e12", "--set", "slurm.tasks_per_node=3",
                              env=slurm_cluster)

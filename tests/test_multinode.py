@@ -163,6 +163,7 @@ def test_srun_world_across_nodes(two_nodes):
     assert [w["net"] for w in got] == [f"mpidl0 {subnet}.2"] * 2 + [f"mpidl0 {subnet}.3"] * 2
 
 
+@pytest.mark.mpi  # mpirun started inside mpidl (or inside the batch job), out of the static look's sight
 @needs_nodes
 def test_mpirun_inside_sbatch_across_nodes(two_nodes, tmp_path):
     out = tmp_path / "job.out"
@@ -569,6 +570,7 @@ BENCH_ALLREDUCE = [PYTHON, str(ROOT / "benchmarks" / "bench_allreduce.py"), "--r
                    "--min-bytes", "256K", "--max-bytes", "1M"]
 
 
+@pytest.mark.mpi  # mpirun started inside mpidl (or inside the batch job), out of the static look's sight
 @needs_nodes
 def test_bench_allreduce_across_nodes_fits_the_network(two_nodes, tmp_path):
     """1 node × 2 ranks and 2 nodes × 1 under `mpirun -H` with the launch agent: the JSON says where
@@ -611,6 +613,7 @@ def test_bench_allreduce_across_nodes_fits_the_network(two_nodes, tmp_path):
     assert row["allreduce_ring_s"] == pytest.approx(6 * f["alpha_s"] + 1.5 * 4e6 * f["beta_s_per_byte"])
 
 
+@pytest.mark.mpi  # mpirun started inside mpidl (or inside the batch job), out of the static look's sight
 @needs_nodes
 def test_bench_allreduce_refuses_emulated_nodes_sharing_a_core(two_nodes, tmp_path):
     """mpirun's default binding on the emulated nodes: each node's daemon binds its rank to core 0,

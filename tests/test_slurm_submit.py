@@ -163,6 +163,7 @@ def test_array_gives_one_row_per_element(slurm_cluster, tmp_path):
         assert (run_dir / "checkpoints").is_dir()
 
 
+@pytest.mark.mpi  # mpirun started inside mpidl (or inside the batch job), out of the static look's sight
 def test_submitit_with_the_mpirun_launcher(slurm_cluster, tmp_path):
     # mpirun's ranks all inherit SLURM_PROCID=0; each must still be its own submitit task
     job = write_job(tmp_path, steps=5, slurm={"tasks_per_node": 2, "launcher": "mpirun"})

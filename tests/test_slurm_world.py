@@ -5,6 +5,8 @@ import json
 import shlex
 import time
 
+import pytest
+
 from conftest import PYTHON, ROOT, run, sbatch_wait
 
 
@@ -23,6 +25,7 @@ def test_srun_pmix_world(slurm_cluster):
     assert sorted(row["local_rank"] for row in rows) == [0, 1, 2]
 
 
+@pytest.mark.mpi  # mpirun started inside mpidl (or inside the batch job), out of the static look's sight
 def test_mpirun_inside_sbatch_sees_true_ranks(slurm_cluster, tmp_path):
     # Each rank of mpirun inside a batch script inherits SLURM_PROCID=0; ranks must still be 0 and 1.
     out = tmp_path / "job.out"
