@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import mpidl_cmd, mpirun
+from conftest import mpidl_cmd, mpirun, pycode
 from mpidl.errors import BadInput
 from mpidl.train import checkpoint
 from test_train import BACKENDS, final_weights, write_job
@@ -159,21 +159,71 @@ def image_job(tmp_path: Path, out: str, **over) -> Path:
                      checkpoint={"every_steps": 20, "every_epochs": 1}, **over)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_resume_mid_epoch_is_bit_exact(tmp_path, backend):
+# The runs that only set a test's scene (an uninterrupted reference, the first stop) are `mpidl
+# train` runs too, but those of every test here in one launch: `cli.main` in turn, on the same 2
+# ranks. A launch costs seconds of start (Python, torch, Horovod, MPI), a run a second or two.
+# The resumes a test checks stay launches of their own: a fresh process, as a requeued job is.
+PREPARE = """
+import json, sys
+from mpidl import cli
+
+for argv in json.loads(sys.argv[1]):
+    assert cli.main(argv) == 0, argv
+"""
+
+
+def mid_epoch_scene(tmp: Path, backend: str):
     # 1440 training rows / (2 ranks × 16) = 45 steps an epoch: step 52 is mid-epoch and between
     # checkpoints. SGD with momentum and weight decay, cosine schedule with warm-up: every piece of
     # optimizer state and every hyperparameter must come back exactly.
     over = dict(accumulate=1, backend=backend, optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9,
                                                           "weight_decay": 5e-4},
                 schedule={"kind": "cosine", "warmup_epochs": 0.3})
-    full = image_job(tmp_path, "full", **over)
-    r = mpirun(2, mpidl_cmd("train", str(full)), timeout=300)
+    full, part = image_job(tmp, "full", **over), image_job(tmp, "part", **over)
+    # the reference; and the first preemption, at the epoch boundary (step 45)
+    return part, [["train", str(full)], ["train", str(part), "--stop-at", "45"]]
+
+
+def world_size_scene(tmp: Path, backend: str):
+    job = write_job(tmp, backend=backend, checkpoint={"every_steps": 20})
+    return job, [["train", str(job), "--stop-at", "40"]]  # on 2 ranks
+
+
+def corrupt_scene(tmp: Path, backend: str):
+    job = write_job(tmp, backend=backend)
+    return job, [["train", str(job), "--stop-at", "10"]]
+
+
+SCENES = {"test_resume_mid_epoch_is_bit_exact": mid_epoch_scene,
+          "test_resume_on_another_world_size": world_size_scene,
+          "test_corrupt_and_mismatched_checkpoints": corrupt_scene}
+
+
+@pytest.fixture(scope="module")
+def scenes(request, tmp_path_factory) -> dict:
+    """(test, backend) -> (its folder, its job), for the tests selected here, after one launch."""
+    made, runs = {}, []
+    for item in request.session.items:
+        if item.module is request.module and "scene" in item.fixturenames:
+            key = (item.originalname, item.callspec.params["backend"])
+            folder = tmp_path_factory.mktemp(f"{key[0][5:30]}-{key[1]}")
+            job, argvs = SCENES[key[0]](folder, key[1])
+            made[key], runs = (folder, job), runs + argvs
+    r = mpirun(2, pycode(PREPARE) + [json.dumps(runs)], timeout=280)
     assert r.returncode == 0, r.output[-3000:]
-    part = image_job(tmp_path, "part", **over)
-    # as if preempted twice: at the epoch boundary (step 45), then mid-epoch (step 52)
-    r = mpirun(2, mpidl_cmd("train", str(part), "--stop-at", "45"), timeout=300)
-    assert r.returncode == 0, r.output[-3000:]
+    return made
+
+
+@pytest.fixture
+def scene(request, scenes):
+    """This test's folder and job, its scene set (see SCENES)."""
+    return scenes[request.node.originalname, request.node.callspec.params["backend"]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_mid_epoch_is_bit_exact(scene, backend):
+    tmp_path, part = scene  # "full" ran to the end, "part" stopped at step 45 (the epoch boundary)
+    # preempted again, mid-epoch (step 52)
     r = mpirun(2, mpidl_cmd("train", str(part), "--resume", "--stop-at", "52"), timeout=300)
     assert r.returncode == 0, r.output[-3000:]
     assert json.loads((tmp_path / "part" / "summary.json").read_text())["global_step"] == 52
@@ -194,10 +244,8 @@ def test_resume_mid_epoch_is_bit_exact(tmp_path, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_resume_on_another_world_size(tmp_path, backend):
-    job = write_job(tmp_path, backend=backend, checkpoint={"every_steps": 20})
-    r = mpirun(2, mpidl_cmd("train", str(job), "--stop-at", "40"), timeout=300)
-    assert r.returncode == 0, r.output[-3000:]
+def test_resume_on_another_world_size(scene, backend):
+    tmp_path, job = scene  # stopped at step 40 on 2 ranks
     r = mpirun(3, mpidl_cmd("train", str(job), "--resume"), timeout=300)
     assert r.returncode == 0, r.output[-3000:]
     assert "resuming a 2-rank checkpoint on 3 ranks" in r.output
@@ -210,10 +258,8 @@ def test_resume_on_another_world_size(tmp_path, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_corrupt_and_mismatched_checkpoints(tmp_path, backend):
-    job = write_job(tmp_path, backend=backend)
-    r = mpirun(2, mpidl_cmd("train", str(job), "--stop-at", "10"), timeout=300)
-    assert r.returncode == 0, r.output[-3000:]
+def test_corrupt_and_mismatched_checkpoints(scene, backend):
+    tmp_path, job = scene  # stopped at step 10
     r = mpirun(2, mpidl_cmd("train", str(job), "--resume", "--set", "model.args.hidden=[64]"), timeout=120)
     assert r.returncode == 2 and r.stderr.count("written by a different job") == 1, r.output[-2000:]
     last = sorted((tmp_path / "run" / "checkpoints").glob("ckpt-*.pt"))[-1]
