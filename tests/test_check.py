@@ -122,7 +122,8 @@ def test_labels_outside_the_models_classes_and_a_slice_of_real_data(user):
 
     # The class count left to the labels: 6, from row 1500 too, which the slice therefore holds.
     # 6 steps: 2 an epoch × 2 ranks × batch 16 = 64 training rows, and 7 held out (val_fraction 0.1).
-    code, lines, out = check(folder, "job.yaml", *own)
+    # One run on the slice (--only): preemption and resume would run the same rows again.
+    code, lines, out = check(folder, "job.yaml", *own, "--only", "data,loss")
     assert code == 0, out
     assert lines["data"][1].startswith("the first 71 rows of labels.h5 and 1 holding the label range (2000 rows")
     with h5py.File(folder / "check" / "data" / "slice.h5", "r") as f:
@@ -131,9 +132,12 @@ def test_labels_outside_the_models_classes_and_a_slice_of_real_data(user):
 
 @pytest.mark.mpi  # its child starts mpirun
 def test_ranks_that_diverge(user):
-    code, lines, out = check(user.parent, "job.yaml", "--set", "model.name=mynets.faults:Drifting")
+    # The weights line needs run A alone: --only skips the preemption's and the resume's launches.
+    code, lines, out = check(user.parent, "job.yaml", "--set", "model.name=mynets.faults:Drifting", "--only", "weights")
     assert code == 1 and "weights" in only_failures(lines), out
     assert lines["weights"][1].startswith("after step 1, rank 1's scale differs from rank 0's (1 of 5 parameters")
+    assert lines["resume"] == lines["slurm"] == ("skipped", "not asked (--only)"), out
+    assert (user.parent / "check" / "a.log").exists() and not (user.parent / "check" / "b.log").exists()
 
 
 @pytest.mark.mpi  # its child starts mpirun
@@ -155,7 +159,7 @@ def test_a_stand_in_of_the_data_shapes(user):
         in lines["data"][1]
 
     code, lines, out = check(folder, "job.yaml", *missing, "--shape", "x=8:float32", "--shape", "y=:int64",
-                             "--classes", "3")
+                             "--classes", "3", "--only", "data,loss")  # one run on the stand-in
     assert code == 0, out
     assert lines["data"][1] == "71 random rows, shapes from the --shape flags: x 8 float32, y scalar int64"
 
@@ -164,6 +168,7 @@ def test_a_stand_in_of_the_data_shapes(user):
     (["--set", "optimizer.lr=-1"], "optimizer.lr = -1: Input should be greater than 0"),
     (["--steps", "3"], "--steps 3: at least 6"),
     (["--shape", "x=8:floaty"], None),
+    (["--only", "loss,wights"], "--only loss,wights: unknown line 'wights'; the lines: spec, data,"),
 ])
 def test_bad_input_exits_2(user, args, expect):
     code, lines, out = check(user.parent, "job.yaml", *args)

@@ -95,38 +95,48 @@ def files(tmp_path_factory):
 LOAD = """
 import json, sys, numpy as np, mpidl
 from mpidl.data import H5Source, ShardedLoader
-cfg = json.loads(sys.argv[1])
 w = mpidl.init()
-src = H5Source(cfg["files"], keys=cfg["keys"])
-ld = ShardedLoader(src, w, batch_size=cfg["batch"], seed=cfg["seed"], shuffle=cfg["shuffle"],
-                   drop_last=cfg["drop_last"], prefetch=2, block=cfg.get("block"), window=cfg.get("window"),
-                   stage_dir=cfg.get("stage_dir"))
-epochs = []
-for e in range(cfg["epochs"]):
-    ld.set_epoch(e)
-    ys = []
-    for x, y in ld:
-        assert x.shape[0] == cfg["batch"] and y.shape[0] == cfg["batch"]
-        xv = x.reshape(x.shape[0], -1)[:, 0].double().numpy()
-        yv = y.reshape(-1).numpy().astype(np.int64)
-        assert np.array_equal(xv, cfg["x_of_y"][0] * (yv % cfg["x_of_y"][1] if cfg["x_of_y"][1] else yv)), "x/y misaligned"
-        ys.extend(yv.tolist())
-    epochs.append(ys)
-staged = ld.staged_path
-out = w.comm.gather({"steps": len(ld), "dtype": str(x.dtype), "epochs": epochs,
-                     "staged": staged and [str(staged), staged.exists()]}, root=0)
-if w.rank == 0:
-    print("RESULT " + json.dumps(out), flush=True)
+for cfg in json.loads(sys.argv[1]):  # several loaders, one after another, in one launch
+    src = H5Source(cfg["files"], keys=cfg["keys"])
+    ld = ShardedLoader(src, w, batch_size=cfg["batch"], seed=cfg["seed"], shuffle=cfg["shuffle"],
+                       drop_last=cfg["drop_last"], prefetch=2, block=cfg.get("block"), window=cfg.get("window"),
+                       stage_dir=cfg.get("stage_dir"))
+    epochs = []
+    for e in range(cfg["epochs"]):
+        ld.set_epoch(e)
+        ys = []
+        for x, y in ld:
+            assert x.shape[0] == cfg["batch"] and y.shape[0] == cfg["batch"]
+            xv = x.reshape(x.shape[0], -1)[:, 0].double().numpy()
+            yv = y.reshape(-1).numpy().astype(np.int64)
+            assert np.array_equal(xv, cfg["x_of_y"][0] * (yv % cfg["x_of_y"][1] if cfg["x_of_y"][1] else yv)), \
+                "x/y misaligned"
+            ys.extend(yv.tolist())
+        epochs.append(ys)
+    staged = ld.staged_path
+    out = w.comm.gather({"steps": len(ld), "dtype": str(x.dtype), "epochs": epochs,
+                         "staged": staged and [str(staged), staged.exists()]}, root=0)
+    if w.rank == 0:
+        print("RESULT " + json.dumps(out), flush=True)
 """
 
 
-def load(np_, files, keys, *, batch=16, seed=0, shuffle="block", drop_last=True, epochs=2, x_of_y=(1, 0), **kw):
-    cfg = dict(files=files, keys=keys, batch=batch, seed=seed, shuffle=shuffle, drop_last=drop_last,
-               epochs=epochs, x_of_y=x_of_y, **kw)
-    r = mpirun(np_, pycode(LOAD) + [json.dumps(cfg)], timeout=120)
+def config(files, keys, *, batch=16, seed=0, shuffle="block", drop_last=True, epochs=2, x_of_y=(1, 0), **kw):
+    return dict(files=files, keys=keys, batch=batch, seed=seed, shuffle=shuffle, drop_last=drop_last,
+                epochs=epochs, x_of_y=x_of_y, **kw)
+
+
+def load_all(np_, *cfgs: dict) -> list:
+    """Each config's result, its loader made and read in turn by the same `np_` ranks of one launch."""
+    r = mpirun(np_, pycode(LOAD) + [json.dumps(cfgs)], timeout=120)
     assert r.returncode == 0, r.output
-    line = next(line for line in r.stdout.splitlines() if line.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    found = [json.loads(line[len("RESULT "):]) for line in r.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(found) == len(cfgs), r.output
+    return found
+
+
+def load(np_, files, keys, **kw):
+    return load_all(np_, config(files, keys, **kw))[0]
 
 
 def check_epochs(result, rows, np_, batch):
@@ -144,12 +154,13 @@ def check_epochs(result, rows, np_, batch):
 
 @pytest.mark.parametrize("np_", [2, 3])
 def test_float_file_shards(files, np_):
-    res = load(np_, [str(files / "float.h5")], ["x", "y"], batch=16, block=32, window=128)
+    cfg = config([str(files / "float.h5")], ["x", "y"], batch=16, block=32, window=128)
+    # The other seed in the same launch as the first loader; the same seed again in a fresh one.
+    res, other = load_all(np_, cfg, {**cfg, "seed": 1, "epochs": 1})
     check_epochs(res, 1500, np_, 16)
     assert res[0]["dtype"] == "torch.float32"
     again = load(np_, [str(files / "float.h5")], ["x", "y"], batch=16, block=32, window=128)
     assert again == res  # reproducible for a seed
-    other = load(np_, [str(files / "float.h5")], ["x", "y"], batch=16, seed=1, block=32, window=128, epochs=1)
     assert other[0]["epochs"][0] != res[0]["epochs"][0]
 
 

@@ -659,6 +659,22 @@ def restart_slurmd(nodes, node: str) -> None:
     raise AssertionError(f"{node} did not come back: {state}")
 
 
+# The job's own transform (found beside its job file): each step of a 4-rank run sleeps, so the
+# run on both nodes outlasts SLURM's noticing node2 (SlurmdTimeout) by far, whatever the load,
+# while the 2-rank runs after it take a few epochs at full speed. The arithmetic is untouched.
+PACE = """
+import time
+import mpidl
+
+
+def four_ranks_slowly(x, y, seconds=0.5):
+    if mpidl.current().size == 4:
+        time.sleep(seconds)
+    return x, y
+"""
+LOST_NODE_EPOCHS = 8
+
+
 @needs_nodes
 @pytest.mark.timeout(1200)
 def test_a_lost_node_requeues_the_job_and_it_finishes_on_the_node_left(two_nodes, tmp_path):
@@ -668,9 +684,11 @@ def test_a_lost_node_requeues_the_job_and_it_finishes_on_the_node_left(two_nodes
     at 2 ranks instead of 4, and finishes. Its final weights equal those of a run resumed by hand
     from the same checkpoint on as many ranks."""
     run_dir = tmp_path / "run"
-    args = demo_args(tmp_path, "mpi", "run", "epochs=300", "log_every=2", "checkpoint.every_minutes=0.05",
-                     "checkpoint.keep=1000")
-    job, sets = args[0], args[1:]
+    shutil.copy(ROOT / "jobs" / "demo.yaml", tmp_path / "job.yaml")
+    (tmp_path / "pace.py").write_text(PACE)
+    args = demo_args(tmp_path, "mpi", "run", f"epochs={LOST_NODE_EPOCHS}", "log_every=2",
+                     "checkpoint.every_minutes=0.05", "checkpoint.keep=1000", "transform.name=pace:four_ranks_slowly")
+    job, sets = str(tmp_path / "job.yaml"), args[1:]
     cmd = [*mpidl_cmd("submit", job, "--standalone", "--wait", "--nodes", "1-2", "--tasks-per-node", "2"),
            *[x for kv in sets for x in ("--set", kv)]]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
@@ -698,15 +716,16 @@ def test_a_lost_node_requeues_the_job_and_it_finishes_on_the_node_left(two_nodes
     resumed = Path(summary["resumed_from"])
     assert resumed.parent == run_dir / "checkpoints", summary["resumed_from"]
     # 3600 rows / (4 ranks × 32) = 28 steps an epoch before, 56 after: a checkpoint of the 4-rank run
-    assert 0 < int(resumed.stem.split("-")[1]) < 300 * 28
+    assert 0 < int(resumed.stem.split("-")[1]) < LOST_NODE_EPOCHS * 28
     assert summary["final"]["val_accuracy"] >= 0.8
 
     # by hand: the same checkpoint, 2 ranks on node1, into another folder
     hand = tmp_path / "hand"
     (hand / "checkpoints").mkdir(parents=True)
     shutil.copy(resumed, hand / "checkpoints" / resumed.name)
-    hand_args = demo_args(tmp_path, "mpi", "hand", "epochs=300", "log_every=2", "checkpoint.keep=1000")
-    r = srun(two_nodes, 2, mpidl_cmd(*cli_args(hand_args), "--resume"), where=["node1"], timeout=600)
+    hand_args = demo_args(tmp_path, "mpi", "hand", f"epochs={LOST_NODE_EPOCHS}", "log_every=2",
+                          "checkpoint.keep=1000", "transform.name=pace:four_ranks_slowly")
+    r = srun(two_nodes, 2, mpidl_cmd(*cli_args([job, *hand_args[1:]]), "--resume"), where=["node1"], timeout=600)
     assert r.returncode == 0, r.output[-3000:]
     final = torch.load(sorted((run_dir / "checkpoints").glob("ckpt-*.pt"))[-1], weights_only=True)["model"]
     by_hand = torch.load(sorted((hand / "checkpoints").glob("ckpt-*.pt"))[-1], weights_only=True)["model"]

@@ -10,7 +10,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     return check(args.job, args.set, ranks=args.np, steps=args.steps, synthetic=args.synthetic, shapes=args.shape,
                  classes=args.classes, timeout=args.timeout, out=Path(args.out) if args.out else None,
-                 program=args.program)
+                 program=args.program, only=args.only)
 
 
 def register(sub) -> None:
@@ -42,4 +42,7 @@ def register(sub) -> None:
     s.add_argument("--timeout", type=float, default=300, metavar="S", help="seconds a run may take (default 300)")
     s.add_argument("--out", default=None, metavar="DIR",
                    help="keep the runs, logs and data slice here (default: a temporary folder, kept when a line fails)")
+    s.add_argument("--only", type=lambda text: [x.strip() for x in text.split(",") if x.strip()], default=None,
+                   metavar="LINE,...", help="check these lines only, and launch only the runs they need (e.g. "
+                                            "--only slurm: no run; --only weights: one run, not three)")
     s.set_defaults(func=cmd_check, program=None)

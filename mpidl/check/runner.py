@@ -24,6 +24,10 @@ and the lines, in order:
               where a controller answers
   estimate    step time (median after the first step) and peak memory (max RSS) per rank
 
+`--only LINE,...` runs what those lines need and no more: the data for a run's lines, run A for
+loss, shares, weights and estimate, B for preemption too, C for resume too. Every line a run
+made is shown (A's four come together); a line not asked and not made says "not asked (--only)".
+
 Exit status 0 when no line failed (skipped lines do not fail), 1 when one did, 2 when the spec
 does not validate.
 """
@@ -46,6 +50,7 @@ from mpidl.check import DIR_ENV, SIGNAL_ENV, data
 from mpidl.errors import EXIT_BAD_INPUT, BadInput
 
 OK, FAIL, SKIPPED = "ok", "FAIL", "skipped"
+LINES = ("spec", "data", "loss", "shares", "weights", "preemption", "resume", "slurm", "estimate")
 RUN_ENV = ("MPIDL_BACKEND", "MPIDL_OUTPUT", "MPIDL_STEPS", "MPIDL_LOG_EVERY", "MPIDL_REQUEUE", "MPIDL_REQUEUE_LIMIT")
 WIDTH = 11  # the check names' column
 
@@ -129,10 +134,17 @@ def quoted_path(path: Path) -> str:
 
 class Checker:
     def __init__(self, job: str, sets: list[str], ranks: int, steps: int, folder: Path, timeout: float,
-                 show: Callable[[str], None] = print):
+                 show: Callable[[str], None] = print, only: Optional[list[str]] = None):
         self.job, self.sets, self.ranks, self.steps = job, list(sets), ranks, steps
         self.folder, self.timeout, self.show = folder, timeout, show
         self.lines: list[Line] = []
+        # What --only asks for, with what it needs: each launch costs seconds (Python, torch, MPI).
+        asked = {"spec", *(LINES if only is None else only)}
+        self.runs_wanted = ("abc" if "resume" in asked else "ab" if "preemption" in asked
+                            else "a" if asked & {"loss", "shares", "weights", "estimate"} else "")
+        if self.runs_wanted:  # a run needs the data; run A gives its four lines at no extra cost
+            asked |= {"data", "loss", "shares", "weights", "estimate"}
+        self.asked = asked
         # A few epochs in S steps: a preemption lands mid-epoch and a resume crosses an epoch's end.
         self.per_epoch = max(2, math.ceil(steps / 3))
         self.signal_at = self.per_epoch           # 0-based: SIGUSR2 during step per_epoch + 1
@@ -140,6 +152,10 @@ class Checker:
         self.stop = self.signal_at + (2 if ranks > 1 else 1)
         self.first: Optional[Run] = None           # run A, for the estimate
         self.seconds: dict[str, float] = {}        # each run's, for check.json
+
+    def not_asked(self, *names: str) -> None:
+        for name in names:
+            self.line(name, SKIPPED, "not asked (--only)")
 
     def line(self, name: str, status: str, detail: str) -> Line:
         ln = Line(name, status, detail)
@@ -197,13 +213,18 @@ class Checker:
         self.line("spec", OK, f"{self.job} validates: model {spec.model.name}, backend {spec.backend}, "
                               f"batch {spec.data.batch} a rank")
         sliced = None
-        try:
-            sliced = data.prepare(spec, self.folder / "data", self.ranks, self.per_epoch, synthetic=synthetic,
-                                  shapes=shapes, classes=classes)
-            self.line("data", OK, sliced.note)
-        except BadInput as e:
-            self.line("data", FAIL, str(e))
-        if sliced is not None:
+        if "data" not in self.asked:
+            self.not_asked("data")
+        else:
+            try:
+                sliced = data.prepare(spec, self.folder / "data", self.ranks, self.per_epoch, synthetic=synthetic,
+                                      shapes=shapes, classes=classes)
+                self.line("data", OK, sliced.note)
+            except BadInput as e:
+                self.line("data", FAIL, str(e))
+        if not self.runs_wanted:
+            self.not_asked("loss", "shares", "weights", "preemption", "resume")
+        elif sliced is not None:
             self.runs([*self.sets, *sliced.sets, f"steps={self.steps}", "log_every=1", "checkpoint.dir=null"])
         else:
             for name in ("loss", "shares", "weights", "preemption", "resume"):
@@ -235,17 +256,21 @@ class Checker:
         self.loss(a, ok)
         self.shares(a)
         self.weights(a)
-        if not ok:
+        self.first = a
+        if "b" not in self.runs_wanted:
+            self.not_asked("preemption", "resume")
+        elif not ok:
             for name in ("preemption", "resume"):
                 self.line(name, SKIPPED, "the uninterrupted run failed (see loss)")
         else:
             b = self.launch("b", sets, signal_at=self.signal_at)
-            if self.preemption(b):
+            if not self.preemption(b):
+                self.line("resume", SKIPPED, "no checkpoint from a preemption to resume")
+            elif "c" not in self.runs_wanted:
+                self.not_asked("resume")
+            else:
                 c = self.launch("c", sets, resume=True, output=b.folder)
                 self.resume(a, b, c)
-            else:
-                self.line("resume", SKIPPED, "no checkpoint from a preemption to resume")
-        self.first = a
 
     def loss(self, a: Run, ok: bool) -> None:
         if not ok:
@@ -364,6 +389,9 @@ class Checker:
     def slurm(self) -> None:
         from mpidl.slurm import controller
 
+        if "slurm" not in self.asked:
+            self.not_asked("slurm")
+            return
         try:
             prepared = self.prepared()
             if not controller.controller_answers():
@@ -380,6 +408,9 @@ class Checker:
 
     def estimate(self) -> None:
         a = self.first
+        if "estimate" not in self.asked:
+            self.not_asked("estimate")
+            return
         if a is None:
             self.line("estimate", SKIPPED, "no run")
             return
@@ -436,7 +467,10 @@ class ScriptChecker(Checker):
             self.line("data", FAIL, "--synthetic and --shape are for job specs: your script reads its own data")
         else:
             self.line("data", SKIPPED, "your script reads its own data, all of it, as the job will")
-        self.runs([])
+        if self.runs_wanted:
+            self.runs([])
+        else:
+            self.not_asked("loss", "shares", "weights", "preemption", "resume")
         self.slurm()
         self.estimate()
         return self.verdict(t0)
@@ -451,10 +485,10 @@ def _digest(hashes: dict[str, str]) -> str:
 def check(job: Optional[str], sets: list[str], *, ranks: int = 2, steps: int = 8, synthetic: bool = False,
           shapes: Optional[list[str]] = None, classes: Optional[int] = None, timeout: float = 300,
           out: Optional[Path] = None, program: Optional[list[str]] = None,
-          show: Callable[[str], None] = print) -> int:
+          show: Callable[[str], None] = print, only: Optional[list[str]] = None) -> int:
     """Run the checks, print the table; the exit status. `program`: a command on `mpidl.Run`
     (`job` is then its resources file, or None). `out`: keep the runs there (else a temporary
-    folder, kept only when a check failed)."""
+    folder, kept only when a check failed). `only`: these lines and what they need (None: all)."""
     if program is None and job is None:
         raise BadInput("mpidl check: give a job spec (JOB.yaml), or a command after `--`")
     if program is not None and not program:
@@ -463,13 +497,17 @@ def check(job: Optional[str], sets: list[str], *, ranks: int = 2, steps: int = 8
         raise BadInput(f"-n {ranks}: at least 1 rank")
     if steps < 6:
         raise BadInput(f"--steps {steps}: at least 6 (an epoch, a preemption two steps into the next, a resume)")
+    unknown = [name for name in only or [] if name not in LINES]
+    if only is not None and (unknown or not only):
+        raise BadInput(f"--only {','.join(only)}: {'unknown line ' + repr(unknown[0]) if unknown else 'no line'}; "
+                       f"the lines: {', '.join(LINES)}")
     folder = Path(out) if out else Path(tempfile.mkdtemp(prefix="mpidl-check-"))
     folder.mkdir(parents=True, exist_ok=True)
     if program is not None:
-        checker: Checker = ScriptChecker(program, job, sets, ranks, steps, folder.absolute(), timeout, show)
+        checker: Checker = ScriptChecker(program, job, sets, ranks, steps, folder.absolute(), timeout, show, only)
     else:
         assert job is not None  # refused above without a command
-        checker = Checker(job, sets, ranks, steps, folder.absolute(), timeout, show)
+        checker = Checker(job, sets, ranks, steps, folder.absolute(), timeout, show, only)
     code = EXIT_BAD_INPUT
     try:
         code = checker.run(synthetic=synthetic, shapes=shapes, classes=classes)
