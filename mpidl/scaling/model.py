@@ -31,7 +31,13 @@ MPI's decision rules do):
   ring, NCCL    T = P·[(2(p−1) − 2(N−1))·α_i + 2(N−1)·α_e] + 2(p−1)·(n/p)·max(β_i, β_e)
                 (pipelined: a call pays each hop's latency once along the ring, NCCL's
                  src/graph/tuning.cc; P, its "ring plateau", multiplies the latency of a ring
-                 that crosses nodes: 1.9 before Ampere, 1.4 from Ampere on)
+                 that crosses nodes: 1.9 before Ampere, 1.4 from Ampere on; v2.18.3-1's figures)
+                NCCL's latencies are by release and protocol (NCCL_TUNING): per call the faster
+                of LL (low latency, 1/4 of the bandwidth) and Simple, as ncclTopoGetAlgoTime
+                picks. For NCCL before 2.5 (the 2017–2018 papers ran 2.0–2.3: rings only, no cost
+                model) v2.5.6-1's tuning.cc, the first: every step of a ring that crosses nodes
+                at the network's latency (Simple 6.6 µs, LL 0.9 µs), no plateau, and LL below
+                v2.3.5-5's threshold of nRanks × 8 KiB (common_coll.h, one ring taken)
   tree, NCCL    T = 2·((g−1)·α_i + ⌊log₂N⌋·α_e) + ring's bandwidth term / (0.92·c(n))
                 (double binary tree, NCCL ≥ 2.4: latency grows with log N, not p; 0.92 and the
                  size correction c(n) are NCCL's own tree bandwidth factors)
@@ -155,7 +161,7 @@ NCCL_RING_PLATEAU = {"pre-ampere": 1.9, "ampere+": 1.4}
 #         over the network, for every step of a ring that crosses nodes, base 8.4 µs, no plateau.
 #         (v2.4.2-1's init.cu, its tree threshold, prices a ring at 6 µs × (nranks − 1) a call: the
 #         same order.) Applying 2.18's 14 µs and ×1.9 to them instead doubles each call's latency.
-NCCL_TUNING = {
+NCCL_TUNING: dict[str, Any] = {
     "2.18": {"base": {"ring": {"LL": 6.6e-6, "Simple": NCCL_CALL_LATENCY},
                       "tree": {"LL": 6.8e-6, "Simple": NCCL_CALL_LATENCY}},
              "hop": {"ring": {"LL": {"nvlink": 0.6e-6, "pci": 1.0e-6, "net": 2.7e-6},
@@ -168,7 +174,8 @@ NCCL_TUNING = {
                              "Simple": {"nvlink": 5.7e-6, "pci": 5.7e-6, "net": 6.6e-6}},
                     "tree": {"LL": {"nvlink": 0.5e-6, "pci": 1.0e-6, "net": 5.0e-6},
                              "Simple": {"nvlink": 28e-6, "pci": 28e-6, "net": 50e-6}}},
-            "split": False, "plateau": False, "ll_bw": {"ring": 1 / 4, "tree": 1 / 3}},
+            "split": False, "plateau": False, "ll_bw": {"ring": 1 / 4, "tree": 1 / 3},
+            "ll_threshold_per_rank": 256 * 32},
 }
 PROTOCOLS = ("LL", "Simple")
 # tuning.cc's treeCorrectionFactor, Simple protocol, by ⌊log₂(bytes/64)⌋ (0 … 23; 1.0 beyond)
@@ -242,8 +249,15 @@ def allreduce_cost(algo: str, nodes: int, per_node: int, nbytes: float, intra: L
     ncclTopoGetAlgoTime picks them."""
     if nodes * per_node <= 1:
         return 0.0
+    protos = coll.protocols(intra, inter)
+    rule = NCCL_TUNING[coll.nccl].get("ll_threshold_per_rank") if coll.library == "nccl" else None
+    if rule and len(protos) > 1 and algo == "ring":
+        # NCCL 2.3 (v2.3.5-5, include/common_coll.h, ncclGetCollResource) picks no protocol by time:
+        # LL while nbytes ≤ nRanks × nRings × NCCL_LL_MAX_NTHREADS (256) × NCCL_THREAD_THRESHOLD (32 B);
+        # nRings = 1 taken (the smallest threshold: a ring a NIC)
+        protos = ("LL",) if nbytes <= nodes * per_node * rule else ("Simple",)
     return min(_allreduce_cost(algo, nodes, per_node, nbytes, intra, inter, coll, gamma, proto)
-               for proto in coll.protocols(intra, inter))
+               for proto in protos)
 
 
 def _allreduce_cost(algo: str, nodes: int, per_node: int, nbytes: float, intra: Link, inter: Link,
@@ -387,7 +401,8 @@ def comm_end(nbytes: float, window: float, cost, bucket: float, cycle: float = 0
     when compute ends); calls run one after another (one communication stream). cycle = 0: a call
     starts when a full bucket is ready, the rest when backward ends (DDP's buckets); cycle > 0:
     every `cycle` seconds whatever is ready goes out in calls of at most `bucket` bytes (Horovod's
-    tensor fusion), the next cycle starting when both the cycle time and the calls are done.
+    tensor fusion), the cycles ticking on whether or not the earlier calls are done (Horovod
+    enqueues them and returns); the last tick is the first at or after backward's end.
     `cost(n)`: seconds for one call of n bytes.
     """
     if nbytes <= 0:
@@ -403,6 +418,12 @@ def comm_end(nbytes: float, window: float, cost, bucket: float, cycle: float = 0
             sent += n
             sizes.append(n)
         return free, sizes
+    # Horovod 0.9.10–0.13 (tensorflow/mpi_ops.cc) does not wait for the calls: it enqueues them and
+    # a finalizer thread waits. Ticking every 5 ms regardless, each cycle's bytes would be a call of
+    # their own (~66 in ResNet-101's backward), each paying a ring's full latency (6.7 ms at 512 GPUs
+    # by NCCL's v2.5.6-1 figures): 24 points below the published 90%. The real cycle is longer by
+    # the coordinator's negotiation over all ranks (not modelled, no figure at hand), so the cycle
+    # here waits for the calls, as before: an approximation, issue 24's open question.
     tick = min(cycle, window) if window > 0 else 0.0
     while sent < nbytes * (1 - 1e-12):
         ready = (nbytes if window <= 0 else nbytes * min(1.0, tick / window)) - sent
