@@ -31,7 +31,13 @@ MPI's decision rules do):
   ring, NCCL    T = P·[(2(p−1) − 2(N−1))·α_i + 2(N−1)·α_e] + 2(p−1)·(n/p)·max(β_i, β_e)
                 (pipelined: a call pays each hop's latency once along the ring, NCCL's
                  src/graph/tuning.cc; P, its "ring plateau", multiplies the latency of a ring
-                 that crosses nodes: 1.9 before Ampere, 1.4 from Ampere on)
+                 that crosses nodes: 1.9 before Ampere, 1.4 from Ampere on; v2.18.3-1's figures)
+                NCCL's latencies are by release and protocol (NCCL_TUNING): per call the faster
+                of LL (low latency, 1/4 of the bandwidth) and Simple, as ncclTopoGetAlgoTime
+                picks. For NCCL before 2.5 (the 2017–2018 papers ran 2.0–2.3: rings only, no cost
+                model) v2.5.6-1's tuning.cc, the first: every step of a ring that crosses nodes
+                at the network's latency (Simple 6.6 µs, LL 0.9 µs), no plateau, and LL below
+                v2.3.5-5's threshold of nRanks × 8 KiB (common_coll.h, one ring taken)
   tree, NCCL    T = 2·((g−1)·α_i + ⌊log₂N⌋·α_e) + ring's bandwidth term / (0.92·c(n))
                 (double binary tree, NCCL ≥ 2.4: latency grows with log N, not p; 0.92 and the
                  size correction c(n) are NCCL's own tree bandwidth factors)
@@ -127,10 +133,51 @@ PRESETS: dict[str, Link] = {
 # NCCL's own cost model (src/graph/tuning.cc, ncclTunerConstantsDefaults, Simple protocol: the one
 # NCCL takes for the megabytes of a gradient bucket): latency per hop of a ring and of a tree by the
 # link's kind, the base latency of a call, and the ring "plateau" factor for rings across nodes.
+# These are NCCL 2.18's figures (v2.18.3-1; the "plateau effect of ring" of ncclTopoGetAlgoTime,
+# 1.9 before Ampere, 1.4 from Ampere on, first appears in v2.7.3-1, 2020), the default for a
+# prediction today. A published result run on an older NCCL takes that release's figures:
+# NCCL_TUNING below.
 NCCL_HOP_LATENCY = {"ring": {"nvlink": 3.4e-6, "pci": 5.7e-6, "net": 14e-6},
                     "tree": {"nvlink": 4.0e-6, "pci": 4.0e-6, "net": 14e-6}}
 NCCL_CALL_LATENCY = 8.4e-6
 NCCL_RING_PLATEAU = {"pre-ampere": 1.9, "ampere+": 1.4}
+
+# NCCL's cost model by release, per protocol (LL: 8-byte lines of 4 data bytes and a flag, low latency;
+# Simple: large chunks, full bandwidth). NCCL takes, per call, the protocol and algorithm its model
+# finds fastest (ncclTopoGetAlgoTime: time = latency + bytes / bandwidth), so a small call goes by LL.
+#   base:  baseLat (µs a call), by algorithm and protocol
+#   hop:   hwLat (µs a step), by link kind, algorithm, protocol
+#   split: whether a ring across nodes pays the intra-node hop latency on its intra-node steps
+#          (v2.7.3-1 on: (nsteps − nInterSteps)·intraLat + nInterSteps·interLat) or the network's on
+#          every step (v2.5.6-1: hw = NET for every step once nNodes > 1, latency nsteps·hwLat[NET])
+#   plateau: the ring plateau factor applies (v2.7.3-1 on), or not (v2.5.6-1 has none)
+#   ll_bw: LL's bandwidth as a share of Simple's ("busBw *= 1.0/4.0" for a ring, 1/3 for a tree)
+# "2.18": the default table above with LL added (v2.18.3-1: ring LL base 6.6 µs, hop nvlink 0.6,
+#         pci 1.0, net 2.7; tree LL base 6.8, hop 0.6, 1.0, 5.0).
+# "2.5":  v2.5.6-1 (Nov 2019), the first src/graph/tuning.cc. The 2017–2018 papers ran NCCL 2.0–2.3,
+#         which had no cost model at all (rings only; v2.3.5-5's common_coll.h picks LL below
+#         nRanks × nRings × 8 KiB, a fixed threshold) and no trees (v2.4.2-1, Dec 2018); v2.5.6-1's
+#         ring figures are the nearest NVIDIA wrote down for those ring kernels: Simple 6.6 µs a step
+#         over the network, for every step of a ring that crosses nodes, base 8.4 µs, no plateau.
+#         (v2.4.2-1's init.cu, its tree threshold, prices a ring at 6 µs × (nranks − 1) a call: the
+#         same order.) Applying 2.18's 14 µs and ×1.9 to them instead doubles each call's latency.
+NCCL_TUNING: dict[str, Any] = {
+    "2.18": {"base": {"ring": {"LL": 6.6e-6, "Simple": NCCL_CALL_LATENCY},
+                      "tree": {"LL": 6.8e-6, "Simple": NCCL_CALL_LATENCY}},
+             "hop": {"ring": {"LL": {"nvlink": 0.6e-6, "pci": 1.0e-6, "net": 2.7e-6},
+                              "Simple": NCCL_HOP_LATENCY["ring"]},
+                     "tree": {"LL": {"nvlink": 0.6e-6, "pci": 1.0e-6, "net": 5.0e-6},
+                              "Simple": NCCL_HOP_LATENCY["tree"]}},
+             "split": True, "plateau": True, "ll_bw": {"ring": 1 / 4, "tree": 1 / 3.8}},
+    "2.5": {"base": {"ring": {"LL": 3.6e-6, "Simple": 8.4e-6}, "tree": {"LL": 4.4e-6, "Simple": 0.0}},
+            "hop": {"ring": {"LL": {"nvlink": 0.4e-6, "pci": 1.0e-6, "net": 0.9e-6},
+                             "Simple": {"nvlink": 5.7e-6, "pci": 5.7e-6, "net": 6.6e-6}},
+                    "tree": {"LL": {"nvlink": 0.5e-6, "pci": 1.0e-6, "net": 5.0e-6},
+                             "Simple": {"nvlink": 28e-6, "pci": 28e-6, "net": 50e-6}}},
+            "split": False, "plateau": False, "ll_bw": {"ring": 1 / 4, "tree": 1 / 3},
+            "ll_threshold_per_rank": 256 * 32},
+}
+PROTOCOLS = ("LL", "Simple")
 # tuning.cc's treeCorrectionFactor, Simple protocol, by ⌊log₂(bytes/64)⌋ (0 … 23; 1.0 beyond)
 NCCL_TREE_CORRECTION = (.9, .9, .9, .9, .9, .9, .9, .8, .7, .6, .6, .5, .5, .5, .5, .6, .7, .8, .7, .7, .8, .9,
                         .9, .9)
@@ -148,19 +195,37 @@ class Collective:
     call_latency: float = 0.0          # s per call (NCCL's base latency; MPI's is in the fitted α)
     ring_plateau: float = 1.0          # multiplies the latency of a ring that crosses nodes
     pipelined: bool = False            # NCCL's ring pays each hop's latency once; MPI's waits per step
+    nccl: str = "2.18"                 # which release's cost model (NCCL_TUNING)
 
-    def hop(self, link: Link, algo: str = "ring") -> float:
+    def hop(self, link: Link, algo: str = "ring", proto: str = "Simple") -> float:
         if self.library == "nccl" and link.kind in NCCL_HOP_LATENCY["ring"]:
-            return NCCL_HOP_LATENCY["tree" if algo == "tree" else "ring"][link.kind]
+            return NCCL_TUNING[self.nccl]["hop"]["tree" if algo == "tree" else "ring"][proto][link.kind]
         return link.alpha
 
+    def protocols(self, *links: Link) -> tuple[str, ...]:
+        """NCCL's protocols where its table prices every link (a kind); else Simple, at the given α."""
+        if self.library == "nccl" and all(link.kind in NCCL_HOP_LATENCY["ring"] for link in links):
+            return PROTOCOLS
+        return ("Simple",)
 
-def library(name: str, algorithms: Optional[Sequence[str]] = None, gpu: str = "ampere+") -> Collective:
+    def base(self, algo: str, proto: str) -> float:
+        if self.library != "nccl":
+            return self.call_latency
+        if proto == "Simple" and self.nccl == "2.18":
+            return self.call_latency  # as before: 8.4 µs for every algorithm
+        return NCCL_TUNING[self.nccl]["base"]["tree" if algo == "tree" else "ring"][proto]
+
+
+def library(name: str, algorithms: Optional[Sequence[str]] = None, gpu: str = "ampere+",
+            nccl: str = "2.18") -> Collective:
     """NCCL (ring and tree, NCCL ≥ 2.4) or MPI (ring, recursive doubling, Rabenseifner, hierarchical
     as Horovod's HOROVOD_HIERARCHICAL_ALLREDUCE runs it); `algorithms` narrows the choice to what a
-    library version or a framework offered."""
+    library version or a framework offered; `nccl`: which release's cost model (NCCL_TUNING)."""
+    if nccl not in NCCL_TUNING:
+        raise BadInput(f"nccl = {nccl!r}: one of {', '.join(NCCL_TUNING)}")
     if name == "nccl":
-        c = Collective("nccl", ("ring", "tree"), NCCL_CALL_LATENCY, NCCL_RING_PLATEAU[gpu], True)
+        plateau = NCCL_RING_PLATEAU[gpu] if NCCL_TUNING[nccl]["plateau"] else 1.0
+        c = Collective("nccl", ("ring", "tree"), NCCL_CALL_LATENCY, plateau, True, nccl)
     elif name == "mpi":
         c = Collective("mpi", ("ring", "recursive_doubling", "rabenseifner"))
     else:
@@ -169,7 +234,7 @@ def library(name: str, algorithms: Optional[Sequence[str]] = None, gpu: str = "a
         bad = [a for a in algorithms if a not in ALGORITHMS]
         if bad:
             raise BadInput(f"algorithms: {bad[0]!r} is not one of {', '.join(ALGORITHMS)}")
-        c = Collective(c.library, tuple(algorithms), c.call_latency, c.ring_plateau, c.pipelined)
+        c = Collective(c.library, tuple(algorithms), c.call_latency, c.ring_plateau, c.pipelined, c.nccl)
     return c
 
 
@@ -179,23 +244,53 @@ def _log2(n: int) -> int:
 
 def allreduce_cost(algo: str, nodes: int, per_node: int, nbytes: float, intra: Link, inter: Link,
                    coll: Collective, gamma: float = 0.0) -> float:
-    """Seconds for one allreduce call of `nbytes` by `algo` over nodes × per_node ranks (FORMULAS)."""
+    """Seconds for one allreduce call of `nbytes` by `algo` over nodes × per_node ranks (FORMULAS):
+    under NCCL, the faster of its protocols (LL, Simple) by its own cost model, as
+    ncclTopoGetAlgoTime picks them."""
+    if nodes * per_node <= 1:
+        return 0.0
+    protos = coll.protocols(intra, inter)
+    rule = NCCL_TUNING[coll.nccl].get("ll_threshold_per_rank") if coll.library == "nccl" else None
+    if rule and len(protos) > 1 and algo == "ring":
+        # NCCL 2.3 (v2.3.5-5, include/common_coll.h, ncclGetCollResource) picks no protocol by time:
+        # LL while nbytes ≤ nRanks × nRings × NCCL_LL_MAX_NTHREADS (256) × NCCL_THREAD_THRESHOLD (32 B);
+        # nRings = 1 taken (the smallest threshold: a ring a NIC)
+        protos = ("LL",) if nbytes <= nodes * per_node * rule else ("Simple",)
+    return min(_allreduce_cost(algo, nodes, per_node, nbytes, intra, inter, coll, gamma, proto)
+               for proto in protos)
+
+
+def _allreduce_cost(algo: str, nodes: int, per_node: int, nbytes: float, intra: Link, inter: Link,
+                    coll: Collective, gamma: float, proto: str) -> float:
     g, n = per_node, nodes
     p = n * g
-    if p <= 1:
-        return 0.0
-    a_i, a_e = coll.hop(intra, algo), coll.hop(inter, algo)
-    plateau = coll.ring_plateau if n > 1 else 1.0
+    a_i, a_e = coll.hop(intra, algo, proto), coll.hop(inter, algo, proto)
+    table = NCCL_TUNING[coll.nccl] if coll.library == "nccl" else None
+    # LL moves 4 data bytes in each 8-byte line and NCCL's model gives it 1/4 of a ring's bandwidth
+    # (1/3 or 1/3.8 of a tree's): tuning.cc, "busBw *= 1.0/4.0"
+    slow = 1 / table["ll_bw"]["tree" if algo == "tree" else "ring"] if table and proto == "LL" else 1.0
+    # the ring plateau (v2.7.3-1 on) multiplies a Simple ring's latency across nodes, not LL's
+    plateau = coll.ring_plateau if n > 1 and proto == "Simple" else 1.0
+    split = table["split"] if table else True
+
+    def ring_lat(steps: int, inter_steps: int, spans_nodes: bool) -> float:
+        """A ring's latency along its steps: v2.7.3-1 on, intra steps at the intra hop and
+        inter steps at the network's; v2.5.6-1, every step at the network's once it crosses nodes."""
+        if not spans_nodes:
+            return steps * a_i
+        if not split:
+            return plateau * steps * a_e
+        return plateau * ((steps - inter_steps) * a_i + inter_steps * a_e)
+
     reduce = (p - 1) / p * nbytes * gamma
-    ring_bw = 2 * (p - 1) * (nbytes / p) * (max(intra.beta, inter.beta) if n > 1 and g > 1
-                                            else inter.beta if n > 1 else intra.beta)
+    ring_bw = slow * 2 * (p - 1) * (nbytes / p) * (max(intra.beta, inter.beta) if n > 1 and g > 1
+                                                   else inter.beta if n > 1 else intra.beta)
     calls = 1
     if algo == "ring":
         if not coll.pipelined:
             t = flat_ring_allreduce(n, g, nbytes, Link("", a_i, intra.bandwidth), Link("", a_e, inter.bandwidth))
         else:
-            inter_steps = 2 * (n - 1)
-            t = plateau * ((2 * (p - 1) - inter_steps) * a_i + inter_steps * a_e) + ring_bw
+            t = ring_lat(2 * (p - 1), 2 * (n - 1), n > 1) + ring_bw
     elif algo == "tree":
         k = int(math.log2(max(nbytes, 64) / 64))
         corr = NCCL_TREE_CORRECTION[k] if k < len(NCCL_TREE_CORRECTION) else 1.0
@@ -204,19 +299,19 @@ def allreduce_cost(algo: str, nodes: int, per_node: int, nbytes: float, intra: L
         calls = 3 if g > 1 and n > 1 else 1  # reduce-scatter, allreduce between nodes, all-gather
         t = 0.0
         if g > 1:
-            t += 2 * (g - 1) * a_i + 2 * (g - 1) / g * nbytes * intra.beta
-        if n > 1:
-            t += plateau * 2 * (n - 1) * a_e + 2 * (n - 1) / n * nbytes * inter.beta
+            t += 2 * (g - 1) * (coll.hop(intra, algo, proto)) + slow * 2 * (g - 1) / g * nbytes * intra.beta
+        if n > 1:  # N ranks, one a node: every step crosses the network
+            t += ring_lat(2 * (n - 1), 2 * (n - 1), True) + slow * 2 * (n - 1) / n * nbytes * inter.beta
     elif algo == "torus2d":
         # rows of x ranks (whole nodes) × columns of y: reduce-scatter along rows, allreduce of
         # n/x bytes along columns, all-gather along rows (Mikami et al. 2018)
         x = torus_rows(p, g)
         y, nx = p // x, max(1, x // g)
-        row_lat = (x - 1 - (nx - 1)) * a_i + (nx - 1) * a_e
-        row_bw = (x - 1) * (nbytes / x) * (max(intra.beta, inter.beta) if nx > 1 else intra.beta)
-        t = 2 * ((plateau if nx > 1 else 1.0) * row_lat + row_bw)
+        row_bw = slow * (x - 1) * (nbytes / x) * (max(intra.beta, inter.beta) if nx > 1 else intra.beta)
+        t = 2 * (ring_lat(x - 1, nx - 1, nx > 1) + row_bw)
         if y > 1:  # a column's ranks sit on y different nodes; a node's g columns share its NICs
-            t += plateau * 2 * (y - 1) * a_e + 2 * (y - 1) / y * (nbytes / x) * min(g, x) * inter.beta
+            t += ring_lat(2 * (y - 1), 2 * (y - 1), True) + \
+                slow * 2 * (y - 1) / y * (nbytes / x) * min(g, x) * inter.beta
         calls = 3 if y > 1 and x > 1 else 1
     elif algo == "recursive_doubling":
         t = _log2(g) * (a_i + nbytes * intra.beta) + _log2(n) * (a_e + nbytes * inter.beta)
@@ -226,7 +321,7 @@ def allreduce_cost(algo: str, nodes: int, per_node: int, nbytes: float, intra: L
             (2 * (n - 1) / n * nbytes * inter.beta if n > 1 else 0.0)
     else:
         raise BadInput(f"algorithm {algo!r} is not one of {', '.join(ALGORITHMS)}")
-    return calls * coll.call_latency + t + reduce
+    return calls * coll.base(algo, proto) + t + reduce
 
 
 def torus_rows(p: int, g: int) -> int:
@@ -306,7 +401,8 @@ def comm_end(nbytes: float, window: float, cost, bucket: float, cycle: float = 0
     when compute ends); calls run one after another (one communication stream). cycle = 0: a call
     starts when a full bucket is ready, the rest when backward ends (DDP's buckets); cycle > 0:
     every `cycle` seconds whatever is ready goes out in calls of at most `bucket` bytes (Horovod's
-    tensor fusion), the next cycle starting when both the cycle time and the calls are done.
+    tensor fusion), the cycles ticking on whether or not the earlier calls are done (Horovod
+    enqueues them and returns); the last tick is the first at or after backward's end.
     `cost(n)`: seconds for one call of n bytes.
     """
     if nbytes <= 0:
@@ -322,6 +418,12 @@ def comm_end(nbytes: float, window: float, cost, bucket: float, cycle: float = 0
             sent += n
             sizes.append(n)
         return free, sizes
+    # Horovod 0.9.10–0.13 (tensorflow/mpi_ops.cc) does not wait for the calls: it enqueues them and
+    # a finalizer thread waits. Ticking every 5 ms regardless, each cycle's bytes would be a call of
+    # their own (~66 in ResNet-101's backward), each paying a ring's full latency (6.7 ms at 512 GPUs
+    # by NCCL's v2.5.6-1 figures): 24 points below the published 90%. The real cycle is longer by
+    # the coordinator's negotiation over all ranks (not modelled, no figure at hand), so the cycle
+    # here waits for the calls, as before: an approximation, issue 24's open question.
     tick = min(cycle, window) if window > 0 else 0.0
     while sent < nbytes * (1 - 1e-12):
         ready = (nbytes if window <= 0 else nbytes * min(1.0, tick / window)) - sent

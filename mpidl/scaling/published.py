@@ -85,6 +85,9 @@ class Software(Strict):
     framework: str
     library: Literal["nccl", "mpi"]
     algorithms: Fig[Annotated[list[Algorithm], Field(min_length=1)]]
+    nccl: Optional[Fig[Literal["2.5", "2.18"]]] = Field(
+        default=None, description="which release's cost model prices NCCL's calls (model.NCCL_TUNING): "
+                                  "2.5 for NCCL before 2.5 (v2.5.6-1's tuning.cc, the first), 2.18 by default")
     overlap: Fig[Share] = Field(description="ω: share of compute that can hide communication")
     bucket_mb: Fig[Optional[Positive]] = Field(description="MiB per allreduce call; null: all gradients in one call")
     cycle_ms: Optional[Fig[Positive]] = Field(
@@ -154,12 +157,12 @@ def default_dir() -> Optional[Path]:
     return d if d.is_dir() else None
 
 
-def _link(spec: LinkSpec, nics: int = 1) -> model.Link:
+def _link(spec: LinkSpec, nics: int = 1, nccl: str = "2.18") -> model.Link:
     if spec.latency_us is not None:  # a stated latency is used as is, under NCCL too (no kind)
         link = model.Link(spec.name, spec.latency_us.value * 1e-6, spec.bandwidth_GBps.value * model.GB)
-    else:
-        link = model.Link(spec.name, model.NCCL_HOP_LATENCY["ring"][spec.kind], spec.bandwidth_GBps.value * model.GB,
-                          kind=spec.kind)
+    else:  # α (the α-β column's) is the release's Simple ring hop for the kind
+        link = model.Link(spec.name, model.NCCL_TUNING[nccl]["hop"]["ring"]["Simple"][spec.kind],
+                          spec.bandwidth_GBps.value * model.GB, kind=spec.kind)
     return model.node_link(link, nics)
 
 
@@ -168,9 +171,10 @@ def inputs(pub: Published, m: PublishedModel, jitter: Optional[float] = None):
     hw, sw = pub.hardware, pub.software
     gpu = "pre-ampere" if hw.compute_capability < 8.0 else "ampere+"
     assert hw.inter.nics_per_node is not None  # Hardware._nics requires it
-    coll = model.library(sw.library, sw.algorithms.value, gpu=gpu)
-    machine = model.Machine(hw.gpus_per_node.value, _link(hw.intra), _link(hw.inter, hw.inter.nics_per_node.value),
-                            coll)
+    nccl = sw.nccl.value if sw.nccl else "2.18"
+    coll = model.library(sw.library, sw.algorithms.value, gpu=gpu, nccl=nccl)
+    machine = model.Machine(hw.gpus_per_node.value, _link(hw.intra, nccl=nccl),
+                            _link(hw.inter, hw.inter.nics_per_node.value, nccl), coll)
     cv = jitter if jitter is not None else (sw.jitter_cv.value if sw.jitter_cv else model.JITTER_CV)
     work = model.Workload("weak", m.batch_per_gpu.value, float(m.params.value * m.bytes_per_param.value),
                           step_s=m.batch_per_gpu.value / m.single_gpu_samples_per_s.value, jitter_cv=cv)
@@ -186,7 +190,8 @@ def estimates(pub: Published, m: PublishedModel) -> list[str]:
     hw, sw = pub.hardware, pub.software
     for key, fig in (("gpus_per_node", hw.gpus_per_node), ("intra bandwidth", hw.intra.bandwidth_GBps),
                      ("inter bandwidth", hw.inter.bandwidth_GBps), ("NICs per node", hw.inter.nics_per_node),
-                     ("algorithms", sw.algorithms), ("overlap", sw.overlap), ("bucket", sw.bucket_mb),
+                     ("algorithms", sw.algorithms), ("NCCL release", sw.nccl), ("overlap", sw.overlap),
+                     ("bucket", sw.bucket_mb),
                      ("fusion cycle", sw.cycle_ms),
                      ("jitter", sw.jitter_cv), ("params", m.params), ("gradient bytes", m.bytes_per_param),
                      ("batch per GPU", m.batch_per_gpu), ("single-GPU throughput", m.single_gpu_samples_per_s)):
@@ -270,9 +275,11 @@ MISS_POINTS = 5  # the issue's goal: every row within ±5 points; a row beyond i
 
 TERMS = [
     ("α-β only", "the model before issue 24: one latency per step, a lockstep ring or hierarchical, no stragglers"),
-    ("+ latency", "each bucket's allreduce call pays its algorithm's latency (NCCL: hop latencies along a ring, "
-                  "2(p−1) hops; a tree, log₂N; the ring plateau; 8.4 µs a call; src/graph/tuning.cc), "
-                  "the library's own algorithms only"),
+    ("+ latency", "each bucket's allreduce call pays its algorithm's latency by NCCL's own cost model "
+                  "(src/graph/tuning.cc) of the release the paper ran (software.nccl): 2(p−1) ring steps, a "
+                  "tree's log₂N; for NCCL before 2.5, v2.5.6-1's figures (6.6 µs a step over the network, "
+                  "Simple; 0.9 µs, LL, below v2.3.5-5's LL threshold of 8 KiB a rank; 8.4 µs a call; no "
+                  "plateau); else v2.18.3-1's (14 µs, ×1.9 or 1.4 plateau); the library's own algorithms only"),
     ("+ stragglers", "the slowest of p GPUs sets the pace: T_c·(1 + σ·m(p)), m(p) = E[max of p standard normals]"),
 ]
 
@@ -289,7 +296,8 @@ def header(pub: Published) -> str:
             f"  {hw.gpus_per_node.value} × {hw.gpu} a node; "
             f"intra {hw.intra.name} {hw.intra.bandwidth_GBps.value:g} GB/s; "
             f"inter {hw.inter.name}{f' ×{nics}' if nics > 1 else ''} {hw.inter.bandwidth_GBps.value:g} GB/s per NIC; "
-            f"{sw.library} [{', '.join(sw.algorithms.value)}]; overlap ω {sw.overlap.value:.2f}; {bucket}; σ {cv:.0%}")
+            f"{sw.library}{f' {sw.nccl.value} cost model' if sw.nccl else ''} [{', '.join(sw.algorithms.value)}]; "
+            f"overlap ω {sw.overlap.value:.2f}; {bucket}; σ {cv:.0%}")
 
 
 def text(results: list[tuple[Published, list[dict]]]) -> str:
