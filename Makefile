@@ -21,7 +21,7 @@ demo: setup
 	mpirun -np $(NP) $(VENV)/bin/mpidl train jobs/demo.yaml --require-target --overwrite
 
 test: setup
-	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 # What needs no launcher: no mpirun, no SLURM, no emulated nodes, no Horovod, nothing slow.
 QUICK := not mpi and not slurm and not multinode and not horovod and not slow

@@ -551,6 +551,21 @@ def _refused(tmp: Path, study: Path, expect: str, env: dict | None = None, start
     assert not (tmp / "out").exists()
 
 
+def test_dry_run_checks_every_placement_and_runs_nothing(tmp_path):
+    study = _study(tmp_path, _job(tmp_path), sizes=[1, 2, 3], global_batch=None)
+    r = run(mpidl_cmd("scale", str(study), "--dry-run"), timeout=300)
+    assert r.returncode == 0, r.output
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("study tiny: 3 placement(s) checked by mpirun, nothing run"), r.stdout
+    assert [ln.split(":")[0].strip() for ln in lines[1:]] == [f"{p} rank(s) on 1 node(s)" for p in (1, 2, 3)]
+    assert "mpirun -np 3 " in lines[3] and "train" in lines[3]
+    assert not (tmp_path / "out").exists()
+    # the checks still refuse what cannot run: one line, exit 2
+    r = run(mpidl_cmd("scale", str(_study(tmp_path, _job(tmp_path, rows=20))), "--dry-run"), timeout=300)
+    assert r.returncode == 2 and "2 ranks need 32 samples per step" in r.stderr, r.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_key_is_refused(tmp_path):
     study = _study(tmp_path, _job(tmp_path), sizez=[1, 2])
     _refused(tmp_path, study, f"{study}: unknown key 'sizez'")

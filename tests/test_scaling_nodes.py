@@ -58,6 +58,29 @@ def test_slurm_job_is_the_trainers_job_submitted_with_the_placement(tmp_path, mo
     assert [words for _, words in runs] == [["python", "train.py"]] and prepared.run_dir == tmp_path / "p2"
 
 
+def test_a_gpu_jobs_points_ask_one_gpu_a_rank(tmp_path, monkeypatch):
+    # jobs/gpu-resnet50.yaml asks 4 GPUs a node; a study's points at 1 and 2 ranks a node were
+    # refused ("more GPUs than the 1 rank(s) per node") until each point asked one GPU a rank
+    from mpidl.scaling.launch import make_launcher
+    from mpidl.scaling.study import load_study
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("mpidl.slurm.controller.controller_answers", lambda: False)
+    study = load_study(_study(tmp_path, _job(tmp_path), launcher=SLURM, sizes=[1, 2, 4],
+                              set=["slurm.gpus_per_node=4"]))
+    launcher = make_launcher(study, cores=2)
+    for ranks, nodes in [(1, 1), (2, 1), (2, 2), (4, 1), (4, 2)]:
+        assert f"slurm.gpus_per_node={ranks // nodes}" in launcher.placement(ranks, nodes)
+        prepared, _ = launcher.prepare(ranks, nodes, ["mpidl", "train", str(study.job_path), "--set",
+                                                      "slurm.gpus_per_node=4"], cwd=tmp_path)
+        s = prepared.plans[0].spec.slurm
+        assert (s.nodes, s.tasks_per_node, s.gpus_per_node) == (nodes, ranks // nodes, ranks // nodes)
+        assert f"#SBATCH --gpus-per-node={ranks // nodes}" in prepared.text
+    # a CPU job's points ask for none
+    cpu = make_launcher(load_study(_study(tmp_path, _job(tmp_path), launcher=SLURM)), cores=2)
+    assert not any(item.startswith("slurm.gpus_per_node") for item in cpu.placement(2, 1))
+
+
 def test_crossing_nodes_on_known_timings():
     # weak, 64 samples per rank: X = p·64 / T. The baseline at each placement is its own reference.
     pts = {("mpi", 1, 1): _point(6400, 0.010), ("mpi", 2, 1): _point(128 / 0.0125, 0.0125),

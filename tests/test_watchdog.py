@@ -75,16 +75,16 @@ class SlowFile:
 
 if case == "stuck-step":          # the last rank's 7th forward pass never returns (its process lives)
     callbacks.append(Forward(lambda n, m: w.rank == LAST and n == 7 and time.sleep(600)))
-elif case == "stuck-read":        # the last rank's file system stops answering after a few reads
+elif case == "stuck-read":        # the last rank's file system stops answering once training has begun
     from mpidl.data import source
-    reads, segments = [0], source.Reader._segments
+    began, segments = [False], source.Reader._segments
 
     def hung(self, *args):
-        reads[0] += 1
-        if w.rank == LAST and reads[0] > 3:
+        if w.rank == LAST and began[0]:  # after the first step, which may take 10 W: the watchdog's W applies
             time.sleep(600)
         return segments(self, *args)
     source.Reader._segments = hung
+    callbacks.append(Forward(lambda n, m: began.__setitem__(0, True)))
 elif case == "stuck-checkpoint":  # rank 0's writes to the checkpoint's file never return
     from mpidl.train import checkpoint
     checkpoint.open = lambda path, mode: SlowFile(open(path, mode), 600 if w.rank == 0 else 0)
@@ -214,7 +214,7 @@ torch.manual_seed(0)
 loader = mpidl.ShardedLoader(mpidl.H5Source(data), world, batch_size=16)
 model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
 optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-with mpidl.Run(out, model, optimizer, loader, epochs=3, backend="mpi", watchdog_s=W) as run:
+with mpidl.Run(out, model, optimizer, loader, epochs=2, backend="mpi", watchdog_s=W) as run:
     for epoch in run.epochs():
         for x, y in run.batches():
             if case == "stuck" and world.rank == 1 and run.position.global_step == 4:

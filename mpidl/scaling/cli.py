@@ -17,6 +17,7 @@ With `launcher: {name: slurm, nodes: [1, 2]}` every run is one SLURM job (`mpidl
 --wait`), and each size runs at every node count that divides it.
 
   mpidl scale STUDY.yaml [--force]     run it (--force replaces a study already in <output>)
+  mpidl scale STUDY.yaml --dry-run     check every point and print how each would start; run nothing
   mpidl scale predict [options]        the performance model (mpidl scale predict --help)
 
 Study keys: name, job, set, mode (strong|weak), sizes, batch_per_rank (weak) or global_batch
@@ -84,6 +85,7 @@ def _run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mpidl scale", formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description=SCALE_HELP)
     p.add_argument("--force", action="store_true")
+    p.add_argument("--dry-run", action="store_true")
     return p
 
 
@@ -97,10 +99,13 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
     study = load_study(args.study)
     try:
-        doc = run_study(study, force=args.force or extra.force, echo=lambda s: print(s, flush=True))
+        doc = run_study(study, force=args.force or extra.force, echo=lambda s: print(s, flush=True),
+                        dry_run=args.dry_run or extra.dry_run)
     except StudyFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if doc.get("dry_run"):
+        return 0
     out = study.output
     print(f"wrote {out / 'study.json'}; next: mpidl report {out}")
     if doc["failed_runs"]:
@@ -253,14 +258,7 @@ def prediction(inp: dict) -> dict:
            "rows": rows, "fits": {}}
     doc = inp.get("study")
     if doc:
-        fit, law = (model.fit_amdahl, "amdahl") if w.mode == "strong" else (model.fit_gustafson, "gustafson")
-        for b in sorted({r["backend"] for r in doc.get("table", [])}):
-            pts = [r for r in doc["table"] if r["backend"] == b and r.get("speedup") and not r["oversubscribed"]]
-            if len([r for r in pts if r["size"] > 1]) < 2:  # one measured size above 1 is not a fit
-                continue
-            s = fit([r["size"] for r in pts], [r["speedup"] for r in pts])
-            if s is not None:
-                out["fits"][b] = {"law": law, "serial_fraction": s, "points": len(pts)}
+        out["fits"] = model.serial_fractions(doc.get("table", []), w.mode)
     return out
 
 
@@ -341,6 +339,9 @@ def register(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter, description=SCALE_HELP)
     s.add_argument("study", metavar="STUDY.yaml|predict", help="a study to run, or 'predict'")
     s.add_argument("--force", action="store_true", help="replace a study already in its output folder")
+    s.add_argument("--dry-run", action="store_true",
+                   help="check every point (its job, and its placement: SLURM's sbatch --test-only) and print "
+                        "how each would start; run nothing")
     s.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_scale)
 

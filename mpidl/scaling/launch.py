@@ -2,7 +2,7 @@
 per launcher.
 
     launcher = make_launcher(study, cores)
-    launcher.check(ranks, nodes, argv)      # before anything runs: BadInput if it cannot start
+    launcher.check(ranks, nodes, argv)      # before anything runs: BadInput if it cannot start; how it starts
     launcher.run(ranks, argv, nodes=n, env=env, cwd=cwd, timeout=s, log=path) -> Finished
 
 argv is the trainer's command line, `mpidl train JOB --set ...`. `mpirun` runs it here, now, on
@@ -53,8 +53,9 @@ class Launcher(Protocol):
     def oversubscribed(self, ranks: int, nodes: int = 1) -> bool:
         """More ranks than this machine (or a node) has cores: figures are marked."""
 
-    def check(self, ranks: int, nodes: int, argv: list[str]) -> None:
-        """What can be known before anything runs; BadInput (one line) when this placement cannot start."""
+    def check(self, ranks: int, nodes: int, argv: list[str]) -> str:
+        """What can be known before anything runs; BadInput (one line) when this placement cannot start.
+        Returns how the point will start, in one line (`mpidl scale --dry-run` prints it)."""
 
     def run(self, ranks: int, argv: list[str], *, nodes: int = 1, env: dict, cwd: Path, timeout: float,
             log: Path) -> Finished:
@@ -105,8 +106,9 @@ class MpirunLauncher:
         extra = ["--oversubscribe"] if self.oversubscribed(ranks) else []
         return ["mpirun", "-np", str(ranks), *extra, *self.args, *argv]
 
-    def check(self, ranks: int, nodes: int, argv: list[str]) -> None:
+    def check(self, ranks: int, nodes: int, argv: list[str]) -> str:
         assert nodes == 1, "the study schema gives mpirun one node"
+        return " ".join(self.command(ranks, argv))
 
     def run(self, ranks: int, argv: list[str], *, nodes: int = 1, env: dict, cwd: Path, timeout: float,
             log: Path) -> Finished:
@@ -137,8 +139,10 @@ class SlurmLauncher:
 
     name = "slurm"
 
-    def __init__(self, partition: Optional[str], threads_per_rank: int, timeout_s: float, cores: int):
+    def __init__(self, partition: Optional[str], threads_per_rank: int, timeout_s: float, cores: int,
+                 gpus: bool = False):
         self.partition = partition
+        self.gpus = gpus  # the job asks for GPUs: each point asks one a rank
         self.threads_per_rank = threads_per_rank
         self.minutes = math.ceil(timeout_s / 60) + 2  # the launcher's own timeout (and scancel) comes first
         self.cores = cores
@@ -148,6 +152,8 @@ class SlurmLauncher:
         """The `--set` items that place `ranks` ranks on `nodes` nodes."""
         sets = [f"slurm.nodes={nodes}", f"slurm.tasks_per_node={ranks // nodes}", "slurm.launcher=srun",
                 f"slurm.time={self.minutes}", "slurm.requeue_limit=0"]
+        if self.gpus:
+            sets.append(f"slurm.gpus_per_node={ranks // nodes}")
         if self.threads_per_rank:
             sets.append(f"slurm.cpus_per_task={self.threads_per_rank}")
         if self.partition is not None:
@@ -185,8 +191,8 @@ class SlurmLauncher:
     def oversubscribed(self, ranks: int, nodes: int = 1) -> bool:
         return ranks // nodes > self.node_cpus()
 
-    def check(self, ranks: int, nodes: int, argv: list[str]) -> None:
-        """The point's job as it will be sent, judged by `sbatch --test-only`."""
+    def check(self, ranks: int, nodes: int, argv: list[str]) -> str:
+        """The point's job as it will be sent, judged by `sbatch --test-only`; returns its #SBATCH lines."""
         from mpidl.slurm import controller
 
         prepared, _ = self.prepare(ranks, nodes, argv, cwd=Path.cwd(), overwrite=True)
@@ -194,6 +200,7 @@ class SlurmLauncher:
             f.write(prepared.text)
             f.flush()
             controller.test_only(Path(f.name), prepared.plans[0].slurm)
+        return " ".join(line.split(None, 1)[1] for line in prepared.text.splitlines() if line.startswith("#SBATCH "))
 
     def run(self, ranks: int, argv: list[str], *, nodes: int = 1, env: dict, cwd: Path, timeout: float,
             log: Path) -> Finished:
@@ -315,5 +322,6 @@ def make_launcher(study: "Study", cores: int) -> Launcher:
         return MpirunLauncher(s.launcher.args, cores)
     if s.launcher.name == "slurm":
         partition = s.launcher.partition or (study.job.slurm.partition if study.job else None)
-        return SlurmLauncher(partition, s.threads_per_rank, s.timeout_s, cores)
+        gpus = bool(study.job and study.job.slurm and study.job.slurm.gpus_per_node)
+        return SlurmLauncher(partition, s.threads_per_rank, s.timeout_s, cores, gpus=gpus)
     raise ValueError(f"unknown launcher {s.launcher.name!r}")  # the study schema admits only the names above

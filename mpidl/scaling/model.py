@@ -609,6 +609,22 @@ def fit_gustafson(sizes: Sequence[int], speedups: Sequence[float]) -> Optional[f
     return sum(x * y for x, y in xs) / den if den else None
 
 
+def serial_fractions(table: Sequence[dict], mode: str) -> dict:
+    """Per backend, the serial fraction fitted to a study's speedups (Amdahl for strong scaling,
+    Gustafson for weak), from its points on cores of their own: {backend: {law, serial_fraction,
+    points}}. A backend measured at one size above 1 has no fit: two points are a line, not a law."""
+    law, fit = ("amdahl", fit_amdahl) if mode == "strong" else ("gustafson", fit_gustafson)
+    fits = {}
+    for b in sorted({r["backend"] for r in table}):
+        pts = [r for r in table if r["backend"] == b and r.get("speedup") and not r["oversubscribed"]]
+        if len([r for r in pts if r["size"] > 1]) < 2:
+            continue
+        s = fit([r["size"] for r in pts], [r["speedup"] for r in pts])
+        if s is not None:
+            fits[b] = {"law": law, "serial_fraction": s, "points": len(pts)}
+    return fits
+
+
 def amdahl(s: float, p: int) -> float:
     return 1 / (s + (1 - s) / p)
 

@@ -41,7 +41,7 @@ from mpidl.scaling.document import (
     Table,
 )
 from mpidl.scaling.efficiency import BASELINE
-from mpidl.scaling.plots import backends, label_of, multinode, nodes_text
+from mpidl.scaling.plots import label_of, multinode, nodes_text
 
 POINT_COLUMNS = ["backend", "size", "oversubscribed", "repetitions", "throughput", "throughput_min", "throughput_max",
                  "step_time", "data", "compute", "sync", "optimizer", "speedup", "efficiency",
@@ -88,17 +88,7 @@ def prediction(doc: dict, allreduce: Optional[Path], extra: tuple[int, ...] = ()
         rows = model.predict(work, machine, sizes, assumed["overlap"], assumed["bucket_mb"] * 2**20, cycle_s=cycle)
     except BadInput as e:
         return None, str(e)
-    fits = {}
-    law = "amdahl" if doc["study"]["mode"] == "strong" else "gustafson"
-    fit = model.fit_amdahl if law == "amdahl" else model.fit_gustafson
-    for b in backends(doc["table"]):
-        pts = [r for r in doc["table"] if r["backend"] == b and r.get("speedup") and not r["oversubscribed"]]
-        if len([r for r in pts if r["size"] > 1]) < 2:  # one measured size above 1 is not a fit: left out
-            continue
-        s = fit([r["size"] for r in pts], [r["speedup"] for r in pts])
-        if s is not None:
-            fits[b] = {"law": law, "serial_fraction": s, "points": len(pts)}
-    return {"assumed": assumed, "rows": rows, "fits": fits}, ""
+    return {"assumed": assumed, "rows": rows, "fits": model.serial_fractions(doc["table"], doc["study"]["mode"])}, ""
 
 
 # ---------------------------------------------------------------- tables and text

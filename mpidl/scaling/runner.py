@@ -272,12 +272,14 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def run_study(study: Study, *, force: bool = False, echo: Callable[[str], None] = print,
-              launcher: Optional[Launcher] = None) -> dict:
-    """Run every point; returns the study's JSON (also written to <output>/study.json)."""
+              launcher: Optional[Launcher] = None, dry_run: bool = False) -> dict:
+    """Run every point; returns the study's JSON (also written to <output>/study.json). With
+    `dry_run`, only the checks: every point's job validated and each placement judged by its
+    launcher (SLURM: sbatch --test-only), how each starts echoed; nothing runs or is written."""
     s = study.spec
     check_feasible(study)
     out = study.output
-    if (out / "study.json").exists() and not force:
+    if (out / "study.json").exists() and not force and not dry_run:
         raise BadInput(f"{out}/study.json: a study is already there (mpidl scale --force replaces it)")
     for p in s.sizes if study.job_path else []:  # every point's full job spec validates before the first run starts
         for b in s.runs:
@@ -286,13 +288,21 @@ def run_study(study: Study, *, force: bool = False, echo: Callable[[str], None] 
     if study.allreduce is not None and not study.allreduce.exists():
         raise BadInput(f"{study.origin}: allreduce = {study.spec.allreduce}: file not found")
     launcher = launcher or make_launcher(study, environment.cores())
+    placements = []
     for p in s.sizes:  # and the launcher can place it (SLURM: sbatch --test-only of each placement)
         for n in s.node_counts(p):
             point = Point(0, 0, p, s.runs[0], n)
             try:
-                launcher.check(p, n, _argv(study, point, out / "runs" / point.key))
+                how = launcher.check(p, n, _argv(study, point, out / "runs" / point.key))
             except BadInput as e:
                 raise BadInput(f"{study.origin}: launcher.nodes: {p} ranks on {n} node(s): {e}") from None
+            placements.append((p, n, how))
+    if dry_run:
+        echo(f"study {s.name}: {len(placements)} placement(s) checked by {launcher.name}, nothing run "
+             f"(backends {', '.join(s.runs)}, {s.repetitions} repetition(s) each):")
+        for p, n, how in placements:
+            echo(f"  {p} rank(s) on {n} node(s): {how}")
+        return {"dry_run": True, "placements": [{"size": p, "nodes": n, "start": how} for p, n, how in placements]}
     if force:
         shutil.rmtree(out / "runs", ignore_errors=True)
     created = not out.exists()
