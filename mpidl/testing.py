@@ -193,8 +193,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory):
-    """A real one-node SLURM cluster (slurm/cluster.sh) for this test session; yields the
-    environment its client commands need (SLURM_CONF and the ports). In the pytest process,
+    """A real one-node SLURM cluster (slurm/cluster.sh) for this test session, its node with 2
+    emulated GPUs; yields the environment its client commands need (SLURM_CONF and the ports). In the pytest process,
     for tests that submit jobs; skipped where SLURM is not installed; stops what it started."""
     if os.environ.get(DIR_ENV):
         pytest.fail("slurm_cluster runs in the pytest process: use it from a test not marked mpirun")
@@ -207,8 +207,10 @@ def slurm_cluster(tmp_path_factory):
     env = {"MPIDL_SLURM_DIR": str(state), "MPIDL_SLURMCTLD_PORT": str(_free_port()),
            "MPIDL_SLURMD_PORT": str(_free_port())}
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", *LAUNCH_VARS))}
-    started = subprocess.run(["bash", str(script), "start"], env={**base, **env}, capture_output=True, text=True,
-                             timeout=90)
+    # 2 emulated GPUs (SLURM's GRES counts; nothing on the node is a GPU): GPU job specs are placed
+    # and judged by the controller as on a GPU node
+    started = subprocess.run(["bash", str(script), "start", "--gpus", "2"], env={**base, **env}, capture_output=True,
+                             text=True, timeout=90)
     assert started.returncode == 0, started.stdout + started.stderr
     try:
         yield {**env, "SLURM_CONF": str(state / "slurm.conf")}

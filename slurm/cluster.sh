@@ -3,7 +3,10 @@
 # emulated compute nodes, each in its own network and UTS namespace.
 #
 #   slurm/cluster.sh install             apt-get the packages (root, Debian/Ubuntu)
-#   slurm/cluster.sh start [--nodes N]   write the config, start the daemons, wait for the node(s)
+#   slurm/cluster.sh start [--nodes N] [--gpus G]
+#                                        write the config, start the daemons, wait for the node(s);
+#                                        --gpus: G emulated GPUs a node (GRES counts, no devices: GPU
+#                                        job specs can be checked and placed, not run on a GPU)
 #   slurm/cluster.sh stop                stop what `start` started and remove what it made
 #   slurm/cluster.sh env                 print `export SLURM_CONF=...` for clients (and MPIDL_NET
 #                                        with several nodes)
@@ -29,6 +32,7 @@ set -euo pipefail
 umask 077   # the config, pid files and records written here are the caller's alone
 
 DIR="" CONF="" MADE=""   # the state folder and what lies in it: set by state_dir
+GPUS=0                   # emulated GPUs a node (start --gpus)
 
 say() { printf '[slurm] %s\n' "$*"; }
 die() { printf '[slurm] error: %s\n' "$*" >&2; exit 1; }
@@ -193,15 +197,28 @@ wait_idle() {   # $1: how many nodes must be up
     return 1
 }
 
+# --gpus G: the node line's GRES and the gres.conf beside slurm.conf (a count without device files:
+# the controller schedules them; nothing on the node is a GPU).
+gres_of() { [ "$GPUS" = 0 ] || printf ' Gres=gpu:%s' "$GPUS"; }
+write_gres() {
+    [ "$GPUS" = 0 ] && return 0
+    echo "GresTypes=gpu" >> "$CONF"
+    mkdir -p "$DIR/dev"
+    # stand-ins for /dev/nvidiaN: character devices that are /dev/null (slurmd wants a device)
+    for i in $(seq 0 $((GPUS - 1))); do mknod "$DIR/dev/gpu$i" c 1 3 2>/dev/null || : > "$DIR/dev/gpu$i"; done
+    echo "Name=gpu File=$DIR/dev/gpu[0-$((GPUS - 1))]" > "$DIR/gres.conf"
+}
+
 start_one() {
     local host
     host="$(hostname -s)"
     write_conf "$host"
+    write_gres
     cat >> "$CONF" <<EOC
 SlurmdSpoolDir=$DIR/spool
 SlurmdLogFile=$DIR/log/slurmd.log
 SlurmdPidFile=$DIR/run/slurmd.pid
-NodeName=$host CPUs=$(cpus) RealMemory=$(mem_mb 1) State=UNKNOWN
+NodeName=$host CPUs=$(cpus) RealMemory=$(mem_mb 1)$(gres_of) State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 EOC
     start_munge
@@ -308,6 +325,7 @@ start_nodes() {
     echo "$net.0/24" > "$DIR/subnet"
 
     write_conf "$host($net.1)"
+    write_gres
     cat >> "$CONF" <<EOC
 SlurmdSpoolDir=$DIR/spool/%n
 SlurmdLogFile=$DIR/log/slurmd-%n.log
@@ -319,7 +337,7 @@ TmpFS=$DIR/tmp/%n
 SlurmdTimeout=20
 EOC
     for i in $(seq 1 "$n"); do
-        echo "NodeName=node$i NodeAddr=$net.$((i + 1)) CPUs=$(cpus) RealMemory=$(mem_mb "$n") State=UNKNOWN" >> "$CONF"
+        echo "NodeName=node$i NodeAddr=$net.$((i + 1)) CPUs=$(cpus) RealMemory=$(mem_mb "$n")$(gres_of) State=UNKNOWN" >> "$CONF"
     done
     echo "PartitionName=debug Nodes=node[1-$n] Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES" >> "$CONF"
 
@@ -436,10 +454,13 @@ start() {
         case "$1" in
             --nodes) n="${2:-}"; shift 2 || true ;;
             --nodes=*) n="${1#--nodes=}"; shift ;;
-            *) echo "usage: $0 start [--nodes N]" >&2; exit 2 ;;
+            --gpus) GPUS="${2:-}"; shift 2 || true ;;
+            --gpus=*) GPUS="${1#--gpus=}"; shift ;;
+            *) echo "usage: $0 start [--nodes N] [--gpus G]" >&2; exit 2 ;;
         esac
     done
     if ! [[ "$n" =~ ^[1-9][0-9]?$ ]]; then echo "[slurm] error: --nodes '$n': a number from 1 to 99" >&2; exit 2; fi
+    if ! [[ "$GPUS" =~ ^[0-9]$ ]]; then echo "[slurm] error: --gpus '$GPUS': a number from 0 to 9" >&2; exit 2; fi
     [ "$n" = 1 ] || check_nodes_possible "$n"
     state_dir make   # before anything is installed or started: a folder not ours stops it all here
     install
@@ -486,5 +507,5 @@ case "$cmd" in
     stop) stop ;;
     env) env_ ;;
     exec) exec_ "$@" ;;
-    *) echo "usage: $0 install|start [--nodes N]|stop|env|exec NODE CMD..." >&2; exit 2 ;;
+    *) echo "usage: $0 install|start [--nodes N] [--gpus G]|stop|env|exec NODE CMD..." >&2; exit 2 ;;
 esac

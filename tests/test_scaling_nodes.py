@@ -12,8 +12,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
-from conftest import _free_port, mpidl_cmd, multinode_unavailable, run
+from conftest import ROOT, _free_port, mpidl_cmd, multinode_unavailable, run
 from mpidl.scaling import efficiency
 from mpidl.scaling.launch import SlurmLauncher
 from mpidl.scaling.report import _fmt
@@ -79,6 +80,36 @@ def test_a_gpu_jobs_points_ask_one_gpu_a_rank(tmp_path, monkeypatch):
     # a CPU job's points ask for none
     cpu = make_launcher(load_study(_study(tmp_path, _job(tmp_path), launcher=SLURM)), cores=2)
     assert not any(item.startswith("slurm.gpus_per_node") for item in cpu.placement(2, 1))
+
+
+@pytest.mark.slurm
+def test_a_gpu_study_dry_run_on_the_local_cluster(slurm_cluster, tmp_path):
+    """jobs/gpu-resnet50.yaml's study, each placement judged by the controller (sbatch --test-only)
+    and nothing run. The cluster's node has 2 emulated GPUs (GRES counts, no devices: this machine
+    has no GPU), so the job is shrunk to a 2-GPU, 2-core node with `set` items."""
+    def dry_run(nodes: list[int]):
+        study = tmp_path / "study.yaml"
+        study.write_text(yaml.safe_dump({
+            "name": "gpu", "job": str(ROOT / "jobs" / "gpu-resnet50.yaml"), "mode": "weak", "sizes": [1, 2],
+            "set": ["data.val_fraction=0", "slurm.gpus_per_node=2", "slurm.cpus_per_node=2",
+                    f"data.files={tmp_path / 'none.h5'}"],
+            "batch_per_rank": 256, "warmup_steps": 2, "steps": 4, "window": 2, "repetitions": 1,
+            "backends": ["horovod", "ddp"], "launcher": {"name": "slurm", "nodes": nodes},
+            "output": str(tmp_path / "out")}))
+        return run(mpidl_cmd("scale", str(study), "--dry-run"), env=slurm_cluster, timeout=300)
+
+    r = dry_run([1])
+    assert r.returncode == 0, r.output
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("study gpu: 2 placement(s) checked by slurm, nothing run"), r.stdout
+    for ranks, line in zip((1, 2), lines[1:]):
+        assert line.startswith(f"  {ranks} rank(s) on 1 node(s): "), line
+        assert f"--gpus-per-node={ranks} " in line and f"--ntasks-per-node={ranks} " in line, line
+    assert not (tmp_path / "out").exists() and not (tmp_path / "none.h5").exists()
+    # the cluster has one node: 2 ranks on 2 nodes is the controller's refusal, one line, exit 2
+    r = dry_run([1, 2])
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stdout == "", r.output
+    assert "launcher.nodes: 2 ranks on 2 node(s): " in r.stderr, r.stderr
 
 
 def test_crossing_nodes_on_known_timings():
