@@ -170,13 +170,22 @@ def controller_run(mode: str, ranks: int, steps: int, warmup: int, batch: int) -
     return json.loads(line.split("RESULT ", 1)[1])
 
 
+def interleaved(names: list[str], repeats: int, run) -> dict[str, list[dict]]:
+    """run(name) for each name, `repeats` times; the order turns each repeat and reverses every
+    other one, so drift hits every name alike."""
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for rep in range(repeats):
+        k = rep % len(names)
+        order = names[k:] + names[:k]
+        for name in (order if rep % 2 == 0 else order[::-1]):
+            runs[name].append(run(name))
+            print(f"rep {rep + 1}/{repeats} {name}: {runs[name][-1]['samples_per_s']:,.0f} samples/s", flush=True)
+    return runs
+
+
 def controllers(args) -> None:
-    runs: dict[str, list[dict]] = {m: [] for m in CONTROLLERS}
-    for rep in range(args.repeats):
-        order = CONTROLLERS[rep % 3:] + CONTROLLERS[:rep % 3]
-        for mode in (order if rep % 2 == 0 else order[::-1]):
-            runs[mode].append(controller_run(mode, args.ranks, args.steps, args.warmup, args.batch))
-            print(f"rep {rep + 1}/{args.repeats} {mode}: {runs[mode][-1]['samples_per_s']:,.0f} samples/s", flush=True)
+    runs = interleaved(list(CONTROLLERS), args.repeats,
+                       lambda mode: controller_run(mode, args.ranks, args.steps, args.warmup, args.batch))
     table = {m: {"samples_per_s": spread([r["samples_per_s"] for r in rs]),
                  **{k: statistics.median(r[k] for r in rs)
                     for k in ("ms_per_step", "cpu_main_ms_per_step", "cpu_other_threads_ms_per_step")}}
@@ -281,14 +290,8 @@ def main() -> None:
 
     folder = Path(tempfile.mkdtemp(prefix="mpidl-hvd-cpu-"))
     data = str(folder / "demo.h5")
-    runs: dict[str, list[dict]] = {n: [] for n in names}
-    for rep in range(args.repeats):
-        k = rep % len(names)
-        order = names[k:] + names[:k]
-        for name in (order if rep % 2 == 0 else order[::-1]):
-            runs[name].append(figures(one_run(name, args.ranks, args.steps, data, folder, args.warmup,
-                                              batch=args.batch), args.warmup, args.steps))
-            print(f"rep {rep + 1}/{args.repeats} {name}: {runs[name][-1]['samples_per_s']:,.0f} samples/s", flush=True)
+    runs = interleaved(names, args.repeats, lambda name: figures(
+        one_run(name, args.ranks, args.steps, data, folder, args.warmup, batch=args.batch), args.warmup, args.steps))
 
     table = {}
     for name in names:

@@ -197,8 +197,8 @@ wait_idle() {   # $1: how many nodes must be up
     return 1
 }
 
-# --gpus G: the node line's GRES and the gres.conf beside slurm.conf (a count without device files:
-# the controller schedules them; nothing on the node is a GPU).
+# --gpus G: the node line's GRES and the gres.conf beside slurm.conf (stand-in device files: the
+# controller schedules them; nothing on the node is a GPU).
 gres_of() { [ "$GPUS" = 0 ] || printf ' Gres=gpu:%s' "$GPUS"; }
 write_gres() {
     [ "$GPUS" = 0 ] && return 0

@@ -322,6 +322,6 @@ def make_launcher(study: "Study", cores: int) -> Launcher:
         return MpirunLauncher(s.launcher.args, cores)
     if s.launcher.name == "slurm":
         partition = s.launcher.partition or (study.job.slurm.partition if study.job else None)
-        gpus = bool(study.job and study.job.slurm and study.job.slurm.gpus_per_node)
+        gpus = bool(study.job and study.job.slurm.gpus_per_node)
         return SlurmLauncher(partition, s.threads_per_rank, s.timeout_s, cores, gpus=gpus)
     raise ValueError(f"unknown launcher {s.launcher.name!r}")  # the study schema admits only the names above

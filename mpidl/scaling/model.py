@@ -299,7 +299,7 @@ def _allreduce_cost(algo: str, nodes: int, per_node: int, nbytes: float, intra: 
         calls = 3 if g > 1 and n > 1 else 1  # reduce-scatter, allreduce between nodes, all-gather
         t = 0.0
         if g > 1:
-            t += 2 * (g - 1) * (coll.hop(intra, algo, proto)) + slow * 2 * (g - 1) / g * nbytes * intra.beta
+            t += 2 * (g - 1) * a_i + slow * 2 * (g - 1) / g * nbytes * intra.beta
         if n > 1:  # N ranks, one a node: every step crosses the network
             t += ring_lat(2 * (n - 1), 2 * (n - 1), True) + slow * 2 * (n - 1) / n * nbytes * inter.beta
     elif algo == "torus2d":
@@ -401,8 +401,8 @@ def comm_end(nbytes: float, window: float, cost, bucket: float, cycle: float = 0
     when compute ends); calls run one after another (one communication stream). cycle = 0: a call
     starts when a full bucket is ready, the rest when backward ends (DDP's buckets); cycle > 0:
     every `cycle` seconds whatever is ready goes out in calls of at most `bucket` bytes (Horovod's
-    tensor fusion), the cycles ticking on whether or not the earlier calls are done (Horovod
-    enqueues them and returns); the last tick is the first at or after backward's end.
+    tensor fusion), the next cycle starting when both the cycle time and the calls are done (an
+    approximation of Horovod, which does not wait for its calls: see the comment below).
     `cost(n)`: seconds for one call of n bytes.
     """
     if nbytes <= 0:
