@@ -649,7 +649,7 @@ def bad(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("case,args,expect", [
+BAD_SOURCES = [  # (case, `mpidl data check` arguments, parts of its one line)
     ("missing file", ["missing.h5"], ["missing.h5", "file not found"]),
     ("unreadable", ["garbage.h5"], ["garbage.h5", "cannot open as HDF5"]),
     ("truncated", ["truncated.h5"], ["truncated.h5", "truncated"]),
@@ -659,15 +659,53 @@ def bad(tmp_path_factory):
     ("zero rows", ["empty.h5"], ["empty.h5", "zero rows"]),
     ("non-numeric", ["strings.h5"], ["strings.h5", "'x'", "non-numeric dtype"]),
     ("too few rows", ["good.h5", "--batch", "40"], ["100 rows are fewer than ranks × batch"]),
-])
-def test_validation_error_exit_2_everywhere(bad, case, args, expect):
-    # 3 ranks: the rank that finds the problem and the ones that only learn of it, more than one of those
-    r = mpirun(3, mpidl_cmd("data", "check", *args), cwd=bad, timeout=60)
-    assert r.returncode == 2, (case, r.output)
+]
+
+# Every bad source through `mpidl data check`'s own command, parsed by mpidl's parser, on the
+# same ranks: what each rank raises (one launch for all cases; the exit is tested below).
+CHECK_ALL = """
+import json, sys, mpidl
+from mpidl.cli import build_parser
+from mpidl.errors import BadInput
+w = mpidl.init()
+out = {}
+for case, args in json.loads(sys.argv[1]):
+    try:
+        parsed = build_parser().parse_args(["data", "check", *args])
+        parsed.func(parsed)
+        out[case] = None
+    except BadInput as e:
+        out[case] = [str(e), e.collective]
+res = w.comm.gather(out, root=0)
+if w.rank == 0:
+    print("RESULT " + json.dumps(res), flush=True)
+"""
+
+
+def test_bad_sources_are_one_line_agreed_by_every_rank(bad):
+    """3 ranks: the rank that finds the problem and the ones that only learn of it, more than one of those."""
+    cases = json.dumps([[case, args] for case, args, _ in BAD_SOURCES])
+    r = mpirun(3, pycode(CHECK_ALL) + [cases], cwd=bad, timeout=120)
+    assert r.returncode == 0, r.output[-3000:]
+    per_rank = json.loads(r.stdout.split("RESULT ", 1)[1].splitlines()[0])
+    for case, _, expect in BAD_SOURCES:
+        raised = [ranks[case] for ranks in per_rank]
+        assert all(x is not None for x in raised), (case, raised)
+        assert len({msg for msg, _ in raised}) == 1, (case, raised)  # the same line on every rank
+        assert all(collective for _, collective in raised), (case, raised)  # so rank 0 alone prints it
+        line = raised[0][0]
+        assert "\n" not in line and "Traceback" not in line, (case, line)
+        for part in expect:
+            assert part in line, (case, part, line)
+
+
+def test_a_bad_source_exits_2_on_every_rank_with_one_line(bad):
+    r = mpirun(3, mpidl_cmd("data", "check", "nokey.h5"), cwd=bad, timeout=60)
+    assert r.returncode == 2, r.output
     lines = [line for line in r.stderr.splitlines() if "error:" in line]
     assert len(lines) == 1, r.stderr  # one line, printed once, no traceback
     assert "Traceback" not in r.stderr
-    for part in expect:
+    for part in ["nokey.h5", "dataset 'x' not found", "inputs"]:
         assert part in lines[0], (part, lines[0])
 
 

@@ -134,8 +134,20 @@ def test_preemption_signal_stops_the_sweep_and_it_resumes(tmp_path):
     ({"random": {"trials": 2, "fields": {"optimizer.lr": {"uniform": [0.2, 0.1]}}}}, "low 0.2 > high 0.1"),
     ({"grid": {"optimizer.lr": [0.1]}, "mode": "best"}, "mode = \"best\""),
 ])
-def test_bad_sweep_exits_2_with_one_line(tmp_path, body, expect):
-    r = mpirun(2, mpidl_cmd("sweep", sweep_file(tmp_path, **body)), timeout=120)
+def test_bad_sweep_is_one_line(tmp_path, body, expect):
+    """In-process: the sweep's ranks all call plan.load (agreed: mpidl/sweep/run.py), so its one
+    line is what every rank reports; the exit on every rank is tested once, below."""
+    path = sweep_file(tmp_path, **body)
+    with pytest.raises(BadInput) as e:
+        plan.load(path)
+    assert expect in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert str(e.value).startswith(path), str(e.value)  # it names the file
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_sweep_exits_2_on_every_rank_with_one_line(tmp_path):
+    expect = "unknown field 'optimizer.lrate' ('lrate' is not a key of optimizer)"
+    r = mpirun(2, mpidl_cmd("sweep", sweep_file(tmp_path, grid={"optimizer.lrate": [0.1]})), timeout=120)
     assert r.returncode == 2, r.output[-3000:]
     errors = [line for line in r.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and expect in errors[0] and "Traceback" not in r.stderr, r.stderr
