@@ -431,51 +431,65 @@ def test_row_range_of_compressed_source(tmp_path):
 CHECK = """
 import json, os, sys, h5py, numpy as np, mpidl
 from mpidl.data import H5Source, ShardedLoader
-cfg = json.loads(sys.argv[1])
 w = mpidl.init()
-full = np.concatenate([h5py.File(p, "r")["x"][:] for p in cfg["files"]])
-if not cfg.get("mapped", True):
-    os.environ["MPIDL_MAPPED"] = "0"
-ld = ShardedLoader(H5Source(cfg["files"]), w, batch_size=cfg["batch"], seed=3, shuffle=cfg["shuffle"],
-                   prefetch=2, workers=cfg["workers"], block=cfg.get("block"), window=cfg.get("window"))
-with ld.source.open() as reader:
-    mapped = reader.mapped("x")
-epochs = []
-for e in range(2):
-    ld.set_epoch(e)
-    ys = []
-    for x, y in ld:
-        assert np.array_equal(x.numpy(), full[y.numpy()]), "batch differs from h5py's read of its rows"
-        ys.extend(y.tolist())
-    epochs.append(ys)
-out = w.comm.gather({"epochs": epochs, "grouped": ld.group > 1, "mapped": mapped}, root=0)
-if w.rank == 0:
-    print("RESULT " + json.dumps(out), flush=True)
+for cfg in json.loads(sys.argv[1]):  # several loaders, one after another, in one launch
+    full = np.concatenate([h5py.File(p, "r")["x"][:] for p in cfg["files"]])
+    os.environ["MPIDL_MAPPED"] = "1" if cfg.get("mapped", True) else "0"
+    ld = ShardedLoader(H5Source(cfg["files"]), w, batch_size=cfg["batch"], seed=3, shuffle=cfg["shuffle"],
+                       prefetch=2, workers=cfg["workers"], block=cfg.get("block"), window=cfg.get("window"))
+    with ld.source.open() as reader:
+        mapped = reader.mapped("x")
+    epochs = []
+    for e in range(2):
+        ld.set_epoch(e)
+        ys = []
+        for x, y in ld:
+            assert np.array_equal(x.numpy(), full[y.numpy()]), (cfg["files"], "batch differs from h5py's read")
+            ys.extend(y.tolist())
+        epochs.append(ys)
+    out = w.comm.gather({"epochs": epochs, "grouped": ld.group > 1, "mapped": mapped}, root=0)
+    if w.rank == 0:
+        print("RESULT " + json.dumps(out), flush=True)
 """
 
 
-@pytest.mark.parametrize("name,np_,shuffle", [
-    ("row chunks", 2, "block"), ("auto chunks", 3, "block"), ("gzip shuffle", 2, "block"), ("lzf", 3, "exact"),
-    ("mixed files", 2, "block"), ("mixed files", 3, "exact"), ("contiguous", 2, "block"), ("lzf split", 2, "block"),
-    ("column chunks", 2, "block"), ("lzf column chunks", 3, "exact"), ("contiguous pread", 2, "block"),
-    ("wide column chunks", 2, "block"),
-])
-def test_loader_batches_equal_h5py_reads(tmp_path, name, np_, shuffle):
+def check_all(np_: int, cfgs: list) -> list:
+    """Each config's per-rank results, its loader read against h5py by the same ranks of one launch."""
+    r = mpirun(np_, pycode(CHECK) + [json.dumps(cfgs)], timeout=240)
+    assert r.returncode == 0, r.output[-3000:]
+    found = [json.loads(line[len("RESULT "):]) for line in r.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(found) == len(cfgs), r.output[-3000:]
+    return found
+
+
+LOADER_CASES = {  # rank count: (layout name, shuffle), each read in turn by one launch of that many ranks
+    2: [("row chunks", "block"), ("gzip shuffle", "block"), ("mixed files", "block"), ("contiguous", "block"),
+        ("lzf split", "block"), ("column chunks", "block"), ("contiguous pread", "block"),
+        ("wide column chunks", "block")],
+    3: [("auto chunks", "block"), ("lzf", "exact"), ("mixed files", "exact"), ("lzf column chunks", "exact")],
+}
+
+
+@pytest.mark.parametrize("np_", sorted(LOADER_CASES))
+def test_loader_batches_equal_h5py_reads(tmp_path, np_):
     """Every batch on every rank holds exactly h5py's values of its rows; shards stay disjoint."""
-    sizes = (700, 611, 456) if name == "mixed files" else (1767,)
-    layout = name.removesuffix(" pread")  # contiguous rows read with pread, not from a mapping
-    # 6 KiB rows: moved in runs, read straight into batch slots or gathered from column chunks
-    wide = layout in ("row chunks", "contiguous", "wide column chunks")
-    paths = write_layout(tmp_path, layout, sizes, row_shape=(3, 16, 32) if wide else ROW_SHAPE,
-                         kws=WIDE_COLUMN_CHUNKS if layout == "wide column chunks" else None)
-    cfg = dict(files=paths, batch=32, shuffle=shuffle, workers=2, block=None if wide else 64, window=256,
-               mapped=layout == name)
-    r = mpirun(np_, pycode(CHECK) + [json.dumps(cfg)], timeout=240)
-    assert r.returncode == 0, r.output
-    res = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("RESULT "))[7:])
-    assert all(rank["grouped"] == wide for rank in res)
-    assert all(rank["mapped"] == (name == "contiguous") for rank in res)
-    check_epochs(res, sum(sizes), np_, 32)
+    cases, cfgs = [], []
+    for i, (name, shuffle) in enumerate(LOADER_CASES[np_]):
+        sizes = (700, 611, 456) if name == "mixed files" else (1767,)
+        layout = name.removesuffix(" pread")  # contiguous rows read with pread, not from a mapping
+        # 6 KiB rows: moved in runs, read straight into batch slots or gathered from column chunks
+        wide = layout in ("row chunks", "contiguous", "wide column chunks")
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        paths = write_layout(folder, layout, sizes, row_shape=(3, 16, 32) if wide else ROW_SHAPE,
+                             kws=WIDE_COLUMN_CHUNKS if layout == "wide column chunks" else None)
+        cases.append((name, sizes, wide))
+        cfgs.append(dict(files=paths, batch=32, shuffle=shuffle, workers=2, block=None if wide else 64, window=256,
+                         mapped=layout == name))
+    for (name, sizes, wide), res in zip(cases, check_all(np_, cfgs)):
+        assert all(rank["grouped"] == wide for rank in res), name
+        assert all(rank["mapped"] == (name == "contiguous") for rank in res), name
+        check_epochs(res, sum(sizes), np_, 32)
 
 
 @pytest.mark.parametrize("name,row_shape,batch,workers", [
@@ -491,9 +505,7 @@ def test_large_batches_cut_by_assembler_threads(tmp_path, name, row_shape, batch
     with h5py.File(paths[0]) as f:
         assert workers > 2 or batch * f["x"][0].nbytes >= 1 << 20  # the shared path
     cfg = dict(files=paths, batch=batch, shuffle="block", workers=workers)
-    r = mpirun(2, pycode(CHECK) + [json.dumps(cfg)], timeout=240)
-    assert r.returncode == 0, r.output
-    res = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    res = check_all(2, [cfg])[0]
     assert all(rank["mapped"] == (name == "contiguous") for rank in res)  # rows of two files, one take each
     check_epochs(res, 7111, 2, batch)
 
