@@ -171,6 +171,24 @@ def test_report_opens_with_the_summary_and_ends_with_mpidls_own_goals(report):
     assert "src=\"http" not in page and "<link" not in page and "<script" not in page  # self-contained
 
 
+def test_report_says_why_each_missed_row_misses(report):
+    """The issue's bar: a published row the model misses by more than the bound gets its reason
+    in the report itself, not only in `mpidl scale predict`."""
+    from mpidl.scaling import summary
+
+    v = summary.validation()
+    missed = [r for r in v["rows"] if abs(r["error_points"]) > v["bound"]]
+    assert missed and len(missed) < len(v["rows"])
+    md, page = (report / "report.md").read_text(), (report / "report.html").read_text()
+    section = md.split("### The model against published results")[1].split("\n## ")[0]
+    for r in missed:
+        line = (f"{r['paper']}, {r['model']} at {r['gpus']:,} GPUs misses by {r['error_points']:+.1f} points: "
+                + published.why(r))
+        assert f"- {line}" in section, line
+        assert f"{r['model']} at {r['gpus']:,} GPUs misses by {r['error_points']:+.1f} points" in page
+    assert section.count(" misses by ") == len(missed)  # rows within the bound get no line
+
+
 def test_report_cost_is_time_times_nodes(report):
     doc = json.loads((report / "study.json").read_text())
     from mpidl.scaling import summary

@@ -345,8 +345,15 @@ def why(r: dict) -> str:
                                      "gpu": (need.get("single_gpu_samples_per_s"),
                                              r["assumed_single_gpu_samples_per_s"])}.items()
            if v is None or not 1 / 1.5 <= v / assumed <= 1.5]
-    hint = ("; neither is near its assumed figure, so a cost the model does not hold (its 'Not modelled' "
-            "list: congestion, a framework's per-step coordination) is the likelier cause" if len(far) == 2 else "")
+    if len(far) < 2:
+        hint = ""
+    elif r["error_points"] > 0:  # optimistic: the paper paid for something the model leaves out
+        hint = ("; neither is near its assumed figure, so a cost the model does not hold (its 'Not modelled' "
+                "list: congestion, a framework's per-step coordination) is the likelier cause")
+    else:  # pessimistic: a cost the model leaves out cannot explain it; one it charges is too high
+        hint = ("; neither is near its assumed figure, so a cost the model charges is likelier too high than an "
+                "input wrong: the exposed share of the allreduce (overlap ω, an estimate), the algorithm's "
+                "latency or the stragglers' spread σ")
     return (what + ("; it would match at " + " or at ".join(alt) if alt else
                     "; no network bandwidth or single-GPU speed alone would match it") + hint
             + (f"; estimates among its inputs: {', '.join(est)}" if est else "; no input is an estimate"))

@@ -237,6 +237,16 @@ def validation_view(v: Optional[dict]) -> tuple[list[str], list[list[str]]]:
                   for p in v["papers"]]
 
 
+def misses_view(v: Optional[dict]) -> list[str]:
+    """Each published row the model misses by more than the bound, and why, in words."""
+    from mpidl.scaling import published
+
+    if not v or "error" in v:
+        return []
+    return [f"{r['paper']}, {r['model']} at {r['gpus']:,} GPUs misses by {r['error_points']:+.1f} points: "
+            + published.why(r) for r in v["rows"] if abs(r["error_points"]) > v["bound"]]
+
+
 def rows_view(v: Optional[dict]) -> tuple[list[str], list[list[str]]]:
     """Every published row against the model, for the model's section."""
     head = ["paper", "model", "GPUs", "published", "predicted", "diff (points)", "α-β only (before)", "algorithm"]
