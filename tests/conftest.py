@@ -7,6 +7,7 @@ out here. The plugin also holds the `slurm_cluster` fixture.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -238,6 +239,49 @@ def mpidl_cmd(*args: str) -> list[str]:
 
 def pycode(code: str) -> list[str]:
     return [PYTHON, "-c", code]
+
+
+def results(r: Ran) -> list:
+    """The JSON after each "RESULT " line a launched script printed, in order."""
+    return [json.loads(line[len("RESULT "):]) for line in r.stdout.splitlines() if line.startswith("RESULT ")]
+
+
+# Bad input case by case in one launch: each argv through mpidl's own parser and command on
+# every rank, and what each rank raised (a command's exit 2 is tested by one launch of its own).
+_RAISES = """
+import json, sys, mpidl
+from mpidl.cli import build_parser
+from mpidl.errors import BadInput
+w = mpidl.init()
+out = []
+for argv in json.loads(sys.argv[1]):
+    parsed = build_parser().parse_args(argv)
+    try:
+        parsed.func(parsed)
+        out.append(None)
+    except BadInput as e:
+        out.append([str(e), e.collective])
+res = w.comm.gather(out, root=0)
+if w.rank == 0:
+    print("RESULT " + json.dumps(res), flush=True)
+"""
+
+
+def bad_input_lines(np_: int, argvs: list[list[str]], *, cwd: Path | str, timeout: float = 300) -> list[str]:
+    """The line each `mpidl` argv's bad input raises, run in turn by the same `np_` ranks: every
+    rank raises it, the same one line, collectively (so rank 0 alone prints it), no traceback."""
+    r = mpirun(np_, pycode(_RAISES) + [json.dumps(argvs)], cwd=cwd, timeout=timeout)
+    assert r.returncode == 0, r.output[-3000:]
+    (per_rank,) = results(r)
+    lines = []
+    for i, argv in enumerate(argvs):
+        raised = [ranks[i] for ranks in per_rank]
+        assert all(x is not None for x in raised), (argv, raised)
+        assert len({msg for msg, _ in raised}) == 1, (argv, raised)  # the same line on every rank
+        assert all(collective for _, collective in raised), (argv, raised)
+        assert "\n" not in raised[0][0] and "Traceback" not in raised[0][0], (argv, raised[0][0])
+        lines.append(raised[0][0])
+    return lines
 
 
 def has_horovod() -> bool:

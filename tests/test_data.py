@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import mpidl_cmd, mpirun, needs_cuda, pycode, run
+from conftest import bad_input_lines, mpidl_cmd, mpirun, needs_cuda, pycode, results, run
 from mpidl.data.shard import plan_epoch, steps_per_epoch
 from mpidl.errors import BadInput
 
@@ -126,13 +126,18 @@ def config(files, keys, *, batch=16, seed=0, shuffle="block", drop_last=True, ep
                 epochs=epochs, x_of_y=x_of_y, **kw)
 
 
+def each_in_one_launch(np_: int, script: str, cfgs, timeout: float = 120) -> list:
+    """Each config's result, `script` handling them in turn on the same `np_` ranks of one launch."""
+    r = mpirun(np_, pycode(script) + [json.dumps(list(cfgs))], timeout=timeout)
+    assert r.returncode == 0, r.output[-3000:]
+    found = results(r)
+    assert len(found) == len(cfgs), r.output[-3000:]
+    return found
+
+
 def load_all(np_, *cfgs: dict) -> list:
     """Each config's result, its loader made and read in turn by the same `np_` ranks of one launch."""
-    r = mpirun(np_, pycode(LOAD) + [json.dumps(cfgs)], timeout=120)
-    assert r.returncode == 0, r.output
-    found = [json.loads(line[len("RESULT "):]) for line in r.stdout.splitlines() if line.startswith("RESULT ")]
-    assert len(found) == len(cfgs), r.output
-    return found
+    return each_in_one_launch(np_, LOAD, cfgs)
 
 
 def load(np_, files, keys, **kw):
@@ -453,15 +458,6 @@ for cfg in json.loads(sys.argv[1]):  # several loaders, one after another, in on
 """
 
 
-def check_all(np_: int, cfgs: list) -> list:
-    """Each config's per-rank results, its loader read against h5py by the same ranks of one launch."""
-    r = mpirun(np_, pycode(CHECK) + [json.dumps(cfgs)], timeout=240)
-    assert r.returncode == 0, r.output[-3000:]
-    found = [json.loads(line[len("RESULT "):]) for line in r.stdout.splitlines() if line.startswith("RESULT ")]
-    assert len(found) == len(cfgs), r.output[-3000:]
-    return found
-
-
 LOADER_CASES = {  # rank count: (layout name, shuffle), each read in turn by one launch of that many ranks
     2: [("row chunks", "block"), ("gzip shuffle", "block"), ("mixed files", "block"), ("contiguous", "block"),
         ("lzf split", "block"), ("column chunks", "block"), ("contiguous pread", "block"),
@@ -486,7 +482,7 @@ def test_loader_batches_equal_h5py_reads(tmp_path, np_):
         cases.append((name, sizes, wide))
         cfgs.append(dict(files=paths, batch=32, shuffle=shuffle, workers=2, block=None if wide else 64, window=256,
                          mapped=layout == name))
-    for (name, sizes, wide), res in zip(cases, check_all(np_, cfgs)):
+    for (name, sizes, wide), res in zip(cases, each_in_one_launch(np_, CHECK, cfgs, timeout=240)):
         assert all(rank["grouped"] == wide for rank in res), name
         assert all(rank["mapped"] == (name == "contiguous") for rank in res), name
         check_epochs(res, sum(sizes), np_, 32)
@@ -505,7 +501,7 @@ def test_large_batches_cut_by_assembler_threads(tmp_path, name, row_shape, batch
     with h5py.File(paths[0]) as f:
         assert workers > 2 or batch * f["x"][0].nbytes >= 1 << 20  # the shared path
     cfg = dict(files=paths, batch=batch, shuffle="block", workers=workers)
-    res = check_all(2, [cfg])[0]
+    res = each_in_one_launch(2, CHECK, [cfg], timeout=240)[0]
     assert all(rank["mapped"] == (name == "contiguous") for rank in res)  # rows of two files, one take each
     check_epochs(res, 7111, 2, batch)
 
@@ -673,40 +669,10 @@ BAD_SOURCES = [  # (case, `mpidl data check` arguments, parts of its one line)
     ("too few rows", ["good.h5", "--batch", "40"], ["100 rows are fewer than ranks × batch"]),
 ]
 
-# Every bad source through `mpidl data check`'s own command, parsed by mpidl's parser, on the
-# same ranks: what each rank raises (one launch for all cases; the exit is tested below).
-CHECK_ALL = """
-import json, sys, mpidl
-from mpidl.cli import build_parser
-from mpidl.errors import BadInput
-w = mpidl.init()
-out = {}
-for case, args in json.loads(sys.argv[1]):
-    try:
-        parsed = build_parser().parse_args(["data", "check", *args])
-        parsed.func(parsed)
-        out[case] = None
-    except BadInput as e:
-        out[case] = [str(e), e.collective]
-res = w.comm.gather(out, root=0)
-if w.rank == 0:
-    print("RESULT " + json.dumps(res), flush=True)
-"""
-
-
 def test_bad_sources_are_one_line_agreed_by_every_rank(bad):
     """3 ranks: the rank that finds the problem and the ones that only learn of it, more than one of those."""
-    cases = json.dumps([[case, args] for case, args, _ in BAD_SOURCES])
-    r = mpirun(3, pycode(CHECK_ALL) + [cases], cwd=bad, timeout=120)
-    assert r.returncode == 0, r.output[-3000:]
-    per_rank = json.loads(r.stdout.split("RESULT ", 1)[1].splitlines()[0])
-    for case, _, expect in BAD_SOURCES:
-        raised = [ranks[case] for ranks in per_rank]
-        assert all(x is not None for x in raised), (case, raised)
-        assert len({msg for msg, _ in raised}) == 1, (case, raised)  # the same line on every rank
-        assert all(collective for _, collective in raised), (case, raised)  # so rank 0 alone prints it
-        line = raised[0][0]
-        assert "\n" not in line and "Traceback" not in line, (case, line)
+    lines = bad_input_lines(3, [["data", "check", *args] for _, args, _ in BAD_SOURCES], cwd=bad)
+    for (case, _, expect), line in zip(BAD_SOURCES, lines):
         for part in expect:
             assert part in line, (case, part, line)
 
