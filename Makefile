@@ -20,8 +20,11 @@ setup:
 demo: setup
 	mpirun -np $(NP) $(VENV)/bin/mpidl train jobs/demo.yaml --require-target --overwrite
 
+# On parallel workers, one per core (pytest-xdist): while a test sleeps or waits for SLURM, another
+# computes. The tests that use a SLURM cluster share one worker (tests/conftest.py). TEST_WORKERS=0: serial.
+TEST_WORKERS ?= auto
 test: setup
-	$(VENV)/bin/python -m pytest -q --durations=25 $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25 $(PYTEST_ARGS)
 
 # What needs no launcher: no mpirun, no SLURM, no emulated nodes, no Horovod, nothing slow.
 QUICK := not mpi and not slurm and not multinode and not horovod and not slow

@@ -403,11 +403,35 @@ class _NoLauncher(Exception):
     pass
 
 
+def _own_nodeid(item) -> str:
+    """The item's node id as its ranks know it: without the `@group` suffix pytest-xdist's
+    `--dist loadgroup` adds to a grouped test's id in the pytest process."""
+    groups = {str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in item.iter_markers("xdist_group")}
+    suffix = "@" + "_".join(sorted(groups))
+    return item.nodeid[:-len(suffix)] if groups and item.nodeid.endswith(suffix) else item.nodeid
+
+
 def _rank_nodeid(item) -> str:
     """The item as the ranks' pytest is told it: its file by absolute path (they may start
     elsewhere), then the rest of its node id."""
-    rest = item.nodeid.split("::", 1)[1] if "::" in item.nodeid else ""
+    nodeid = _own_nodeid(item)
+    rest = nodeid.split("::", 1)[1] if "::" in nodeid else ""
     return f"{item.path}::{rest}" if rest else str(item.path)
+
+
+def _loadgroup(config) -> bool:
+    """Whether pytest-xdist runs with --dist loadgroup (a worker sees its `loadgroup` option)."""
+    return config.getoption("dist", None) == "loadgroup" or bool(getattr(config.option, "loadgroup", False))
+
+
+def _may_split(config, items) -> bool:
+    """Whether this is a pytest-xdist worker that may get some of a module's tests but not all:
+    not --dist loadgroup, or a pytest on which loadgroup does not group (the `@group` suffix it
+    adds to node ids does not take on pytest 9.2: pytest-xdist #1386)."""
+    if not hasattr(config, "workerinput"):
+        return False
+    marked = [i for i in items if i.get_closest_marker(MARK) is not None]
+    return not _loadgroup(config) or any(_own_nodeid(i) == i.nodeid for i in marked)
 
 
 class _Parent:
@@ -428,9 +452,17 @@ class _Parent:
         given = self.config.getoption("mpirun_timeout")
         return float(given if given is not None else self.config.getini("mpirun_timeout"))
 
+    def pytest_itemcollected(self, item) -> None:
+        # Under pytest-xdist's --dist loadgroup a module's marked tests go to one worker, which
+        # launches them together (the group's name is added before xdist reads it)
+        if item.get_closest_marker(MARK) is not None and _loadgroup(self.config):
+            item.add_marker(pytest.mark.xdist_group(f"mpirun:{item.nodeid.split('::')[0]}"))
+
     @pytest.hookimpl(trylast=True)  # after -k and -m have deselected
     def pytest_collection_modifyitems(self, session, config, items) -> None:
-        isolate = config.getoption("mpirun_isolate")
+        # One launch per test where xdist may hand a module's tests to different workers: a launch
+        # of several would run some of them a second time on another worker's ranks.
+        isolate = config.getoption("mpirun_isolate") or _may_split(config, items)
         group: list = []
 
         def close() -> None:
@@ -460,7 +492,7 @@ class _Parent:
         launch = self.launch_of.get(item.nodeid)
         if launch is not None:
             launch.read()
-            if launch.alive() or launch.settled(item.nodeid):
+            if launch.alive() or launch.settled(_own_nodeid(item)):
                 return launch
         # Not launched yet, or its launch ended before this test had its result (a failure or a
         # timeout in an earlier test, where ranks that were not waiting went on to this one): a
@@ -509,14 +541,14 @@ class _Parent:
             while True:
                 alive = launch.alive()  # first: what a rank wrote before the launch ended is read next
                 launch.read()
-                reports, failed, finished = launch.outcome(item.nodeid)
+                reports, failed, finished = launch.outcome(_own_nodeid(item))
                 if len(finished) == launch.np or failed:
                     if failed:
                         launch.stop()  # the failing rank aborts the launch; make sure of it
                     return self.merge(item, launch, reports)
                 if not alive:
                     return [self.crashed(item, launch, finished)]
-                if setup_done is None and launch.setup_seen(item.nodeid):
+                if setup_done is None and launch.setup_seen(_own_nodeid(item)):
                     setup_done = time.monotonic()
                 # The timeout counts from the end of the test's set-up (a session's fixtures
                 # start MPI and import torch in the first test of a launch); set-up itself gets
@@ -539,6 +571,7 @@ class _Parent:
             bad = [r for r in sorted(per_rank) if per_rank[r]["outcome"] == "failed"]
             r = bad[0] if bad else min(per_rank)
             rep = self.config.hook.pytest_report_from_serializable(config=self.config, data=per_rank[r])
+            rep.nodeid = item.nodeid  # with xdist's group suffix, where it has one
             rep.duration = max(float(d.get("duration", 0.0)) for d in per_rank.values())
             if bad:
                 _name_rank(rep, r, launch.np)
@@ -553,7 +586,7 @@ class _Parent:
         errors = [x for recs in launch.records.values() for x in recs if x["event"] == "collect-error"]
         if errors:
             text = f"collecting on the ranks failed:\n{errors[0]['text']}"
-        elif not any(launch.of(item.nodeid).values()):
+        elif not any(launch.of(_own_nodeid(item)).values()):
             text = (f"mpirun ended (exit status {rc}) before this test began on any rank"
                     + ("" if launch.records[0] else ": no rank started pytest") + "; its last lines:\n" + launch.tail())
         else:

@@ -115,11 +115,17 @@ def tier_marks(item) -> set[str]:
     return marks
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups, and before -m deselects by tier
 def pytest_collection_modifyitems(config, items):
     for item in items:
         for mark in sorted(tier_marks(item)):
             if item.get_closest_marker(mark) is None:
                 item.add_marker(mark)
+        # `make test` runs the suite on parallel workers (pytest-xdist, --dist loadgroup): the tests
+        # that use a SLURM cluster run on one worker, one after another, so each session's cluster
+        # starts once and two clusters never start side by side
+        if item.get_closest_marker("slurm") is not None:
+            item.add_marker(pytest.mark.xdist_group("slurm"))
 
 
 # The guard. Children of `run` find this `mpirun` first on PATH: it notes the launch in the file
@@ -431,7 +437,8 @@ def two_nodes(tmp_path_factory):
     why = multinode_unavailable()
     if why:
         pytest.skip(why)
-    reap_dead_clusters(tmp_path_factory.getbasetemp().parent)
+    base = tmp_path_factory.getbasetemp()  # pytest-of-USER/pytest-N, or a worker's folder in it
+    reap_dead_clusters(next((p for p in base.parents if p.name.startswith("pytest-of-")), base.parent))
     nodes = start_nodes(tmp_path_factory.mktemp("nodes"), 2)
     try:
         yield nodes

@@ -143,6 +143,53 @@ def test_pip_install_registers_the_plugin(tmp_path):
     assert results == {"test_pass": ("passed", "")}, output[-3000:]
 
 
+XDIST_TESTS = """
+import os
+import pytest
+
+def note(name):  # which rank process ran which test
+    with open(os.path.join(os.environ["RAN_LOG"], str(os.getpid())), "a") as f:
+        f.write(name + "\\n")
+
+@pytest.mark.mpirun(2)
+def test_a(world):
+    note("a")
+
+@pytest.mark.mpirun(2)
+def test_b(world):
+    note("b")
+
+@pytest.mark.mpirun(2)
+def test_c(world):
+    note("c")
+
+def test_plain_1():
+    pass
+
+def test_plain_2():
+    pass
+"""
+
+
+@pytest.mark.mpi  # its child starts mpirun
+@pytest.mark.parametrize("dist,launches", [("loadgroup", 1), ("load", 3)])
+def test_under_xdist_each_marked_test_runs_once_per_rank(tmp_path, dist, launches):
+    """pytest -n 2: --dist loadgroup keeps a module's marked tests on one worker, in one launch;
+    --dist load may split them, so each is a launch of its own. Never twice on any rank."""
+    (tmp_path / "test_x.py").write_text(XDIST_TESTS)
+    log = tmp_path / "ran"
+    log.mkdir()
+    r = run([PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "mpidl.testing", "-n", "2", "--dist", dist,
+             "-rA", f"--basetemp={tmp_path / 'tmp'}", "test_x.py"], cwd=tmp_path, env={"RAN_LOG": str(log)},
+            timeout=600)
+    assert r.returncode == 0, r.output[-3000:]
+    passed = sorted(line.split()[1].split("@")[0] for line in r.stdout.splitlines() if line.startswith("PASSED "))
+    assert passed == [f"test_x.py::test_{n}" for n in ("a", "b", "c", "plain_1", "plain_2")], r.output[-3000:]
+    ran = {f.name: f.read_text().split() for f in log.iterdir()}
+    assert sorted(t for tests in ran.values() for t in tests) == ["a", "a", "b", "b", "c", "c"], ran
+    assert len(ran) == 2 * launches, ran  # rank processes: 2 per launch
+
+
 def test_marker_arguments_are_checked(tmp_path):
     (tmp_path / "test_bad.py").write_text("import pytest\n\n@pytest.mark.mpirun(0)\ndef test_x():\n    pass\n")
     r = run([PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "mpidl.testing", "test_bad.py"],
