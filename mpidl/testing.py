@@ -403,12 +403,13 @@ class _NoLauncher(Exception):
     pass
 
 
+# A marked item's node id as collected, which its ranks know it by: pytest-xdist's --dist
+# loadgroup adds an `@group` suffix to it in the pytest process afterwards.
+_OWN_NODEID = pytest.StashKey[str]()
+
+
 def _own_nodeid(item) -> str:
-    """The item's node id as its ranks know it: without the `@group` suffix pytest-xdist's
-    `--dist loadgroup` adds to a grouped test's id in the pytest process."""
-    groups = {str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in item.iter_markers("xdist_group")}
-    suffix = "@" + "_".join(sorted(groups))
-    return item.nodeid[:-len(suffix)] if groups and item.nodeid.endswith(suffix) else item.nodeid
+    return item.stash.get(_OWN_NODEID, item.nodeid)
 
 
 def _rank_nodeid(item) -> str:
@@ -430,8 +431,7 @@ def _may_split(config, items) -> bool:
     adds to node ids does not take on pytest 9.2: pytest-xdist #1386)."""
     if not hasattr(config, "workerinput"):
         return False
-    marked = [i for i in items if i.get_closest_marker(MARK) is not None]
-    return not _loadgroup(config) or any(_own_nodeid(i) == i.nodeid for i in marked)
+    return not _loadgroup(config) or any(_own_nodeid(i) == i.nodeid for i in items if _OWN_NODEID in i.stash)
 
 
 class _Parent:
@@ -453,9 +453,12 @@ class _Parent:
         return float(given if given is not None else self.config.getini("mpirun_timeout"))
 
     def pytest_itemcollected(self, item) -> None:
+        if item.get_closest_marker(MARK) is None:
+            return
+        item.stash[_OWN_NODEID] = item.nodeid
         # Under pytest-xdist's --dist loadgroup a module's marked tests go to one worker, which
         # launches them together (the group's name is added before xdist reads it)
-        if item.get_closest_marker(MARK) is not None and _loadgroup(self.config):
+        if _loadgroup(self.config):
             item.add_marker(pytest.mark.xdist_group(f"mpirun:{item.nodeid.split('::')[0]}"))
 
     @pytest.hookimpl(trylast=True)  # after -k and -m have deselected
@@ -531,6 +534,7 @@ class _Parent:
 
     def run(self, item) -> list:
         launch = self._launch_for(item)
+        nodeid = _own_nodeid(item)
         timeout = self.timeout(item)
         # The first test of a launch also waits for the imports, collection and the session's
         # fixtures (MPI's start, torch) on every rank.
@@ -541,14 +545,14 @@ class _Parent:
             while True:
                 alive = launch.alive()  # first: what a rank wrote before the launch ended is read next
                 launch.read()
-                reports, failed, finished = launch.outcome(_own_nodeid(item))
+                reports, failed, finished = launch.outcome(nodeid)
                 if len(finished) == launch.np or failed:
                     if failed:
                         launch.stop()  # the failing rank aborts the launch; make sure of it
                     return self.merge(item, launch, reports)
                 if not alive:
                     return [self.crashed(item, launch, finished)]
-                if setup_done is None and launch.setup_seen(_own_nodeid(item)):
+                if setup_done is None and launch.setup_seen(nodeid):
                     setup_done = time.monotonic()
                 # The timeout counts from the end of the test's set-up (a session's fixtures
                 # start MPI and import torch in the first test of a launch); set-up itself gets
