@@ -20,11 +20,10 @@ setup:
 demo: setup
 	mpirun -np $(NP) $(VENV)/bin/mpidl train jobs/demo.yaml --require-target --overwrite
 
-# TEST_WORKERS=auto (or N): pytest-xdist workers, one per core; while a test sleeps or waits for
-# SLURM, another computes, and the tests that use a SLURM cluster share one worker (tests/conftest.py).
-# Serial by default: on 2 workers, 1 full run in 3 here had ranks segfault in MPI_Init under srun
-# on the emulated nodes (test_multinode); serially such a start-up crash was seen once, under Horovod.
-TEST_WORKERS ?= 0
+# pytest-xdist workers, one per core (TEST_WORKERS=N for N, 0 for none): while a test sleeps or
+# waits for SLURM, another computes; the tests that use a SLURM cluster share one worker
+# (tests/conftest.py), so each cluster starts once.
+TEST_WORKERS ?= auto
 test: setup
 	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25 $(PYTEST_ARGS)
 
