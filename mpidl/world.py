@@ -66,8 +66,16 @@ def env_rank(env: Mapping[str, str]) -> tuple[int, int, int, int]:
     return rank, size, local_rank, local_size
 
 
+# A machine where torch can see a GPU has one of these: NVIDIA's driver (its /proc entry, its
+# control device), WSL's GPU (dxg), ROCm's (kfd, which torch also calls cuda). Without any, the
+# device is `cpu`, and torch (seconds of CPU to import) is not imported just to be asked.
+GPU_DRIVER_PATHS = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
+
+
 def pick_device(local_rank: int) -> str:
     """`cuda:<local_rank mod visible GPUs>` when CUDA works, else `cpu`."""
+    if not any(os.path.exists(p) for p in GPU_DRIVER_PATHS):
+        return "cpu"
     try:
         import torch
     except ImportError:

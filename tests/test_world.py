@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -48,6 +50,32 @@ def test_sbatch_batch_script_without_step_is_single():
 
 
 # ---------------------------------------------------------------- real launches
+# ---------------------------------------------------------------- the device
+def test_device_without_a_gpu_driver_is_cpu_and_torch_stays_unimported():
+    # a CPU machine (this one, CI): init() answers without the seconds torch takes to import
+    from mpidl.world import GPU_DRIVER_PATHS
+
+    if any(os.path.exists(p) for p in GPU_DRIVER_PATHS):
+        pytest.skip("a GPU driver is here")
+    code = "import sys, mpidl.world as w; print(w.init().device, 'torch' in sys.modules)"
+    r = run([sys.executable, "-c", code])
+    assert r.returncode == 0, r.output
+    assert r.stdout.split() == ["cpu", "False"]
+
+
+def test_device_with_a_gpu_driver_is_asked_of_torch(monkeypatch, tmp_path):
+    import torch
+
+    from mpidl import world
+
+    monkeypatch.setattr(world, "GPU_DRIVER_PATHS", (str(tmp_path),))  # a driver's path exists
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    assert [world.pick_device(r) for r in range(5)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:0", "cuda:1"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert world.pick_device(0) == "cpu"
+
+
 def test_info_single_process():
     r = run(mpidl_cmd("info", "--json"))
     assert r.returncode == 0, r.output
