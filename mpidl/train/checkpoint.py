@@ -19,8 +19,6 @@ import re
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from mpidl import log, watchdog
 from mpidl.errors import BadInput, Fault
 
@@ -42,6 +40,8 @@ def save(folder: Path, step: int, state: dict, keep: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     final = path_for(folder, step)
     tmp = folder / f".{final.name}.tmp{os.getpid()}"
+    import torch  # here, not at the top: `mpidl submit` looks for checkpoints without torch's seconds
+
     try:
         with watchdog.phase("checkpoint", f"writing {final}"), open(tmp, "wb") as f:
             torch.save({**state, "format": FORMAT}, _Progressing(f))  # type: ignore[arg-type]  # a writable file object
@@ -107,6 +107,8 @@ _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 def load(path: Path, fingerprint: Optional[str]) -> dict:
     """Read a checkpoint; BadInput if it is corrupt, holds pickled objects (unless trusted) or
     was written by a different job (fingerprint None: any job's, e.g. a distillation teacher)."""
+    import torch
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a damaged file
