@@ -54,7 +54,7 @@ import torch
 from mpidl import watchdog
 from mpidl.data.layout import H5Source
 from mpidl.data.shard import RankPlan, check_shape, eval_steps, plan_eval, plan_rank, steps_per_epoch
-from mpidl.data.source import DIRECT_ROW_BYTES, Pending, byte_view
+from mpidl.data.source import DIRECT_ROW_BYTES, Pending, byte_view, default_workers
 from mpidl.data.staging import Staging
 from mpidl.errors import BadInput
 
@@ -374,17 +374,6 @@ class _Pipeline:
         self.stop.set()
         with watchdog.phase("data", "the loader's reads still in flight, at the end of a pass", reads=True):
             self.thread.join(timeout=10)
-
-
-def default_workers(world) -> int:
-    """Reading threads for one rank: the cores it may run on, and no more than its share of
-    the node's cores (ranks bound to a socket would otherwise each take the whole socket)."""
-    cores = os.cpu_count() or 1
-    try:
-        mine = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        mine = cores
-    return max(1, min(16, mine, cores // max(1, getattr(world, "local_size", 1))))
 
 
 def _torch_dtype(dtype: np.dtype) -> torch.dtype:

@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from mpidl.data.layout import H5Source
+from mpidl.data.source import default_workers
 from mpidl.errors import BadInput
 
 _NONE = np.iinfo(np.int64).max  # "no row found" in a MIN reduction
@@ -51,17 +52,11 @@ def _blocks(source: H5Source, world, key: str) -> Iterator[tuple[int, np.ndarray
     lo, hi = n * world.rank // world.size, n * (world.rank + 1) // world.size
     block = source.suggested_block()
     buf = np.empty((min(block, max(1, hi - lo)), *source.shapes[key]), source.dtypes[key])
-    with source.open(workers=_workers(world)) as reader:
+    with source.open(workers=default_workers(world)) as reader:
         for a in range(lo, hi, block):
             b = min(hi, a + block)
             reader.read(key, a, b, buf[:b - a])
             yield a, buf[:b - a]
-
-
-def _workers(world) -> int:
-    from mpidl.data.loader import default_workers
-
-    return default_workers(world)
 
 
 def _reduce(world, local: np.ndarray, op: str) -> np.ndarray:

@@ -38,6 +38,17 @@ class _Contiguous:
 Storage = Union[_Contiguous, ChunkIndex, None]  # None: h5py reads it
 
 
+def default_workers(world) -> int:
+    """Reading threads for one rank: the cores it may run on, and no more than its share of
+    the node's cores (ranks bound to a socket would otherwise each take the whole socket)."""
+    cores = os.cpu_count() or 1
+    try:
+        mine = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        mine = cores
+    return max(1, min(16, mine, cores // max(1, getattr(world, "local_size", 1))))
+
+
 class Reader:
     """Open file handles of one source, for one thread and its pool. Use as a context manager.
 
