@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import MPIRUN, clean_env, mpidl_cmd, mpirun, needs_horovod, pycode, run
-from mpidl.world import MPIRUN as L_MPIRUN, SINGLE, SRUN, detect_launcher, env_rank
+from mpidl.world import GPU_DRIVER_PATHS, MPIRUN as L_MPIRUN, SINGLE, SRUN, detect_launcher, env_rank
 
 
 # ---------------------------------------------------------------- pure detection
@@ -49,12 +49,9 @@ def test_sbatch_batch_script_without_step_is_single():
     assert env_rank({"SLURM_PROCID": "0", "SLURM_JOB_ID": "9", "SLURM_NTASKS": "4"}) == (0, 1, 0, 1)
 
 
-# ---------------------------------------------------------------- real launches
 # ---------------------------------------------------------------- the device
 def test_device_without_a_gpu_driver_is_cpu_and_torch_stays_unimported():
     # a CPU machine (this one, CI): init() answers without the seconds torch takes to import
-    from mpidl.world import GPU_DRIVER_PATHS
-
     if any(os.path.exists(p) for p in GPU_DRIVER_PATHS):
         pytest.skip("a GPU driver is here")
     code = "import sys, mpidl.world as w; print(w.init().device, 'torch' in sys.modules)"
@@ -76,6 +73,7 @@ def test_device_with_a_gpu_driver_is_asked_of_torch(monkeypatch, tmp_path):
     assert world.pick_device(0) == "cpu"
 
 
+# ---------------------------------------------------------------- real launches
 def test_info_single_process():
     r = run(mpidl_cmd("info", "--json"))
     assert r.returncode == 0, r.output
