@@ -136,7 +136,7 @@ def refused(job: Path, *args: str) -> str:
     from mpidl.cli import build_parser
     from mpidl.errors import BadInput
     from mpidl.spec import load_spec
-    from mpidl.train.trainer import run_job
+    from mpidl.train.job import run_job
 
     a = build_parser().parse_args(["train", str(job), *args])
     with pytest.raises(BadInput) as e:

@@ -33,7 +33,7 @@ class TrainTask:
     def __call__(self) -> dict:
         from mpidl import preemption
         from mpidl.spec import load_spec
-        from mpidl.train.trainer import run_job
+        from mpidl.train.job import run_job
 
         # submitit installed its handlers before calling us; mpidl takes SIGTERM and the
         # warning signal over (recorded from here on), so keep submitit's to call later.

@@ -14,8 +14,6 @@ from __future__ import annotations
 import sys
 import time
 
-import torch
-
 from mpidl.preemption import Preemption
 from mpidl.sweep import dispatch, plan, results
 from mpidl.sweep.task import cores_per_rank, run_task
@@ -23,12 +21,14 @@ from mpidl.sweep.task import cores_per_rank, run_task
 
 def run_sweep(path: str, world, retry_failed: bool = False) -> list[dict]:
     """Run what is left of the sweep; the table (on rank 0; [] elsewhere)."""
+    sweep, tasks = world.agree(lambda: plan.load(path))
+    # torch once the sweep file is read: a typo in it fails in a fraction of a second
+    import torch
     from mpi4py import MPI
 
     from mpidl.train.inputs import ensure_data
     from mpidl.world import world_for
 
-    sweep, tasks = world.agree(lambda: plan.load(path))
     done = results.read_done(tasks) if world.rank == 0 else None
     if world.size > 1:
         done = world.comm.bcast(done, root=0)

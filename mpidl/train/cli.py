@@ -9,7 +9,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     preemption.arm()  # from the first moment: a warning signal during set-up is kept, not fatal
     from mpidl.spec import load_spec
-    from mpidl.train.trainer import run_job
+    from mpidl.train.job import run_job
 
     world, spec, summary, code = run_job(
         lambda: load_spec(args.job, args.set), stop_at=args.stop_at, overwrite=args.overwrite,
