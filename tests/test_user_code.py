@@ -91,34 +91,17 @@ def test_bad_user_code_exits_2_on_every_rank_with_one_line(tmp_path):
 
 # ------------------------------------------------------------------ your own loop: mpidl.Run
 
-def run_loop(folder, ranks: int, backend: str, timeout: float = 300, env: dict | None = None):
-    return mpirun(ranks, [PYTHON, "mpidl_loop.py", "tab.h5"], cwd=folder, timeout=timeout,
-                  env={"MPIDL_BACKEND": backend, **(env or {})})
-
-
 def synth(folder) -> None:
     r = run(mpidl_cmd("data", "synth", "tabular", "--out", str(folder / "tab.h5"), "--rows", "3000", "--features",
                       "16", "--classes", "4", "--rule", "nonlinear"), cwd=folder)
     assert r.returncode == 0, r.output
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_the_example_loop_on_every_backend(tmp_path, backend):
+def test_the_plain_loop_the_example_came_from_runs(tmp_path):
     userpkg.make(tmp_path)
     synth(tmp_path)
-    plain = run([PYTHON, "plain_loop.py", "tab.h5"], cwd=tmp_path, timeout=300)  # the loop it came from runs too
+    plain = run([PYTHON, "plain_loop.py", "tab.h5"], cwd=tmp_path, timeout=300)
     assert plain.returncode == 0 and "epoch 4: loss" in plain.stdout, plain.output[-2000:]
-    r = run_loop(tmp_path, 2, backend)
-    assert r.returncode == 0, r.output[-3000:]
-    summary = json.loads((tmp_path / "runs" / "example" / "summary.json").read_text())
-    steps = 3000 // (2 * 64)
-    assert summary["global_step"] == 5 * steps and summary["backend"] == backend and summary["preempted"] is None
-    recs = records(tmp_path / "runs" / "example")
-    assert recs[-1]["loss"] < recs[0]["loss"] and set(recs[0]["time"]) == {"data", "compute", "sync", "optimizer"}
-    assert recs[0]["samples_per_s"] > 0 and recs[0]["lr"] == pytest.approx(0.1)
-    if backend != "ddp":  # ddp's allreduce runs inside backward: its sync bucket is empty
-        assert sum(r_["time"]["sync"] for r_ in recs) > 0
-    assert not (tmp_path / "runs" / "example" / "mpidl.lock").exists()
 
 
 SIGNAL_AT = "mpidl_signal.py"
@@ -141,7 +124,9 @@ mpidl_loop.main(sys.argv[1])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_the_example_loop_preempted_resumes_bit_for_bit(tmp_path, backend):
+def test_the_example_loop_on_every_backend_preempted_resumes_bit_for_bit(tmp_path, backend):
+    """The example's loop (mpidl_loop.py, through a wrapper that can send a signal at a step): a
+    whole run, then one preempted and resumed, ending with the same weights."""
     for name in ("full", "part"):
         (tmp_path / name).mkdir()
         userpkg.make(tmp_path / name)
@@ -151,6 +136,16 @@ def test_the_example_loop_preempted_resumes_bit_for_bit(tmp_path, backend):
     never = {"SIGNAL_AT_STEP": "-1"}
     r = mpirun(2, [PYTHON, SIGNAL_AT, "tab.h5"], cwd=tmp_path / "full", env={"MPIDL_BACKEND": backend, **never})
     assert r.returncode == 0, r.output[-3000:]
+    full = tmp_path / "full" / "runs" / "example"
+    summary = json.loads((full / "summary.json").read_text())
+    steps = 3000 // (2 * 64)
+    assert summary["global_step"] == 5 * steps and summary["backend"] == backend and summary["preempted"] is None
+    recs = records(full)
+    assert recs[-1]["loss"] < recs[0]["loss"] and set(recs[0]["time"]) == {"data", "compute", "sync", "optimizer"}
+    assert recs[0]["samples_per_s"] > 0 and recs[0]["lr"] == pytest.approx(0.1)
+    if backend != "ddp":  # ddp's allreduce runs inside backward: its sync bucket is empty
+        assert sum(r_["time"]["sync"] for r_ in recs) > 0
+    assert not (full / "mpidl.lock").exists()
     # a signal on rank 1 during step 31 (30 done before it): both ranks stop after step 32 (the
     # agreement is read one step late), with a checkpoint, and exit 3
     r = mpirun(2, [PYTHON, SIGNAL_AT, "tab.h5"], cwd=tmp_path / "part",
@@ -164,7 +159,7 @@ def test_the_example_loop_preempted_resumes_bit_for_bit(tmp_path, backend):
     assert r.returncode == 0, r.output[-3000:]
     s = json.loads((part / "summary.json").read_text())
     assert s["resumed_from"].endswith("ckpt-000000032.pt") and s["global_step"] == 5 * (3000 // 128)
-    a, b = final_weights(tmp_path / "full" / "runs" / "example" / "checkpoints"), final_weights(part / "checkpoints")
+    a, b = final_weights(full / "checkpoints"), final_weights(part / "checkpoints")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
