@@ -158,6 +158,18 @@ def test_bad_spec_exits_2_with_one_line(tmp_path):
     assert expect in errors[0], errors[0]
 
 
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_a_typo_is_refused_before_torch_is_imported(tmp_path, command):
+    """A spec (or sweep file) with a typo fails in a fraction of a second: torch's import, seconds
+    of CPU, comes after the file is read (Python's own import log says what was imported)."""
+    (tmp_path / "typo.yaml").write_text("name: t\nepocs: 2\n")
+    r = run([sys.executable, "-X", "importtime", "-m", "mpidl.cli", command, str(tmp_path / "typo.yaml")])
+    assert r.returncode == 2, r.output[-3000:]
+    assert "unknown key 'epocs'" in r.stderr, r.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert "mpidl.spec" in imported and "torch" not in imported
+
+
 def test_missing_or_broken_spec_file(tmp_path):
     assert "job spec not found" in refused(tmp_path / "nope.yaml")
     (tmp_path / "bad.yaml").write_text("name: [unclosed\n")
