@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -157,30 +158,63 @@ def check_epochs(result, rows, np_, batch):
         assert set(result[0]["epochs"][0]) != set(result[0]["epochs"][1])  # and re-sharded
 
 
+def _load_cases(files: Path, stage: Path) -> dict[tuple[int, str], dict]:
+    """(ranks, name): the loader config of a case on the module's files."""
+    floats = config([str(files / "float.h5")], ["x", "y"], batch=16, block=32, window=128)
+    cases = {}
+    for np_ in (2, 3):
+        cases[np_, "float"] = floats
+        cases[np_, "float-seed-1"] = {**floats, "seed": 1, "epochs": 1}
+        cases[np_, "uint8-glob"] = config(str(files / "img-*.h5"), ["images", "labels"], batch=10, x_of_y=(1, 251))
+        for shuffle in ("block", "exact"):
+            cases[np_, f"wide-{shuffle}"] = config(str(files / "wide-*.h5"), ["x", "y"], batch=32, shuffle=shuffle)
+    for name in ("gzip.h5", "lzf.h5"):
+        cases[3, name] = config([str(files / name)], ["x", "y"], batch=20, shuffle="exact", x_of_y=(3, 0))
+    cases[3, "pad"] = config([str(files / "float.h5")], ["x", "y"], batch=16, drop_last=False, epochs=1)
+    cases[2, "staged"] = config([str(files / "float.h5")], ["x", "y"], batch=16, stage_dir=str(stage))
+    return cases
+
+
+@pytest.fixture(scope="module")
+def loaded(files, tmp_path_factory):
+    """Each case's result, and the staging folder: the cases of a rank count are loaded in turn by
+    one launch of that many ranks (the tests below share the two launches: one xdist group)."""
+    stage = tmp_path_factory.mktemp("stage")
+    cases = _load_cases(files, stage)
+    out = {}
+    for np_ in (2, 3):
+        names = [name for ranks, name in cases if ranks == np_]
+        out.update(zip([(np_, n) for n in names], load_all(np_, *[cases[np_, n] for n in names])))
+    return out, stage
+
+
+LOADS = pytest.mark.xdist_group("data-loads")
+
+
+@LOADS
 @pytest.mark.parametrize("np_", [2, 3])
-def test_float_file_shards(files, np_):
-    cfg = config([str(files / "float.h5")], ["x", "y"], batch=16, block=32, window=128)
-    # The other seed in the same launch as the first loader; the same seed again in a fresh one.
-    res, other = load_all(np_, cfg, {**cfg, "seed": 1, "epochs": 1})
+def test_float_file_shards(files, loaded, np_):
+    res, other = loaded[0][np_, "float"], loaded[0][np_, "float-seed-1"]  # the other seed in the same launch
     check_epochs(res, 1500, np_, 16)
     assert res[0]["dtype"] == "torch.float32"
-    again = load(np_, [str(files / "float.h5")], ["x", "y"], batch=16, block=32, window=128)
+    again = load(np_, [str(files / "float.h5")], ["x", "y"], batch=16, block=32, window=128)  # a fresh launch
     assert again == res  # reproducible for a seed
     assert other[0]["epochs"][0] != res[0]["epochs"][0]
 
 
+@LOADS
 @pytest.mark.parametrize("np_", [2, 3])
-def test_multi_file_uint8_glob(files, np_):
-    res = load(np_, str(files / "img-*.h5"), ["images", "labels"], batch=10, x_of_y=(1, 251))
+def test_multi_file_uint8_glob(loaded, np_):
+    res = loaded[0][np_, "uint8-glob"]
     check_epochs(res, 1533, np_, 10)
     assert res[0]["dtype"] == "torch.uint8"
 
 
+@LOADS
 @pytest.mark.parametrize("np_", [2, 3])
 @pytest.mark.parametrize("shuffle", ["block", "exact"])
-def test_large_rows_read_directly(files, np_, shuffle):
-    res = load(np_, str(files / "wide-*.h5"), ["x", "y"], batch=32, shuffle=shuffle)
-    check_epochs(res, 1511, np_, 32)
+def test_large_rows_read_directly(loaded, np_, shuffle):
+    check_epochs(loaded[0][np_, f"wide-{shuffle}"], 1511, np_, 32)
 
 
 def test_large_row_loader_groups_runs(files):
@@ -238,14 +272,15 @@ def test_cuda_loader_with_augmentation_never_synchronises(files):
     assert n == len(train) * 32 and int(seen) == len(src)
 
 
+@LOADS
 @pytest.mark.parametrize("name", ["gzip.h5", "lzf.h5"])
-def test_compressed_sources(files, name):
-    res = load(3, [str(files / name)], ["x", "y"], batch=20, shuffle="exact", x_of_y=(3, 0))
-    check_epochs(res, 1500, 3, 20)
+def test_compressed_sources(loaded, name):
+    check_epochs(loaded[0][3, name], 1500, 3, 20)
 
 
-def test_pad_mode_covers_all_rows(files):
-    res = load(3, [str(files / "float.h5")], ["x", "y"], batch=16, drop_last=False, epochs=1)
+@LOADS
+def test_pad_mode_covers_all_rows(loaded):
+    res = loaded[0][3, "pad"]
     flat = [y for r in res for y in r["epochs"][0]]
     assert len(flat) == 3 * 16 * 32 and set(flat) == set(range(1500))
 
@@ -294,13 +329,14 @@ def test_evaluation_sees_every_row_once(tmp_path, rows, np_, batch, chunks):
     assert sum(res[0]["sizes"]) == rows
 
 
-def test_staging_reads_a_fixed_share(files, tmp_path):
-    res = load(2, [str(files / "float.h5")], ["x", "y"], batch=16, stage_dir=str(tmp_path / "stage"))
+@LOADS
+def test_staging_reads_a_fixed_share(loaded):
+    res, stage = loaded[0][2, "staged"], loaded[1]
     for r in res:
         assert set(r["epochs"][0]) == set(r["epochs"][1]) and r["epochs"][0] != r["epochs"][1]
     assert not set(res[0]["epochs"][0]) & set(res[1]["epochs"][0])
     # one file a rank in the user's private folder while it ran; gone when the ranks ended
-    mine = tmp_path / "stage" / f"mpidl-{os.getuid()}"
+    mine = stage / f"mpidl-{os.getuid()}"
     assert sorted(r["staged"][0].rsplit("-r", 1)[1].split("-")[0] for r in res) == ["0of2", "1of2"]
     assert all(r["staged"][1] and r["staged"][0].startswith(f"{mine}/mpidl-stage-") for r in res)
     assert (mine.stat().st_mode & 0o777) == 0o700 and list(mine.iterdir()) == []
