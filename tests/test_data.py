@@ -288,39 +288,50 @@ def test_pad_mode_covers_all_rows(loaded):
 EVAL = """
 import json, sys, h5py, numpy as np, torch, mpidl
 from mpidl.data import H5Source, ShardedLoader
-path, rows, batch, chunks = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
 w = mpidl.init()
-if w.rank == 0:
-    with h5py.File(path, "w") as f:
-        f.create_dataset("x", data=np.arange(rows * 5, dtype=np.float32).reshape(rows, 5), chunks=chunks and tuple(chunks),
-                         compression="gzip" if chunks else None)
-        f["y"] = np.arange(rows)
-w.barrier()
-ld = ShardedLoader(H5Source(path), w, batch_size=batch, evaluation=True, prefetch=2)
-seen, sizes = [], []
-for i, (x, y, mask) in enumerate(ld):
-    assert mask.dtype == torch.bool and x.shape[0] == y.shape[0] == mask.shape[0] == batch
-    real = min(batch, max(0, ld.samples - i * batch))  # real rows first: countable on the host
-    assert torch.equal(mask, torch.arange(batch) < real)
-    assert torch.equal(x[:, 0], y.float() * 5)
-    seen.extend(y[mask].tolist())
-    total = w.comm.allreduce(int(mask.sum()))  # a collective per batch: ranks stay in step
-    sizes.append(total)
-out = w.comm.gather({"seen": seen, "steps": len(ld), "batches": len(sizes), "samples": ld.samples,
-                     "sizes": sizes}, root=0)
-if w.rank == 0:
-    print("RESULT " + json.dumps(out), flush=True)
+for path, rows, batch, chunks in json.loads(sys.argv[1]):  # one file after another, in one launch
+    if w.rank == 0:
+        with h5py.File(path, "w") as f:
+            f.create_dataset("x", data=np.arange(rows * 5, dtype=np.float32).reshape(rows, 5), chunks=chunks and tuple(chunks),
+                             compression="gzip" if chunks else None)
+            f["y"] = np.arange(rows)
+    w.barrier()
+    ld = ShardedLoader(H5Source(path), w, batch_size=batch, evaluation=True, prefetch=2)
+    seen, sizes = [], []
+    for i, (x, y, mask) in enumerate(ld):
+        assert mask.dtype == torch.bool and x.shape[0] == y.shape[0] == mask.shape[0] == batch
+        real = min(batch, max(0, ld.samples - i * batch))  # real rows first: countable on the host
+        assert torch.equal(mask, torch.arange(batch) < real)
+        assert torch.equal(x[:, 0], y.float() * 5)
+        seen.extend(y[mask].tolist())
+        total = w.comm.allreduce(int(mask.sum()))  # a collective per batch: ranks stay in step
+        sizes.append(total)
+    out = w.comm.gather({"seen": seen, "steps": len(ld), "batches": len(sizes), "samples": ld.samples,
+                         "sizes": sizes}, root=0)
+    if w.rank == 0:
+        print("RESULT " + json.dumps(out), flush=True)
 """
 
 
-@pytest.mark.parametrize("rows,np_,batch,chunks", [
-    (360, 2, 32, None), (360, 3, 32, None), (361, 3, 32, [50, 5]), (2, 3, 4, None), (100, 3, 7, [16, 5]),
-])
-def test_evaluation_sees_every_row_once(tmp_path, rows, np_, batch, chunks):
-    r = mpirun(np_, pycode(EVAL) + [str(tmp_path / "val.h5"), str(rows), str(batch), json.dumps(chunks)],
-               timeout=180)
-    assert r.returncode == 0, r.output
-    res = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("RESULT "))[7:])
+EVAL_CASES = [(360, 2, 32, None), (360, 3, 32, None), (361, 3, 32, [50, 5]), (2, 3, 4, None), (100, 3, 7, [16, 5])]
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    """Each EVAL_CASES case's result: the cases of a rank count in turn, in one launch of that many."""
+    tmp = tmp_path_factory.mktemp("eval")
+    out = {}
+    for np_ in (2, 3):
+        cases = [c for c in EVAL_CASES if c[1] == np_]
+        files = [[str(tmp / f"val-{np_}-{i}.h5"), rows, batch, chunks] for i, (rows, _, batch, chunks) in enumerate(cases)]
+        out.update(zip(map(str, cases), each_in_one_launch(np_, EVAL, files, timeout=180)))
+    return out
+
+
+@LOADS
+@pytest.mark.parametrize("rows,np_,batch,chunks", EVAL_CASES)
+def test_evaluation_sees_every_row_once(evaluated, rows, np_, batch, chunks):
+    res = evaluated[str((rows, np_, batch, chunks))]
     seen = [y for rank in res for y in rank["seen"]]
     assert sorted(seen) == list(range(rows))  # every held-out row exactly once across ranks
     assert sum(rank["samples"] for rank in res) == rows
@@ -524,20 +535,35 @@ def test_loader_batches_equal_h5py_reads(tmp_path, np_):
         check_epochs(res, sum(sizes), np_, 32)
 
 
-@pytest.mark.parametrize("name,row_shape,batch,workers", [
-    ("contiguous", (3, 16, 32), 192, 2), ("column chunks", ROW_SHAPE, 1400, 2),
-    ("contiguous", (3, 16, 32), 192, 3), ("column chunks", ROW_SHAPE, 1400, 3),
-])
-def test_large_batches_cut_by_assembler_threads(tmp_path, name, row_shape, batch, workers):
+LARGE_BATCHES = [("contiguous", (3, 16, 32), 192, 2), ("column chunks", ROW_SHAPE, 1400, 2),
+                 ("contiguous", (3, 16, 32), 192, 3), ("column chunks", ROW_SHAPE, 1400, 3)]
+
+
+@pytest.fixture(scope="module")
+def large_batches(tmp_path_factory):
+    """Each LARGE_BATCHES case's result and its first file, read in turn by one launch of 2 ranks."""
+    tmp = tmp_path_factory.mktemp("large")
+    paths = {}
+    for name, row_shape, _, _ in LARGE_BATCHES:
+        if name not in paths:  # each layout's files once, read by both of its cases
+            (tmp / name.replace(" ", "-")).mkdir()
+            paths[name] = write_layout(tmp / name.replace(" ", "-"), name, (4000, 3111), row_shape=row_shape)
+    cfgs = [dict(files=paths[name], batch=batch, shuffle="block", workers=workers)
+            for name, _, batch, workers in LARGE_BATCHES]
+    return {case: (res, paths[case[0]][0])
+            for case, res in zip(LARGE_BATCHES, each_in_one_launch(2, CHECK, cfgs, timeout=300))}
+
+
+@LOADS
+@pytest.mark.parametrize("name,row_shape,batch,workers", LARGE_BATCHES)
+def test_large_batches_cut_by_assembler_threads(large_batches, name, row_shape, batch, workers):
     """Batches of a MiB or more with two workers are cut half by the reader thread, half by an
     assembler; with more workers each batch by one of them (the path of machines with many
     cores, here on two). Direct reads, and column chunks read in runs that span chunks: each
     batch still holds exactly h5py's values of its rows, across two files."""
-    paths = write_layout(tmp_path, name, (4000, 3111), row_shape=row_shape)
-    with h5py.File(paths[0]) as f:
+    res, first = large_batches[name, row_shape, batch, workers]
+    with h5py.File(first) as f:
         assert workers > 2 or batch * f["x"][0].nbytes >= 1 << 20  # the shared path
-    cfg = dict(files=paths, batch=batch, shuffle="block", workers=workers)
-    res = each_in_one_launch(2, CHECK, [cfg], timeout=240)[0]
     assert all(rank["mapped"] == (name == "contiguous") for rank in res)  # rows of two files, one take each
     check_epochs(res, 7111, 2, batch)
 
