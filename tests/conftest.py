@@ -126,6 +126,18 @@ def pytest_collection_modifyitems(config, items):
         # starts once and two clusters never start side by side
         if item.get_closest_marker("slurm") is not None:
             item.add_marker(pytest.mark.xdist_group("slurm"))
+        # and the tests that share a module-scoped fixture of their file (a trained teacher, a
+        # scaling study, a built wheel) run on one worker, so the fixture is made once, not once a worker
+        elif item.get_closest_marker("xdist_group") is None and own_module_fixtures(item):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
+def own_module_fixtures(item) -> list[str]:
+    """The module-scoped fixtures of `item`'s own test file that it uses (directly or not)."""
+    module = getattr(item, "module", None)
+    infos = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {}) or {}
+    return sorted(name for name, defs in infos.items() for d in defs[-1:]
+                  if d.scope == "module" and module is not None and getattr(d.func, "__module__", None) == module.__name__)
 
 
 # The guard. Children of `run` find this `mpirun` first on PATH: it notes the launch in the file

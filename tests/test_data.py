@@ -178,7 +178,7 @@ def _load_cases(files: Path, stage: Path) -> dict[tuple[int, str], dict]:
 @pytest.fixture(scope="module")
 def loaded(files, tmp_path_factory):
     """Each case's result, and the staging folder: the cases of a rank count are loaded in turn by
-    one launch of that many ranks (the tests below share the two launches: one xdist group)."""
+    one launch of that many ranks."""
     stage = tmp_path_factory.mktemp("stage")
     cases = _load_cases(files, stage)
     out = {}
@@ -188,10 +188,6 @@ def loaded(files, tmp_path_factory):
     return out, stage
 
 
-LOADS = pytest.mark.xdist_group("data-loads")
-
-
-@LOADS
 @pytest.mark.parametrize("np_", [2, 3])
 def test_float_file_shards(files, loaded, np_):
     res, other = loaded[0][np_, "float"], loaded[0][np_, "float-seed-1"]  # the other seed in the same launch
@@ -202,7 +198,6 @@ def test_float_file_shards(files, loaded, np_):
     assert other[0]["epochs"][0] != res[0]["epochs"][0]
 
 
-@LOADS
 @pytest.mark.parametrize("np_", [2, 3])
 def test_multi_file_uint8_glob(loaded, np_):
     res = loaded[0][np_, "uint8-glob"]
@@ -210,7 +205,6 @@ def test_multi_file_uint8_glob(loaded, np_):
     assert res[0]["dtype"] == "torch.uint8"
 
 
-@LOADS
 @pytest.mark.parametrize("np_", [2, 3])
 @pytest.mark.parametrize("shuffle", ["block", "exact"])
 def test_large_rows_read_directly(loaded, np_, shuffle):
@@ -272,13 +266,11 @@ def test_cuda_loader_with_augmentation_never_synchronises(files):
     assert n == len(train) * 32 and int(seen) == len(src)
 
 
-@LOADS
 @pytest.mark.parametrize("name", ["gzip.h5", "lzf.h5"])
 def test_compressed_sources(loaded, name):
     check_epochs(loaded[0][3, name], 1500, 3, 20)
 
 
-@LOADS
 def test_pad_mode_covers_all_rows(loaded):
     res = loaded[0][3, "pad"]
     flat = [y for r in res for y in r["epochs"][0]]
@@ -328,7 +320,6 @@ def evaluated(tmp_path_factory):
     return out
 
 
-@LOADS
 @pytest.mark.parametrize("rows,np_,batch,chunks", EVAL_CASES)
 def test_evaluation_sees_every_row_once(evaluated, rows, np_, batch, chunks):
     res = evaluated[str((rows, np_, batch, chunks))]
@@ -340,7 +331,6 @@ def test_evaluation_sees_every_row_once(evaluated, rows, np_, batch, chunks):
     assert sum(res[0]["sizes"]) == rows
 
 
-@LOADS
 def test_staging_reads_a_fixed_share(loaded):
     res, stage = loaded[0][2, "staged"], loaded[1]
     for r in res:
@@ -554,7 +544,6 @@ def large_batches(tmp_path_factory):
             for case, res in zip(LARGE_BATCHES, each_in_one_launch(2, CHECK, cfgs, timeout=300))}
 
 
-@LOADS
 @pytest.mark.parametrize("name,row_shape,batch,workers", LARGE_BATCHES)
 def test_large_batches_cut_by_assembler_threads(large_batches, name, row_shape, batch, workers):
     """Batches of a MiB or more with two workers are cut half by the reader thread, half by an
