@@ -820,28 +820,29 @@ import sys, json, mpidl
 from mpidl.data import H5Source
 from mpidl.data.preprocess import Standardizer
 w = mpidl.init()
-s = Standardizer.fit(H5Source(sys.argv[1]), w, per=sys.argv[2], cache_dir=sys.argv[3])
-if w.rank == 0:
-    print("STATS " + json.dumps({"mean": s.mean.tolist(), "std": s.std.tolist()}), flush=True)
+for path, per, cache in json.loads(sys.argv[1]):  # one fit after another, in one launch
+    s = Standardizer.fit(H5Source(path), w, per=per, cache_dir=cache)
+    if w.rank == 0:
+        print("RESULT " + json.dumps({"mean": s.mean.tolist(), "std": s.std.tolist()}), flush=True)
 """
 
 
-@pytest.mark.parametrize("per", ["feature", "channel"])
-def test_standardization_matches_numpy(tmp_path, per):
+def test_standardization_matches_numpy(tmp_path):
+    """Per feature and per channel, on 3 ranks; then again on 2, from the cache the first wrote."""
     rng = np.random.default_rng(3)
     x = (rng.normal(5, 3, (1001, 3, 4, 4)) * np.array([1, 10, 100])[None, :, None, None]).astype(np.float32)
     with h5py.File(tmp_path / "s.h5", "w") as f:
         f.create_dataset("x", data=x, chunks=(50, 3, 4, 4))
         f["y"] = np.zeros(1001, np.int64)
-    r = mpirun(3, pycode(STATS) + [str(tmp_path / "s.h5"), per, str(tmp_path / "cache")])
-    assert r.returncode == 0, r.output
-    got = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("STATS "))[6:])
-    axes = (0,) if per == "feature" else (0, 2, 3)
-    np.testing.assert_allclose(got["mean"], x.astype(np.float64).mean(axis=axes), rtol=1e-9)
-    np.testing.assert_allclose(got["std"], x.astype(np.float64).std(axis=axes), rtol=1e-7)
-    assert len(list((tmp_path / "cache").glob(".mpidl-stats-*.npz"))) == 1
-    again = mpirun(2, pycode(STATS) + [str(tmp_path / "s.h5"), per, str(tmp_path / "cache")])  # from the cache
-    assert json.loads(next(line for line in again.stdout.splitlines() if line.startswith("STATS "))[6:]) == got
+    pers = ["feature", "channel"]
+    fits = [[str(tmp_path / "s.h5"), per, str(tmp_path / f"cache-{per}")] for per in pers]
+    got = each_in_one_launch(3, STATS, fits)
+    for per, stats in zip(pers, got):
+        axes = (0,) if per == "feature" else (0, 2, 3)
+        np.testing.assert_allclose(stats["mean"], x.astype(np.float64).mean(axis=axes), rtol=1e-9)
+        np.testing.assert_allclose(stats["std"], x.astype(np.float64).std(axis=axes), rtol=1e-7)
+        assert len(list((tmp_path / f"cache-{per}").glob(".mpidl-stats-*.npz"))) == 1
+    assert each_in_one_launch(2, STATS, fits) == got  # from the cache
 
 
 def test_crop_and_flip_are_seeded_and_shape_preserving():
