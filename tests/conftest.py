@@ -135,9 +135,11 @@ def pytest_collection_modifyitems(config, items):
 def own_module_fixtures(item) -> list[str]:
     """The module-scoped fixtures of `item`'s own test file that it uses (directly or not)."""
     module = getattr(item, "module", None)
+    if module is None:
+        return []
     infos = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {}) or {}
-    return sorted(name for name, defs in infos.items() for d in defs[-1:]
-                  if d.scope == "module" and module is not None and getattr(d.func, "__module__", None) == module.__name__)
+    return sorted(name for name, defs in infos.items() for d in defs[-1:]  # the definition that applies
+                  if d.scope == "module" and getattr(d.func, "__module__", None) == module.__name__)
 
 
 # The guard. Children of `run` find this `mpirun` first on PATH: it notes the launch in the file

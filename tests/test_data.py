@@ -136,6 +136,16 @@ def each_in_one_launch(np_: int, script: str, cfgs, timeout: float = 120) -> lis
     return found
 
 
+def each_by_ranks(script: str, cfgs: dict, timeout: float = 120) -> dict:
+    """Each config's result, keyed as `cfgs` is by (rank count, name): the configs of a rank count
+    handled in turn by one launch of that many ranks."""
+    out = {}
+    for np_ in sorted({ranks for ranks, _ in cfgs}):
+        keys = [key for key in cfgs if key[0] == np_]
+        out.update(zip(keys, each_in_one_launch(np_, script, [cfgs[key] for key in keys], timeout)))
+    return out
+
+
 def load_all(np_, *cfgs: dict) -> list:
     """Each config's result, its loader made and read in turn by the same `np_` ranks of one launch."""
     return each_in_one_launch(np_, LOAD, cfgs)
@@ -176,21 +186,20 @@ def _load_cases(files: Path, stage: Path) -> dict[tuple[int, str], dict]:
 
 
 @pytest.fixture(scope="module")
-def loaded(files, tmp_path_factory):
-    """Each case's result, and the staging folder: the cases of a rank count are loaded in turn by
-    one launch of that many ranks."""
-    stage = tmp_path_factory.mktemp("stage")
-    cases = _load_cases(files, stage)
-    out = {}
-    for np_ in (2, 3):
-        names = [name for ranks, name in cases if ranks == np_]
-        out.update(zip([(np_, n) for n in names], load_all(np_, *[cases[np_, n] for n in names])))
-    return out, stage
+def stage(tmp_path_factory) -> Path:
+    """The staged case's stage_dir."""
+    return tmp_path_factory.mktemp("stage")
+
+
+@pytest.fixture(scope="module")
+def loaded(files, stage):
+    """Each case's result: the cases of a rank count are loaded in turn by one launch of that many ranks."""
+    return each_by_ranks(LOAD, _load_cases(files, stage))
 
 
 @pytest.mark.parametrize("np_", [2, 3])
 def test_float_file_shards(files, loaded, np_):
-    res, other = loaded[0][np_, "float"], loaded[0][np_, "float-seed-1"]  # the other seed in the same launch
+    res, other = loaded[np_, "float"], loaded[np_, "float-seed-1"]  # the other seed in the same launch
     check_epochs(res, 1500, np_, 16)
     assert res[0]["dtype"] == "torch.float32"
     again = load(np_, [str(files / "float.h5")], ["x", "y"], batch=16, block=32, window=128)  # a fresh launch
@@ -200,7 +209,7 @@ def test_float_file_shards(files, loaded, np_):
 
 @pytest.mark.parametrize("np_", [2, 3])
 def test_multi_file_uint8_glob(loaded, np_):
-    res = loaded[0][np_, "uint8-glob"]
+    res = loaded[np_, "uint8-glob"]
     check_epochs(res, 1533, np_, 10)
     assert res[0]["dtype"] == "torch.uint8"
 
@@ -208,7 +217,7 @@ def test_multi_file_uint8_glob(loaded, np_):
 @pytest.mark.parametrize("np_", [2, 3])
 @pytest.mark.parametrize("shuffle", ["block", "exact"])
 def test_large_rows_read_directly(loaded, np_, shuffle):
-    check_epochs(loaded[0][np_, f"wide-{shuffle}"], 1511, np_, 32)
+    check_epochs(loaded[np_, f"wide-{shuffle}"], 1511, np_, 32)
 
 
 def test_large_row_loader_groups_runs(files):
@@ -268,11 +277,11 @@ def test_cuda_loader_with_augmentation_never_synchronises(files):
 
 @pytest.mark.parametrize("name", ["gzip.h5", "lzf.h5"])
 def test_compressed_sources(loaded, name):
-    check_epochs(loaded[0][3, name], 1500, 3, 20)
+    check_epochs(loaded[3, name], 1500, 3, 20)
 
 
 def test_pad_mode_covers_all_rows(loaded):
-    res = loaded[0][3, "pad"]
+    res = loaded[3, "pad"]
     flat = [y for r in res for y in r["epochs"][0]]
     assert len(flat) == 3 * 16 * 32 and set(flat) == set(range(1500))
 
@@ -312,17 +321,13 @@ EVAL_CASES = [(360, 2, 32, None), (360, 3, 32, None), (361, 3, 32, [50, 5]), (2,
 def evaluated(tmp_path_factory):
     """Each EVAL_CASES case's result: the cases of a rank count in turn, in one launch of that many."""
     tmp = tmp_path_factory.mktemp("eval")
-    out = {}
-    for np_ in (2, 3):
-        cases = [c for c in EVAL_CASES if c[1] == np_]
-        files = [[str(tmp / f"val-{np_}-{i}.h5"), rows, batch, chunks] for i, (rows, _, batch, chunks) in enumerate(cases)]
-        out.update(zip(map(str, cases), each_in_one_launch(np_, EVAL, files, timeout=180)))
-    return out
+    return each_by_ranks(EVAL, {(np_, i): [str(tmp / f"val-{i}.h5"), rows, batch, chunks]
+                                for i, (rows, np_, batch, chunks) in enumerate(EVAL_CASES)}, timeout=180)
 
 
 @pytest.mark.parametrize("rows,np_,batch,chunks", EVAL_CASES)
 def test_evaluation_sees_every_row_once(evaluated, rows, np_, batch, chunks):
-    res = evaluated[str((rows, np_, batch, chunks))]
+    res = evaluated[np_, EVAL_CASES.index((rows, np_, batch, chunks))]
     seen = [y for rank in res for y in rank["seen"]]
     assert sorted(seen) == list(range(rows))  # every held-out row exactly once across ranks
     assert sum(rank["samples"] for rank in res) == rows
@@ -331,8 +336,8 @@ def test_evaluation_sees_every_row_once(evaluated, rows, np_, batch, chunks):
     assert sum(res[0]["sizes"]) == rows
 
 
-def test_staging_reads_a_fixed_share(loaded):
-    res, stage = loaded[0][2, "staged"], loaded[1]
+def test_staging_reads_a_fixed_share(loaded, stage):
+    res = loaded[2, "staged"]
     for r in res:
         assert set(r["epochs"][0]) == set(r["epochs"][1]) and r["epochs"][0] != r["epochs"][1]
     assert not set(res[0]["epochs"][0]) & set(res[1]["epochs"][0])
