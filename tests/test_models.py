@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import has_horovod, mpirun, pycode
+from conftest import has_horovod, mpirun, pycode, results
 from mpidl.errors import BadInput
 from mpidl.train.models import build_model
 
@@ -49,14 +49,14 @@ from mpidl.train.backends import make_backend
 w = mpidl.init()
 
 
-def main():  # models die with this frame, before the interpreter tears down Gloo's threads
+def main(name):  # models die with this frame, before the interpreter tears down Gloo's threads
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
     if w.rank != 0:  # different initial weights: prepare() must give everyone rank 0's
         for p in model.parameters():
             p.data.add_(1.0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    backend = make_backend(sys.argv[1], w, {"bucket_mb": 0.0001})   # tiny buckets: several allreduces
+    backend = make_backend(name, w, {"bucket_mb": 0.0001})   # tiny buckets: several allreduces
     model, opt = backend.prepare(model, opt)
     g = torch.Generator().manual_seed(1)
     X, Y = torch.randn(8 * w.size, 6, generator=g), torch.randn(8 * w.size, 2, generator=g)
@@ -72,22 +72,35 @@ def main():  # models die with this frame, before the interpreter tears down Glo
     params = [p.detach().clone() for p in backend.unwrap(model).parameters()]
     backend.step(opt)
     oks = w.comm.gather(ok, root=0)
-    if w.rank == 0:
-        print("RESULT " + json.dumps(oks), flush=True)
     del model, opt  # a DDP model must go before its process group
     backend.close()
+    return oks
 
 
-main()
+got = {name: main(name) for name in json.loads(sys.argv[1])}  # each backend in turn, set up and closed
+if w.rank == 0:
+    print("RESULT " + json.dumps(got), flush=True)
 """
+
+
+@pytest.fixture(scope="module")
+def gradients() -> dict:
+    """Rank count -> {backend: each rank's verdict}: the backends in turn in one launch a rank count."""
+    done: dict = {}
+
+    def of(np_: int) -> dict:
+        if np_ not in done:
+            names = ["mpi", "ddp"] + (["horovod"] if has_horovod() else [])
+            r = mpirun(np_, pycode(GRADS) + [json.dumps(names)], timeout=180)
+            assert r.returncode == 0, r.output[-3000:]
+            (done[np_],) = results(r)
+        return done[np_]
+    return of
 
 
 @pytest.mark.parametrize("np_", [2, 3])
 @pytest.mark.parametrize("backend", ["horovod", "ddp", "mpi"])
-def test_backend_gradient_is_the_full_batch_gradient(backend, np_):
+def test_backend_gradient_is_the_full_batch_gradient(gradients, backend, np_):
     if backend == "horovod" and not has_horovod():
         pytest.skip("Horovod is not installed")
-    r = mpirun(np_, pycode(GRADS) + [backend], timeout=120)
-    assert r.returncode == 0, r.output[-3000:]
-    oks = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("RESULT "))[7:])
-    assert oks == [True] * np_
+    assert gradients(np_)[backend] == [True] * np_
