@@ -159,6 +159,18 @@ class Run:
         world.agree(lambda: self.lock and self.lock.acquire())
         if self.lock is not None:
             before_finalize(self.lock.release)  # a bad-input exit from here on leaves no lock behind
+        try:
+            self._set_up(model, optimizer, scheduler, resume=resume, overwrite=overwrite, spe=spe,
+                         batches_per_step=batches_per_step, averaging_step=averaging_step)
+        except BaseException:
+            if self.lock is not None:  # refused or failed before the run began: another process may use the folder
+                self.lock.release()
+            raise
+
+    def _set_up(self, model, optimizer, scheduler, *, resume, overwrite, spe, batches_per_step, averaging_step):
+        """The rest of `__init__`, under the run folder's lock: the folder's state, the checkpoint
+        resumed from, the backend's model and optimizer, the recorder."""
+        world = self.world
         if not resume:
             world.agree(lambda: fresh_run_dir(self.run_dir, self.checkpoint_dir, world, overwrite))
         state = read_latest(self.checkpoint_dir, self.fingerprint, world, resume) if resume else None
