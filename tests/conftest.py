@@ -266,6 +266,25 @@ def results(r: Ran) -> list:
     return [json.loads(line[len("RESULT "):]) for line in r.stdout.splitlines() if line.startswith("RESULT ")]
 
 
+# `mpidl` commands in turn in one process (`cli.main`), on the same ranks: a launch costs
+# seconds of start (Python, torch, Horovod, MPI), a small run a second or two.
+_IN_TURN = """
+import json, sys
+from mpidl import cli
+
+for argv in json.loads(sys.argv[1]):
+    assert cli.main(argv) == 0, argv
+"""
+
+
+def cli_in_turn(np_: int, argvs: list[list[str]], *, timeout: float = 300, cwd: Path | str | None = None) -> Ran:
+    """Each `mpidl` argv run to success in turn by one launch of `np_` ranks (1: one process, no launcher)."""
+    cmd = pycode(_IN_TURN) + [json.dumps(argvs)]
+    r = mpirun(np_, cmd, timeout=timeout, cwd=cwd) if np_ > 1 else run(cmd, timeout=timeout, cwd=cwd)
+    assert r.returncode == 0, r.output[-3000:]
+    return r
+
+
 # Bad input case by case in one launch: each argv through mpidl's own parser and command on
 # every rank, and what each rank raised (a command's exit 2 is tested by one launch of its own).
 _RAISES = """

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import bad_input_lines, mpidl_cmd, mpirun, pycode
+from conftest import bad_input_lines, cli_in_turn, mpidl_cmd, mpirun
 from mpidl.errors import BadInput
 from mpidl.train import checkpoint
 from test_train import BACKENDS, final_weights, write_job
@@ -160,16 +160,8 @@ def image_job(tmp_path: Path, out: str, **over) -> Path:
 
 
 # The runs that only set a test's scene (an uninterrupted reference, the first stop) are `mpidl
-# train` runs too, but those of every test here in one launch: `cli.main` in turn, on the same 2
-# ranks. A launch costs seconds of start (Python, torch, Horovod, MPI), a run a second or two.
+# train` runs too, but those of every test here in one launch (`cli_in_turn`, on the same 2 ranks).
 # The resumes a test checks stay launches of their own: a fresh process, as a requeued job is.
-PREPARE = """
-import json, sys
-from mpidl import cli
-
-for argv in json.loads(sys.argv[1]):
-    assert cli.main(argv) == 0, argv
-"""
 
 
 def mid_epoch_scene(tmp: Path, backend: str):
@@ -210,8 +202,7 @@ def scenes(request, tmp_path_factory) -> dict:
             folder = tmp_path_factory.mktemp(f"{key[0][5:30]}-{key[1]}")
             job, argvs = SCENES[key[0]](folder, key[1])
             made[key], runs = (folder, job), runs + argvs
-    r = mpirun(2, pycode(PREPARE) + [json.dumps(runs)], timeout=280)
-    assert r.returncode == 0, r.output[-3000:]
+    cli_in_turn(2, runs, timeout=280)
     return made
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, has_horovod, mpidl_cmd, mpirun, needs_cuda, pycode, run
+from conftest import ROOT, cli_in_turn, has_horovod, mpidl_cmd, mpirun, needs_cuda, pycode, run
 
 BACKENDS = ["horovod", "ddp", "mpi"] if has_horovod() else ["ddp", "mpi"]
 
@@ -233,11 +233,18 @@ def image_job(tmp: Path, **over) -> Path:
                      model={"name": "small_cnn", "args": {"width": 16}, "channels_last": True}, **over)
 
 
+@pytest.fixture(scope="module")
+def bf16_runs(tmp_path_factory) -> dict:
+    """backend -> its folder: the bf16 job of each backend run in turn by one process, no launcher."""
+    folders = {b: tmp_path_factory.mktemp(f"bf16-{b}") for b in BACKENDS}
+    cli_in_turn(1, [["train", str(image_job(folder, backend=b))] for b, folder in folders.items()])
+    return folders
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bf16_autocast_channels_last_on_cpu(tmp_path, backend):
-    r = run(mpidl_cmd("train", str(image_job(tmp_path, backend=backend))), timeout=300)
-    assert r.returncode == 0, r.output[-3000:]
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+def test_bf16_autocast_channels_last_on_cpu(bf16_runs, backend):
+    summary = json.loads((bf16_runs[backend] / "run" / "summary.json").read_text())
+    assert summary["backend"] == backend
     assert summary["precision"] == "bf16" and summary["world"]["device"] == "cpu"
     assert summary["final"]["val_accuracy"] > 0.6  # 4 classes: chance is 0.25
 
@@ -438,13 +445,23 @@ def test_held_out_rows_of_another_shape_stop_every_rank_before_training(tmp_path
     assert not (tmp_path / "run").exists()  # stopped before the run folder was made
 
 
-def test_class_count_inferred_from_the_labels(tmp_path):
-    data = tmp_path / "five.h5"
-    _tabular(data, _planted({7: 4}))  # labels 0..3, and one 4
-    job = write_job(tmp_path, data__files=str(data), data__synth=None, epochs=1,
-                    model={"name": "mlp", "args": {"hidden": [16]}})
-    r = mpirun(2, mpidl_cmd("train", str(job)), timeout=180)
-    assert r.returncode == 0, r.output[-3000:]
+@pytest.fixture(scope="module")
+def label_runs(tmp_path_factory) -> dict:
+    """The two runs below, each in its folder, in turn by one launch of 2 ranks: "five" infers
+    its class count from labels 0..3 and one 4; "eval" holds out 201 rows of 4 classes."""
+    five, held = tmp_path_factory.mktemp("five"), tmp_path_factory.mktemp("eval")
+    _tabular(five / "five.h5", _planted({7: 4}))  # labels 0..3, and one 4
+    _tabular(held / "eval.h5", lambda y: y, rows=2010)
+    jobs = [write_job(five, data__files=str(five / "five.h5"), data__synth=None, epochs=1,
+                      model={"name": "mlp", "args": {"hidden": [16]}}),
+            write_job(held, data__files=str(held / "eval.h5"), data__synth=None, epochs=1,
+                      model={"name": "mlp", "args": {"hidden": [16], "num_classes": 4}})]
+    cli_in_turn(2, [["train", str(job)] for job in jobs], timeout=300)
+    return {"five": five, "eval": held}
+
+
+def test_class_count_inferred_from_the_labels(label_runs):
+    tmp_path = label_runs["five"]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["classes"] == 5
     last = sorted((tmp_path / "run" / "checkpoints").glob("ckpt-*.pt"))[-1]
     state = torch.load(last, map_location="cpu", weights_only=True)
@@ -453,7 +470,7 @@ def test_class_count_inferred_from_the_labels(tmp_path):
     assert state["spec"]["model"]["args"]["num_classes"] == 5  # the run rebuilds its model from it
 
 
-def test_evaluation_sees_every_held_out_row_once(tmp_path):
+def test_evaluation_sees_every_held_out_row_once(label_runs):
     """201 held-out rows on 2 ranks, batch 16 (shares 100 and 101: neither a multiple of the
     batch): all 201 evaluated once, the same accuracy and loss as one process over those rows."""
     import h5py
@@ -461,12 +478,8 @@ def test_evaluation_sees_every_held_out_row_once(tmp_path):
     from mpidl.data import H5Source
     from mpidl.train.runs import build_model, load_run
 
+    tmp_path = label_runs["eval"]
     data = tmp_path / "eval.h5"
-    _tabular(data, lambda y: y, rows=2010)
-    job = write_job(tmp_path, data__files=str(data), data__synth=None, epochs=1,
-                    model={"name": "mlp", "args": {"hidden": [16], "num_classes": 4}})
-    r = mpirun(2, mpidl_cmd("train", str(job)), timeout=180)
-    assert r.returncode == 0, r.output[-3000:]
     final = json.loads((tmp_path / "run" / "summary.json").read_text())["final"]
     assert final["val_samples"] == 201
     recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
