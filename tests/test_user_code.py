@@ -10,7 +10,7 @@ import torch
 import yaml
 
 import userpkg
-from conftest import PYTHON, bad_input_lines, mpidl_cmd, mpirun, run
+from conftest import PYTHON, bad_input_lines, cli_in_turn, mpidl_cmd, mpirun, run
 from test_train import BACKENDS, final_weights
 
 
@@ -18,19 +18,32 @@ def records(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.fixture(scope="module")
+def user_runs(tmp_path_factory):
+    """The user's folder, and backend -> its run: the user's job on each backend, in turn, by one
+    launch of 2 ranks in that folder."""
+    folder = tmp_path_factory.mktemp("user")
+    userpkg.make(folder)
+    argvs = []
+    for backend in BACKENDS:
+        job = folder / f"job-{backend}.yaml"
+        job.write_text(yaml.safe_dump(userpkg.job(folder, backend=backend, name=f"user-{backend}"), sort_keys=False))
+        argvs.append(["train", str(job)])
+    cli_in_turn(2, argvs, cwd=folder)
+    return folder, {backend: folder / "runs" / f"user-{backend}" for backend in BACKENDS}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_user_package_trains_on_every_backend(tmp_path, backend):
-    job = userpkg.make(tmp_path, backend=backend)
-    r = mpirun(2, mpidl_cmd("train", str(job)), cwd=tmp_path, timeout=300)
-    assert r.returncode == 0, r.output[-3000:]
-    summary = json.loads((tmp_path / "runs" / "user" / "summary.json").read_text())
+def test_a_user_package_trains_on_every_backend(user_runs, backend):
+    tmp_path, runs = user_runs
+    summary = json.loads((runs[backend] / "summary.json").read_text())
     assert summary["global_step"] == 2 * (1800 // 32) and summary["backend"] == backend
     final = summary["final"]
     assert final["val_accuracy"] > 0.5 and final["val_top2"] >= final["val_accuracy"]  # chance: 1/3, 2/3
-    train_recs = [r_ for r_ in records(tmp_path / "runs" / "user") if "loss" in r_]
+    train_recs = [r_ for r_ in records(runs[backend]) if "loss" in r_]
     assert all("top2" in r_ and "accuracy" in r_ for r_ in train_recs)
     # the checkpoint names the user's model and where its code lies, and holds no pickled object
-    ckpt = sorted((tmp_path / "runs" / "user" / "checkpoints").glob("ckpt-*.pt"))[-1]
+    ckpt = sorted((runs[backend] / "checkpoints").glob("ckpt-*.pt"))[-1]
     state = torch.load(ckpt, weights_only=True)
     assert state["spec"]["model"] == {"name": "mynets.models:TinyNet", "args": {"hidden": 32, "num_classes": 3},
                                       "channels_last": False, "compile": False}
