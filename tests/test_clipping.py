@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import has_horovod, mpirun, pycode, results
-from test_train import refused, write_job
-
-BACKENDS = ["horovod", "ddp", "mpi"] if has_horovod() else ["ddp", "mpi"]
+from conftest import mpirun, pycode, results
+from test_train import BACKENDS, refused, write_job
 
 AGAINST_ONE_PROCESS = """
 import hashlib, json, sys

@@ -9,6 +9,7 @@ import torch
 from conftest import has_horovod, mpirun, pycode, results
 from mpidl.errors import BadInput
 from mpidl.train.models import build_model
+from test_train import BACKENDS
 
 
 @pytest.mark.parametrize("name,params", [("resnet18", 11_689_512), ("resnet50", 25_557_032),
@@ -90,8 +91,7 @@ def gradients() -> dict:
 
     def of(np_: int) -> dict:
         if np_ not in done:
-            names = ["mpi", "ddp"] + (["horovod"] if has_horovod() else [])
-            r = mpirun(np_, pycode(GRADS) + [json.dumps(names)], timeout=180)
+            r = mpirun(np_, pycode(GRADS) + [json.dumps(BACKENDS)], timeout=180)
             assert r.returncode == 0, r.output[-3000:]
             (done[np_],) = results(r)
         return done[np_]

@@ -154,8 +154,8 @@ def arm(case, W):  # the callbacks that make `case`, with mpidl's functions patc
 # each run in turn: [case, job, sets]; a stuck case ends the launch (the watchdog's exit 4)
 for case, job, sets in json.loads(sys.argv[1]):
     patched = []
-    callbacks = arm(case, load_spec(job, sets).watchdog_s)
-    s = train(load_spec(job, sets), callbacks=callbacks)
+    spec = load_spec(job, sets)
+    s = train(spec, callbacks=arm(case, spec.watchdog_s))
     for owner, name, old in reversed(patched):
         delattr(owner, name) if old is patch else setattr(owner, name, old)
     if w.rank == 0:
