@@ -120,6 +120,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     return dispatch(args)
 
 
+def entry() -> int:
+    """The `mpidl` command as a process of its own (the console script, `python -m mpidl.cli`)."""
+    from mpidl import startup
+
+    startup.claim()
+    return main()
+
+
 def dispatch(args: argparse.Namespace) -> int:
     """Run a parsed command; errors to exit codes (`mpidl check`'s ranks come in here too)."""
     if not faulthandler.is_enabled():  # a rank killed by a signal (SIGBUS on a mapped file) shows its stack
@@ -157,4 +165,4 @@ def dispatch(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -270,7 +270,9 @@ def results(r: Ran) -> list:
 # seconds of start (Python, torch, Horovod, MPI), a small run a second or two.
 _IN_TURN = """
 import json, sys
-from mpidl import cli
+from mpidl import cli, startup
+
+startup.claim()  # a process of its own, as the `mpidl` command's (cli.entry)
 
 for argv in json.loads(sys.argv[1]):
     assert cli.main(argv) == 0, argv
@@ -289,6 +291,8 @@ def cli_in_turn(np_: int, argvs: list[list[str]], *, timeout: float = 300, cwd: 
 # every rank, and what each rank raised (a command's exit 2 is tested by one launch of its own).
 _RAISES = """
 import json, sys, mpidl
+from mpidl import startup
+startup.claim()  # a process of its own, as the `mpidl` command's (cli.entry)
 from mpidl.cli import build_parser
 from mpidl.errors import BadInput
 w = mpidl.init()

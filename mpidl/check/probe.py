@@ -110,6 +110,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     args = cli.build_parser().parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
     args.callbacks = [from_env()]
+    if argv is None:
+        from mpidl import startup
+
+        startup.claim()  # a process of its own, as `mpidl train`'s (cli.entry)
     return cli.dispatch(args)
 
 

@@ -31,7 +31,7 @@ class TrainTask:
         self.overwrite = overwrite
 
     def __call__(self) -> dict:
-        from mpidl import preemption
+        from mpidl import preemption, startup
         from mpidl.spec import load_spec
         from mpidl.train.job import run_job
 
@@ -39,6 +39,7 @@ class TrainTask:
         # warning signal over (recorded from here on), so keep submitit's to call later.
         handlers = {s: signal.getsignal(s) for s in (signal.SIGUSR2, signal.SIGTERM)}
         preemption.arm()
+        startup.claim()  # submitit's process is the task's own, as `mpidl train`'s is (cli.entry)
 
         def requeue_with(spec):
             warning = getattr(signal, f"SIG{spec.slurm.signal}")

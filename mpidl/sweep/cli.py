@@ -6,7 +6,10 @@ import argparse
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     import mpidl
+    from mpidl import startup
     from mpidl.sweep.run import run_sweep
+
+    startup.load(*startup.TRAINING)  # its tasks train in this process
 
     run_sweep(args.sweep, mpidl.init(), retry_failed=args.retry_failed)
     return 0

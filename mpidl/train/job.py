@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 import mpidl
-from mpidl import preemption
+from mpidl import preemption, startup
 from mpidl.spec import JobSpec
 
 if TYPE_CHECKING:
@@ -28,6 +28,7 @@ def run_job(load: Callable[[], JobSpec], *, resume: Union[bool, str] = False, ov
     # SLURM requeues a job that lost a node by itself: with mpidl's own requeues, at most the limit.
     if bound_restarts and (code := preemption.too_many_restarts(world, spec.slurm.requeue_limit)):
         return world, spec, {}, code
+    startup.load(*startup.TRAINING)  # torch, once the spec is read (a typo fails fast); see mpidl/startup.py
     from mpidl.train.trainer import train
 
     summary = train(spec, resume=resume, stop_at=stop_at, overwrite=overwrite, callbacks=callbacks)
