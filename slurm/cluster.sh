@@ -170,6 +170,14 @@ EOC
 cpus() { getconf _NPROCESSORS_ONLN; }   # not nproc: it obeys OMP_NUM_THREADS
 mem_mb() { awk -v n="$1" '/MemTotal/ {print int($2 / 1024 * 0.9 / n)}' /proc/meminfo; }
 
+# munged serves every cluster on this machine, and the last cluster to stop ends it. A start holds
+# this lock from its look at munged until its slurmctld runs, a stop from its look for other SLURM
+# daemons until munged is ended: so a stop never ends munged under a cluster still starting.
+# (Daemons started while it is held get fd 9 closed: an inherited descriptor would keep the lock.)
+MUNGE_LOCK=/run/lock/mpidl-slurm-munge.lock
+munge_lock() { exec 9>>"$MUNGE_LOCK" && flock 9; }
+munge_unlock() { flock -u 9; exec 9>&-; }
+
 start_munge() {
     if pgrep -x munged >/dev/null; then return 0; fi
     if [ ! -s /etc/munge/munge.key ]; then
@@ -180,7 +188,7 @@ start_munge() {
     mkdir -p /var/lib/munge /var/log/munge
     mkdir -p -m 755 /run/munge   # its socket is every client's (umask 077 would close it)
     chown munge:munge /run/munge /var/lib/munge /var/log/munge
-    runuser -u munge -- /usr/sbin/munged
+    runuser -u munge -- /usr/sbin/munged 9>&-
     # Remember that we started it, so `stop` ends it (and only then).
     for _ in $(seq 1 20); do [ -s /run/munge/munged.pid ] && break; sleep 0.1; done
     cp /run/munge/munged.pid "$DIR/run/munged.pid" 2>/dev/null || true
@@ -221,9 +229,11 @@ SlurmdPidFile=$DIR/run/slurmd.pid
 NodeName=$host CPUs=$(cpus) RealMemory=$(mem_mb 1)$(gres_of) State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 EOC
+    munge_lock
     start_munge
     export SLURM_CONF="$CONF"
-    our_pid "$DIR/run/slurmctld.pid" slurmctld >/dev/null || slurmctld -f "$CONF"
+    our_pid "$DIR/run/slurmctld.pid" slurmctld >/dev/null || slurmctld -f "$CONF" 9>&-
+    munge_unlock
     our_pid "$DIR/run/slurmd.pid" slurmd >/dev/null || slurmd -f "$CONF"
     wait_idle 1 || die "the node did not come up within 30 s"
     say "up: node $host idle, SLURM_CONF=$CONF"
@@ -341,9 +351,11 @@ EOC
     done
     echo "PartitionName=debug Nodes=node[1-$n] Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES" >> "$CONF"
 
+    munge_lock
     munge_answers || die "munged does not answer (/run/munge/munge.socket.2)"
     export SLURM_CONF="$CONF"
-    slurmctld -f "$CONF"
+    slurmctld -f "$CONF" 9>&-
+    munge_unlock
     record pidfile "$DIR/run/slurmctld.pid"
     for i in $(seq 1 "$n"); do
         mkdir -p "$DIR/spool/node$i" "$DIR/tmp/node$i"
@@ -485,10 +497,12 @@ stop() {
     done
     # munged serves every SLURM cluster on this machine: leave it while another one runs.
     # (a pattern under 16 characters: pgrep warns on stderr about longer ones when none matches)
+    munge_lock
     others="$(pgrep -x 'slurm(ctld|d)' | grep -vxF -e "${ours:-none}" || true)"
     if [ -z "$others" ] && pid="$(our_pid "$DIR/run/munged.pid" munged)"; then
         kill "$pid"
     fi
+    munge_unlock
     say "stopped"
 }
 
