@@ -170,11 +170,13 @@ EOC
 cpus() { getconf _NPROCESSORS_ONLN; }   # not nproc: it obeys OMP_NUM_THREADS
 mem_mb() { awk -v n="$1" '/MemTotal/ {print int($2 / 1024 * 0.9 / n)}' /proc/meminfo; }
 
-# munged serves every cluster on this machine, and the last cluster to stop ends it. A start holds
+# munged serves every cluster on this machine, and the last cluster to stop ends it if a cluster
+# started it (MUNGED_OURS: its pid, beside the starter's own record). A start holds
 # this lock from its look at munged until its slurmctld runs, a stop from its look for other SLURM
 # daemons until munged is ended: so a stop never ends munged under a cluster still starting.
 # (Daemons started while it is held get fd 9 closed: an inherited descriptor would keep the lock.)
 MUNGE_LOCK=/run/lock/mpidl-slurm-munge.lock
+MUNGED_OURS=/run/lock/mpidl-slurm-munged.pid
 munge_lock() { exec 9>>"$MUNGE_LOCK" && flock 9; }
 munge_unlock() { flock -u 9; exec 9>&-; }
 
@@ -189,9 +191,10 @@ start_munge() {
     mkdir -p -m 755 /run/munge   # its socket is every client's (umask 077 would close it)
     chown munge:munge /run/munge /var/lib/munge /var/log/munge
     runuser -u munge -- /usr/sbin/munged 9>&-
-    # Remember that we started it, so `stop` ends it (and only then).
+    # Remember that a cluster started it, so the last `stop` ends it (and only then).
     for _ in $(seq 1 20); do [ -s /run/munge/munged.pid ] && break; sleep 0.1; done
     cp /run/munge/munged.pid "$DIR/run/munged.pid" 2>/dev/null || true
+    cp /run/munge/munged.pid "$MUNGED_OURS" 2>/dev/null || true
 }
 
 wait_idle() {   # $1: how many nodes must be up
@@ -499,8 +502,10 @@ stop() {
     # (a pattern under 16 characters: pgrep warns on stderr about longer ones when none matches)
     munge_lock
     others="$(pgrep -x 'slurm(ctld|d)' | grep -vxF -e "${ours:-none}" || true)"
-    if [ -z "$others" ] && pid="$(our_pid "$DIR/run/munged.pid" munged)"; then
-        kill "$pid"
+    if [ -z "$others" ]; then
+        for f in "$DIR/run/munged.pid" "$MUNGED_OURS"; do
+            if pid="$(our_pid "$f" munged)"; then kill "$pid"; rm -f "$MUNGED_OURS"; break; fi
+        done
     fi
     munge_unlock
     say "stopped"

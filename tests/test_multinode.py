@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (CLUSTER_SH, MPIRUN, PYTHON, ROOT, clean_env, has_horovod, multinode_unavailable, mpidl_cmd,
+from conftest import (CLUSTER_SH, _free_port, MPIRUN, PYTHON, ROOT, clean_env, has_horovod, multinode_unavailable, mpidl_cmd,
                       pycode, run, sbatch_wait, start_nodes, stop_nodes)
 from mpidl import net
 
@@ -126,6 +126,30 @@ def test_start_stop_removes_exactly_what_it_made(tmp_path):
             sleeper.kill()
     again = run(["bash", CLUSTER_SH, "stop"], env=nodes.env)
     assert again.returncode == 0 and nodes.leftovers() == []
+
+
+def test_clusters_side_by_side_share_munged_whichever_stops_first(tmp_path):
+    """The suite runs the one-node cluster's tests and the emulated nodes' side by side: one
+    munged serves both, and a cluster's stop leaves it to the others still running (other
+    clusters of the session may run beside this test, so the last stop's end of munged is not
+    asserted here: slurm/cluster.sh, MUNGED_OURS)."""
+    if multinode_unavailable():
+        pytest.skip(multinode_unavailable())
+    one = {"MPIDL_SLURM_DIR": str(tmp_path / "one"), "MPIDL_SLURMCTLD_PORT": str(_free_port()),
+           "MPIDL_SLURMD_PORT": str(_free_port())}
+    (tmp_path / "one").mkdir(mode=0o700)
+    started = run(["bash", CLUSTER_SH, "start"], env=one, timeout=120)
+    nodes = None
+    try:
+        assert started.returncode == 0, started.output
+        nodes = start_nodes(tmp_path / "two", 2)
+        assert run(["bash", CLUSTER_SH, "stop"], env=one, timeout=90).returncode == 0  # the first up stops first
+        hosts = run(["srun", "-N", "2", "hostname"], env=nodes.env, timeout=60)
+        assert hosts.returncode == 0 and sorted(hosts.stdout.split()) == ["node1", "node2"], hosts.output
+    finally:
+        run(["bash", CLUSTER_SH, "stop"], env=one, timeout=90)
+        if nodes is not None:
+            assert stop_nodes(nodes) == []
 
 
 def test_nodes_refused_in_one_line_where_they_cannot_work(tmp_path):
