@@ -122,6 +122,18 @@ our_pid() {
     return 1
 }
 
+# The pids of our daemons named $1 (started with our slurm.conf), pid file or not: one that never
+# finished starting (no munged to answer it, say) may not have written its file.
+by_conf() {
+    local pid arg args=()
+    for pid in $(pgrep -x "$1"); do
+        mapfile -d '' args 2>/dev/null < "/proc/$pid/cmdline" || continue
+        for arg in "${args[@]:1}"; do
+            if [ "$arg" = "$CONF" ]; then echo "$pid"; break; fi
+        done
+    done
+}
+
 install() {
     local missing=()
     for bin in slurmctld slurmd srun munged; do command -v "$bin" >/dev/null || missing+=("$bin"); done
@@ -179,6 +191,23 @@ MUNGE_LOCK=/run/lock/mpidl-slurm-munge.lock
 MUNGED_OURS=/run/lock/mpidl-slurm-munged.pid
 munge_lock() { exec 9>>"$MUNGE_LOCK" && flock 9; }
 munge_unlock() { flock -u 9; exec 9>&-; }
+# Those of the pids given that run: a zombie does not (a container's init may be slow to reap the
+# parent a daemon forked away from, and pgrep still lists it).
+running() {
+    local p
+    for p in "$@"; do
+        case "$(awk '{print $3}' "/proc/$p/stat" 2>/dev/null)" in "" | Z) ;; *) echo "$p" ;; esac
+    done
+}
+# munged serves on for a moment after SIGTERM: a start let in by the lock must not find it still
+# answering, then gone.
+end_munged() {
+    kill "$1" 2>/dev/null || return 0
+    for _ in $(seq 1 100); do
+        [ -n "$(running "$1")" ] || return 0
+        sleep 0.1
+    done
+}
 
 start_munge() {
     if pgrep -x munged >/dev/null; then return 0; fi
@@ -233,7 +262,7 @@ NodeName=$host CPUs=$(cpus) RealMemory=$(mem_mb 1)$(gres_of) State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 EOC
     munge_lock
-    start_munge
+    munge_answers || die "munged does not answer (/run/munge/munge.socket.2)"
     export SLURM_CONF="$CONF"
     our_pid "$DIR/run/slurmctld.pid" slurmctld >/dev/null || slurmctld -f "$CONF" 9>&-
     munge_unlock
@@ -493,18 +522,19 @@ stop() {
     if ! state_dir find; then say "stopped (no state folder: nothing ran)"; return 0; fi
     if [ -f "$MADE" ]; then stop_nodes; fi   # emulated nodes: their daemons end (and are waited for) here
     for d in slurmd slurmctld; do
-        if pid="$(our_pid "$DIR/run/$d.pid" "$d")"; then
+        for pid in $( { our_pid "$DIR/run/$d.pid" "$d" || true; by_conf "$d"; } | sort -u); do
             kill "$pid"
             ours+="$pid"$'\n'
-        fi
+        done
     done
     # munged serves every SLURM cluster on this machine: leave it while another one runs.
     # (a pattern under 16 characters: pgrep warns on stderr about longer ones when none matches)
     munge_lock
-    others="$(pgrep -x 'slurm(ctld|d)' | grep -vxF -e "${ours:-none}" || true)"
+    # shellcheck disable=SC2046
+    others="$(running $(pgrep -x 'slurm(ctld|d)') | grep -vxF -e "${ours:-none}" || true)"
     if [ -z "$others" ]; then
         for f in "$DIR/run/munged.pid" "$MUNGED_OURS"; do
-            if pid="$(our_pid "$f" munged)"; then kill "$pid"; rm -f "$MUNGED_OURS"; break; fi
+            if pid="$(our_pid "$f" munged)"; then end_munged "$pid"; rm -f "$MUNGED_OURS"; break; fi
         done
     fi
     munge_unlock
