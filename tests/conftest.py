@@ -260,8 +260,14 @@ def mpidl_cmd(*args: str) -> list[str]:
     return [PYTHON, "-m", "mpidl.cli", *args]
 
 
+# A launched script's process is as the `mpidl` command's (cli.entry, mpidl/startup.py): what lives
+# at exit is frozen, and a job it runs loads torch with the collector off. On one line: a traceback's
+# line numbers stay the script's own.
+_AS_MPIDL = "from mpidl import startup as _startup; _startup.claim(); del _startup; "
+
+
 def pycode(code: str) -> list[str]:
-    return [PYTHON, "-c", code]
+    return [PYTHON, "-c", _AS_MPIDL + code]
 
 
 def results(r: Ran) -> list:
@@ -273,9 +279,7 @@ def results(r: Ran) -> list:
 # seconds of start (Python, torch, Horovod, MPI), a small run a second or two.
 _IN_TURN = """
 import json, sys
-from mpidl import cli, startup
-
-startup.claim()  # a process of its own, as the `mpidl` command's (cli.entry)
+from mpidl import cli
 
 for argv in json.loads(sys.argv[1]):
     assert cli.main(argv) == 0, argv
@@ -294,8 +298,6 @@ def cli_in_turn(np_: int, argvs: list[list[str]], *, timeout: float = 300, cwd: 
 # every rank, and what each rank raised (a command's exit 2 is tested by one launch of its own).
 _RAISES = """
 import json, sys, mpidl
-from mpidl import startup
-startup.claim()  # a process of its own, as the `mpidl` command's (cli.entry)
 from mpidl.cli import build_parser
 from mpidl.errors import BadInput
 w = mpidl.init()
