@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (CLUSTER_SH, _free_port, MPIRUN, PYTHON, ROOT, clean_env, has_horovod, multinode_unavailable, mpidl_cmd,
+from conftest import (CLUSTER_SH, _free_port, MPIRUN, PYTHON, ROOT, clean_env, multinode_unavailable, mpidl_cmd,
                       pycode, run, sbatch_wait, start_nodes, stop_nodes)
 from mpidl import net
+from test_train import BACKENDS
 
-BACKENDS = ["horovod", "ddp", "mpi"] if has_horovod() else ["ddp", "mpi"]
 AGENT = f"{CLUSTER_SH} exec"   # mpirun's launch agent: enters a node's namespaces
 needs_nodes = pytest.mark.skipif(multinode_unavailable() is not None, reason=str(multinode_unavailable()))
 
