@@ -21,8 +21,8 @@ demo: setup
 	mpirun -np $(NP) $(VENV)/bin/mpidl train jobs/demo.yaml --require-target --overwrite
 
 # pytest-xdist workers, one per core (TEST_WORKERS=N for N, 0 for none): while a test sleeps or
-# waits for SLURM, another computes; the tests that use one kind of SLURM cluster (one node, two
-# emulated nodes) share a worker (tests/conftest.py), so each cluster starts once.
+# waits for SLURM, another computes; the tests that use a SLURM cluster share one worker
+# (tests/conftest.py), so each cluster starts once.
 TEST_WORKERS ?= auto
 test: setup
 	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25 $(PYTEST_ARGS)

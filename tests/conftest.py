@@ -122,12 +122,9 @@ def pytest_collection_modifyitems(config, items):
             if item.get_closest_marker(mark) is None:
                 item.add_marker(mark)
         # `make test` runs the suite on parallel workers (pytest-xdist, --dist loadgroup): the tests
-        # that use one kind of SLURM cluster run on one worker, one after another, so each session's
-        # cluster starts once: the emulated nodes' on one worker, the one-node cluster's on one
-        # (side by side: their tests mostly wait for SLURM; cluster.sh shares munged between them)
-        if item.get_closest_marker("multinode") is not None:
-            item.add_marker(pytest.mark.xdist_group("multinode"))
-        elif item.get_closest_marker("slurm") is not None:
+        # that use a SLURM cluster run on one worker, one after another, so each session's cluster
+        # starts once and two clusters never start side by side
+        if item.get_closest_marker("slurm") is not None:
             item.add_marker(pytest.mark.xdist_group("slurm"))
         # and the tests that share a module-scoped fixture of their file (a trained teacher, a
         # scaling study, a built wheel) run on one worker, so the fixture is made once, not once a worker

@@ -19,13 +19,3 @@ def test_tests_sharing_a_module_fixture_of_their_file_share_a_worker(request):
     assert all(_group(i) == "test_scaling" for i in study)  # the study runs once: 85 CPU-s here
     plain = [i for i in items if i.nodeid.endswith("test_weak_efficiency_on_known_timings")]
     assert all(_group(i) is None for i in plain)  # a test of its own is free to run on any worker
-
-
-def test_each_kind_of_slurm_cluster_has_a_worker_of_its_own(request):
-    items = request.session.items
-    for item in items:
-        if item.get_closest_marker("multinode") is not None:
-            assert _group(item) == "multinode", item.nodeid  # the emulated nodes start once
-        elif item.get_closest_marker("slurm") is not None:
-            assert _group(item) == "slurm", item.nodeid  # the one-node cluster starts once
-    assert any(_group(i) == "multinode" for i in items) == any("two_nodes" in i.fixturenames for i in items)
