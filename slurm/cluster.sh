@@ -522,7 +522,7 @@ stop() {
     if ! state_dir find; then say "stopped (no state folder: nothing ran)"; return 0; fi
     if [ -f "$MADE" ]; then stop_nodes; fi   # emulated nodes: their daemons end (and are waited for) here
     for d in slurmd slurmctld; do
-        for pid in $( { our_pid "$DIR/run/$d.pid" "$d" || true; by_conf "$d"; } | sort -u); do
+        for pid in $(by_conf "$d"); do   # its pid file's too: every one started with our slurm.conf
             kill "$pid"
             ours+="$pid"$'\n'
         done

@@ -129,10 +129,10 @@ def test_start_stop_removes_exactly_what_it_made(tmp_path):
 
 
 def test_clusters_side_by_side_share_munged_whichever_stops_first(tmp_path):
-    """The suite runs the one-node cluster's tests and the emulated nodes' side by side: one
-    munged serves both, and a cluster's stop leaves it to the others still running (other
-    clusters of the session may run beside this test, so the last stop's end of munged is not
-    asserted here: slurm/cluster.sh, MUNGED_OURS)."""
+    """Two clusters on one machine (two sessions, a user's and the suite's): one munged serves
+    both, and a cluster's stop leaves it to the others still running (other clusters of the
+    session may run beside this test, so the last stop's end of munged is not asserted here:
+    slurm/cluster.sh, MUNGED_OURS)."""
     if multinode_unavailable():
         pytest.skip(multinode_unavailable())
     one = {"MPIDL_SLURM_DIR": str(tmp_path / "one"), "MPIDL_SLURMCTLD_PORT": str(_free_port()),
