@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping, Optional, TypeVar
@@ -118,12 +119,17 @@ class World:
         return self.rank == 0
 
     def barrier(self, what: str = "a barrier") -> None:
-        """Block until every rank arrives (a collective); `what` for the watchdog."""
-        if self.comm is not None:
+        """Block until every rank arrives (a collective); `what` for the watchdog.
+
+        For waits outside the training step (rank 0 writes a checkpoint, a rank evaluates more
+        batches): a rank that arrives early sleeps instead of spinning in MPI's progress loop,
+        which takes a whole core whether it yields or not, and leaves it to the ranks it waits for.
+        """
+        if self.comm is not None and self.size > 1:
             from mpidl import watchdog
 
             with watchdog.waiting(what):
-                self.comm.Barrier()
+                wait_quietly(self.comm)
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("comm", "node_comm")}
@@ -144,6 +150,7 @@ class World:
             if err is not None:
                 raise BadInput(err)
             return result
+        self.barrier("the ranks' agreement on a check of the input")  # asleep while rank 0 reads a file
         from mpidl import watchdog
 
         with watchdog.waiting("the ranks' agreement on a check of the input"):
@@ -253,6 +260,16 @@ def _node_comm(comm, host: str):
 def current() -> Optional[World]:
     """The World made by `init()`, or None before it."""
     return _world
+
+
+def wait_quietly(comm, longest_pause: float = 0.02) -> None:
+    """A barrier of `comm` that sleeps between looks at a nonblocking one: pauses double from
+    0.1 ms up to `longest_pause`, so a short wait costs little more than a blocking barrier."""
+    request = comm.Ibarrier()
+    pause = 0.0001
+    while not request.Test():
+        time.sleep(pause)
+        pause = min(2 * pause, longest_pause)
 
 
 def _mpi():

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import MPIRUN, clean_env, mpidl_cmd, mpirun, needs_horovod, pycode, run
+from conftest import MPIRUN, clean_env, mpidl_cmd, mpirun, needs_horovod, pycode, results, run
 from mpidl.world import GPU_DRIVER_PATHS, MPIRUN as L_MPIRUN, SINGLE, SRUN, detect_launcher, env_rank
 
 
@@ -250,6 +250,29 @@ def test_logging_rank0_info_others_warnings_prefixed():
     assert "warning from 0" in r.output
     warn1 = [line for line in r.output.splitlines() if "warning from 1" in line]
     assert len(warn1) == 1 and warn1[0].startswith("[rank 1] ")
+
+
+# Rank 0 is busy for 3 s (a checkpoint it writes); rank 1 waits at the barrier: the CPU it spends
+# there, its process's own clock, and whether the barrier held it until rank 0 arrived.
+QUIET_BARRIER = """
+import json, time, mpidl
+w = mpidl.init()
+if w.rank == 0:
+    time.sleep(3)
+cpu, t0 = time.process_time(), time.monotonic()
+w.barrier("rank 0's checkpoint")
+print("RESULT " + json.dumps([w.rank, time.process_time() - cpu, time.monotonic() - t0]), flush=True)
+"""
+
+
+def test_a_rank_waiting_at_a_barrier_sleeps_instead_of_spinning():
+    """A blocking MPI barrier spins: about 3 CPU-s for these 3 s, with mpi_yield_when_idle or not."""
+    r = mpirun(2, pycode(QUIET_BARRIER), timeout=60)
+    assert r.returncode == 0, r.output
+    spent = {rank: (cpu, waited) for rank, cpu, waited in results(r)}
+    cpu, waited = spent[1]
+    assert waited > 2.5, spent  # it did wait for rank 0
+    assert cpu < 0.5, spent
 
 
 def test_shared_gpu_warning():

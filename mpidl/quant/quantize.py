@@ -134,14 +134,6 @@ def _save(model: nn.Module, path: Path) -> int:
     return path.stat().st_size
 
 
-def _wait_quietly(world) -> None:
-    """A barrier that sleeps instead of spinning, so rank 0's timings keep their core."""
-    if world.size > 1:
-        req = world.comm.Ibarrier()
-        while not req.Test():
-            time.sleep(0.005)
-
-
 def quantize_run(run_dir: str, world, calibrate: int = 1024, log: Optional[Callable[[str], None]] = print) -> dict:
     """Quantize the run's newest checkpoint; the report (on every rank; rank 0 writes it)."""
     if calibrate < 1:
@@ -215,7 +207,7 @@ def quantize_run(run_dir: str, world, calibrate: int = 1024, log: Optional[Calla
         os.replace(tmp, folder / "quantize.json")
         if log is not None:
             log(render(report))
-    _wait_quietly(world)
+    world.barrier("rank 0's timings and report")  # asleep, so rank 0's timings keep their core
     return report
 
 

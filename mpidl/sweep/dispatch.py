@@ -63,14 +63,6 @@ def _serve(comm, workers: int, queue: _Queue) -> None:
             left -= 1
 
 
-def wait_quietly(world) -> None:
-    """A barrier that sleeps instead of spinning (ranks done early leave their core to the others)."""
-    if world.size > 1:
-        request = world.comm.Ibarrier()
-        while not request.Test():
-            time.sleep(0.01)
-
-
 def distribute(world, todo: Sequence[int], work: Callable[[int], dict], record: Callable[[dict], None]) -> None:
     """Run `work(i)` for every i in `todo`, each on whichever rank is free; `record` gets every
     result on rank 0 (one at a time). A collective: every rank calls it."""
@@ -93,4 +85,4 @@ def distribute(world, todo: Sequence[int], work: Callable[[int], dict], record: 
             if i is None:
                 break
             result = work(i)
-    wait_quietly(world)
+    world.barrier("the other ranks' last tasks")  # asleep: ranks done early leave their core

@@ -53,6 +53,7 @@ def evaluate(world, backend, model: nn.Module, net: nn.Module, loader: Optional[
                 sums[k] = sums.get(k, 0.0) + v
             sums["count"] += x.shape[0]
     model.train()
+    world.barrier("the other ranks' evaluation")  # asleep while a rank with more batches finishes
     with watchdog.waiting("the other ranks' evaluation"):
         avg = backend.average(sums)
     res = {"val_loss": avg["loss"] / avg["count"]}
