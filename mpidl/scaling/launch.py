@@ -279,19 +279,35 @@ def _environment(env: dict) -> Iterator[None]:
         os.environ.update(saved)
 
 
-def _cancel(jobs: list["Job"], out: TextIO) -> None:
+def _cancel(jobs: list["Job"], out: TextIO, tries: int = 3) -> None:
     """Cancel the jobs still running and wait until their ranks are gone (on SIGTERM they still
-    write a checkpoint and a summary)."""
+    write a checkpoint and a summary). A controller too busy to answer is asked `tries` times;
+    the log says the job was cancelled only when scancel said so."""
     for job in jobs:
-        subprocess.run(["scancel", job.job_id], capture_output=True, timeout=60)
+        for attempt in range(tries):
+            asked = subprocess.run(["scancel", job.job_id], capture_output=True, text=True, timeout=60)
+            if asked.returncode == 0 or not _queued(job):
+                break
+            time.sleep(2 * (attempt + 1))
+        if asked.returncode:
+            why = (asked.stderr or asked.stdout).strip().splitlines() or [f"exit {asked.returncode}"]
+            said = f"scancel failed {tries} times: {why[-1]}" if _queued(job) else "ended before scancel reached it"
+            out.write(f"[mpidl] job {job.job_id}: {said}\n")
+            out.flush()
+            continue
         out.write(f"[mpidl] job {job.job_id}: cancelled by the study\n")
         out.flush()
         for _ in range(120):
-            left = subprocess.run(["squeue", "-h", "-j", job.job_id, "-o", "%t"], capture_output=True, text=True,
-                                  timeout=60)
-            if left.returncode or not left.stdout.strip():
+            if not _queued(job):
                 break
             time.sleep(0.5)
+
+
+def _queued(job: "Job") -> bool:
+    """Whether SLURM still lists the job (a job it has forgotten, or no answer, counts as gone)."""
+    left = subprocess.run(["squeue", "-h", "-j", job.job_id, "-o", "%t"], capture_output=True, text=True,
+                          timeout=60)
+    return left.returncode == 0 and bool(left.stdout.strip())
 
 
 def mpidl_command() -> list[str]:
