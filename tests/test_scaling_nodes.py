@@ -243,15 +243,15 @@ def test_committed_studies_load(monkeypatch):
 
 
 @pytest.mark.timeout(300)
-def scancel_failing(folder: Path, times: int) -> Path:
-    """A `scancel` first on PATH that answers as a controller too busy to (exit 1) the first
-    `times` calls, then runs the real one: a fault the real one-node cluster does not make on demand."""
-    real = subprocess.run(["bash", "-c", "command -v scancel"], capture_output=True, text=True).stdout.strip()
+def failing(folder: Path, command: str, times: int) -> Path:
+    """`command` first on PATH, answering as a controller too busy to (exit 1) the first `times`
+    calls, then running the real one: a fault the real one-node cluster does not make on demand."""
+    real = subprocess.run(["bash", "-c", f"command -v {command}"], capture_output=True, text=True).stdout.strip()
     folder.mkdir(exist_ok=True)
-    shim = folder / "scancel"
+    shim = folder / command
     shim.write_text(f"""#!/bin/sh
-n=$(cat "{folder}/calls" 2>/dev/null || echo 0); echo $((n + 1)) > "{folder}/calls"
-if [ "$n" -lt {times} ]; then echo "scancel: error: Socket timed out on send/recv operation" >&2; exit 1; fi
+n=$(cat "{folder}/{command}.calls" 2>/dev/null || echo 0); echo $((n + 1)) > "{folder}/{command}.calls"
+if [ "$n" -lt {times} ]; then echo "{command}: error: Socket timed out on send/recv operation" >&2; exit 1; fi
 exec "{real}" "$@"
 """)
     shim.chmod(0o755)
@@ -264,7 +264,7 @@ def test_slurm_point_past_its_timeout_is_cancelled(slurm_cluster, tmp_path, monk
     for k, v in slurm_cluster.items():
         monkeypatch.setenv(k, v)
     monkeypatch.chdir(tmp_path)
-    shims = scancel_failing(tmp_path / "bin", times=1)
+    shims = failing(tmp_path / "bin", "scancel", times=1)
     monkeypatch.setenv("PATH", f"{shims}:{os.environ['PATH']}")
     launcher = SlurmLauncher(None, threads_per_rank=0, timeout_s=60, cores=2)
     log = tmp_path / "p1" / "output.log"
@@ -276,11 +276,12 @@ def test_slurm_point_past_its_timeout_is_cancelled(slurm_cluster, tmp_path, monk
     assert f"[mpidl] job {job}: cancelled by the study" in text and f"job {job} ended: CANCELLED" in text, text
     left = subprocess.run(["squeue", "-h", "-j", job, "-o", "%t"], capture_output=True, text=True)
     assert not left.stdout.strip(), left.stdout
-    assert (shims / "calls").read_text().strip() == "2" and "scancel failed" not in text, text
+    assert (shims / "scancel.calls").read_text().strip() == "2" and "scancel failed" not in text, text
 
 
 def test_a_cancel_the_controller_never_answers_is_not_called_done(slurm_cluster, tmp_path, monkeypatch):
-    """scancel fails every time: the log says so and does not say the job was cancelled."""
+    """scancel fails every time (and squeue too): the log says so and does not say the job was
+    cancelled, nor that it ended."""
     from mpidl.scaling.launch import _cancel
     from mpidl.slurm.watch import Job
 
@@ -290,13 +291,16 @@ def test_a_cancel_the_controller_never_answers_is_not_called_done(slurm_cluster,
     job = r.stdout.strip().split(";")[0]
     assert r.returncode == 0 and job, r.output
     try:
-        monkeypatch.setenv("PATH", f"{scancel_failing(tmp_path / 'bin', times=99)}:{os.environ['PATH']}")
+        monkeypatch.setenv("PATH", f"{failing(tmp_path / 'bin', 'scancel', times=99)}:{os.environ['PATH']}")
+        expected = f"[mpidl] job {job}: scancel failed 2 times: scancel: error: Socket timed out on send/recv operation\n"
         out = tmp_path / "log"
         with open(out, "w") as f:
             _cancel([Job(job, tmp_path, [], tmp_path, "")], f, tries=2)
-        text = out.read_text()
-        assert text == f"[mpidl] job {job}: scancel failed 2 times: scancel: error: Socket timed out on " \
-                       f"send/recv operation\n", text
+        assert out.read_text() == expected
+        failing(tmp_path / "bin", "squeue", times=99)  # nor does it answer squeue: the job may still be there
+        with open(out, "w") as f:
+            _cancel([Job(job, tmp_path, [], tmp_path, "")], f, tries=2)
+        assert out.read_text() == expected
     finally:
         monkeypatch.undo()
         subprocess.run(["scancel", job], env={**os.environ, **slurm_cluster})

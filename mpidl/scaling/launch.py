@@ -304,10 +304,13 @@ def _cancel(jobs: list["Job"], out: TextIO, tries: int = 3) -> None:
 
 
 def _queued(job: "Job") -> bool:
-    """Whether SLURM still lists the job (a job it has forgotten, or no answer, counts as gone)."""
+    """Whether SLURM still lists the job: pending, running, or its processes still ending. A job
+    the controller has forgotten is gone; a controller that does not answer may still have it."""
     left = subprocess.run(["squeue", "-h", "-j", job.job_id, "-o", "%t"], capture_output=True, text=True,
                           timeout=60)
-    return left.returncode == 0 and bool(left.stdout.strip())
+    if left.returncode:
+        return "Invalid job id" not in left.stderr + left.stdout
+    return bool(left.stdout.strip())
 
 
 def mpidl_command() -> list[str]:
