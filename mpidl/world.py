@@ -327,9 +327,31 @@ def report_and_abort(world: World, exc: BaseException) -> None:
     if isinstance(exc, KeyboardInterrupt):
         sys.stderr.write(_prefix(world.rank, "interrupted"))
         world.abort(130)
+    if world.size > 1 and _echoes_a_lost_peer(exc):
+        # The collective failed because another rank died: its abort is on its way and ends this
+        # rank too. Give it a moment, so the job shows the first error alone; a peer lost with no
+        # abort behind it (a node cut off) is reported after the wait.
+        time.sleep(ECHO_GRACE_S)
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     sys.stderr.write(_prefix(world.rank, tb))
     world.abort(1)
+
+
+# What a collective raises when a peer's process is gone (Gloo's TCP pairs, Horovod).
+_LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+              "Horovod has been shut down")
+ECHO_GRACE_S = 3.0
+
+
+def _echoes_a_lost_peer(exc: BaseException) -> bool:
+    seen: Optional[BaseException] = exc
+    for _ in range(10):  # the chain of causes, a few deep (a chain may loop)
+        if seen is None:
+            break
+        if any(words in str(seen) for words in _LOST_PEER):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 _before_finalize: list[Callable[[], None]] = []

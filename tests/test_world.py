@@ -135,6 +135,31 @@ w.agree(check)
 """
 
 
+# Rank 1's collective fails because a peer is gone (Gloo's words), a moment before rank 0 raises the
+# job's real error; or it fails so with no other error behind it.
+ECHO = """
+import sys, time, mpidl
+w = mpidl.init()
+if w.rank == 1:
+    raise RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [10.1.0.3]:4321")
+if sys.argv[1] == "first-error":
+    time.sleep(0.5)
+    raise RuntimeError("the job's first error")
+time.sleep(30)
+"""
+
+
+def test_a_rank_failing_because_a_peer_died_leaves_the_first_error_alone():
+    r = mpirun(2, pycode(ECHO) + ["first-error"], timeout=60)
+    assert r.returncode != 0
+    assert r.stderr.count("Traceback") == 1 and "[rank 0] RuntimeError: the job's first error" in r.stderr, r.stderr
+    assert "Connection closed by peer" not in r.stderr, r.stderr
+    # no other error comes: the lost peer is reported after the wait, and the job ends
+    r = mpirun(2, pycode(ECHO) + ["alone"], timeout=60)
+    assert r.returncode != 0 and r.stderr.count("Traceback") == 1, r.stderr
+    assert "[rank 1] RuntimeError: [gloo/transport/tcp/pair.cc:553] Connection closed by peer" in r.stderr, r.stderr
+
+
 def test_bad_input_exits_2_with_one_line():
     r = mpirun(3, mpidl_cmd_code(BAD_INPUT_EVERYWHERE), timeout=60)
     assert r.returncode == 2, r.output
