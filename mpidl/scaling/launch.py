@@ -284,14 +284,17 @@ def _cancel(jobs: list["Job"], out: TextIO, tries: int = 3) -> None:
     write a checkpoint and a summary). A controller too busy to answer is asked `tries` times;
     the log says the job was cancelled only when scancel said so."""
     for job in jobs:
-        for attempt in range(tries):
+        for attempt in range(1, tries + 1):
             asked = subprocess.run(["scancel", job.job_id], capture_output=True, text=True, timeout=60)
-            if asked.returncode == 0 or not _queued(job):
+            if asked.returncode == 0:
                 break
-            time.sleep(2 * (attempt + 1))
+            queued = _queued(job)
+            if not queued or attempt == tries:
+                break
+            time.sleep(2 * attempt)
         if asked.returncode:
             why = (asked.stderr or asked.stdout).strip().splitlines() or [f"exit {asked.returncode}"]
-            said = f"scancel failed {tries} times: {why[-1]}" if _queued(job) else "ended before scancel reached it"
+            said = f"scancel failed {tries} times: {why[-1]}" if queued else "ended before scancel reached it"
             out.write(f"[mpidl] job {job.job_id}: {said}\n")
             out.flush()
             continue
