@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import bad_input_lines, cli_in_turn, mpidl_cmd, mpirun
+from conftest import bad_input_lines, cli_in_turn
 from mpidl.errors import BadInput
 from mpidl.train import checkpoint
 from test_train import BACKENDS, final_weights, write_job
@@ -161,7 +161,8 @@ def image_job(tmp_path: Path, out: str, **over) -> Path:
 
 # The runs that only set a test's scene (an uninterrupted reference, the first stop) are `mpidl
 # train` runs too, but those of every test here in one launch (`cli_in_turn`, on the same 2 ranks).
-# The resumes a test checks stay launches of their own: a fresh process, as a requeued job is.
+# The resumes a test checks run in launches of their own (fixture `resumed`): each reads a checkpoint
+# that another process wrote, as a requeued job does.
 
 
 def mid_epoch_scene(tmp: Path, backend: str):
@@ -212,15 +213,33 @@ def scene(request, scenes):
     return scenes[request.node.originalname, request.node.callspec.params["backend"]]
 
 
+@pytest.fixture(scope="module")
+def resumed(scenes) -> dict:
+    """(test, backend) -> what its resumes left: every selected test's resumes, a launch per round.
+    Round one resumes each mid-epoch scene and stops it again at step 52, round two resumes it to
+    the end (each round reads what the launch before wrote), and the world-size resumes run on 3."""
+    def of(test):
+        return {backend: folder_job for (name, backend), folder_job in scenes.items() if name == test}
+
+    left = {}
+    mid = of("test_resume_mid_epoch_is_bit_exact")
+    if mid:
+        cli_in_turn(2, [["train", str(part), "--resume", "--stop-at", "52"] for _, part in mid.values()])
+        for backend, (folder, _) in mid.items():
+            left["test_resume_mid_epoch_is_bit_exact", backend] = json.loads((folder / "part" / "summary.json").read_text())
+        cli_in_turn(2, [["train", str(part), "--resume"] for _, part in mid.values()])
+    wide = of("test_resume_on_another_world_size")
+    if wide:
+        r = cli_in_turn(3, [["train", str(job), "--resume"] for _, job in wide.values()])
+        left.update({("test_resume_on_another_world_size", backend): (r.output, len(wide)) for backend in wide})
+    return left
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_resume_mid_epoch_is_bit_exact(scene, backend):
+def test_resume_mid_epoch_is_bit_exact(scene, resumed, backend):
     tmp_path, part = scene  # "full" ran to the end, "part" stopped at step 45 (the epoch boundary)
-    # preempted again, mid-epoch (step 52)
-    r = mpirun(2, mpidl_cmd("train", str(part), "--resume", "--stop-at", "52"), timeout=300)
-    assert r.returncode == 0, r.output[-3000:]
-    assert json.loads((tmp_path / "part" / "summary.json").read_text())["global_step"] == 52
-    r = mpirun(2, mpidl_cmd("train", str(part), "--resume"), timeout=300)
-    assert r.returncode == 0, r.output[-3000:]
+    # preempted again, mid-epoch (step 52); then resumed to the end
+    assert resumed["test_resume_mid_epoch_is_bit_exact", backend]["global_step"] == 52
     summary = json.loads((tmp_path / "part" / "summary.json").read_text())
     assert summary["resumed_from"].endswith("ckpt-000000052.pt") and summary["global_step"] == 90
     a, b = final_weights(tmp_path / "full" / "checkpoints"), final_weights(tmp_path / "part" / "checkpoints")
@@ -236,11 +255,10 @@ def test_resume_mid_epoch_is_bit_exact(scene, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_resume_on_another_world_size(scene, backend):
-    tmp_path, job = scene  # stopped at step 40 on 2 ranks
-    r = mpirun(3, mpidl_cmd("train", str(job), "--resume"), timeout=300)
-    assert r.returncode == 0, r.output[-3000:]
-    assert "resuming a 2-rank checkpoint on 3 ranks" in r.output
+def test_resume_on_another_world_size(scene, resumed, backend):
+    tmp_path, job = scene  # stopped at step 40 on 2 ranks, resumed on 3
+    output, runs = resumed["test_resume_on_another_world_size", backend]
+    assert output.count("resuming a 2-rank checkpoint on 3 ranks") == runs, output[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     steps3 = (1800 // (3 * 16))  # training rows // (ranks × batch)
     # 40 steps × 2 ranks × 16 = 1280 samples of epoch 0 seen: 26 steps of 3 ranks, then the rest

@@ -109,8 +109,9 @@ def resume_position(state: dict, per_step: int, world, steps_per_epoch: int) -> 
         seen = state["step_in_epoch"] * state["world_size"] * per_step
         pos.step_in_epoch = min(seen // (world.size * per_step), steps_per_epoch)
         pos.global_step = pos.epoch * steps_per_epoch + pos.step_in_epoch
-        log.get().warning("resuming a %d-rank checkpoint on %d ranks: epoch %d continues at step %d of %d",
-                          state["world_size"], world.size, pos.epoch, pos.step_in_epoch, steps_per_epoch)
+        if world.rank == 0:  # the same on every rank: said once
+            log.get().warning("resuming a %d-rank checkpoint on %d ranks: epoch %d continues at step %d of %d",
+                              state["world_size"], world.size, pos.epoch, pos.step_in_epoch, steps_per_epoch)
     if pos.step_in_epoch >= steps_per_epoch:
         pos.epoch, pos.step_in_epoch = pos.epoch + 1, 0
     return pos
