@@ -10,7 +10,7 @@ import torch
 import yaml
 
 import userpkg
-from conftest import PYTHON, bad_input_lines, cli_in_turn, mpidl_cmd, mpirun, run
+from conftest import PYTHON, bad_input_lines, cli_in_turn, mpidl_cmd, mpirun, pycode, results, run
 from test_train import BACKENDS, final_weights
 
 
@@ -136,20 +136,76 @@ mpidl_loop.main(sys.argv[1])
 '''
 
 
+# The example's loop on every backend, in turn, by the same 2 ranks: a launch per round (the whole
+# runs, the preempted ones, the resumes), each resume reading what another process wrote. The loop
+# is the script's own `main`, run in its folder with its backend; a preemption's SystemExit is kept
+# as the exit status it would be. test_the_example_loop_resumes_on_another_world_size checks the
+# status of a whole process.
+LOOPS_IN_TURN = """
+import json, os, signal, sys
+from mpidl import preemption
+from mpidl.train import run as run_module
+
+original, codes = run_module.Run.log, []
+
+def log(self, **values):  # the user's step ends here: send the signal during step `at` on rank 1
+    if self.position.global_step == at and self.world.rank == 1:
+        os.kill(os.getpid(), signal.SIGUSR2)
+    return original(self, **values)
+
+run_module.Run.log = log
+for folder, backend, at in json.loads(sys.argv[1]):
+    os.chdir(folder)
+    os.environ["MPIDL_BACKEND"] = backend
+    sys.path.insert(0, folder)
+    import mpidl_loop
+    preemption.reset()  # as a fresh process: the signal the run before received stays its own
+    try:
+        mpidl_loop.main("tab.h5")
+        codes.append(0)
+    except SystemExit as e:
+        codes.append(e.code)
+    if os.environ.get("OMPI_COMM_WORLD_RANK", "0") == "0":  # rank 0's stderr, a run at a time
+        print(f"END OF {folder}", file=sys.stderr, flush=True)
+print("RESULT " + json.dumps(codes), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def example_loops(tmp_path_factory) -> dict:
+    """backend -> (its folder, and of its preempted run: the exit status, rank 0's stderr, what it left)."""
+    data = tmp_path_factory.mktemp("example-data")
+    synth(data)
+    folders = {}
+    for backend in BACKENDS:
+        folders[backend] = tmp_path_factory.mktemp(f"example-{backend}")
+        for name in ("full", "part"):
+            (folders[backend] / name).mkdir()
+            userpkg.make(folders[backend] / name)
+            (folders[backend] / name / "tab.h5").write_bytes((data / "tab.h5").read_bytes())
+
+    def round_(name: str, at: int) -> tuple[list, list[str]]:
+        r = mpirun(2, pycode(LOOPS_IN_TURN) + [json.dumps([[str(folders[b] / name), b, at] for b in BACKENDS])],
+                   timeout=300)
+        assert r.returncode == 0, r.output[-3000:]
+        return results(r)[0], r.stderr.split("END OF ")
+
+    assert round_("full", -1)[0] == [0] * len(BACKENDS)
+    # a signal on rank 1 during step 31 (30 done before it)
+    codes, stderrs = round_("part", 30)
+    left = [{"summary": json.loads((folders[b] / "part" / "runs" / "example" / "summary.json").read_text()),
+             "checkpoints": [p.name for p in (folders[b] / "part" / "runs" / "example" / "checkpoints").iterdir()]}
+            for b in BACKENDS]
+    assert round_("part", -1)[0] == [0] * len(BACKENDS)
+    return {b: (folders[b], codes[i], stderrs[i], left[i]) for i, b in enumerate(BACKENDS)}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_the_example_loop_on_every_backend_preempted_resumes_bit_for_bit(tmp_path, backend):
-    """The example's loop (mpidl_loop.py, through a wrapper that can send a signal at a step): a
-    whole run, then one preempted and resumed, ending with the same weights."""
-    for name in ("full", "part"):
-        (tmp_path / name).mkdir()
-        userpkg.make(tmp_path / name)
-        (tmp_path / name / SIGNAL_AT).write_text(SIGNAL_LOOP)
-    synth(tmp_path / "full")
-    (tmp_path / "part" / "tab.h5").write_bytes((tmp_path / "full" / "tab.h5").read_bytes())
-    never = {"SIGNAL_AT_STEP": "-1"}
-    r = mpirun(2, [PYTHON, SIGNAL_AT, "tab.h5"], cwd=tmp_path / "full", env={"MPIDL_BACKEND": backend, **never})
-    assert r.returncode == 0, r.output[-3000:]
-    full = tmp_path / "full" / "runs" / "example"
+def test_the_example_loop_on_every_backend_preempted_resumes_bit_for_bit(example_loops, backend):
+    """The example's loop (mpidl_loop.py): a whole run, then one preempted and resumed, ending with
+    the same weights."""
+    folder, preempted_code, preempted_stderr, preempted_left = example_loops[backend]
+    full = folder / "full" / "runs" / "example"
     summary = json.loads((full / "summary.json").read_text())
     steps = 3000 // (2 * 64)
     assert summary["global_step"] == 5 * steps and summary["backend"] == backend and summary["preempted"] is None
@@ -159,17 +215,14 @@ def test_the_example_loop_on_every_backend_preempted_resumes_bit_for_bit(tmp_pat
     if backend != "ddp":  # ddp's allreduce runs inside backward: its sync bucket is empty
         assert sum(r_["time"]["sync"] for r_ in recs) > 0
     assert not (full / "mpidl.lock").exists()
-    # a signal on rank 1 during step 31 (30 done before it): both ranks stop after step 32 (the
-    # agreement is read one step late), with a checkpoint, and exit 3
-    r = mpirun(2, [PYTHON, SIGNAL_AT, "tab.h5"], cwd=tmp_path / "part",
-               env={"MPIDL_BACKEND": backend, "SIGNAL_AT_STEP": "30"})
-    assert r.returncode == 3, r.output[-3000:]
-    assert r.stderr.count("preempted by SIGUSR2 at step 32 (checkpoint written); not requeued") == 1
-    part = tmp_path / "part" / "runs" / "example"
-    assert json.loads((part / "summary.json").read_text())["preempted"] == "SIGUSR2"
-    assert (part / "checkpoints" / "ckpt-000000032.pt").exists()
-    r = mpirun(2, [PYTHON, SIGNAL_AT, "tab.h5"], cwd=tmp_path / "part", env={"MPIDL_BACKEND": backend, **never})
-    assert r.returncode == 0, r.output[-3000:]
+    # the signal during step 31: both ranks stopped after step 32 (the agreement is read one step
+    # late), with a checkpoint, and exit 3
+    assert preempted_code == 3, preempted_stderr[-3000:]
+    assert preempted_stderr.count("preempted by SIGUSR2 at step 32 (checkpoint written); not requeued") == 1
+    assert preempted_left["summary"]["preempted"] == "SIGUSR2"
+    assert "ckpt-000000032.pt" in preempted_left["checkpoints"]
+    part = folder / "part" / "runs" / "example"
+    # then resumed to the end
     s = json.loads((part / "summary.json").read_text())
     assert s["resumed_from"].endswith("ckpt-000000032.pt") and s["global_step"] == 5 * (3000 // 128)
     a, b = final_weights(full / "checkpoints"), final_weights(part / "checkpoints")
