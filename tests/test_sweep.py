@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import MPIRUN, ROOT, clean_env, mpidl_cmd, mpirun
+from conftest import MPIRUN, ROOT, clean_env, cli_in_turn, mpidl_cmd, mpirun
 from mpidl.errors import BadInput
 from mpidl.sweep import plan
 
@@ -73,14 +73,13 @@ def test_sweep_records_failures_sorts_and_resumes(tmp_path):
     # a task cut off after its last checkpoint, before its result: only it runs, from its checkpoint
     best = tmp_path / "out" / "tasks" / table[0]["task"]
     (best / "result.json").unlink()
-    r = mpirun(2, mpidl_cmd("sweep", path), timeout=300)
-    assert r.returncode == 0 and "7 done before, 1 to run" in r.stdout, r.output[-3000:]
+    # and then the failed ones, asked for: both sweeps in turn by the same ranks
+    r = cli_in_turn(2, [["sweep", path], ["sweep", path, "--retry-failed"]])
+    first, retried = r.stdout.split("4 done before, 4 to run")  # the second sweep's start
+    assert "7 done before, 1 to run" in first, r.output[-3000:]
     assert "resumed from" in (best / "task.log").read_text()
     again = results(tmp_path)
     assert [(t["task"], t["val_accuracy"]) for t in again] == [(t["task"], t["val_accuracy"]) for t in table]
-
-    r = mpirun(2, mpidl_cmd("sweep", path, "--retry-failed"), timeout=300)
-    assert r.returncode == 0 and "4 done before, 4 to run" in r.stdout, r.output[-3000:]
 
 
 def test_uneven_tasks_keep_every_rank_busy(tmp_path):
