@@ -192,33 +192,44 @@ def mpidl_cmd_code(code: str) -> list[str]:
 
 
 HANG_FOREVER = """
-import time, mpidl
+import os, pathlib, sys, time, mpidl
 w = mpidl.init()
-print("ready", w.rank, flush=True)
+(pathlib.Path(sys.argv[1]) / f"ready-{w.rank}").write_text(str(os.getpid()))
 if w.rank == 0:
     time.sleep(600)
 w.barrier()
 """
 
 
-def test_sigterm_to_mpirun_ends_all_ranks():
+def test_sigterm_to_mpirun_ends_all_ranks(tmp_path):
+    """The ranks say they are ready in files, not on stdout: a read of mpirun's output would wait
+    for as long as the output takes to come (once under load: minutes, past every deadline)."""
     if MPIRUN is None:
         pytest.skip("mpirun not installed")
-    p = subprocess.Popen([MPIRUN, "-np", "2", *pycode(HANG_FOREVER)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=clean_env())
-    seen = 0
-    deadline = time.monotonic() + 60
-    while seen < 2 and time.monotonic() < deadline:
-        line = p.stdout.readline()
-        seen += line.startswith("ready")
-    assert seen == 2
-    p.send_signal(signal.SIGTERM)
+    with open(tmp_path / "output", "w") as out:
+        p = subprocess.Popen([MPIRUN, "-np", "2", *pycode(HANG_FOREVER), str(tmp_path)], stdout=out,
+                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=clean_env())
+    ready = lambda: sorted(tmp_path.glob("ready-*"))  # noqa: E731
     try:
-        p.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        pytest.fail("ranks still running 60 s after SIGTERM")
-    assert p.returncode != 0
+        deadline = time.monotonic() + 120
+        while len(ready()) < 2 and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(ready()) == 2, (tmp_path / "output").read_text()[-3000:]
+        pids = [int(f.read_text()) for f in ready()]
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("mpirun still running 60 s after SIGTERM")
+        assert p.returncode != 0
+        deadline = time.monotonic() + 30  # and every rank ended with it
+        while any(os.path.exists(f"/proc/{pid}") for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in pids if os.path.exists(f"/proc/{pid}")], "ranks outlived mpirun's SIGTERM"
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
 
 
 # ---------------------------------------------------------------- Horovod and doctor
