@@ -167,7 +167,11 @@ for folder, backend, at in json.loads(sys.argv[1]):
         codes.append(e.code)
     if os.environ.get("OMPI_COMM_WORLD_RANK", "0") == "0":  # rank 0's stderr, a run at a time
         print(f"END OF {folder}", file=sys.stderr, flush=True)
-print("RESULT " + json.dumps(codes), flush=True)
+from mpi4py import MPI
+
+every = MPI.COMM_WORLD.gather(codes, root=0)  # one line: ranks' lines can interleave
+if MPI.COMM_WORLD.rank == 0:
+    print("RESULT " + json.dumps(every), flush=True)
 """
 
 
@@ -188,7 +192,9 @@ def example_loops(tmp_path_factory) -> dict:
         r = mpirun(2, pycode(LOOPS_IN_TURN) + [json.dumps([[str(folders[b] / name), b, at] for b in BACKENDS])],
                    timeout=300)
         assert r.returncode == 0, r.output[-3000:]
-        return results(r)[0], r.stderr.split("END OF ")
+        (every,) = results(r)
+        assert all(codes == every[0] for codes in every), every  # every rank's exit status the same
+        return every[0], r.stderr.split("END OF ")
 
     assert round_("full", -1)[0] == [0] * len(BACKENDS)
     # a signal on rank 1 during step 31 (30 done before it)
