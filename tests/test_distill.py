@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import bad_input_lines, mpidl_cmd, mpirun
+from conftest import bad_input_lines, cli_in_turn
 from mpidl.train.distill import Distillation
 
 
@@ -29,22 +29,22 @@ def job(folder, name: str, **over) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("distill")
-    r = mpirun(2, mpidl_cmd("train", job(folder, "teacher")), timeout=300)
-    assert r.returncode == 0, r.output[-3000:]
-    return folder
-
-
 def student_model(hidden=(8,), classes=3) -> dict:
     return {"name": "mlp", "args": {"hidden": list(hidden), "num_classes": classes}}
 
 
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """The folder of the teacher's run and of the student's, trained in turn by one launch (the
+    student's teacher read from the folder the teacher's run wrote)."""
+    folder = tmp_path_factory.mktemp("distill")
+    distill = {"teacher": str(folder / "teacher"), "alpha": 0.7, "temperature": 3.0}
+    cli_in_turn(2, [["train", job(folder, "teacher")],
+                    ["train", job(folder, "student", model=student_model(), distill=distill)]])
+    return folder
+
+
 def test_student_learns_from_the_teacher(teacher):
-    distill = {"teacher": str(teacher / "teacher"), "alpha": 0.7, "temperature": 3.0}
-    r = mpirun(2, mpidl_cmd("train", job(teacher, "student", model=student_model(), distill=distill)), timeout=300)
-    assert r.returncode == 0, r.output[-3000:]
     summary = json.loads((teacher / "student" / "summary.json").read_text())
     d = summary["distill"]
     own = json.loads((teacher / "teacher" / "summary.json").read_text())["final"]["val_accuracy"]
