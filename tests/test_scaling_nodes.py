@@ -242,7 +242,6 @@ def test_committed_studies_load(monkeypatch):
     assert two.launcher.name == "slurm" and [two.node_counts(p) for p in two.sizes] == [[1], [1, 2]]
 
 
-@pytest.mark.timeout(300)
 def failing(folder: Path, command: str, times: int) -> Path:
     """`command` first on PATH, answering as a controller too busy to (exit 1) the first `times`
     calls, then running the real one: a fault the real one-node cluster does not make on demand."""
@@ -258,6 +257,7 @@ exec "{real}" "$@"
     return folder
 
 
+@pytest.mark.timeout(300)
 def test_slurm_point_past_its_timeout_is_cancelled(slurm_cluster, tmp_path, monkeypatch):
     """The launcher keeps the job it submitted: past the study's timeout it cancels it and says so,
     asking again when the controller does not answer the first time."""
