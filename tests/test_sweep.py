@@ -75,7 +75,8 @@ def test_sweep_records_failures_sorts_and_resumes(tmp_path):
     (best / "result.json").unlink()
     # and then the failed ones, asked for: both sweeps in turn by the same ranks
     r = cli_in_turn(2, [["sweep", path], ["sweep", path, "--retry-failed"]])
-    first, retried = r.stdout.split("4 done before, 4 to run")  # the second sweep's start
+    assert r.stdout.count("4 done before, 4 to run") == 1, r.output[-3000:]  # the second sweep's start
+    first, _ = r.stdout.split("4 done before, 4 to run")
     assert "7 done before, 1 to run" in first, r.output[-3000:]
     assert "resumed from" in (best / "task.log").read_text()
     again = results(tmp_path)

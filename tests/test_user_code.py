@@ -117,43 +117,43 @@ def test_the_plain_loop_the_example_came_from_runs(tmp_path):
     assert plain.returncode == 0 and "epoch 4: loss" in plain.stdout, plain.output[-2000:]
 
 
-SIGNAL_AT = "mpidl_signal.py"
-SIGNAL_LOOP = '''
-import os, signal, sys
-import mpidl_loop
+# The user's step ends in Run.log: there rank 1 sends itself SIGUSR2 during step `at` (a global the
+# script sets; -1: never), as SLURM's warning would come.
+SIGNAL_DURING_STEP = """
+import os, signal
 from mpidl.train import run as run_module
 
-at, rank_of = int(os.environ["SIGNAL_AT_STEP"]), int(os.environ.get("SIGNAL_RANK", "1"))
 original = run_module.Run.log
 
-def log(self, **values):  # the user's step ends here: send the signal during step `at` on one rank
-    if self.position.global_step == at and self.world.rank == rank_of:
+def log(self, **values):
+    if self.position.global_step == at and self.world.rank == 1:
         os.kill(os.getpid(), signal.SIGUSR2)
     return original(self, **values)
 
 run_module.Run.log = log
-mpidl_loop.main(sys.argv[1])
-'''
+"""
 
+# The example's script run as the user runs it, with the signal at step $SIGNAL_AT_STEP.
+SIGNAL_AT = "mpidl_signal.py"
+SIGNAL_LOOP = SIGNAL_DURING_STEP + """
+import sys
+import mpidl_loop
+
+at = int(os.environ["SIGNAL_AT_STEP"])
+mpidl_loop.main(sys.argv[1])
+"""
 
 # The example's loop on every backend, in turn, by the same 2 ranks: a launch per round (the whole
 # runs, the preempted ones, the resumes), each resume reading what another process wrote. The loop
 # is the script's own `main`, run in its folder with its backend; a preemption's SystemExit is kept
 # as the exit status it would be. test_the_example_loop_resumes_on_another_world_size checks the
 # status of a whole process.
-LOOPS_IN_TURN = """
-import json, os, signal, sys
+LOOPS_IN_TURN = SIGNAL_DURING_STEP + """
+import json, sys
+import mpidl
 from mpidl import preemption
-from mpidl.train import run as run_module
 
-original, codes = run_module.Run.log, []
-
-def log(self, **values):  # the user's step ends here: send the signal during step `at` on rank 1
-    if self.position.global_step == at and self.world.rank == 1:
-        os.kill(os.getpid(), signal.SIGUSR2)
-    return original(self, **values)
-
-run_module.Run.log = log
+codes = []
 for folder, backend, at in json.loads(sys.argv[1]):
     os.chdir(folder)
     os.environ["MPIDL_BACKEND"] = backend
@@ -165,12 +165,11 @@ for folder, backend, at in json.loads(sys.argv[1]):
         codes.append(0)
     except SystemExit as e:
         codes.append(e.code)
-    if os.environ.get("OMPI_COMM_WORLD_RANK", "0") == "0":  # rank 0's stderr, a run at a time
+    if mpidl.init().rank == 0:  # rank 0's stderr, a run at a time
         print(f"END OF {folder}", file=sys.stderr, flush=True)
-from mpi4py import MPI
-
-every = MPI.COMM_WORLD.gather(codes, root=0)  # one line: ranks' lines can interleave
-if MPI.COMM_WORLD.rank == 0:
+w = mpidl.init()
+every = w.comm.gather(codes, root=0)  # one line: ranks' lines can interleave
+if w.rank == 0:
     print("RESULT " + json.dumps(every), flush=True)
 """
 

@@ -210,6 +210,7 @@ def test_sigterm_to_mpirun_ends_all_ranks(tmp_path):
         p = subprocess.Popen([MPIRUN, "-np", "2", *pycode(HANG_FOREVER), str(tmp_path)], stdout=out,
                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=clean_env())
     ready = lambda: sorted(tmp_path.glob("ready-*"))  # noqa: E731
+    pids: list[int] = []
     try:
         deadline = time.monotonic() + 120
         while len(ready()) < 2 and p.poll() is None and time.monotonic() < deadline:
@@ -226,10 +227,13 @@ def test_sigterm_to_mpirun_ends_all_ranks(tmp_path):
         while any(os.path.exists(f"/proc/{pid}") for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not [pid for pid in pids if os.path.exists(f"/proc/{pid}")], "ranks outlived mpirun's SIGTERM"
-    finally:
+    finally:  # a failure leaves nothing running: mpirun, nor the ranks it would orphan
         if p.poll() is None:
             p.kill()
             p.wait()
+        for pid in pids:
+            if os.path.exists(f"/proc/{pid}"):
+                os.kill(pid, signal.SIGKILL)
 
 
 # ---------------------------------------------------------------- Horovod and doctor
