@@ -194,7 +194,10 @@ def mpidl_cmd_code(code: str) -> list[str]:
 HANG_FOREVER = """
 import os, pathlib, sys, time, mpidl
 w = mpidl.init()
-(pathlib.Path(sys.argv[1]) / f"ready-{w.rank}").write_text(str(os.getpid()))
+# written whole, then named: the test reads a ready file the moment it appears
+ready = pathlib.Path(sys.argv[1]) / f"ready-{w.rank}"
+ready.with_name(f".{ready.name}").write_text(str(os.getpid()))
+os.replace(ready.with_name(f".{ready.name}"), ready)
 if w.rank == 0:
     time.sleep(600)
 w.barrier()
