@@ -20,10 +20,10 @@ setup:
 demo: setup
 	mpirun -np $(NP) $(VENV)/bin/mpidl train jobs/demo.yaml --require-target --overwrite
 
-# pytest-xdist workers, one per core (TEST_WORKERS=N for N, 0 for none): while a test sleeps or
-# waits for SLURM, another computes; the tests that use a SLURM cluster share one worker
-# (tests/conftest.py), so each cluster starts once.
-TEST_WORKERS ?= auto
+# pytest-xdist workers, one per core and one more (TEST_WORKERS=N for N, 0 for none): the tests
+# that use a SLURM cluster share one worker (tests/conftest.py), so each cluster starts once, and
+# that worker mostly waits for SLURM; while it or a test sleeps, the others compute.
+TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 test: setup
 	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25 $(PYTEST_ARGS)
 
