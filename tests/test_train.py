@@ -225,6 +225,9 @@ def test_mpi_backend_needs_no_horovod(tmp_path, monkeypatch):
     assert r.returncode == 0, r.output[-3000:]
     monkeypatch.setitem(sys.modules, "horovod", None)          # as NO_HOROVOD does
     monkeypatch.setitem(sys.modules, "horovod.torch", None)
+    # and mpidl's backend module not imported yet, as in a fresh process (an earlier test of this
+    # worker may have imported it)
+    monkeypatch.delitem(sys.modules, "mpidl.train.backends.horovod", raising=False)
     assert "horovod is not importable" in refused(job, "--set", "backend=horovod", "--overwrite")
 
 
