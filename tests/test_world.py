@@ -196,8 +196,9 @@ import os, pathlib, sys, time, mpidl
 w = mpidl.init()
 # written whole, then named: the test reads a ready file the moment it appears
 ready = pathlib.Path(sys.argv[1]) / f"ready-{w.rank}"
-ready.with_name(f".{ready.name}").write_text(str(os.getpid()))
-os.replace(ready.with_name(f".{ready.name}"), ready)
+partial = ready.with_name(f".{ready.name}")
+partial.write_text(str(os.getpid()))
+os.replace(partial, ready)
 if w.rank == 0:
     time.sleep(600)
 w.barrier()
